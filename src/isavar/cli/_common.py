@@ -1,0 +1,35 @@
+"""Flags shared by several subcommands, and their set-up (logging, executor, progress)."""
+
+from __future__ import annotations
+
+import argparse
+
+from isavar._logging import configure_logging
+from isavar._progress import NullProgress, TqdmProgress
+
+
+def add_verbosity_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``-v/--verbose`` and ``-q/--quiet``."""
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more detail in the console log")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors, no progress bars")
+
+
+def add_executor_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--executor`` and ``--workers`` (how the work is spread; never changes results)."""
+    parser.add_argument("--executor", choices=["auto", "serial", "pool", "mpi"], default="auto",
+                        help="serial, a local process pool, or MPI (auto: MPI under mpirun, else pool "
+                             "when --workers > 1); results do not depend on this")
+    parser.add_argument("--workers", type=int, default=1, help="processes for the pool executor (default 1)")
+
+
+def setup_logging(args: argparse.Namespace, *, log_file=None, is_root: bool = True) -> None:
+    """Configure logging from ``-v``/``-q`` and an optional log file."""
+    configure_logging(verbosity=getattr(args, "verbose", 0), quiet=getattr(args, "quiet", False),
+                      log_file=log_file, is_root=is_root)
+
+
+def make_progress(args: argparse.Namespace, *, is_root: bool = True):
+    """A tqdm progress reporter on the root process unless ``--quiet``; a null one otherwise."""
+    if not is_root or getattr(args, "quiet", False):
+        return NullProgress()
+    return TqdmProgress()
