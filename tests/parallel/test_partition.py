@@ -1,0 +1,51 @@
+"""Work splitting and per-task random streams."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+
+from isavar.parallel import SerialExecutor, make_executor
+from isavar.parallel.partition import balanced_ranges, chunk_ranges, task_rngs
+
+
+@given(st.integers(0, 1000), st.integers(1, 64))
+def test_balanced_ranges_cover_exactly(n, parts):
+    ranges = balanced_ranges(n, parts)
+    assert len(ranges) == parts
+    assert ranges[0][0] == 0 and ranges[-1][1] == n
+    sizes = [b - a for a, b in ranges]
+    assert max(sizes) - min(sizes) <= 1
+    assert all(r1[1] == r2[0] for r1, r2 in zip(ranges, ranges[1:]))
+
+
+@given(st.integers(0, 1000), st.integers(1, 64))
+def test_chunk_ranges_cover_exactly(n, size):
+    ranges = chunk_ranges(n, size)
+    assert sum(b - a for a, b in ranges) == n
+    assert all(0 < b - a <= size for a, b in ranges)
+
+
+def test_task_rngs_reproducible_and_independent():
+    a = [g.random(4) for g in task_rngs(7, 3)]
+    b = [g.random(4) for g in task_rngs(7, 3)]
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a[0], a[1])
+    c = [g.random(4) for g in task_rngs(7, 3, key=1)]
+    assert not np.allclose(a[0], c[0])
+    # The stream of task i does not depend on how many tasks were spawned.
+    np.testing.assert_array_equal(task_rngs(7, 5)[2].random(4), a[2])
+
+
+def _square(x):
+    return x * x
+
+
+def test_pool_executor_matches_serial():
+    tasks = list(range(10))
+    pool = make_executor("pool", workers=2)
+    try:
+        assert pool.map(_square, tasks) == SerialExecutor().map(_square, tasks)
+    finally:
+        pool.close()
