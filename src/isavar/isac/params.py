@@ -1,0 +1,208 @@
+"""ISAC2 parameters: one frozen dataclass with SPHIRE 1.4.2 names, defaults and meanings.
+
+The field names are those of ``sp_isac2.py`` options (``img_per_grp``, ``thld_err``,
+``FL``/``FH``/``FF``, ...) so that a SPHIRE user finds every option under the
+name they know; each field documents its unit and effect (spec isac2 §9).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from isavar.errors import InputError
+
+
+@dataclass(frozen=True)
+class Isac2Params:
+    """Parameters of an ISAC2 run (defaults = SPHIRE 1.4.2 ``sp_isac2.py``).
+
+    Attributes
+    ----------
+    radius : int
+        Particle radius in pixels of the input images (required).
+    img_per_grp : int
+        Images per class: each generation uses ``K = N // img_per_grp`` classes.
+    CTF : bool
+        Phase-flip the images with their CTF (pre-alignment and working stack).
+    VPP : bool
+        Phase-plate data: whiten amplitudes with the mean radial amplitude and phase flip.
+    xr, yr : int
+        Translational search range (+-pixels, working scale); ``yr = -1`` means ``xr``.
+    ts : float
+        Translational step (pixels, working scale).
+    thld_err : float
+        Pixel-error threshold (working pixels) for stable class membership.
+    target_radius : int
+        Particle radius after shrinking (outer ring of the polar alignments).
+    target_nx : int
+        Working box; the effective box is ``target_nx + xr - 1``.
+    ir, rs : int
+        Inner ring and ring step of the polar alignments.
+    maxit : int
+        Passes of the within-group refinement (``maxit - 1`` alignments + final average).
+    center_method : int
+        Reference centring of the pre-alignment: -1 average shift, 0 none, 1..7 (spec §1.1.1).
+    dst : float
+        Discrete angle (degrees) of the periodic coarse rotational passes; 0 disables them.
+    FL, FH, FF : float
+        First and last tanh low-pass cut-off (cycles/pixel) of the EQK-means references, and fall-off.
+    init_iter : int
+        Maximum SAC rounds (EQK-means + within-group stage) per generation.
+    iter_reali : int
+        Stability is checked in SAC rounds ``r`` with ``r % iter_reali == 0`` (and always in the last).
+    stab_ali : int
+        Independent randomised within-group alignments for the stability test.
+    minimum_grp_size : int
+        A class is accepted if it has more than this many stable members.
+    rand_seed : int or None
+        The seed of every random choice (None: fresh OS entropy, recorded in the output).
+    skip_prealignment : bool
+        Do not pre-align (centring shifts are zero).
+    restart : int
+        -1 continue, 0 redo the first unfinished main iteration, k > 0 restart after main iteration k.
+    filament_width : int
+        Filament width in input pixels (-1: single particles).
+    filament_mask_ignore : bool
+        Filaments: use the rectangular mask for normalisation only.
+    skip_ordering : bool
+        Do not order the class averages.
+    delta_good : int
+        The first generation of a main iteration must give more than this many good classes.
+    """
+
+    radius: int
+    img_per_grp: int = 200
+    CTF: bool = False
+    VPP: bool = False
+    xr: int = 1
+    yr: int = -1
+    ts: float = 1.0
+    thld_err: float = 0.7
+    target_radius: int = 29
+    target_nx: int = 76
+    ir: int = 1
+    rs: int = 1
+    maxit: int = 30
+    center_method: int = -1
+    dst: float = 90.0
+    FL: float = 0.2
+    FH: float = 0.45
+    FF: float = 0.2
+    init_iter: int = 7
+    iter_reali: int = 1
+    stab_ali: int = 5
+    minimum_grp_size: int = 60
+    rand_seed: int | None = None
+    skip_prealignment: bool = False
+    restart: int = -1
+    filament_width: int = -1
+    filament_mask_ignore: bool = False
+    skip_ordering: bool = False
+    delta_good: int = 0
+    # isavar extensions (not SPHIRE options)
+    prealign_maxit: int = field(default=14, metadata={"help": "pre-alignment passes per translational step"})
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def yr_eff(self) -> int:
+        """The y search range (``xr`` when ``yr == -1``)."""
+        return self.xr if self.yr == -1 else self.yr
+
+    @property
+    def shrink(self) -> float:
+        """Resampling ratio ``target_radius / radius`` (working pixels per input pixel)."""
+        return self.target_radius / self.radius
+
+    @property
+    def box(self) -> int:
+        """Effective working box ``target_nx + xr - 1``."""
+        return self.target_nx + self.xr - 1
+
+    @property
+    def filament(self) -> bool:
+        """True in filament (helical) mode."""
+        return self.filament_width > 0
+
+    def validate(self) -> "Isac2Params":
+        """Check the values; raise :class:`~isavar.errors.InputError` naming the option."""
+        def bad(opt, msg):
+            raise InputError(f"--{opt}: {msg}")
+
+        if self.radius is None or self.radius < 1:
+            bad("radius", "the particle radius (pixels) is required and must be >= 1")
+        if self.CTF and self.VPP:
+            bad("VPP", "--CTF and --VPP cannot be used together")
+        if self.img_per_grp < 2:
+            bad("img_per_grp", "must be >= 2")
+        if self.minimum_grp_size > self.img_per_grp:
+            bad("minimum_grp_size", f"must be <= img_per_grp ({self.img_per_grp})")
+        if self.xr < 0 or self.yr_eff < 0:
+            bad("xr", "translational ranges must be >= 0")
+        if self.ts <= 0:
+            bad("ts", "must be > 0")
+        if self.target_radius < 2 or self.target_radius >= self.box // 2:
+            bad("target_radius", f"must be >= 2 and < half the working box ({self.box // 2})")
+        if self.ir < 1 or self.rs < 1 or self.ir >= self.target_radius:
+            bad("ir", "inner ring and ring step must be >= 1 and ir < target_radius")
+        if self.maxit < 2:
+            bad("maxit", "must be >= 2")
+        if self.center_method not in range(-1, 8):
+            bad("center_method", "must be one of -1, 0, 1, ..., 7")
+        if self.dst < 0:
+            bad("dst", "must be >= 0")
+        if not (0 < self.FL <= self.FH <= 0.5) or self.FF <= 0:
+            bad("FL", "need 0 < FL <= FH <= 0.5 and FF > 0")
+        if self.init_iter < 1 or self.iter_reali < 1:
+            bad("init_iter", "init_iter and iter_reali must be >= 1")
+        if self.stab_ali < 2:
+            bad("stab_ali", "must be >= 2")
+        if self.thld_err <= 0:
+            bad("thld_err", "must be > 0")
+        if self.restart < -1:
+            bad("restart", "must be -1, 0 or a main-iteration number")
+        return self
+
+    def to_dict(self) -> dict:
+        """The parameters as a plain dict (JSON-serialisable)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Isac2Params":
+        """Build from a dict, ignoring unknown keys."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def science_dict(self) -> dict:
+        """Parameters that change the result (everything but ``restart``)."""
+        d = self.to_dict()
+        d.pop("restart", None)
+        return d
+
+
+def from_sphire_options(options=None, **kwargs) -> Isac2Params:
+    """Build :class:`Isac2Params` from ``sp_isac2.py``-style options.
+
+    Parameters
+    ----------
+    options : argparse.Namespace or dict, optional
+        Attributes named like the SPHIRE options (``radius``, ``img_per_grp``, ``CTF``, ...);
+        unknown attributes (``executor``, ``verbose``, ...) are ignored.
+    **kwargs
+        Further options overriding ``options``.
+
+    Returns
+    -------
+    Isac2Params
+        Validated parameters.
+    """
+    values = {}
+    if options is not None:
+        values.update(vars(options) if not isinstance(options, dict) else options)
+    values.update(kwargs)
+    return Isac2Params.from_dict(values).validate()
+
+
+def sphire_142(radius: int, **overrides) -> Isac2Params:
+    """The SPHIRE 1.4.2 defaults for a particle radius, with optional overrides."""
+    return from_sphire_options(dict(radius=radius, **overrides))

@@ -1,0 +1,121 @@
+"""Equal-size assignment and the stability (pixel-error) test."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from isavar.isac.kmeans import assign_groups
+from isavar.isac.stability import mirror_consistent, multi_align_stability, pixel_errors_squared
+
+
+def test_assign_groups_hand_worked_3x7():
+    # q = 2, r = 1. Sorted pairs: (0,0)=.99 (0,1)=.98 -> class 0 closed at 2 members;
+    # (1,2)=.97 (2,3)=.96 (1,0) skip (img 0 taken) (2,4)=.94 -> class 2 closed;
+    # (1,5)=.93 -> class 1 has 2 but is the last open class, closes at q + r = 3;
+    # (0,6) skip (class 0 closed) (1,6)=.80 -> class 1 closed with 3.
+    d = np.zeros((3, 7))
+    d[0, 0], d[0, 1], d[1, 2], d[2, 3], d[1, 0], d[2, 4], d[1, 5], d[0, 6], d[1, 6] = (
+        .99, .98, .97, .96, .95, .94, .93, .92, .80)
+    got = assign_groups(d)
+    assert got.tolist() == [0, 0, 1, 2, 2, 1, 1]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 6), st.integers(0, 40), st.integers(0, 10_000))
+def test_assign_groups_sizes(k, extra, seed):
+    n = k + extra
+    d = np.random.default_rng(seed).normal(size=(k, n))
+    a = assign_groups(d)
+    sizes = np.sort(np.bincount(a, minlength=k))
+    q, r = divmod(n, k)
+    assert (a >= 0).all()
+    assert sizes.tolist() == sorted([q] * (k - 1) + [q + r])
+
+
+def test_assign_groups_recovers_clear_clusters():
+    rng = np.random.default_rng(1)
+    truth = np.repeat(np.arange(4), 25)
+    d = rng.normal(0, 0.1, size=(4, 100))
+    d[truth, np.arange(100)] += 1.0
+    assert (assign_groups(d) == truth).all()
+
+
+def test_mirror_consistent_finds_flip_pattern():
+    rng = np.random.default_rng(0)
+    m0 = rng.integers(0, 2, size=50)
+    flips = np.array([0, 1, 0, 1, 1])
+    mirrors = m0[None] ^ flips[:, None]
+    mirrors[2, :5] ^= 1                      # 5 inconsistent members
+    ok, got = mirror_consistent(mirrors)
+    assert got.tolist() == flips.tolist()
+    assert ok.sum() == 45 and not ok[:5].any()
+
+
+def test_pixel_error_identity_and_single_angle_perturbation():
+    # spec T4: L identical runs -> e = 0; one run's angle off by delta -> e^2 = r^2 (1 - |L-1+e^{i delta}|/L)
+    rng = np.random.default_rng(2)
+    n, L, d = 30, 5, 58.0
+    base = np.column_stack([rng.uniform(-180, 180, n), rng.normal(0, 1, n), rng.normal(0, 1, n),
+                            rng.integers(0, 2, n)])
+    ali = np.repeat(base[None], L, axis=0)
+    assert np.allclose(pixel_errors_squared(ali, np.zeros((L, 3)), d), 0, atol=1e-9)
+    delta = 7.0
+    ali[1, 3, 0] += delta
+    e2 = pixel_errors_squared(ali, np.zeros((L, 3)), d)
+    expect = (d / 2) ** 2 * (1 - abs(L - 1 + np.exp(1j * np.deg2rad(delta))) / L)
+    assert e2[3] == pytest.approx(expect, rel=1e-9)
+    assert np.allclose(np.delete(e2, 3), 0, atol=1e-9)
+
+
+def _apply_frame(p, g_alpha, gx, gy, flip):
+    """Express parameters in another run frame: X' = Mirror^flip G^-1 X (what an independent run sees)."""
+    # p in frame F; a run frame F' related by F = G F' (G = rot g_alpha then shift). Build params in F'
+    # as compose(p, inverse(G)) with an optional trailing mirror.
+    a, sx, sy, m = p.T
+    ga = np.deg2rad(g_alpha)
+    # inverse of (g_alpha, (gx, gy), 0) = (-g_alpha, -R(-g_alpha) t, 0)
+    c, s = np.cos(-ga), np.sin(-ga)
+    ix, iy = -(c * gx + s * gy), -(-s * gx + c * gy)
+    out = np.empty_like(p)
+    sign = np.where(m > 0.5, -1.0, 1.0)
+    b = -g_alpha
+    cb, sb = np.cos(np.deg2rad(sign * b)), np.sin(np.deg2rad(sign * b))
+    out[:, 0] = a + sign * b
+    out[:, 1] = cb * sx + sb * sy + sign * ix
+    out[:, 2] = -sb * sx + cb * sy + iy
+    out[:, 3] = np.where(flip, 1 - m, m)
+    return out
+
+
+def test_stability_recovers_frames_and_flags_unstable_members():
+    rng = np.random.default_rng(3)
+    n, L, d = 80, 5, 58.0
+    truth = np.column_stack([rng.uniform(-180, 180, n), rng.normal(0, 1, n), rng.normal(0, 1, n),
+                             rng.integers(0, 2, n)])
+    runs = []
+    for j in range(L):
+        ga, gx, gy, flip = (0, 0, 0, 0) if j == L - 1 else (rng.uniform(-180, 180), *rng.normal(0, 1, 2), j % 2)
+        pj = _apply_frame(truth, ga, gx, gy, flip)
+        pj[:, 0] += rng.normal(0, 0.2, n)      # small jitter: e ~ 0.1 px
+        pj[:, 1:3] += rng.normal(0, 0.05, (n, 2))
+        runs.append(pj)
+    ali = np.stack(runs)
+    ali[0, :10, 0] += rng.uniform(30, 150, 10)     # 10 members misaligned in run 0
+    res = multi_align_stability(ali, thld_err=0.7, diameter=d)
+    assert set(res.stable.tolist()) == set(range(10, n))
+    assert res.mirror_rate == 1.0
+    assert (res.errors < 0.7).all()
+    # averaged params are in the last run's frame: close to the truth
+    diff = (res.params[:, 0] - truth[10:, 0] + 180) % 360 - 180
+    assert np.abs(diff).max() < 1.0
+    assert np.abs(res.params[:, 1:3] - truth[10:, 1:3]).max() < 0.2
+    assert (res.params[:, 3] == truth[10:, 3]).all()
+
+
+def test_stability_pure_noise_is_unstable():
+    rng = np.random.default_rng(4)
+    ali = np.stack([np.column_stack([rng.uniform(-180, 180, 60), rng.normal(0, 1, 60), rng.normal(0, 1, 60),
+                                     rng.integers(0, 2, 60)]) for _ in range(5)])
+    res = multi_align_stability(ali, thld_err=0.7, diameter=58.0)
+    assert res.stable.size <= 2
