@@ -1,0 +1,259 @@
+"""Particle and volume I/O: one API over RELION STAR+MRCS, bare MRCS, EMAN2/SPHIRE HDF and cryoSPARC .cs.
+
+The format is chosen from the file suffix:
+
+=================  =========================================  ==========================================
+suffix             read_particles                             write_particles
+=================  =========================================  ==========================================
+``.star``          RELION 3.0 / 3.1+ (optics merged)          RELION 3.1 + ``<stem>.mrcs`` beside it
+``.mrcs``/``.mrc`` bare stack (path, index, pixel size)       images only (metadata dropped)
+``.hdf``/``.h5``   EMAN2/SPHIRE ``/MDF/images/<i>``           EMAN2/SPHIRE, header as ``EMAN.*`` attrs
+``.cs``            cryoSPARC structured array                 cryoSPARC + ``<stem>.mrcs`` beside it
+=================  =========================================  ==========================================
+
+Examples
+--------
+>>> stack = read_particles("particles.star")                      # doctest: +SKIP
+>>> for start, stop, block in stack.images.chunks(1000):         # doctest: +SKIP
+...     process(block)                                            # (1000, N, N) float32
+>>> write_particles("out.hdf", stack.images, stack.table)         # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from isavar.errors import InputError
+from isavar.io.stack import DEFAULT_CHUNK_SIZE, LazyImages, ParticleStack
+
+__all__ = [
+    "LazyImages",
+    "ParticleStack",
+    "particle_format",
+    "read_particles",
+    "write_particles",
+    "read_volume",
+    "write_volume",
+    "write_image_stack",
+    "iter_chunks",
+]
+
+_FORMATS = {".star": "star", ".mrcs": "mrcs", ".mrc": "mrcs", ".st": "mrcs", ".map": "mrcs",
+            ".hdf": "hdf", ".hdf5": "hdf", ".h5": "hdf", ".cs": "cs"}
+
+_BDB_MESSAGE = ("EMAN2 BDB databases are not supported (BDB was removed from EMAN2 in 2022); export the stack "
+                "first, e.g. `e2proc2d.py bdb:stack stack.hdf` (or with e2bdb.py / SPHIRE's sp_ tools)")
+
+
+def particle_format(path) -> str:
+    """Name the particle format of a path from its suffix: ``star``, ``mrcs``, ``hdf`` or ``cs``.
+
+    Raises
+    ------
+    InputError
+        For ``bdb:`` paths and unknown suffixes.
+    """
+    text = str(path)
+    if text.startswith("bdb:") or "EMAN2DB" in Path(text).parts:
+        raise InputError(_BDB_MESSAGE, path=text)
+    suffix = Path(text).suffix.lower()
+    if suffix not in _FORMATS:
+        raise InputError(f"unknown file format {suffix or '(no suffix)'!r}; expected one of "
+                         f"{', '.join(sorted(_FORMATS))}", path=text)
+    return _FORMATS[suffix]
+
+
+def read_particles(path) -> ParticleStack:
+    """Read a particle file: table, lazily-read images and pixel size.
+
+    Parameters
+    ----------
+    path : path
+        ``.star``, ``.mrcs``/``.mrc``, ``.hdf`` or ``.cs``.
+
+    Returns
+    -------
+    ParticleStack
+        ``.table`` (canonical + passthrough columns), ``.images`` (LazyImages in
+        table order), ``.pixel_size_A`` (float or None).
+
+    Raises
+    ------
+    InputError
+        Missing file, unknown format, BDB path, missing or truncated stack,
+        index past the end of a stack, non-square or mixed box sizes.
+    """
+    kind = particle_format(path)
+    if not Path(path).exists():
+        raise InputError("file not found", path=path)
+    if kind == "star":
+        from isavar.io.star import read_star
+
+        return read_star(path)
+    if kind == "mrcs":
+        from isavar.io.mrc import read_mrc_stack
+
+        return read_mrc_stack(path)
+    if kind == "hdf":
+        from isavar.io.eman_hdf import read_hdf
+
+        return read_hdf(path)
+    from isavar.io.cryosparc import read_cs
+
+    return read_cs(path)
+
+
+def iter_chunks(images, chunk_size: int = DEFAULT_CHUNK_SIZE):
+    """Yield float32 ``(k, N, N)`` blocks from an array, a LazyImages or an iterable of blocks.
+
+    Parameters
+    ----------
+    images : numpy.ndarray or LazyImages or iterable of numpy.ndarray
+        The images.
+    chunk_size : int
+        Images per block for arrays and LazyImages.
+
+    Yields
+    ------
+    numpy.ndarray
+    """
+    if isinstance(images, LazyImages):
+        for _, _, block in images.chunks(chunk_size):
+            yield block
+    elif isinstance(images, np.ndarray):
+        array = images[None] if images.ndim == 2 else images
+        for start in range(0, array.shape[0], chunk_size):
+            yield np.asarray(array[start:start + chunk_size], dtype=np.float32)
+    else:
+        for block in images:
+            yield np.asarray(block, dtype=np.float32)
+
+
+def write_particles(path, images, table: pd.DataFrame, *, pixel_size_A: float | None = None,
+                    overwrite: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+    """Write particles in the format given by the suffix.
+
+    Parameters
+    ----------
+    path : path
+        ``.star`` (writes ``<stem>.mrcs`` beside it), ``.mrcs`` (images only),
+        ``.hdf``, ``.cs`` (writes ``<stem>.mrcs`` beside it).
+    images : numpy.ndarray or LazyImages or iterable of numpy.ndarray
+        ``(n, N, N)`` images in table order, or blocks of them.
+    table : pandas.DataFrame
+        One row per image; ``image_path``/``image_index`` are ignored (the new
+        files define them).
+    pixel_size_A : float, optional
+        Pixel size where the table has none.
+    overwrite : bool
+        Replace existing outputs (never the default).
+    chunk_size : int
+        Images per block when streaming.
+
+    Raises
+    ------
+    InputError
+        Output exists without ``overwrite``, unknown format, unknown pixel size
+        where the format needs it.
+    """
+    kind = particle_format(path)
+    if isinstance(images, (np.ndarray, LazyImages)) and len(images) != len(table):
+        raise ValueError(f"{len(images)} images but the table has {len(table)} rows")
+    chunks = iter_chunks(images, chunk_size)
+    if kind == "star":
+        from isavar.io.star import write_star
+
+        write_star(path, chunks, table, pixel_size_A=pixel_size_A, overwrite=overwrite)
+    elif kind == "mrcs":
+        from isavar.io.mrc import write_mrc_stack
+
+        if pixel_size_A is None and "pixel_size_A" in table.columns and not table["pixel_size_A"].isna().all():
+            pixel_size_A = float(table["pixel_size_A"].dropna().iloc[0])
+        n = write_mrc_stack(path, chunks, pixel_size_A, overwrite=overwrite)
+        if n != len(table):
+            raise ValueError(f"{n} images written but the table has {len(table)} rows")
+    elif kind == "hdf":
+        from isavar.io.eman_hdf import write_hdf
+
+        write_hdf(path, chunks, table, pixel_size_A=pixel_size_A, overwrite=overwrite)
+    else:
+        from isavar.io.cryosparc import write_cs
+
+        write_cs(path, chunks, table, pixel_size_A=pixel_size_A, overwrite=overwrite)
+
+
+def write_image_stack(path, images, pixel_size_A: float | None, *, overwrite: bool = False) -> int:
+    """Write a plain MRCS image stack (image-stack header flags ``ispg = 0``, ``mz = 1``).
+
+    Parameters
+    ----------
+    path : path
+        Output ``.mrcs``.
+    images : numpy.ndarray or LazyImages or iterable of numpy.ndarray
+        ``(n, N, N)`` images or blocks of them.
+    pixel_size_A : float or None
+        Pixel size in Å.
+    overwrite : bool
+        Replace an existing file.
+
+    Returns
+    -------
+    int
+        Number of images written.
+    """
+    from isavar.io.mrc import write_mrc_stack
+
+    return write_mrc_stack(path, iter_chunks(images), pixel_size_A, overwrite=overwrite)
+
+
+def read_volume(path) -> tuple[np.ndarray, float | None]:
+    """Read a 3D map from ``.mrc``/``.map`` or EMAN2 ``.hdf`` (image 0).
+
+    Returns
+    -------
+    volume : numpy.ndarray
+        ``(nz, ny, nx)`` float32.
+    voxel_size_A : float or None
+    """
+    kind = particle_format(path)
+    if not Path(path).exists():
+        raise InputError("file not found", path=path)
+    if kind == "mrcs":
+        from isavar.io.mrc import read_mrc_volume
+
+        return read_mrc_volume(path)
+    if kind == "hdf":
+        from isavar.io.eman_hdf import read_hdf_volume
+
+        return read_hdf_volume(path)
+    raise InputError(f"{kind} files hold particles, not volumes", path=path)
+
+
+def write_volume(path, volume: np.ndarray, voxel_size_A: float | None, *, overwrite: bool = False) -> None:
+    """Write a 3D map as ``.mrc`` (volume header flags) or EMAN2 ``.hdf``.
+
+    Parameters
+    ----------
+    path : path
+        Output file.
+    volume : numpy.ndarray
+        ``(nz, ny, nx)``.
+    voxel_size_A : float or None
+        Voxel size in Å.
+    overwrite : bool
+        Replace an existing file.
+    """
+    kind = particle_format(path)
+    if kind == "mrcs":
+        from isavar.io.mrc import write_mrc_volume
+
+        write_mrc_volume(path, volume, voxel_size_A, overwrite=overwrite)
+    elif kind == "hdf":
+        from isavar.io.eman_hdf import write_hdf_volume
+
+        write_hdf_volume(path, volume, voxel_size_A, overwrite=overwrite)
+    else:
+        raise InputError(f"cannot write a volume as {kind}; use .mrc or .hdf", path=path)

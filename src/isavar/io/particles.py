@@ -163,3 +163,147 @@ def new_table(n: int, *, image_path: str | None = None, pixel_size_A: float | No
     if pixel_size_A is not None:
         table["pixel_size_A"] = float(pixel_size_A)
     return table
+
+
+# --------------------------------------------------------------------------------------
+# Format label maps and validation
+# --------------------------------------------------------------------------------------
+
+#: RELION particle-block labels of canonical columns (the image name is handled separately).
+RELION_PARTICLE_LABELS: dict[str, str] = {
+    "optics_group": "rlnOpticsGroup",
+    "micrograph_name": "rlnMicrographName",
+    "coordinate_x_px": "rlnCoordinateX",
+    "coordinate_y_px": "rlnCoordinateY",
+    "defocus_u_A": "rlnDefocusU",
+    "defocus_v_A": "rlnDefocusV",
+    "defocus_angle_deg": "rlnDefocusAngle",
+    "phase_shift_deg": "rlnPhaseShift",
+    "ctf_bfactor_A2": "rlnCtfBfactor",
+    "ctf_scale": "rlnCtfScalefactor",
+    "angle_rot_deg": "rlnAngleRot",
+    "angle_tilt_deg": "rlnAngleTilt",
+    "angle_psi_deg": "rlnAnglePsi",
+    "origin_x_A": "rlnOriginXAngst",
+    "origin_y_A": "rlnOriginYAngst",
+    "class_number": "rlnClassNumber",
+}
+
+#: RELION optics-block labels of canonical columns (RELION >= 3.1).
+RELION_OPTICS_LABELS: dict[str, str] = {
+    "voltage_kV": "rlnVoltage",
+    "cs_mm": "rlnSphericalAberration",
+    "amplitude_contrast": "rlnAmplitudeContrast",
+    "pixel_size_A": "rlnImagePixelSize",
+    "image_size_px": "rlnImageSize",
+}
+
+#: Every RELION label that maps to a canonical column.
+RELION_LABELS: dict[str, str] = {**RELION_PARTICLE_LABELS, **RELION_OPTICS_LABELS}
+
+#: Prefix of the STAR labels isavar writes for columns RELION has no label for
+#: (``true_angle_rot_deg`` -> ``rlnIsavar_true_angle_rot_deg``). RELION 3.1 keeps
+#: unknown labels it reads and writes them back unchanged.
+STAR_CUSTOM_PREFIX = "rlnIsavar_"
+
+#: cryoSPARC fields of canonical columns that convert with a unit change only.
+CRYOSPARC_FIELDS: dict[str, str] = {
+    "defocus_u_A": "ctf/df1_A",
+    "defocus_v_A": "ctf/df2_A",
+    "voltage_kV": "ctf/accel_kv",
+    "cs_mm": "ctf/cs_mm",
+    "amplitude_contrast": "ctf/amp_contrast",
+    "ctf_bfactor_A2": "ctf/bfactor",
+    "pixel_size_A": "blob/psize_A",
+    "micrograph_name": "location/micrograph_path",
+}
+
+#: Prefix of the cryoSPARC fields isavar writes for columns cryoSPARC has no field for.
+CRYOSPARC_CUSTOM_PREFIX = "isavar/"
+
+#: EMAN2/SPHIRE header keys (without ``EMAN.``) of canonical columns stored as plain scalars.
+EMAN_KEYS: dict[str, str] = {
+    "pixel_size_A": "apix_x",
+    "micrograph_name": "ptcl_source_image",
+    "segment_angle_deg": "segment_angle",
+}
+
+_INT_COLUMNS = tuple(c for c, (kind, _) in CANONICAL_COLUMNS.items() if kind == "int")
+_FLOAT_COLUMNS = tuple(c for c, (kind, _) in CANONICAL_COLUMNS.items() if kind == "float")
+
+
+def is_canonical(column: str) -> bool:
+    """Return True for a canonical column or a ground-truth (``true_*``) column."""
+    return column in CANONICAL_COLUMNS or column.startswith(TRUTH_PREFIX)
+
+
+def coerce_dtypes(table: pd.DataFrame) -> pd.DataFrame:
+    """Cast the canonical columns present to their documented dtypes (returns a new table).
+
+    Integer columns with missing values become pandas nullable ``Int64``.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        Particle table.
+
+    Returns
+    -------
+    pandas.DataFrame
+    """
+    out = table.copy()
+    for c in _FLOAT_COLUMNS:
+        if c in out.columns:
+            out[c] = pd.to_numeric(out[c], errors="coerce").astype(np.float64)
+    for c in _INT_COLUMNS:
+        if c in out.columns:
+            values = pd.to_numeric(out[c], errors="coerce")
+            if values.isna().any():
+                out[c] = values.round().astype("Int64")
+            else:
+                out[c] = np.round(values.to_numpy(dtype=np.float64)).astype(np.int64)
+    for c in ("image_path", "micrograph_name"):
+        if c in out.columns:
+            out[c] = out[c].astype(str)
+    return out
+
+
+def validate(table: pd.DataFrame, *, permissive: bool = False) -> list[str]:
+    """Check a particle table against the schema.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        Particle table.
+    permissive : bool
+        If True, return the problems instead of raising.
+
+    Returns
+    -------
+    list of str
+        Problems found (empty when the table is valid).
+
+    Raises
+    ------
+    ValueError
+        If a problem is found and ``permissive`` is False.
+    """
+    problems = []
+    for c in _INT_COLUMNS + _FLOAT_COLUMNS:
+        if c in table.columns and not pd.api.types.is_numeric_dtype(table[c]):
+            problems.append(f"column {c} is not numeric")
+    if "image_index" in table.columns and pd.api.types.is_numeric_dtype(table["image_index"]):
+        if (table["image_index"] < 0).any():
+            problems.append("image_index has negative values (it is 0-based)")
+    for c in ("class_number", "optics_group"):
+        if c in table.columns and pd.api.types.is_numeric_dtype(table[c]) and (table[c].dropna() < 1).any():
+            problems.append(f"{c} has values below 1 (it is 1-based)")
+    if "align_mirror" in table.columns and pd.api.types.is_numeric_dtype(table["align_mirror"]):
+        if not table["align_mirror"].dropna().isin([0, 1]).all():
+            problems.append("align_mirror has values other than 0 and 1")
+    for c in ("pixel_size_A", "image_size_px"):
+        if c in table.columns and pd.api.types.is_numeric_dtype(table[c]) and (table[c].dropna() <= 0).any():
+            problems.append(f"{c} has values <= 0")
+    if problems and not permissive:
+        raise ValueError("; ".join(problems))
+    return problems

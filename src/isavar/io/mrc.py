@@ -1,0 +1,315 @@
+"""MRC/MRCS stacks and volumes (MRC2014) through :mod:`mrcfile`.
+
+Reading is memory-mapped (``mrcfile.mmap``) and permissive about odd headers,
+but a file whose data block cannot be read (truncated, not MRC, unsupported
+mode) raises :class:`~isavar.errors.InputError`. Every real mode mrcfile maps
+is accepted (0 int8, 1 int16, 2 float32, 6 uint16, 12 float16); images are
+converted to float32 on read. Complex modes are refused.
+
+Writing streams chunks to disk (the header is completed at the end), sets the
+image-stack flags (``ispg = 0``, ``mz = 1``) for stacks and the volume flags
+(``ispg = 1``, ``mz = nz``) for volumes, and records the voxel size.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+from mrcfile.dtypes import HEADER_DTYPE
+
+from isavar.errors import InputError
+from isavar.io.stack import ImageSource, LazyImages, ParticleStack
+from isavar.io.particles import new_table
+
+_SUPPORTED_KINDS = ("i", "u", "f")
+
+
+def _open_mmap(path):
+    """Open ``path`` with mrcfile.mmap, turning warnings and unreadable data into InputError."""
+    path = str(path)
+    if not os.path.exists(path):
+        raise InputError("file not found", path=path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            mrc = mrcfile.mmap(path, mode="r", permissive=True)
+        except (ValueError, OSError) as exc:
+            raise InputError(f"cannot read as MRC ({exc})", path=path) from None
+    messages = [str(w.message) for w in caught]
+    if mrc.data is None:
+        mrc.close()
+        detail = "; ".join(messages) or "no data block"
+        if "Error opening memmap" in detail or "could only read" in detail:
+            raise InputError(f"truncated or damaged MRC file ({detail})", path=path)
+        raise InputError(f"not a readable MRC file ({detail})", path=path)
+    if mrc.data.dtype.kind not in _SUPPORTED_KINDS:
+        mrc.close()
+        raise InputError(f"MRC mode {int(mrc.header.mode)} ({mrc.data.dtype}) is not a real-valued image mode",
+                         path=path)
+    return mrc
+
+
+def float32_value(value) -> float:
+    """The shortest decimal that rounds to the same float32 (1.7f -> 1.7, not 1.7000000477)."""
+    return float(str(np.float32(value)))
+
+
+def _voxel_size(mrc) -> float | None:
+    vs = float32_value(mrc.voxel_size.x)
+    return vs if vs > 0 else None
+
+
+class MrcSource(ImageSource):
+    """Images of one MRC/MRCS stack (a single 2D image counts as a stack of one)."""
+
+    def __init__(self, path):
+        mrc = _open_mmap(path)
+        try:
+            shape = mrc.data.shape
+            self.pixel_size_A = _voxel_size(mrc)
+            self.mode = int(mrc.header.mode)
+            self.is_volume = bool(mrc.is_volume()) and mrc.data.ndim == 3 and shape[0] > 1
+        finally:
+            mrc.close()
+        if len(shape) == 2:
+            shape = (1,) + shape
+        if len(shape) != 3:
+            raise InputError(f"expected an image stack, got data of shape {shape}", path=path)
+        if shape[1] != shape[2]:
+            raise InputError(f"images are not square ({shape[2]}x{shape[1]} pixels)", path=path)
+        super().__init__(str(path), shape[0], shape[1])
+
+    def open(self):
+        return _open_mmap(self.path)
+
+    def read(self, handle, indices):
+        data = handle.data
+        if data.ndim == 2:
+            data = data[None]
+        return data[indices]
+
+    def close(self, handle):
+        handle.close()
+
+
+def read_mrc_header(path) -> dict:
+    """Summary of an MRC header: shape, voxel size, mode and whether it is flagged as a volume.
+
+    Parameters
+    ----------
+    path : path
+        MRC/MRCS file.
+
+    Returns
+    -------
+    dict
+        ``shape`` (data shape), ``voxel_size_A`` (float or None), ``mode`` (int),
+        ``is_volume`` (bool: ``ispg`` 1-230 and 3D data).
+    """
+    mrc = _open_mmap(path)
+    try:
+        return {"shape": tuple(mrc.data.shape), "voxel_size_A": _voxel_size(mrc), "mode": int(mrc.header.mode),
+                "is_volume": bool(mrc.is_volume()) and mrc.data.ndim == 3}
+    finally:
+        mrc.close()
+
+
+def read_mrc_stack(path) -> ParticleStack:
+    """Read a bare MRC/MRCS stack as a particle stack.
+
+    Parameters
+    ----------
+    path : path
+        ``.mrcs`` or ``.mrc`` file of ``n`` square images.
+
+    Returns
+    -------
+    ParticleStack
+        Table with ``image_path`` (absolute), ``image_index`` and, when the
+        header has a voxel size, ``pixel_size_A``.
+    """
+    src = MrcSource(path)
+    table = new_table(src.n, image_path=str(Path(path).resolve()), pixel_size_A=src.pixel_size_A)
+    table["image_size_px"] = src.box
+    images = LazyImages([src], np.zeros(src.n, np.int64), np.arange(src.n))
+    return ParticleStack(table=table, images=images, pixel_size_A=src.pixel_size_A, path=str(path))
+
+
+def read_mrc_volume(path) -> tuple[np.ndarray, float | None]:
+    """Read a 3D map.
+
+    Parameters
+    ----------
+    path : path
+        ``.mrc``/``.map`` file.
+
+    Returns
+    -------
+    volume : numpy.ndarray
+        ``(nz, ny, nx)`` float32 (a copy in memory).
+    voxel_size_A : float or None
+    """
+    mrc = _open_mmap(path)
+    try:
+        if mrc.data.ndim != 3:
+            raise InputError(f"expected a 3D volume, got data of shape {mrc.data.shape}", path=path)
+        volume = np.array(mrc.data, dtype=np.float32)
+        voxel = _voxel_size(mrc)
+    finally:
+        mrc.close()
+    if not np.isfinite(volume).all():
+        raise InputError("volume contains NaN or Inf voxels", path=path)
+    return volume, voxel
+
+
+def check_writable(path, overwrite: bool) -> Path:
+    """Refuse to replace an existing file unless ``overwrite``; make the parent folder.
+
+    Parameters
+    ----------
+    path : path
+        Output file.
+    overwrite : bool
+        Allow replacing an existing file.
+
+    Returns
+    -------
+    pathlib.Path
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise InputError("already exists (use overwrite/--force to replace it)", path=path)
+    if path.exists() and path.is_dir():
+        raise InputError("is a directory", path=path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def write_mrc_stack(path, chunks, pixel_size_A: float | None, *, overwrite: bool = False) -> int:
+    """Stream image chunks into an MRCS stack (mode 2, float32; image-stack header flags).
+
+    Parameters
+    ----------
+    path : path
+        Output ``.mrcs``.
+    chunks : iterable of numpy.ndarray
+        ``(k, N, N)`` (or ``(N, N)``) image blocks, written in order.
+    pixel_size_A : float or None
+        Pixel size stored as the voxel size (0 when None).
+    overwrite : bool
+        Replace an existing file.
+
+    Returns
+    -------
+    int
+        Number of images written.
+
+    Notes
+    -----
+    Data go to a temporary file beside ``path`` that is renamed over it at the
+    end, so a failure never leaves a half-written stack under the target name.
+    The header statistics (min, max, mean, rms) are accumulated per chunk.
+    """
+    path = check_writable(path, overwrite)
+    tmp = _temp_name(path)
+    n, box = 0, None
+    dmin, dmax, total, total_sq = np.inf, -np.inf, 0.0, 0.0
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(b"\0" * HEADER_DTYPE.itemsize)
+            for chunk in chunks:
+                chunk = np.asarray(chunk, dtype=np.float32)
+                if chunk.ndim == 2:
+                    chunk = chunk[None]
+                if chunk.ndim != 3 or chunk.shape[1] != chunk.shape[2]:
+                    raise InputError(f"images must be square (k, N, N) blocks, got shape {chunk.shape}", path=path)
+                if box is None:
+                    box = chunk.shape[1]
+                elif chunk.shape[1] != box:
+                    raise InputError(f"mixed box sizes while writing ({box} and {chunk.shape[1]})", path=path)
+                if chunk.size == 0:
+                    continue
+                if not np.isfinite(chunk).all():
+                    raise InputError(f"image block starting at image {n + 1} has NaN or Inf pixels", path=path)
+                dmin = min(dmin, float(chunk.min()))
+                dmax = max(dmax, float(chunk.max()))
+                c64 = chunk.astype(np.float64)
+                total += float(c64.sum())
+                total_sq += float(np.square(c64).sum())
+                fh.write(np.ascontiguousarray(chunk, dtype="<f4").tobytes())
+                n += chunk.shape[0]
+        if box is None:
+            raise InputError("no images to write", path=path)
+        _write_stack_header(tmp, n, box, pixel_size_A, dmin, dmax, total, total_sq)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return n
+
+
+def _write_stack_header(tmp: Path, n: int, box: int, pixel_size_A, dmin, dmax, total, total_sq) -> None:
+    """Write a complete MRC2014 image-stack header at the start of ``tmp``."""
+    header_path = tmp.with_name(tmp.name + ".hdr")
+    try:
+        with mrcfile.new(header_path, overwrite=True) as mrc:
+            mrc.set_data(np.zeros((1, box, box), dtype=np.float32))
+            mrc.set_image_stack()
+            mrc.voxel_size = float(pixel_size_A) if pixel_size_A else 0.0
+            header = mrc.header.copy()
+    finally:
+        if header_path.exists():
+            header_path.unlink()
+    header = header.astype(HEADER_DTYPE.newbyteorder("<"))
+    count = n * box * box
+    mean = total / count
+    header["nz"] = n
+    header["mz"] = 1
+    header["ispg"] = 0
+    header["nsymbt"] = 0
+    header["dmin"], header["dmax"], header["dmean"] = dmin, dmax, mean
+    header["rms"] = np.sqrt(max(total_sq / count - mean * mean, 0.0))
+    header["machst"] = np.frombuffer(bytes([0x44, 0x44, 0, 0]), dtype=np.uint8)
+    with open(tmp, "r+b") as fh:
+        fh.write(header.tobytes())
+
+
+def write_mrc_volume(path, volume: np.ndarray, voxel_size_A: float | None, *, overwrite: bool = False) -> None:
+    """Write a 3D map (mode 2, volume header flags ``ispg = 1``, ``mz = nz``).
+
+    Parameters
+    ----------
+    path : path
+        Output ``.mrc``.
+    volume : numpy.ndarray
+        ``(nz, ny, nx)`` array.
+    voxel_size_A : float or None
+        Voxel size in Å.
+    overwrite : bool
+        Replace an existing file.
+    """
+    volume = np.asarray(volume, dtype=np.float32)
+    if volume.ndim != 3:
+        raise ValueError(f"volume must be 3D, got shape {volume.shape}")
+    if not np.isfinite(volume).all():
+        raise InputError("volume to write contains NaN or Inf voxels", path=path)
+    path = check_writable(path, overwrite)
+    tmp = _temp_name(path)
+    try:
+        with mrcfile.new(tmp, overwrite=True) as mrc:
+            mrc.set_data(volume)
+            mrc.set_volume()
+            mrc.voxel_size = float(voxel_size_A) if voxel_size_A else 0.0
+            mrc.update_header_stats()
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

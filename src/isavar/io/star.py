@@ -1,0 +1,345 @@
+"""RELION STAR particle files (3.0 and 3.1+) through :mod:`starfile`.
+
+Reading
+-------
+* RELION 3.1+: ``data_optics`` is merged into ``data_particles`` on
+  ``rlnOpticsGroup`` (particle values win when a label is in both blocks).
+* RELION 3.0: a single particle block; ``rlnOriginX/Y`` are in pixels and are
+  converted to Å with the pixel size (``rlnImagePixelSize``, ``rlnPixelSize``,
+  ``rlnDetectorPixelSize * 1e4 / rlnMagnification`` or the stack header).
+* ``rlnImageName`` = ``index@stack`` (1-based index); relative stack paths
+  are resolved against the STAR file's folder; any number of stacks.
+* Labels ``rlnIsavar_<column>`` (written by isavar for columns RELION has no
+  label for, e.g. ``true_angle_rot_deg`` or ``align_alpha_deg``) are restored
+  to ``<column>``. Every other label is kept unchanged as a passthrough column.
+
+Writing
+-------
+RELION 3.1 layout: ``data_optics`` (one optics group per distinct combination
+of voltage, Cs, amplitude contrast, pixel size and box within each input
+optics group) and ``data_particles``; the images are written as
+``<stem>.mrcs`` beside the STAR file and named relatively
+(``000001@<stem>.mrcs``), so the pair can be moved together.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import starfile
+
+from isavar.conventions import format_image_name, parse_image_name
+from isavar.errors import InputError
+from isavar.io.mrc import MrcSource, check_writable, write_mrc_stack
+from isavar.io.particles import (
+    CANONICAL_COLUMNS,
+    RELION_LABELS,
+    RELION_OPTICS_LABELS,
+    RELION_PARTICLE_LABELS,
+    STAR_CUSTOM_PREFIX,
+    coerce_dtypes,
+)
+from isavar.io.stack import LazyImages, ParticleStack
+
+log = logging.getLogger(__name__)
+
+_LABEL_TO_COLUMN = {label: col for col, label in RELION_LABELS.items()}
+#: Labels read into canonical columns beyond the written ones (RELION 3.0 and older spellings).
+_LEGACY_PIXEL_LABELS = ("rlnImagePixelSize", "rlnPixelSize")
+#: Passthrough labels that belong in data_optics when writing (value of the group's first particle).
+_OPTICS_PASSTHROUGH = ("rlnMicrographOriginalPixelSize", "rlnCtfDataAreCtfPremultiplied", "rlnBeamTiltX",
+                       "rlnBeamTiltY", "rlnMtfFileName", "rlnMicrographPixelSize", "rlnMagMat00", "rlnMagMat01",
+                       "rlnMagMat10", "rlnMagMat11")
+#: Labels regenerated on writing.
+_REGENERATED = ("rlnImageName", "rlnOpticsGroup", "rlnOpticsGroupName", "rlnImageDimensionality",
+                "rlnOriginX", "rlnOriginY", "rlnPixelSize")
+
+
+def _read_blocks(path: Path) -> dict:
+    if not path.exists():
+        raise InputError("file not found", path=path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            blocks = starfile.read(path, always_dict=True)
+    except Exception as exc:  # starfile raises assorted errors on malformed input
+        raise InputError(f"cannot parse STAR file ({type(exc).__name__}: {exc})", path=path) from None
+    return {name: df for name, df in blocks.items() if isinstance(df, pd.DataFrame)}
+
+
+def _particle_block(blocks: dict, path: Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    if "particles" in blocks and "rlnImageName" in blocks["particles"].columns:
+        return blocks["particles"], blocks.get("optics")
+    for name, df in blocks.items():
+        if name != "optics" and "rlnImageName" in df.columns:
+            return df, blocks.get("optics")
+    raise InputError("no data block with an rlnImageName column (not a particle STAR file)", path=path)
+
+
+def _merge_optics(particles: pd.DataFrame, optics: pd.DataFrame | None, path: Path) -> pd.DataFrame:
+    if optics is None or "rlnOpticsGroup" not in optics.columns:
+        return particles.copy()
+    if "rlnOpticsGroup" not in particles.columns:
+        if len(optics) == 1:
+            particles = particles.assign(rlnOpticsGroup=optics["rlnOpticsGroup"].iloc[0])
+        else:
+            raise InputError("data_particles has no rlnOpticsGroup but data_optics has several groups", path=path)
+    extra = [c for c in optics.columns if c not in particles.columns or c == "rlnOpticsGroup"]
+    merged = particles.merge(optics[extra], on="rlnOpticsGroup", how="left", sort=False)
+    missing = merged[extra[1]].isna() if len(extra) > 1 else pd.Series(False, index=merged.index)
+    if len(extra) > 1 and missing.any():
+        bad = particles["rlnOpticsGroup"][missing.to_numpy()].iloc[0]
+        raise InputError(f"optics group {bad} is not defined in data_optics", path=path)
+    merged.index = particles.index
+    return merged
+
+
+def _stack_sources(names: pd.Series, folder: Path, star_path: Path):
+    """Parse rlnImageName into (sources, source ids, 0-based indices, absolute paths)."""
+    try:
+        parsed = [parse_image_name(str(n)) for n in names]
+    except ValueError as exc:
+        raise InputError(str(exc), path=star_path) from None
+    indices = np.fromiter((p[0] for p in parsed), dtype=np.int64, count=len(parsed))
+    raw = [p[1] for p in parsed]
+    unique_raw = list(dict.fromkeys(raw))
+    resolved = {}
+    for r in unique_raw:
+        p = Path(r)
+        resolved[r] = (p if p.is_absolute() else folder / p).resolve()
+    sources, sid_of = [], {}
+    for r in unique_raw:
+        p = resolved[r]
+        if not p.exists():
+            raise InputError(f"image stack {r} referenced by rlnImageName not found (looked for {p})",
+                             path=star_path)
+        sid_of[r] = len(sources)
+        sources.append(MrcSource(p))
+    source_ids = np.fromiter((sid_of[r] for r in raw), dtype=np.int64, count=len(raw))
+    abs_paths = [str(resolved[r]) for r in raw]
+    return sources, source_ids, indices, abs_paths
+
+
+def _pixel_size_column(df: pd.DataFrame) -> pd.Series | None:
+    for label in _LEGACY_PIXEL_LABELS:
+        if label in df.columns:
+            return pd.to_numeric(df[label], errors="coerce")
+    if "rlnDetectorPixelSize" in df.columns and "rlnMagnification" in df.columns:
+        return pd.to_numeric(df["rlnDetectorPixelSize"]) * 1.0e4 / pd.to_numeric(df["rlnMagnification"])
+    return None
+
+
+def read_star(path) -> ParticleStack:
+    """Read a RELION 3.0 or 3.1+ particle STAR file and its MRCS stacks.
+
+    Parameters
+    ----------
+    path : path
+        The ``.star`` file.
+
+    Returns
+    -------
+    ParticleStack
+        Canonical columns (see :mod:`isavar.io.particles`) plus every other
+        label as a passthrough column; images in row order.
+    """
+    path = Path(path)
+    blocks = _read_blocks(path)
+    particles, optics = _particle_block(blocks, path)
+    df = _merge_optics(particles, optics, path)
+    sources, source_ids, indices, abs_paths = _stack_sources(df["rlnImageName"], path.parent, path)
+    images = LazyImages(sources, source_ids, indices)
+
+    table = pd.DataFrame({"image_path": abs_paths, "image_index": indices}, index=df.index)
+    pixel = _pixel_size_column(df)
+    if pixel is None or pixel.isna().all():
+        header_sizes = np.array([s.pixel_size_A or np.nan for s in sources])[source_ids]
+        pixel = pd.Series(header_sizes, index=df.index) if np.isfinite(header_sizes).any() else None
+    if pixel is not None:
+        table["pixel_size_A"] = pixel.to_numpy(dtype=np.float64)
+    for label in df.columns:
+        if label in ("rlnImageName", "rlnImageDimensionality") or label in _LEGACY_PIXEL_LABELS:
+            continue
+        if label in _LABEL_TO_COLUMN:
+            table[_LABEL_TO_COLUMN[label]] = df[label].to_numpy()
+        elif label.startswith(STAR_CUSTOM_PREFIX):
+            table[label[len(STAR_CUSTOM_PREFIX):]] = df[label].to_numpy()
+        elif label in ("rlnOriginX", "rlnOriginY"):
+            continue
+        else:
+            table[label] = df[label].to_numpy()
+    for axis in ("X", "Y"):
+        column = f"origin_{axis.lower()}_A"
+        if column not in table.columns and f"rlnOrigin{axis}" in df.columns:
+            if "pixel_size_A" not in table.columns:
+                raise InputError(f"rlnOrigin{axis} is in pixels but the pixel size is unknown", path=path)
+            table[column] = pd.to_numeric(df[f"rlnOrigin{axis}"]).to_numpy() * table["pixel_size_A"].to_numpy()
+    if "image_size_px" not in table.columns:
+        table["image_size_px"] = images.box
+    table = coerce_dtypes(table.reset_index(drop=True))
+    pixel_size = _single_pixel_size(table)
+    return ParticleStack(table=table, images=images, pixel_size_A=pixel_size, path=str(path))
+
+
+def _single_pixel_size(table: pd.DataFrame) -> float | None:
+    if "pixel_size_A" not in table.columns or table["pixel_size_A"].isna().all():
+        return None
+    return float(table["pixel_size_A"].dropna().iloc[0])
+
+
+# --------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------
+
+
+def sidecar_stack(path) -> Path:
+    """The ``<stem>.mrcs`` written beside a ``.star`` or ``.cs`` file."""
+    path = Path(path)
+    return path.with_name(path.stem + ".mrcs")
+
+
+def _is_scalar_column(series: pd.Series) -> bool:
+    if series.dtype != object:
+        return True
+    return not series.map(lambda v: isinstance(v, (list, tuple, np.ndarray, dict))).any()
+
+
+def _custom_label(column: str) -> str | None:
+    label = STAR_CUSTOM_PREFIX + column
+    return None if any(ch.isspace() for ch in label) else label
+
+
+def _optics_groups(table: pd.DataFrame, box: int) -> tuple[pd.DataFrame, np.ndarray]:
+    """Split rows into RELION optics groups of constant optics values."""
+    optics_cols = [c for c in RELION_OPTICS_LABELS if c in table.columns and c != "image_size_px"]
+    keys = pd.DataFrame(index=table.index)
+    keys["_group"] = table["optics_group"].fillna(1).astype(np.int64) if "optics_group" in table.columns else 1
+    for c in optics_cols:
+        keys[c] = table[c].astype(np.float64).round(6)
+    uniq, inverse = np.unique(keys.to_numpy(dtype=np.float64), axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    optics = pd.DataFrame({"rlnOpticsGroup": np.arange(1, len(uniq) + 1, dtype=np.int64)})
+    optics["rlnOpticsGroupName"] = [f"opticsGroup{i}" for i in optics["rlnOpticsGroup"]]
+    for c in optics_cols:
+        first_rows = [int(np.flatnonzero(inverse == g)[0]) for g in range(len(uniq))]
+        optics[RELION_OPTICS_LABELS[c]] = table[c].to_numpy(dtype=np.float64)[first_rows]
+    optics["rlnImageSize"] = int(box)
+    optics["rlnImageDimensionality"] = 2
+    for label in _OPTICS_PASSTHROUGH:
+        if label in table.columns and _is_scalar_column(table[label]):
+            first_rows = [int(np.flatnonzero(inverse == g)[0]) for g in range(len(uniq))]
+            optics[label] = table[label].to_numpy()[first_rows]
+    return optics, inverse + 1
+
+
+def build_star_blocks(table: pd.DataFrame, stack_name: str, box: int) -> dict[str, pd.DataFrame]:
+    """Build the RELION 3.1 ``optics`` and ``particles`` blocks for images ``0..n-1`` of ``stack_name``.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        Particle table (``pixel_size_A`` required).
+    stack_name : str
+        Stack path as written in ``rlnImageName``.
+    box : int
+        Image size in pixels.
+
+    Returns
+    -------
+    dict
+        ``{"optics": DataFrame, "particles": DataFrame}``.
+    """
+    table = table.reset_index(drop=True)
+    optics, groups = _optics_groups(table, box)
+    particles = pd.DataFrame({"rlnImageName": [format_image_name(i, stack_name) for i in range(len(table))]})
+    skipped = []
+    for column in table.columns:
+        if column in ("image_path", "image_index", "image_size_px", "optics_group") or column in RELION_OPTICS_LABELS:
+            continue
+        series = table[column]
+        if not _is_scalar_column(series):
+            skipped.append(column)
+            continue
+        if column in RELION_PARTICLE_LABELS:
+            label = RELION_PARTICLE_LABELS[column]
+        elif column.startswith("rln") and not column.startswith(STAR_CUSTOM_PREFIX):
+            if column in _REGENERATED or column in _OPTICS_PASSTHROUGH or column in RELION_LABELS.values():
+                continue
+            label = column
+        else:
+            label = _custom_label(column)
+            if label is None:
+                skipped.append(column)
+                continue
+        values = series.to_numpy()
+        if series.dtype == bool:
+            values = values.astype(np.int64)
+        elif column in CANONICAL_COLUMNS and CANONICAL_COLUMNS[column][0] == "int" and hasattr(series, "isna") \
+                and series.isna().any():
+            values = series.astype("float64").to_numpy()
+        particles[label] = values
+    particles["rlnOpticsGroup"] = groups
+    if skipped:
+        log.warning("STAR output: columns holding arrays or unusable names not written: %s", ", ".join(skipped))
+    return {"optics": optics, "particles": particles}
+
+
+def write_star(path, chunks, table: pd.DataFrame, *, pixel_size_A: float | None = None,
+               overwrite: bool = False) -> None:
+    """Write a RELION 3.1 STAR file and its ``<stem>.mrcs`` image stack.
+
+    Parameters
+    ----------
+    path : path
+        Output ``.star``.
+    chunks : iterable of numpy.ndarray
+        Image blocks ``(k, N, N)`` in table order.
+    table : pandas.DataFrame
+        Particle table, one row per image.
+    pixel_size_A : float, optional
+        Pixel size used where the table has no ``pixel_size_A``.
+    overwrite : bool
+        Replace existing files.
+    """
+    path = Path(path)
+    stack = sidecar_stack(path)
+    check_writable(path, overwrite)
+    check_writable(stack, overwrite)
+    table = _with_pixel_size(table, pixel_size_A, path)
+    n = write_mrc_stack(stack, chunks, float(table["pixel_size_A"].iloc[0]), overwrite=overwrite)
+    if n != len(table):
+        stack.unlink()
+        raise ValueError(f"{n} images written but the table has {len(table)} rows")
+    box = MrcSource(stack).box
+    blocks = build_star_blocks(table, stack.name, box)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            starfile.write(blocks, tmp, float_format="%.10g")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _with_pixel_size(table: pd.DataFrame, pixel_size_A, path) -> pd.DataFrame:
+    table = table.reset_index(drop=True)
+    if "pixel_size_A" in table.columns and not table["pixel_size_A"].isna().any():
+        return table
+    if pixel_size_A is None:
+        if "pixel_size_A" in table.columns and not table["pixel_size_A"].isna().all():
+            pixel_size_A = float(table["pixel_size_A"].dropna().iloc[0])
+        else:
+            raise InputError("the pixel size is unknown; pass pixel_size_A (--pixel-size)", path=path)
+    table = table.copy()
+    if "pixel_size_A" in table.columns:
+        table["pixel_size_A"] = table["pixel_size_A"].fillna(float(pixel_size_A))
+    else:
+        table["pixel_size_A"] = float(pixel_size_A)
+    return table
