@@ -47,9 +47,9 @@ def _open_mmap(path):
             raise InputError(f"truncated or damaged MRC file ({detail})", path=path)
         raise InputError(f"not a readable MRC file ({detail})", path=path)
     if mrc.data.dtype.kind not in _SUPPORTED_KINDS:
+        mode, dtype = int(mrc.header.mode), mrc.data.dtype
         mrc.close()
-        raise InputError(f"MRC mode {int(mrc.header.mode)} ({mrc.data.dtype}) is not a real-valued image mode",
-                         path=path)
+        raise InputError(f"MRC mode {mode} ({dtype}) is not a real-valued image mode", path=path)
     return mrc
 
 
