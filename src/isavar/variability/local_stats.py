@@ -1,0 +1,445 @@
+"""Per-group 2D statistics: bring members into the group frame, then mean and variance.
+
+Geometry (spec §3.5, *exact* mode)
+----------------------------------
+Group frame of centre ``c``: the projection geometry ``F_c = R(rot_c, tilt_c, 0)``
+(the centre's own in-plane angle and origin are removed). A member ``j`` used
+through symmetry element ``S_k`` has the effective orientation ``A_j S_k``. With
+``Q = A_j S_k (P^m F_c)^T`` (``P = Ry(180) = diag(-1, 1, -1)`` for a mirrored,
+i.e. antipodal, member) the in-plane angle that best relates the two frames is
+``gamma = atan2(Q01 - Q10, Q00 + Q11)`` (it maximises ``trace(Rz(gamma)^T Q)``);
+the member's content is mapped by ``q -> M^m R(alpha) (q + o_j)`` with
+``alpha = -gamma``, ``o_j`` its origin (pixels) and ``M`` the x-mirror — the
+SPHIRE 2D parameter set ``(alpha, R(alpha) o_j, m)``. The residual rotation
+between member and centre is then a pure out-of-plane tilt equal to their
+angular separation. The origin shift is applied once per image (exact Fourier
+phase ramp), the rotation+mirror per member by bilinear interpolation on the
+disc of radius ``nx // 2 - 1`` (pixels outside it are 0 in every 2D map).
+
+Statistics (spec §3.8, with the scale fix of §9 Q4)
+---------------------------------------------------
+Without CTF: ``ave = mean_j a_j``, ``var = sum_j (a_j - ave)^2 / (G - 1)``.
+With CTF (``C_j`` = member CTF in the group frame, ``X_j`` = DFT of ``a_j``):
+``A = sum_j C_j X_j / (sum_j C_j^2 + 1/snr)`` (Wiener mean, SPHIRE snr = 1e5),
+``Delta_j = G C_j (X_j - C_j A) / (sum_j C_j^2 + 1/snr)`` (CTF-corrected deviation
+of member j; SPHIRE's ``E_j`` times G), ``var = sum_j IDFT(Delta_j)^2 / (G - 1)``.
+With every ``C_j = 1`` both branches give the same unbiased sample variance
+(SPHIRE's CTF branch returned ``(G - 1) / G^2`` times that).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from isavar.conventions import euler_to_matrix
+from isavar.core.fft import fourier_shift, resample_fourier, window as window_images
+from isavar.core.filters import tanh_lowpass, tanh_profile
+from isavar.core.masks import circular_mask
+from isavar.core.normalize import normalize_images
+
+log = logging.getLogger(__name__)
+
+#: Images rotated per vectorised batch (keeps temporaries in cache: ~10x faster than big batches).
+_ROTATE_BATCH = 16
+
+#: y-flip of the projection geometry that equals an x-mirror of the image (Ry(180)).
+_RY180 = np.diag([-1.0, 1.0, -1.0])
+
+
+# --------------------------------------------------------------------------------------
+# Working grid
+# --------------------------------------------------------------------------------------
+
+
+def smooth_size_at_least(n: int) -> int:
+    """Smallest even integer ``>= n`` whose prime factors are 2, 3 and 5 (FFT friendly)."""
+    m = max(2, int(np.ceil(n)))
+    while True:
+        if m % 2 == 0:
+            r = m
+            for p in (2, 3, 5):
+                while r % p == 0:
+                    r //= p
+            if r == 1:
+                return m
+        m += 1
+
+
+@dataclass(frozen=True)
+class WorkingGrid:
+    """Sizes of the analysis grid relative to the input.
+
+    Attributes
+    ----------
+    box : int
+        Input box (pixels).
+    window : int
+        Central crop of the input before resampling (== box when not cropping).
+    nx : int
+        Working box after Fourier resampling of the window.
+    pixel_size_A : float
+        Input pixel size (Å).
+    """
+
+    box: int
+    window: int
+    nx: int
+    pixel_size_A: float
+
+    @property
+    def scale(self) -> float:
+        """Working pixels per input pixel (``nx / window``)."""
+        return self.nx / self.window
+
+    @property
+    def working_pixel_size_A(self) -> float:
+        """Pixel size of the working grid (Å)."""
+        return self.pixel_size_A / self.scale
+
+
+def working_grid(box: int, pixel_size_A: float, *, decimate: float = 1.0, window: int = 0,
+                 lowpass_fl: float = 0.0, lowpass_aa: float = 0.0, auto: bool = True,
+                 threshold: float = 1e-3) -> WorkingGrid:
+    """Choose the working grid (spec §3.1, with the window/pixel-size fixes of §9 Q8/Q9).
+
+    Parameters
+    ----------
+    box : int
+        Input box.
+    pixel_size_A : float
+        Input pixel size (Å).
+    decimate : float
+        Requested down-sampling factor (0, 1]; the working size is the nearest
+        FFT-friendly even size at or above ``window * decimate``.
+    window : int
+        Central crop (input pixels), 0 = whole box.
+    lowpass_fl, lowpass_aa : float
+        tanh low-pass in cycles/input pixel; with ``auto`` and ``decimate == 1``
+        the working box is the smallest FFT-friendly size whose Nyquist holds
+        every frequency where the filter exceeds ``threshold`` (so nothing the
+        filter passes is lost).
+    auto : bool
+        Allow the filter-driven size reduction.
+    threshold : float
+        Filter value regarded as zero.
+
+    Returns
+    -------
+    WorkingGrid
+    """
+    win = int(window) if window and window > 0 else int(box)
+    if win > box:
+        raise ValueError(f"window {win} is larger than the box {box}")
+    target = float(win)
+    if decimate < 1.0:
+        target = win * decimate
+    elif auto and lowpass_fl > 0:
+        f = np.linspace(0.0, 0.5, 2001)
+        h = tanh_profile(f, lowpass_fl, lowpass_aa)
+        above = f[h > threshold]
+        f_cut = float(above.max()) if above.size else 0.5
+        target = win * min(1.0, 2.0 * f_cut * 1.05)
+    nx = min(smooth_size_at_least(max(16.0, target)), win)
+    return WorkingGrid(box=int(box), window=win, nx=int(nx), pixel_size_A=float(pixel_size_A))
+
+
+# --------------------------------------------------------------------------------------
+# Geometry
+# --------------------------------------------------------------------------------------
+
+
+def centre_frames(rot_deg, tilt_deg) -> np.ndarray:
+    """Group frames ``R(rot, tilt, 0)`` of centre particles.
+
+    Parameters
+    ----------
+    rot_deg, tilt_deg : array_like
+        ``(B,)`` Euler angles of the centres (degrees).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(B, 3, 3)`` float64.
+    """
+    rot = np.asarray(rot_deg, np.float64)
+    return euler_to_matrix(rot, np.asarray(tilt_deg, np.float64), np.zeros_like(rot))
+
+
+def inplane_alignment(frames: np.ndarray, member_matrices: np.ndarray, mirror: np.ndarray) -> np.ndarray:
+    """Exact in-plane angle bringing each member into its group's frame (module notes).
+
+    Parameters
+    ----------
+    frames : numpy.ndarray
+        ``(B, 3, 3)`` group frames ``F_c``.
+    member_matrices : numpy.ndarray
+        ``(B, G, 3, 3)`` effective member orientations ``A_j S_k``.
+    mirror : numpy.ndarray
+        ``(B, G)`` bool, antipodal members.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(B, G)`` float64 angles ``alpha`` in degrees (SPHIRE 2D convention).
+    """
+    ref = np.broadcast_to(frames[:, None], member_matrices.shape).copy()
+    ref[mirror] = _RY180 @ ref[mirror]
+    q = member_matrices @ np.swapaxes(ref, -1, -2)
+    gamma = np.arctan2(q[..., 0, 1] - q[..., 1, 0], q[..., 0, 0] + q[..., 1, 1])
+    return -np.degrees(gamma)
+
+
+def aligned_ctf_angle(defocus_angle_deg, alpha_deg, mirror) -> np.ndarray:
+    """RELION astigmatism angle after the content map ``q -> M^m R(alpha) q``.
+
+    ``R(alpha)`` turns directions at angle ``a`` (from x) to ``a - alpha`` and the
+    x-mirror turns ``a`` into ``180 - a``; the astigmatism angle is defined mod 180.
+
+    Parameters
+    ----------
+    defocus_angle_deg, alpha_deg : array_like
+        Original angle and in-plane alignment angle (degrees).
+    mirror : array_like
+        0/1.
+
+    Returns
+    -------
+    numpy.ndarray
+        Angles in [0, 180).
+    """
+    a = np.asarray(defocus_angle_deg, np.float64) - np.asarray(alpha_deg, np.float64)
+    return np.mod(np.where(np.asarray(mirror, bool), -a, a), 180.0)
+
+
+# --------------------------------------------------------------------------------------
+# Per-image preprocessing (once per distinct image of a chunk)
+# --------------------------------------------------------------------------------------
+
+
+def prepare_images(images: np.ndarray, origins_px: np.ndarray | None, grid: WorkingGrid, *,
+                   normalize: bool = True, lowpass_fl: float = 0.0, lowpass_aa: float = 0.0) -> np.ndarray:
+    """Window, resample, normalise, low-pass and re-centre images (spec §3.3, §3.6, §3.7).
+
+    Parameters
+    ----------
+    images : numpy.ndarray
+        ``(U, box, box)`` input images.
+    origins_px : numpy.ndarray or None
+        ``(U, 2)`` RELION origins in *input* pixels (shifting by ``+origin``
+        centres the particle); None = centred.
+    grid : WorkingGrid
+        Working grid.
+    normalize : bool
+        Background normalisation: mean 0 and standard deviation 1 over the
+        pixels outside the disc of radius ``nx // 2 - 2`` (images with zero
+        background deviation are only mean-subtracted).
+    lowpass_fl, lowpass_aa : float
+        tanh low-pass in cycles/input pixel (0 = off).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(U, nx, nx)`` float32, particles centred at ``nx // 2``.
+    """
+    x = np.asarray(images, np.float32)
+    if grid.window != grid.box:
+        x = window_images(x, grid.window)
+    if grid.nx != grid.window:
+        x = resample_fourier(x, grid.nx)
+    nx = grid.nx
+    if normalize:
+        mask = circular_mask(nx, nx // 2 - 2)
+        x, _ = normalize_images(x, mask, mean_region="outside", std_region="outside", return_flags=True)
+    if lowpass_fl > 0:
+        x = tanh_lowpass(x, lowpass_fl / grid.scale, lowpass_aa)
+    if origins_px is not None:
+        shifts = np.asarray(origins_px, np.float64) * grid.scale
+        if np.any(shifts != 0):
+            x = fourier_shift(x, shifts)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------------------
+# Rotation + mirror on the disc (the hot loop)
+# --------------------------------------------------------------------------------------
+
+
+class DiscRotator:
+    """Bilinear rotation (+ x-mirror) of images, sampled on the disc of radius ``nx // 2 - 1``.
+
+    Output pixel ``p`` (relative to the centre ``nx // 2``) of the map
+    ``q -> M^m R(alpha) q`` takes the input value at ``R(alpha)^T M^m p``; the
+    same convention as :func:`isavar.core.transform2d.transform_images` with zero
+    shift, restricted to the disc (whose source points always lie inside the image).
+
+    Parameters
+    ----------
+    nx : int
+        Image size.
+    """
+
+    def __init__(self, nx: int):
+        self.nx = int(nx)
+        c = self.nx // 2
+        r = self.nx // 2 - 1
+        yy, xx = np.mgrid[0:self.nx, 0:self.nx]
+        inside = (yy - c) ** 2 + (xx - c) ** 2 <= r * r
+        self.flat_index = np.flatnonzero(inside.ravel())
+        self.dy = (yy.ravel()[self.flat_index] - c).astype(np.float32)
+        self.dx = (xx.ravel()[self.flat_index] - c).astype(np.float32)
+
+    @property
+    def n_pixels(self) -> int:
+        """Number of disc pixels P."""
+        return int(self.flat_index.size)
+
+    def rotate(self, images: np.ndarray, rows: np.ndarray, alpha_deg: np.ndarray, mirror: np.ndarray,
+               out: np.ndarray | None = None) -> np.ndarray:
+        """Rotate ``images[rows]`` and return their disc samples.
+
+        Parameters
+        ----------
+        images : numpy.ndarray
+            ``(U, nx, nx)`` float32, C-contiguous.
+        rows : numpy.ndarray
+            ``(k,)`` int rows of ``images``.
+        alpha_deg : numpy.ndarray
+            ``(k,)`` angles (degrees).
+        mirror : numpy.ndarray
+            ``(k,)`` bool.
+        out : numpy.ndarray, optional
+            ``(k, P)`` float32 output buffer.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(k, P)`` float32 disc samples.
+        """
+        n = self.nx
+        flat = images.reshape(-1)
+        k = len(rows)
+        if out is None:
+            out = np.empty((k, self.n_pixels), np.float32)
+        a = np.deg2rad(np.asarray(alpha_deg, np.float64))
+        cos_a, sin_a = np.cos(a).astype(np.float32), np.sin(a).astype(np.float32)
+        sgn = np.where(np.asarray(mirror, bool), np.float32(-1), np.float32(1))
+        base_rows = np.asarray(rows, np.int64) * (n * n)
+        centre = np.float32(n // 2)
+        for s in range(0, k, _ROTATE_BATCH):
+            e = min(k, s + _ROTATE_BATCH)
+            c, si = cos_a[s:e, None], sin_a[s:e, None]
+            mdx = self.dx[None, :] * sgn[s:e, None]
+            xs = c * mdx - si * self.dy[None, :] + centre
+            ys = si * mdx + c * self.dy[None, :] + centre
+            x0 = np.floor(xs)
+            y0 = np.floor(ys)
+            fx = xs - x0
+            fy = ys - y0
+            ix = np.clip(x0.astype(np.int64), 0, n - 2)
+            iy = np.clip(y0.astype(np.int64), 0, n - 2)
+            idx = base_rows[s:e, None] + iy * n + ix
+            f00 = flat[idx]
+            f01 = flat[idx + 1]
+            f10 = flat[idx + n]
+            f11 = flat[idx + n + 1]
+            top = f00 + fx * (f01 - f00)
+            bottom = f10 + fx * (f11 - f10)
+            out[s:e] = top + fy * (bottom - top)
+        return out
+
+    def to_images(self, samples: np.ndarray) -> np.ndarray:
+        """Place ``(k, P)`` disc samples into ``(k, nx, nx)`` images (0 outside the disc)."""
+        k = samples.shape[0]
+        img = np.zeros((k, self.nx * self.nx), np.float32)
+        img[:, self.flat_index] = samples
+        return img.reshape(k, self.nx, self.nx)
+
+
+# --------------------------------------------------------------------------------------
+# Group statistics
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CtfMembers:
+    """CTF parameters of the members of a set of groups (each ``(B, G)``; angles already aligned)."""
+
+    defocus_u_A: np.ndarray
+    defocus_v_A: np.ndarray
+    defocus_angle_deg: np.ndarray
+    voltage_kV: np.ndarray
+    cs_mm: np.ndarray
+    amplitude_contrast: np.ndarray
+    phase_shift_deg: np.ndarray
+    bfactor_A2: np.ndarray
+
+
+def group_statistics(prepared: np.ndarray, rows: np.ndarray, alpha_deg: np.ndarray, mirror: np.ndarray,
+                     rotator: DiscRotator, *, ctf: CtfMembers | None = None, pixel_size_A: float = 1.0,
+                     wiener_snr: float = 1.0e5) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance maps of groups of aligned members (module notes).
+
+    Parameters
+    ----------
+    prepared : numpy.ndarray
+        ``(U, nx, nx)`` preprocessed images (:func:`prepare_images`).
+    rows : numpy.ndarray
+        ``(B, G)`` rows of ``prepared`` for each member.
+    alpha_deg, mirror : numpy.ndarray
+        ``(B, G)`` in-plane angles and mirror flags (:func:`inplane_alignment`).
+    rotator : DiscRotator
+        Rotation kernel for ``nx``.
+    ctf : CtfMembers, optional
+        Member CTFs in the group frame: selects the CTF branch.
+    pixel_size_A : float
+        Working pixel size (for the CTF).
+    wiener_snr : float
+        SNR constant of the Wiener mean.
+
+    Returns
+    -------
+    ave, var : numpy.ndarray
+        ``(B, nx, nx)`` float32 group means and variances (variance >= 0).
+    """
+    b, g = rows.shape
+    nx = rotator.nx
+    ave = np.empty((b, nx, nx), np.float32)
+    var = np.empty((b, nx, nx), np.float32)
+    buf = np.empty((g, rotator.n_pixels), np.float32)
+    for i in range(b):
+        a = rotator.rotate(prepared, rows[i], alpha_deg[i], mirror[i], out=buf)
+        if ctf is None:
+            m = a.mean(axis=0, dtype=np.float64)
+            d = a - m.astype(np.float32)
+            v = np.einsum("gp,gp->p", d, d, dtype=np.float64) / (g - 1)
+            ave[i] = rotator.to_images(m[None].astype(np.float32))[0]
+            var[i] = rotator.to_images(v[None].astype(np.float32))[0]
+        else:
+            ave[i], var[i] = _ctf_group(rotator.to_images(a), _ctf_row(ctf, i), pixel_size_A, wiener_snr)
+    return ave, var
+
+
+def _ctf_row(ctf: CtfMembers, i: int) -> dict:
+    return {f: getattr(ctf, f)[i] for f in CtfMembers.__dataclass_fields__}
+
+
+def _ctf_group(aligned: np.ndarray, params: dict, pixel_size_A: float, snr: float):
+    from isavar.core.ctf import ctf_2d
+
+    g, nx, _ = aligned.shape
+    c = ctf_2d((nx, nx), pixel_size_A, defocus_u_A=params["defocus_u_A"], defocus_v_A=params["defocus_v_A"],
+               defocus_angle_deg=params["defocus_angle_deg"], voltage_kV=params["voltage_kV"],
+               cs_mm=params["cs_mm"], amplitude_contrast=params["amplitude_contrast"],
+               phase_shift_deg=params["phase_shift_deg"], bfactor_A2=params["bfactor_A2"], rfft=True)
+    c = np.asarray(c, np.float32).reshape(g, nx, nx // 2 + 1)
+    x = np.fft.rfft2(aligned)
+    denom = (c * c).sum(axis=0) + np.float32(1.0 / snr)
+    mean_f = (c * x).sum(axis=0) / denom
+    dev = (np.float32(g) * c) * (x - c * mean_f) / denom
+    d = np.fft.irfft2(dev, s=(nx, nx)).astype(np.float32)
+    var = np.einsum("gyx,gyx->yx", d, d, dtype=np.float64) / (g - 1)
+    ave = np.fft.irfft2(mean_f, s=(nx, nx))
+    return ave.astype(np.float32), var.astype(np.float32)

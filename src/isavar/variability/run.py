@@ -1,0 +1,355 @@
+"""3D variability (SPHIRE ``sx3dvariability``): the pipeline on in-memory tables and lazy images.
+
+Stages (spec §2): angular groups around every particle
+(:mod:`~isavar.variability.neighbourhoods`) -> members brought into the group
+frame, group mean and variance (:mod:`~isavar.variability.local_stats`) -> both
+reconstructed into volumes (:mod:`~isavar.variability.volume`).
+
+Memory and parallelism: centres are ordered so that consecutive ones are
+angular neighbours and cut into chunks of ``params.chunk_size``; one task =
+one chunk. A task reads only the images its groups need (indexed reads of the
+lazy stack), preprocesses each once, computes its groups' 2D maps and inserts
+them at once into its own Fourier accumulators, which it returns. Tasks are
+spread by ``executor.map`` in waves of ``executor.workers`` tasks and their
+accumulators summed in task order, so the result does not depend on the
+executor or the number of workers. Cost is linear in ``N * img_per_grp``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from isavar._progress import NullProgress
+from isavar.conventions import euler_to_matrix
+from isavar.core.geometry import symmetry_matrices
+from isavar.errors import InputError
+from isavar.io.particles import CTF_COLUMNS, ORIENTATION_COLUMNS, missing_columns
+from isavar.variability import local_stats as ls
+from isavar.variability import volume as vol
+from isavar.variability.neighbourhoods import NeighbourSearch, centre_order
+from isavar.variability.params import VariabilityParams
+from isavar.variability.result import VariabilityResult
+
+log = logging.getLogger(__name__)
+
+#: Callback receiving 2D maps on the root process: (input rows, ave maps or None, stat maps or None).
+MapSink = Callable[[np.ndarray, "np.ndarray | None", "np.ndarray | None"], None]
+
+
+# --------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParticleGeometry:
+    """Per-particle arrays taken from the table (input order).
+
+    Attributes
+    ----------
+    rotations : numpy.ndarray
+        ``(N, 3, 3)`` matrices ``A``.
+    rot_deg, tilt_deg : numpy.ndarray
+        ``(N,)`` Euler angles (degrees).
+    origins_px : numpy.ndarray
+        ``(N, 2)`` RELION origins in input pixels (0 when absent).
+    ctf : dict or None
+        ``(N,)`` arrays of the CTF parameters (``ctf_2d`` keyword names), or None.
+    """
+
+    rotations: np.ndarray
+    rot_deg: np.ndarray
+    tilt_deg: np.ndarray
+    origins_px: np.ndarray
+    ctf: dict | None
+
+
+def particle_geometry(table: pd.DataFrame, pixel_size_A: float, *, need_ctf: bool, source=None) -> ParticleGeometry:
+    """Extract orientations, origins and (optionally) CTF parameters from a particle table.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        Canonical particle table.
+    pixel_size_A : float
+        Pixel size (Å) to convert origins to pixels.
+    need_ctf : bool
+        Require the CTF columns.
+    source : path-like, optional
+        File name for error messages.
+
+    Returns
+    -------
+    ParticleGeometry
+
+    Raises
+    ------
+    InputError
+        If orientations (or, with ``need_ctf``, CTF parameters) are missing.
+    """
+    missing = missing_columns(table, ORIENTATION_COLUMNS)
+    if missing:
+        raise InputError("particles have no 3D orientations (missing " + ", ".join(missing)
+                         + "); 3D variability needs refined projection directions", path=source)
+    rot = table["angle_rot_deg"].to_numpy(np.float64)
+    tilt = table["angle_tilt_deg"].to_numpy(np.float64)
+    psi = table["angle_psi_deg"].to_numpy(np.float64)
+    origins = np.zeros((len(table), 2))
+    for i, col in enumerate(("origin_x_A", "origin_y_A")):
+        if col in table.columns:
+            origins[:, i] = table[col].fillna(0.0).to_numpy(np.float64) / pixel_size_A
+    ctf = None
+    if need_ctf:
+        missing = missing_columns(table, CTF_COLUMNS)
+        if missing:
+            raise InputError("--CTF needs CTF parameters for every particle (missing " + ", ".join(missing) + ")",
+                             path=source)
+        ctf = {c: table[c].to_numpy(np.float64) for c in CTF_COLUMNS}
+        ctf["phase_shift_deg"] = (table["phase_shift_deg"].fillna(0.0).to_numpy(np.float64)
+                                  if "phase_shift_deg" in table.columns else np.zeros(len(table)))
+        ctf["bfactor_A2"] = (table["ctf_bfactor_A2"].fillna(0.0).to_numpy(np.float64)
+                             if "ctf_bfactor_A2" in table.columns else np.zeros(len(table)))
+    return ParticleGeometry(euler_to_matrix(rot, tilt, psi), rot, tilt, origins, ctf)
+
+
+def choose_grid(box: int, pixel_size_A: float, params: VariabilityParams) -> ls.WorkingGrid:
+    """Working grid for these parameters (see :func:`isavar.variability.local_stats.working_grid`)."""
+    if params.window > box:
+        raise InputError(f"--window {params.window} is larger than the box {box}")
+    return ls.working_grid(box, pixel_size_A, decimate=params.decimate, window=params.window,
+                           lowpass_fl=params.lowpass_fl, lowpass_aa=params.lowpass_aa,
+                           auto=params.auto_decimate)
+
+
+# --------------------------------------------------------------------------------------
+# Group task (runs in worker processes)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Context:
+    images: object
+    geometry: ParticleGeometry
+    params: VariabilityParams
+    grid: ls.WorkingGrid
+    sym: np.ndarray
+    keep_maps: bool
+
+
+@dataclass(frozen=True)
+class _TaskResult:
+    centres: np.ndarray
+    ave_data: np.ndarray
+    ave_weights: np.ndarray
+    var_data: np.ndarray
+    var_weights: np.ndarray
+    ave_maps: np.ndarray | None
+    stat_maps: np.ndarray | None
+    group_angle: np.ndarray
+    group_mean_var: np.ndarray
+    n_images_read: int
+
+
+def _member_ctf(geo: ParticleGeometry, members: np.ndarray, alpha: np.ndarray, mirror: np.ndarray) -> ls.CtfMembers:
+    c = geo.ctf
+    return ls.CtfMembers(
+        defocus_u_A=c["defocus_u_A"][members], defocus_v_A=c["defocus_v_A"][members],
+        defocus_angle_deg=ls.aligned_ctf_angle(c["defocus_angle_deg"][members], alpha, mirror),
+        voltage_kV=c["voltage_kV"][members], cs_mm=c["cs_mm"][members],
+        amplitude_contrast=c["amplitude_contrast"][members], phase_shift_deg=c["phase_shift_deg"][members],
+        bfactor_A2=c["bfactor_A2"][members])
+
+
+def _group_task(ctx: _Context, centres: np.ndarray) -> _TaskResult:
+    """Process one chunk of centres: groups, 2D statistics, insertion."""
+    p, geo, grid = ctx.params, ctx.geometry, ctx.grid
+    search = NeighbourSearch(geo.rotations, ctx.sym)
+    groups = search.groups(centres, p.img_per_grp)
+    uniq, inverse = np.unique(groups.members, return_inverse=True)
+    rows = inverse.reshape(groups.members.shape)
+    raw = ctx.images[uniq]
+    prepared = ls.prepare_images(raw, geo.origins_px[uniq], grid, normalize=p.normalize,
+                                 lowpass_fl=p.lowpass_fl, lowpass_aa=p.lowpass_aa)
+    del raw
+    frames = ls.centre_frames(geo.rot_deg[centres], geo.tilt_deg[centres])
+    mats = geo.rotations[groups.members] @ ctx.sym[groups.sym_ops]
+    alpha = ls.inplane_alignment(frames, mats, groups.mirror)
+    ctf = _member_ctf(geo, groups.members, alpha, groups.mirror) if p.ctf else None
+    rotator = ls.DiscRotator(grid.nx)
+    ave, var = ls.group_statistics(prepared, rows, alpha, groups.mirror, rotator, ctf=ctf,
+                                   pixel_size_A=grid.working_pixel_size_A, wiener_snr=p.wiener_snr)
+    del prepared
+    np.maximum(var, 0.0, out=var)
+    stat = np.sqrt(var) if p.var3d_stat == "std" else var
+    disc = rotator.flat_index
+    mean_var = var.reshape(len(centres), -1)[:, disc].mean(axis=1)
+    acc_ave = vol.new_accumulator(grid.nx, p.npad, p.symmetry)
+    acc_var = vol.new_accumulator(grid.nx, p.npad, p.symmetry)
+    acc_ave.insert(ave, frames)
+    acc_var.insert(stat, frames)
+    return _TaskResult(centres, acc_ave.data, acc_ave.weights, acc_var.data, acc_var.weights,
+                       ave if ctx.keep_maps else None, stat if ctx.keep_maps else None,
+                       groups.angle_deg.max(axis=1), mean_var, int(uniq.size))
+
+
+def _waves(items: list, size: int):
+    size = max(1, int(size))
+    for s in range(0, len(items), size):
+        yield items[s:s + size]
+
+
+# --------------------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------------------
+
+
+def variability(table: pd.DataFrame, images, params: VariabilityParams, *, pixel_size_A: float,
+                executor=None, progress=None, map_sink: MapSink | None = None,
+                source=None) -> VariabilityResult:
+    """3D variability of a particle set with known orientations.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        Canonical particle table (orientations; CTF parameters with ``params.ctf``).
+    images : LazyImages or numpy.ndarray
+        ``(N, box, box)`` images in table order; only indexed reads are used.
+    params : VariabilityParams
+        Settings (``var_input`` / ``snd`` select the other modes).
+    pixel_size_A : float
+        Input pixel size (Å).
+    executor : Executor, optional
+        How chunks are spread (default serial).
+    progress : Progress, optional
+        Progress reporter.
+    map_sink : callable, optional
+        Receives ``(input_rows, ave_maps, stat_maps)`` per chunk on the root
+        (working-grid maps); without it the 2D maps are discarded.
+    source : path-like, optional
+        Input file name for error messages.
+
+    Returns
+    -------
+    VariabilityResult
+    """
+    from isavar.parallel.serial import SerialExecutor
+
+    executor = executor or SerialExecutor()
+    progress = progress or NullProgress()
+    if params.var_input:
+        return reconstruct_maps(table, images, params, pixel_size_A=pixel_size_A, executor=executor,
+                                progress=progress, source=source)
+    if params.snd:
+        from isavar.variability.snd import squared_normalised_differences
+
+        return squared_normalised_differences(table, images, params, pixel_size_A=pixel_size_A,
+                                              executor=executor, progress=progress, source=source)
+    t0 = time.perf_counter()
+    n, box = len(images), int(images.shape[-1])
+    geo = particle_geometry(table, pixel_size_A, need_ctf=params.ctf, source=source)
+    sym = symmetry_matrices(params.symmetry)
+    if params.img_per_grp > n * sym.shape[0]:
+        raise InputError(f"--img_per_grp {params.img_per_grp} is larger than the number of (symmetry-expanded) "
+                         f"particles, {n * sym.shape[0]}", path=source)
+    grid = choose_grid(box, pixel_size_A, params)
+    log.info("3D variability: %d particles, box %d, working box %d (%.3f Å/px), G = %d, symmetry %s, %s",
+             n, box, grid.nx, grid.working_pixel_size_A, params.img_per_grp, params.symmetry,
+             "CTF (Wiener mean, CTF-corrected variance)" if params.ctf else "no CTF")
+    order = centre_order(geo.rotations, params.chunk_size)
+    chunks = [order[s:s + params.chunk_size] for s in range(0, n, params.chunk_size)]
+    ctx = _Context(images, geo, params, grid, sym, keep_maps=map_sink is not None)
+    task = functools.partial(_group_task, ctx)
+    acc_ave = vol.new_accumulator(grid.nx, params.npad, params.symmetry)
+    acc_var = vol.new_accumulator(grid.nx, params.npad, params.symmetry)
+    angle = np.zeros(n)
+    mean_var = np.zeros(n)
+    n_read = 0
+    progress.stage("groups", total=n)
+    for wave in _waves(chunks, getattr(executor, "workers", 1)):
+        for res in executor.map(task, wave):
+            acc_ave.data += res.ave_data
+            acc_ave.weights += res.ave_weights
+            acc_var.data += res.var_data
+            acc_var.weights += res.var_weights
+            angle[res.centres] = res.group_angle
+            mean_var[res.centres] = res.group_mean_var
+            n_read += res.n_images_read
+            if map_sink is not None and executor.is_root():
+                map_sink(res.centres, res.ave_maps, res.stat_maps)
+            progress.advance(len(res.centres))
+            if params.verbose:
+                _log_groups(res)
+    progress.close()
+    t1 = time.perf_counter()
+    log.info("groups done in %.1f s (%.2f image reads per particle)", t1 - t0, n_read / max(n, 1))
+    progress.stage("reconstruction", total=2)
+    var3d = vol.finish(acc_var, grid, mask_radius_px=params.mask_radius_px)
+    progress.advance()
+    ave3d = vol.finish(acc_ave, grid, mask_radius_px=params.mask_radius_px)
+    progress.advance()
+    progress.close()
+    t2 = time.perf_counter()
+    return VariabilityResult(var3d=var3d, ave3d=ave3d, pixel_size_A=float(pixel_size_A), working_box=grid.nx,
+                             n_particles=n, n_groups=n, group_angle_deg=angle, group_mean_var=mean_var,
+                             timings_s={"groups": t1 - t0, "reconstruction": t2 - t1, "total": t2 - t0})
+
+
+def _log_groups(res: _TaskResult) -> None:
+    for c, a, v in zip(res.centres, res.group_angle, res.group_mean_var):
+        log.debug("group of particle %d: radius %.2f deg, mean 2D variance %.4g", int(c), float(a), float(v))
+
+
+def _insert_task(ctx: _Context, rows: np.ndarray):
+    p, geo, grid = ctx.params, ctx.geometry, ctx.grid
+    maps = ls.prepare_images(ctx.images[rows], geo.origins_px[rows], grid, normalize=False)
+    acc = vol.new_accumulator(grid.nx, p.npad, p.symmetry)
+    acc.insert(maps, geo.rotations[rows])
+    return rows.size, acc.data, acc.weights
+
+
+def reconstruct_maps(table: pd.DataFrame, images, params: VariabilityParams, *, pixel_size_A: float,
+                     executor=None, progress=None, source=None) -> VariabilityResult:
+    """``--VAR`` mode: the images already are 2D variance (or std) maps; reconstruct them as given.
+
+    Each map is inserted at its own full orientation (and origin, normally 0)
+    with the requested symmetry; no grouping, normalisation or square root.
+
+    Parameters
+    ----------
+    table, images, params, pixel_size_A, executor, progress, source
+        As for :func:`variability`.
+
+    Returns
+    -------
+    VariabilityResult
+        ``ave3d`` is None.
+    """
+    from isavar.parallel.serial import SerialExecutor
+
+    executor = executor or SerialExecutor()
+    progress = progress or NullProgress()
+    t0 = time.perf_counter()
+    n, box = len(images), int(images.shape[-1])
+    geo = particle_geometry(table, pixel_size_A, need_ctf=False, source=source)
+    grid = choose_grid(box, pixel_size_A, params.replace(lowpass_fl=0.0, lowpass_aa=0.0))
+    ctx = _Context(images, geo, params, grid, symmetry_matrices(params.symmetry), keep_maps=False)
+    chunks = [np.arange(s, min(n, s + params.chunk_size)) for s in range(0, n, params.chunk_size)]
+    acc = vol.new_accumulator(grid.nx, params.npad, params.symmetry)
+    progress.stage("reconstruction", total=n)
+    for wave in _waves(chunks, getattr(executor, "workers", 1)):
+        for k, data, weights in executor.map(functools.partial(_insert_task, ctx), wave):
+            acc.data += data
+            acc.weights += weights
+            progress.advance(k)
+    progress.close()
+    var3d = vol.finish(acc, grid, mask_radius_px=params.mask_radius_px)
+    t1 = time.perf_counter()
+    return VariabilityResult(var3d=var3d, ave3d=None, pixel_size_A=float(pixel_size_A), working_box=grid.nx,
+                             n_particles=n, n_groups=0, timings_s={"reconstruction": t1 - t0, "total": t1 - t0})
