@@ -191,3 +191,94 @@ def multi_align_stability(ali: np.ndarray, thld_err: float, diameter: float) -> 
     stable = ms_idx[np.flatnonzero(keep)[good]]
     order = np.argsort(stable)
     return StabilityResult(stable[order], ek[good][order], avg[order], ms_idx.size / n, prever)
+
+
+# ---------------------------------------------------------------------------------------------
+# within-group (reference-free) refinement and the per-class stability stage
+# ---------------------------------------------------------------------------------------------
+
+
+def discrete_delta(it: int, total_iter: int, maxit_total: int, dst: float) -> float:
+    """Angular step of pass ``it``: ``dst`` every 4th pass while ``total_iter <= maxit_total - 10``, else 0."""
+    return float(dst) if (dst > 0 and it % 4 == 0 and total_iter <= maxit_total - 10) else 0.0
+
+
+def within_group_refinement(images, params, p, grid, rng, *, randomize: bool = True):
+    """Reference-free alignment of one group (spec §6.5).
+
+    Parameters
+    ----------
+    images : ndarray, (n, T, T) float32
+        The group's working images.
+    params : ndarray, (n, 4)
+        Current parameters (only the particle centres are kept when ``randomize``).
+    p : Isac2Params
+    grid : PolarGrid
+        Rings ``ir..target_radius`` step ``rs``.
+    rng : numpy.random.Generator
+        Random start (rotation, mirror).
+    randomize : bool
+        Start from random rotations and mirrors.
+
+    Returns
+    -------
+    average : ndarray, (T, T) float32
+        The final tanh-filtered (FH, FF) average.
+    params : ndarray, (n, 4)
+        The parameters after the last alignment pass.
+    """
+    from isavar.isac import _ops
+
+    n = len(images)
+    params = np.asarray(params, dtype=np.float64).copy()
+    if randomize:
+        centre = _ops.particle_centre(params)
+        rand = np.column_stack([rng.uniform(0.0, 360.0, n), np.zeros(n), np.zeros(n),
+                                rng.integers(0, 2, n)]).astype(np.float64)
+        params = _ops.compose(np.column_stack([np.zeros(n), -centre, np.zeros(n)]), rand)
+    for it in range(p.maxit):
+        avg = _ops.transform_sum(images, params) / np.float32(n)
+        fl = 0.1 + (p.FH - 0.1) * it / (p.maxit - 1)
+        avg = _ops.tanh_lowpass(avg, fl, p.FF)
+        if it == p.maxit - 1:
+            return avg, params
+        delta = discrete_delta(it, it + 1, p.maxit, p.dst)
+        params = _ops.align_single(images, avg, grid, p, params, delta)
+    return avg, params  # pragma: no cover - loop always returns
+
+
+def class_stability_task(task):
+    """Within-group stage of one class (spec §6.4): run 1, optionally L - 1 more runs and the test.
+
+    Parameters
+    ----------
+    task : tuple
+        ``(images (n, T, T), params (n, 4), p, grid, rng, check_stability)``.
+
+    Returns
+    -------
+    dict
+        ``average`` (T, T), ``params`` (n, 4) new parameters (stability-averaged for stable members),
+        ``stable`` (positions of stable members or None when not checked), ``pixel_error``, ``mirror_rate``.
+    """
+    from isavar.isac import _ops
+
+    images, params, p, grid, rng, check = task
+    avg, params = within_group_refinement(images, params, p, grid, rng)
+    if not check:
+        return {"average": avg, "params": params, "stable": None, "pixel_error": np.nan, "mirror_rate": np.nan}
+    runs = [params]
+    for _ in range(p.stab_ali - 1):
+        avg, params = within_group_refinement(images, params, p, grid, rng)
+        runs.append(params)
+    res = multi_align_stability(np.stack(runs), p.thld_err, 2.0 * p.target_radius)
+    params = params.copy()
+    if res.stable.size:
+        params[res.stable] = res.params
+        sel = res.stable
+    else:
+        sel = np.arange(len(images))          # no stable member: the reference is the plain average
+    avg = _ops.transform_sum(images[sel], params[sel]) / np.float32(len(sel))
+    avg = _ops.tanh_lowpass(avg, p.FH, p.FF)
+    return {"average": avg, "params": params, "stable": res.stable, "pixel_error": res.pixel_error,
+            "mirror_rate": res.mirror_rate}

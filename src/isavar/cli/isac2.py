@@ -1,0 +1,110 @@
+"""ISAC2 2D classification (SPHIRE sp_isac2.py reimplemented; same options, names and defaults).
+
+Iterative Stable Alignment and Clustering: equal-size k-means with alignment,
+followed by a stability test of every class (several randomised reference-free
+alignments must agree within --thld_err pixels). Images in stable classes with more
+than --minimum_grp_size members are "accounted"; the rest are re-classified in
+further generations and main iterations.
+
+Outputs (OUTDIR): class_averages.hdf / ordered_class_averages.hdf (SPHIRE layout),
+class_averages.mrcs + class_averages.star (ordered), class_averages_fullres.mrcs,
+particles.star (accounted particles with rlnClassNumber and 2D alignment),
+unaccounted_particles.star, all_parameters.txt, processed_images.txt,
+not_processed_images.txt, class_averages.png, summary.json, provenance.json.
+Interrupted runs continue when the same command is run again.
+
+Examples:
+  isavar isac2 particles.star isac_out --radius=50 --CTF
+  isavar isac2 particles.star isac_out --radius 50 --CTF --img_per_grp 100 --workers 2
+  isavar isac2 stack.hdf isac_out --radius=40 --restart=0
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from isavar.cli._common import add_executor_arguments, add_verbosity_arguments, make_progress, setup_logging
+
+
+def _bool_flag(parser, name, help_):
+    parser.add_argument(f"--{name}", action="store_true", default=False, help=help_)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of sp_isac2.py (names and defaults) plus isavar's executor and verbosity flags."""
+    parser.add_argument("stack", help="input particles: .star, .mrcs, .hdf or .cs")
+    parser.add_argument("outdir", help="output directory (created; an existing ISAC2 run is continued)")
+    parser.add_argument("--radius", type=int, required=True, help="particle radius in pixels (required)")
+    parser.add_argument("--img_per_grp", type=int, default=200, help="images per class (default 200)")
+    _bool_flag(parser, "CTF", "phase-flip the images with their CTF")
+    _bool_flag(parser, "VPP", "phase-plate data: amplitude whitening + phase flip (not with --CTF)")
+    parser.add_argument("--xr", type=int, default=1, help="x search range, working pixels (default 1)")
+    parser.add_argument("--yr", type=int, default=-1, help="y search range; -1 = same as --xr (default -1)")
+    parser.add_argument("--ts", type=float, default=1.0, help="translational search step (default 1.0)")
+    parser.add_argument("--thld_err", type=float, default=0.7,
+                        help="pixel-error threshold of stable membership, working pixels (default 0.7)")
+    parser.add_argument("--target_radius", type=int, default=29,
+                        help="particle radius after shrinking (default 29)")
+    parser.add_argument("--target_nx", type=int, default=76,
+                        help="working box; effective box target_nx + xr - 1 (default 76)")
+    parser.add_argument("--ir", type=int, default=1, help="inner ring of the polar alignment (default 1)")
+    parser.add_argument("--rs", type=int, default=1, help="ring step (default 1)")
+    parser.add_argument("--maxit", type=int, default=30, help="passes of the within-group alignment (default 30)")
+    parser.add_argument("--center_method", type=int, default=-1, choices=range(-1, 8),
+                        help="pre-alignment centring: -1 average shift, 0 none, 1 phase centre of gravity, "
+                             "2 CCF Gaussian, 3 CCF difference of Gaussians, 4 CCF with the mask, "
+                             "5 CCF with the rotational average, 6 thresholded phase CoG, 7 binarised CCF "
+                             "(default -1)")
+    parser.add_argument("--dst", type=float, default=90.0,
+                        help="discrete angle (degrees) of the periodic coarse passes; 0 disables (default 90)")
+    parser.add_argument("--FL", type=float, default=0.2, help="first EQK low-pass cut-off, 1/pixel (default 0.2)")
+    parser.add_argument("--FH", type=float, default=0.45, help="last EQK low-pass cut-off, 1/pixel (default 0.45)")
+    parser.add_argument("--FF", type=float, default=0.2, help="tanh filter fall-off (default 0.2)")
+    parser.add_argument("--init_iter", type=int, default=7, help="maximum SAC rounds per generation (default 7)")
+    parser.add_argument("--iter_reali", type=int, default=1,
+                        help="check stability every iter_reali SAC rounds (default 1)")
+    parser.add_argument("--stab_ali", type=int, default=5,
+                        help="randomised alignments per stability test (default 5)")
+    parser.add_argument("--minimum_grp_size", type=int, default=60,
+                        help="a class is accepted with more than this many stable members (default 60)")
+    parser.add_argument("--rand_seed", type=int, default=None,
+                        help="seed of every random choice (default: drawn and recorded in provenance.json)")
+    _bool_flag(parser, "skip_prealignment", "do not pre-align (centre) the particles")
+    parser.add_argument("--restart", type=int, default=-1,
+                        help="-1 continue an interrupted run; 0 redo the first unfinished main iteration; "
+                             "k > 0 restart after main iteration k (default -1)")
+    parser.add_argument("--filament_width", type=int, default=-1,
+                        help="filament width in pixels (helical mode; -1 = single particles)")
+    _bool_flag(parser, "filament_mask_ignore", "filaments: use the rectangular mask only for normalisation")
+    _bool_flag(parser, "skip_ordering", "do not order the class averages")
+    parser.add_argument("--delta_good", type=int, default=0,
+                        help="the first generation of a main iteration must yield more than this many "
+                             "good classes (default 0)")
+    add_executor_arguments(parser)
+    add_verbosity_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``isavar isac2``."""
+    from pathlib import Path
+
+    from isavar.isac.params import from_sphire_options
+    from isavar.parallel import make_executor
+    from isavar.workflows.isac2 import run_isac2
+
+    params = from_sphire_options(args)
+    executor = make_executor(args.executor, args.workers)
+    setup_logging(args, is_root=executor.is_root())
+    progress = make_progress(args, is_root=executor.is_root())
+    try:
+        result = run_isac2(Path(args.stack), Path(args.outdir), params, executor=executor, progress=progress)
+    finally:
+        progress.close()
+        close = getattr(executor, "close", None)
+        if close is not None:
+            close()
+    import logging
+
+    logging.getLogger("isavar").info("ISAC2 finished: %d classes, %d of %d particles accounted -> %s",
+                                     result.n_classes, len(result.accounted), len(result.params), args.outdir)
+    return 0

@@ -1,0 +1,108 @@
+"""Thin adapters from the ISAC stages to the core numerics (one place to follow core's API).
+
+Parameters are handled here as ``(n, 4)`` float64 arrays of rows
+``[alpha, sx, sy, mirror]`` (spec isac2 §0.1).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from isavar.core import params2d as _p2
+
+
+def compose(a, b) -> np.ndarray:
+    """Apply ``a`` then ``b`` (rows ``[alpha, sx, sy, mirror]``, broadcast)."""
+    return _p2.compose(_p2.Params2D.from_array(a), _p2.Params2D.from_array(b)).to_array()
+
+
+def inverse(a) -> np.ndarray:
+    """Inverse parameters."""
+    return _p2.inverse(_p2.Params2D.from_array(a)).to_array()
+
+
+def particle_centre(a) -> np.ndarray:
+    """``-R(-alpha) t`` for each row, (n, 2)."""
+    return _p2.particle_centre(_p2.Params2D.from_array(a))
+
+
+def identity(n: int) -> np.ndarray:
+    """``n`` identity rows."""
+    return np.zeros((n, 4))
+
+
+def transform(images, params, *, interpolation="quadratic") -> np.ndarray:
+    """Apply parameters to images (content at q moves to T(q)); float32 (n, N, N)."""
+    from isavar.core.transform2d import transform_images
+
+    p = np.asarray(params, dtype=np.float64).reshape(-1, 4)
+    out = transform_images(np.asarray(images, dtype=np.float32), p[:, 0], p[:, 1], p[:, 2],
+                           np.rint(p[:, 3]).astype(np.int64), interpolation=interpolation)
+    return np.asarray(out, dtype=np.float32)
+
+
+def transform_sum(images, params, *, chunk=256) -> np.ndarray:
+    """Sum of the transformed images, in fixed-size chunks (same result whatever the executor)."""
+    images = np.asarray(images, dtype=np.float32)
+    total = np.zeros(images.shape[1:], dtype=np.float64)
+    for s in range(0, len(images), chunk):
+        total += transform(images[s:s + chunk], params[s:s + chunk]).sum(0, dtype=np.float64)
+    return total.astype(np.float32)
+
+
+def tanh_lowpass(images, fl, ff) -> np.ndarray:
+    """Tanh low-pass at ``fl`` cycles/pixel, fall-off ``ff``."""
+    from isavar.core.filters import tanh_lowpass as _tl
+
+    return np.asarray(_tl(np.asarray(images, dtype=np.float32), fl, ff), dtype=np.float32)
+
+
+def fshift(images, shifts_xy) -> np.ndarray:
+    """Fourier shift (content moves by +shift)."""
+    from isavar.core.fft import fourier_shift
+
+    return np.asarray(fourier_shift(np.asarray(images, dtype=np.float32), shifts_xy), dtype=np.float32)
+
+
+def circle(size, radius) -> np.ndarray:
+    """Binary circular mask, centre ``size // 2``."""
+    from isavar.core.masks import circular_mask
+
+    return np.asarray(circular_mask(size, radius), dtype=np.float32)
+
+
+def prepare(refs, grid, *, mirror=True):
+    """References prepared once for many image chunks."""
+    from isavar.core.align2d import prepare_references
+
+    return prepare_references(np.asarray(refs, dtype=np.float32), grid, mirror=mirror)
+
+
+def align_multi(images, refs, grid, p, params, *, xr=None, yr=None, normalize=True):
+    """EQK-means search: every image against every reference (ring-normalised images, centres reset).
+
+    Returns
+    -------
+    score : ndarray, (n, K) float32
+    params : ndarray, (n, K, 4) float64
+        Parameters aligning each image to each reference.
+    """
+    from isavar.core.align2d import align_to_references
+
+    res = align_to_references(np.asarray(images, dtype=np.float32), refs, grid,
+                              x_range=p.xr if xr is None else xr, y_range=p.yr_eff if yr is None else yr,
+                              step=p.ts, mirror=True, delta=0.0, normalize_images=normalize,
+                              initial_params=np.asarray(params, dtype=np.float64), out_of_range="reset")
+    return res.score, res.params
+
+
+def align_single(images, ref, grid, p, params, delta, *, xr=None, yr=None, ts=None):
+    """One ``ali2d_single_iter`` pass against one reference (centres clamped); returns (n, 4) parameters."""
+    from isavar.core.align2d import align_to_reference
+
+    res = align_to_reference(np.asarray(images, dtype=np.float32), ref, grid,
+                             x_range=p.xr if xr is None else xr, y_range=p.yr_eff if yr is None else yr,
+                             step=p.ts if ts is None else ts, mirror=True, delta=float(delta),
+                             normalize_images=False, initial_params=np.asarray(params, dtype=np.float64),
+                             out_of_range="clamp")
+    return res.params

@@ -1,0 +1,649 @@
+"""``isavar isac2`` workflow: files, checkpoints, resume and outputs around :mod:`isavar.isac`.
+
+Output directory (SPHIRE layout plus RELION/cryoSPARC-friendly files)::
+
+    OUTDIR/
+      .isavar_isac2                 marker: this directory belongs to an isavar ISAC2 run
+      manifest.json                 parameters, seed, input fingerprint, progress (written atomically)
+      checkpoints/state.npz         run state after the last completed step (atomic)
+      checkpoints/main_XXX_end.npz  state at the end of main iteration XXX (for --restart)
+      stack_ali2d.npy               working stack (N, T, T) float32
+      README_shrink_ratio.txt       lines 6-7: shrink ratio and radius
+      rpw.txt                       VPP table (zeros without --VPP)
+      2dalignment/initial2Dparams.txt, Finished_initial_2d_alignment.txt
+      mainXXX/generationYYY/{original_,good_,}class_averages_XXX_YYY.hdf, to_process_next_XXX_YYY.txt, finished
+      all_parameters.txt, processed_images.txt, not_processed_images.txt
+      class_averages.hdf, ordered_class_averages.hdf, chains_params.txt, finished
+      class_averages.mrcs + class_averages.star, class_averages_fullres.mrcs
+      particles.star, unaccounted_particles.star, class_averages.png, summary.json, provenance.json, log.txt
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import secrets
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from isavar._progress import NullProgress
+from isavar.errors import InputError
+from isavar.isac import run as isac_run
+from isavar.isac.params import Isac2Params
+from isavar.workflows.outputs import create_output_dir, write_json, write_provenance, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+MARKER = ".isavar_isac2"
+CHUNK = 1024
+
+
+class StopForTest(RuntimeError):
+    """Raised by the test hook that interrupts a run after a given number of steps."""
+
+
+# ------------------------------------------------------------------------------------- small file helpers
+
+def _fmt_rows(array, fmt) -> str:
+    a = np.asarray(array)
+    if a.ndim == 1:
+        a = a[:, None]
+    return "".join(" ".join(fmt[j] % v for j, v in enumerate(row)) + "\n" for row in a)
+
+
+def write_index_file(path, indices) -> None:
+    """One 0-based index per line (SPHIRE ``%12d``)."""
+    write_text_atomic(path, "".join(f"{int(i):12d}\n" for i in np.asarray(indices).ravel()))
+
+
+def read_index_file(path) -> np.ndarray:
+    """Inverse of :func:`write_index_file`."""
+    text = Path(path).read_text().split()
+    return np.array([int(t) for t in text], dtype=np.int64)
+
+
+def write_params_file(path, params) -> None:
+    """Rows ``alpha sx sy mirror`` (``%14.6f`` x3, ``%12d``)."""
+    p = np.asarray(params, dtype=np.float64).reshape(-1, 4)
+    write_text_atomic(path, "".join(f"{a:14.6f} {x:14.6f} {y:14.6f} {int(round(m)):12d}\n" for a, x, y, m in p))
+
+
+def _touch(path) -> None:
+    write_text_atomic(path, "")
+
+
+def _save_npz_atomic(path, arrays: dict) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _save_npy_atomic(path, array) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.npy")
+    with open(tmp, "wb") as fh:
+        np.save(fh, array)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _write_hdf_averages(path, averages, members, pixel_size_A, extra=None) -> None:
+    from isavar.io import write_particles
+
+    averages = np.asarray(averages, np.float32)
+    table = pd.DataFrame({"members": [np.asarray(m, np.int64) for m in members],
+                          "n_objects": [int(len(m)) for m in members]})
+    if extra:
+        for k, v in extra.items():
+            table[k] = v
+    if len(averages) == 0:
+        Path(path).unlink(missing_ok=True)
+        return
+    write_particles(path, averages, table, pixel_size_A=pixel_size_A, overwrite=True)
+
+
+# ------------------------------------------------------------------------------------- validation
+
+def validate_inputs(stack, p: Isac2Params) -> None:
+    """All checks that need the input, before anything is written (clear InputErrors)."""
+    from isavar.io.particles import CTF_COLUMNS, has_columns
+    from isavar.isac.prealign import search_schedule
+    from isavar.isac.preprocess import shrunk_size
+
+    path = getattr(stack, "path", None)
+    n, box = len(stack.table), stack.images.box
+    if (p.CTF or p.VPP) and not has_columns(stack.table, CTF_COLUMNS):
+        missing = [c for c in CTF_COLUMNS if c not in stack.table.columns or stack.table[c].isna().any()]
+        raise InputError(f"--{'CTF' if p.CTF else 'VPP'} needs CTF parameters for every particle, "
+                         f"missing: {', '.join(missing)}", path=path)
+    if (p.CTF or p.VPP) and not stack.pixel_size_A:
+        raise InputError("--CTF/--VPP need the pixel size, which the file does not state", path=path)
+    if 2 * p.radius + 2 > box:
+        raise InputError(f"--radius={p.radius} is too large for the {box}-pixel box "
+                         f"(need 2*radius + 2 <= {box})", path=path)
+    nd = shrunk_size(box, p.shrink)
+    try:
+        search_schedule(nd, p.target_radius)
+    except ValueError:
+        raise InputError(f"--radius={p.radius} is too large for the {box}-pixel box at --target_radius="
+                         f"{p.target_radius} (shrunken box {nd} < {2 * p.target_radius + 2})", path=path) from None
+    if p.filament and "segment_angle_deg" not in stack.table.columns:
+        raise InputError("--filament_width needs segment angles (SPHIRE segment_angle) in the metadata",
+                         path=path)
+    try:
+        isac_run.check_enough_images(n, p)
+    except InputError as exc:
+        raise InputError(str(exc), path=path) from None
+
+
+def _fingerprint(stack_path, stack) -> dict:
+    return {"path": str(Path(stack_path).resolve()), "n_images": int(len(stack.table)),
+            "box": int(stack.images.box)}
+
+
+# ------------------------------------------------------------------------------------- the workflow
+
+class _Run:
+    """State of one invocation (directory, inputs, executor)."""
+
+    def __init__(self, stack_path, outdir, p, executor, progress, stop_after):
+        self.stack_path = Path(stack_path)
+        self.outdir = Path(outdir)
+        self.p = p
+        self.executor = executor
+        self.progress = progress
+        self.stop_after = stop_after
+        self.steps_done = 0
+        self.t0 = time.time()
+        self.timings: dict = {}
+
+    def _tick(self):
+        self.steps_done += 1
+        if self.stop_after is not None and self.steps_done >= self.stop_after:
+            raise StopForTest(f"stopped after {self.steps_done} steps (test hook)")
+
+    # ---------------------------------------------------------------- manifest
+    @property
+    def manifest_path(self) -> Path:
+        return self.outdir / "manifest.json"
+
+    def load_manifest(self) -> dict | None:
+        if self.manifest_path.exists():
+            return json.loads(self.manifest_path.read_text())
+        return None
+
+    def save_manifest(self, **updates) -> None:
+        m = self.load_manifest() or {}
+        m.update(updates)
+        write_json(self.manifest_path, m)
+
+
+def run_isac2(stack_path, outdir, params: Isac2Params, *, executor=None, progress=None,
+              _stop_after: int | None = None):
+    """Run ISAC2 on a particle file into ``outdir`` (resumable).
+
+    Parameters
+    ----------
+    stack_path : path
+        Particles (any format :func:`isavar.io.read_particles` reads).
+    outdir : path
+        Output directory; re-running the same command continues an interrupted run.
+    params : Isac2Params
+        Parameters (``rand_seed=None``: a seed is drawn and recorded; a resumed run reuses it).
+    executor : Executor, optional
+        Default serial.
+    progress : Progress, optional
+    _stop_after : int, optional
+        Test hook: raise :class:`StopForTest` after this many completed steps.
+
+    Returns
+    -------
+    Isac2Result
+    """
+    from isavar.io import read_particles
+    from isavar.parallel.serial import SerialExecutor
+
+    executor = executor or SerialExecutor()
+    progress = progress or NullProgress()
+    p = params.validate()
+    stack = read_particles(stack_path)
+    validate_inputs(stack, p)
+    outdir = Path(outdir)
+    if outdir.exists() and any(outdir.iterdir()) and not (outdir / MARKER).exists():
+        raise InputError(f"exists but is not an isavar ISAC2 output directory (no {MARKER}); "
+                         "choose a new or empty directory", path=outdir)
+    fresh = not (outdir / "manifest.json").exists()
+    if fresh and p.restart > -1:
+        raise InputError(f"--restart={p.restart} given but there is no run to restart", path=outdir)
+    run = _Run(stack_path, outdir, p, executor, progress, _stop_after)
+    fingerprint = _fingerprint(stack_path, stack)
+    if not fresh:
+        man = run.load_manifest()
+        if man.get("input") != fingerprint:
+            raise InputError("this output directory belongs to a run on a different input "
+                             f"({man.get('input', {}).get('path')}); choose a new directory", path=outdir)
+        old = Isac2Params.from_dict(man["params"])
+        seed = old.rand_seed
+        mine = dataclasses.replace(p, rand_seed=seed if p.rand_seed is None else p.rand_seed)
+        if mine.science_dict() != old.science_dict():
+            diff = [k for k, v in mine.science_dict().items() if old.science_dict().get(k) != v]
+            raise InputError("this output directory holds a run with different parameters "
+                             f"({', '.join(diff)}); choose a new directory", path=outdir)
+        p = dataclasses.replace(mine, restart=p.restart)
+    else:
+        seed = p.rand_seed if p.rand_seed is not None else secrets.randbits(32)
+        p = dataclasses.replace(p, rand_seed=int(seed))
+    run.p = p
+    if executor.is_root():
+        create_output_dir(outdir, marker=MARKER)
+        _touch(outdir / MARKER)
+        if fresh:
+            run.save_manifest(tool="isavar isac2", params=p.to_dict(), input=fingerprint, stage="start")
+        from isavar._logging import add_log_file
+
+        if not any(getattr(h, "baseFilename", None) == str((outdir / "log.txt").resolve())
+                   for h in logging.getLogger("isavar").handlers):
+            add_log_file(outdir / "log.txt")
+    try:
+        result = _run(run, stack)
+    finally:
+        stack.close()
+    return result
+
+
+def _run(run: _Run, stack):
+    p, outdir = run.p, run.outdir
+    t = time.time()
+    working, shifts, shrink = _prepare(run, stack)
+    run.timings["prepare_s"] = time.time() - t
+    state = _load_or_restart(run, len(working))
+    grid = isac_run.make_grid(p)
+    t = time.time()
+    if not state.finished:
+        run.progress.stage("ISAC2 generations", total=None)
+
+        def on_step(st, event):
+            if event is not None:
+                _write_generation_files(run, st, event)
+            _save_npz_atomic(outdir / "checkpoints" / "state.npz", st.to_arrays())
+            run.save_manifest(stage="classification", history=st.history, main=st.main, gen=st.gen)
+            if event is not None and event.get("end_main"):
+                _save_npz_atomic(outdir / "checkpoints" / f"main_{event['main']:03d}_end.npz", st.to_arrays())
+                _write_text_lists(run, st, event)
+            run.progress.advance(1)
+            run._tick()
+
+        state = isac_run.run_classification(working, p, grid, run.executor, state=state, on_step=on_step,
+                                            progress=None)
+    run.timings["classification_s"] = time.time() - t
+    return _finish(run, stack, state, shifts, shrink)
+
+
+# ------------------------------------------------------------------------------------- stage A/B
+
+def _prepare(run: _Run, stack):
+    """Pre-alignment and the working stack (skipped when already finished)."""
+    from isavar.isac.prealign import centring_shifts, prealign
+    from isavar.isac.preprocess import correct_and_shrink, finish_working_images, radial_amplitude_sum, \
+        shrunk_size, vpp_table
+
+    p, outdir = run.p, run.outdir
+    ali_dir = outdir / "2dalignment"
+    done = ali_dir / "Finished_initial_2d_alignment.txt"
+    box = stack.images.box
+    nd = shrunk_size(box, p.shrink)
+    shrink_eff = nd / box
+    if done.exists() and (outdir / "stack_ali2d.npy").exists():
+        working = np.load(outdir / "stack_ali2d.npy", mmap_mode="r")
+        shifts = np.loadtxt(ali_dir / "initial2Dparams.txt", ndmin=2)[:, 1:3]
+        return working, shifts, shrink_eff
+    ali_dir.mkdir(parents=True, exist_ok=True)
+    table = stack.table
+    n = len(table)
+    apix = stack.pixel_size_A
+    rpw = None
+    if p.VPP:
+        amp = None
+        for s, e, block in stack.images.chunks(CHUNK):
+            part = radial_amplitude_sum(block)
+            amp = part if amp is None else amp + part
+        rpw = vpp_table(amp, n)
+        write_text_atomic(outdir / "rpw.txt", _fmt_rows(rpw, ["%14.6f"]))
+    else:
+        write_text_atomic(outdir / "rpw.txt", _fmt_rows(np.zeros(box // 2 + 1), ["%14.6f"]))
+    run.progress.stage("preprocessing", total=n)
+    shrunk = np.empty((n, nd, nd), np.float32)
+    pre = np.empty((n, nd, nd), np.float32) if p.VPP else None
+    for s, e, block in stack.images.chunks(CHUNK):
+        out, pr = correct_and_shrink(block, table.iloc[s:e], p, apix, rpw=rpw)
+        shrunk[s:e] = out
+        if pre is not None:
+            pre[s:e] = pr
+        run.progress.advance(e - s)
+    if p.skip_prealignment:
+        shifts = np.zeros((n, 2))
+    else:
+        t = time.time()
+        run.progress.stage("pre-alignment", total=None)
+        ali, _ = prealign(pre if pre is not None else shrunk, p, run.executor, progress=run.progress)
+        shifts = centring_shifts(ali, shrink_eff)
+        run.timings["prealign_s"] = time.time() - t
+    del pre
+    rows = np.column_stack([np.zeros(n), shifts, np.zeros(n)])
+    write_params_file(ali_dir / "initial2Dparams.txt", rows)
+    working = np.empty((n, p.box, p.box), np.float32)
+    for s in range(0, n, CHUNK):
+        e = min(n, s + CHUNK)
+        working[s:e] = finish_working_images(shrunk[s:e], shifts[s:e] * shrink_eff, table.iloc[s:e], p)
+    del shrunk
+    _save_npy_atomic(outdir / "stack_ali2d.npy", working)
+    lines = ["This file contains the shrink ratio and the particle radius used by ISAC2 (isavar).",
+             "Working images were resampled from the input box by the ratio below;",
+             "shifts in all_parameters.txt are in working pixels: divide by the ratio for input pixels.",
+             f"input box {box}, working box {p.box}, shrunken box {nd}",
+             "",
+             f"{shrink_eff:.5f}",
+             f"{float(p.radius):.5f}",
+             ""]
+    write_text_atomic(outdir / "README_shrink_ratio.txt", "\n".join(lines))
+    _touch(done)
+    run.save_manifest(stage="prepared")
+    run._tick()
+    return np.load(outdir / "stack_ali2d.npy", mmap_mode="r"), shifts, shrink_eff
+
+
+# ------------------------------------------------------------------------------------- resume / restart
+
+def _load_or_restart(run: _Run, n_total: int):
+    p, outdir = run.p, run.outdir
+    ck = outdir / "checkpoints"
+    ck.mkdir(exist_ok=True)
+    man = run.load_manifest() or {}
+    history = man.get("history", [])
+    state_file = ck / "state.npz"
+    if p.restart == -1:
+        if state_file.exists():
+            with np.load(state_file) as d:
+                state = isac_run.RunState.from_arrays(dict(d), history)
+            log.info("resuming: main %d generation %d", state.main, state.gen)
+            return state
+        state = isac_run.initial_state(n_total, p)
+        _start_files(run, state)
+        return state
+    ends = sorted(ck.glob("main_*_end.npz"))
+    finished_mains = [int(f.name[5:8]) for f in ends]
+    if p.restart == 0:
+        k = max(finished_mains) if finished_mains else 0
+    else:
+        k = p.restart
+        if k not in finished_mains:
+            raise InputError(f"--restart={k}: main iteration {k} has not finished", path=outdir)
+    for d in sorted(outdir.glob("main[0-9][0-9][0-9]")):
+        if int(d.name[4:]) > k:
+            shutil.rmtree(d)
+    for f in ends:
+        if int(f.name[5:8]) > k:
+            f.unlink()
+    (outdir / "finished").unlink(missing_ok=True)
+    for name in ("ordered_class_averages.hdf", "chains_params.txt"):
+        (outdir / name).unlink(missing_ok=True)
+    if k == 0:
+        state = isac_run.initial_state(n_total, p)
+    else:
+        with np.load(ck / f"main_{k:03d}_end.npz") as d:
+            state = isac_run.RunState.from_arrays(dict(d), [h for h in history if h["main"] <= k])
+    _save_npz_atomic(state_file, state.to_arrays())
+    _rewrite_global_files(run, state)
+    log.info("restart: continuing after main iteration %d", k)
+    _start_files(run, state)
+    return state
+
+
+def _start_files(run, state):
+    main_dir = run.outdir / f"main{state.main:03d}" / "generation000"
+    main_dir.mkdir(parents=True, exist_ok=True)
+    if state.gen == 1:
+        write_index_file(main_dir / f"to_process_next_{state.main:03d}_000.txt", state.subset)
+    write_params_file(run.outdir / "all_parameters.txt", state.params)
+
+
+def _rewrite_global_files(run, state):
+    write_params_file(run.outdir / "all_parameters.txt", state.params)
+    write_index_file(run.outdir / "processed_images.txt", state.processed)
+    _write_hdf_averages(run.outdir / "class_averages.hdf", state.averages, state.members, None)
+
+
+# ------------------------------------------------------------------------------------- per-generation files
+
+def _write_generation_files(run: _Run, state, event) -> None:
+    outdir = run.outdir
+    main, gen = event["main"], event["gen"]
+    gdir = outdir / f"main{main:03d}" / f"generation{gen:03d}"
+    gdir.mkdir(parents=True, exist_ok=True)
+    eng = event["result"]
+    subset = event["subset"]
+    tag = f"{main:03d}_{gen:03d}"
+    local = [np.asarray(m, np.int64) for m in eng.members]
+    _write_hdf_averages(gdir / f"original_class_averages_{tag}.hdf", eng.refs, local, None)
+    _write_hdf_averages(gdir / f"class_averages_{tag}.hdf", eng.refs, [np.sort(subset[m]) for m in local], None)
+    good = event["good"]
+    if good:
+        _write_hdf_averages(gdir / f"good_class_averages_{tag}.hdf", eng.refs[good],
+                            [np.sort(subset[local[k]]) for k in good], None)
+    if event["bad"].size:
+        write_index_file(gdir / f"to_process_next_{tag}.txt", event["bad"])
+    _rewrite_global_files(run, state)
+    if event.get("end_main"):
+        _touch(gdir / "finished")
+    if not event.get("end_main"):
+        nxt = outdir / f"main{main:03d}" / f"generation{gen + 1:03d}"
+        nxt.mkdir(parents=True, exist_ok=True)
+
+
+def _write_text_lists(run: _Run, state, event) -> None:
+    outdir = run.outdir
+    main = event["main"]
+    mdir = outdir / f"main{main:03d}"
+    write_index_file(outdir / "not_processed_images.txt", event["not_processed"])
+    for name in ("processed_images.txt", "not_processed_images.txt", "class_averages.hdf"):
+        if (outdir / name).exists():
+            shutil.copyfile(outdir / name, mdir / name)
+    _touch(mdir / "finished")
+    if not state.finished:
+        _start_files(run, state)
+
+
+# ------------------------------------------------------------------------------------- final outputs
+
+def _finish(run: _Run, stack, state, shifts, shrink):
+    from isavar.isac.averages import fullres_averages
+    from isavar.isac.ordering import apply_order, order_averages
+
+    p, outdir = run.p, run.outdir
+    apix = stack.pixel_size_A
+    work_apix = apix / shrink if apix else None
+    c = len(state.averages)
+    t = time.time()
+    if c and not p.skip_ordering:
+        order, oparams = order_averages(np.stack(state.averages), p, run.executor)
+    else:
+        order, oparams = np.arange(c), np.zeros((c, 4))
+    run.timings["ordering_s"] = time.time() - t
+    result = isac_run.result_from_state(state, shifts, shrink, order=None if p.skip_ordering else order,
+                                        order_params=None if p.skip_ordering else oparams)
+    if not executor_root(run):
+        return result
+    if c and not p.skip_ordering:
+        ordered = apply_order(np.stack(state.averages), order, oparams)
+        _write_hdf_averages(outdir / "ordered_class_averages.hdf", ordered, [state.members[k] for k in order],
+                            work_apix)
+        rows = [(i, int(k), oparams[k, 0], 0.0, 0.0, int(oparams[k, 3])) for i, k in enumerate(order)]
+        write_text_atomic(outdir / "chains_params.txt",
+                          "".join(f"{a:12d} {b:12d} {al:14.6f} {x:14.6f} {y:14.6f} {m:12d}\n"
+                                  for a, b, al, x, y, m in rows))
+    else:
+        ordered = np.stack(state.averages) if c else np.zeros((0, p.box, p.box), np.float32)
+    _write_hdf_averages(outdir / "class_averages.hdf", state.averages, state.members, work_apix)
+    write_params_file(outdir / "all_parameters.txt", state.params)
+    write_index_file(outdir / "processed_images.txt", state.processed)
+    write_index_file(outdir / "not_processed_images.txt",
+                     np.setdiff1d(np.arange(state.n_total), state.processed))
+    # full-parameter bookkeeping for the original images
+    full = original_image_params(state.params, shifts, shrink)
+    class_rank = np.full(c, -1, np.int64)
+    class_rank[order] = np.arange(c)
+    full_ordered = full.copy()
+    cls_of = result.class_of(state.n_total)
+    acc = cls_of >= 0
+    if c:
+        from isavar.isac._ops import compose
+
+        full_ordered[acc] = compose(full[acc], oparams[cls_of[acc]])
+    t = time.time()
+    fullres = fullres_averages(stack, result, full_ordered, p, chunk=CHUNK) if c else None
+    run.timings["fullres_s"] = time.time() - t
+    _write_relion_outputs(run, stack, state, result, ordered, order, class_rank, full_ordered, fullres, work_apix)
+    if c:
+        from isavar.report.montage import save_montage
+
+        save_montage(outdir / "class_averages.png", ordered,
+                     [f"#{i + 1}: {len(state.members[k])}" for i, k in enumerate(order)],
+                     title=f"ISAC2: {c} classes, {len(state.processed)} of {state.n_total} particles")
+    summary = {
+        "particles_in": int(state.n_total), "particles_accounted": int(len(state.processed)),
+        "classes": int(c), "seed": int(p.rand_seed),
+        "per_class": [{"class": i + 1, "source_index": int(k), "members": int(len(state.members[k])),
+                       "pixel_error": float(state.pixel_errors[k]),
+                       "main": int(state.origin[k][0]), "generation": int(state.origin[k][1])}
+                      for i, k in enumerate(order)],
+        "generations": state.history,
+        "timings_s": run.timings,
+    }
+    write_json(outdir / "summary.json", summary)
+    write_provenance(outdir, command="isac2", parameters=p.to_dict(), seed=p.rand_seed, executor=run.executor,
+                     extra={"input": _fingerprint(run.stack_path, stack)})
+    _touch(outdir / "finished")
+    run.save_manifest(stage="finished")
+    return result
+
+
+def executor_root(run) -> bool:
+    return run.executor.is_root()
+
+
+def original_image_params(params, shifts, shrink) -> np.ndarray:
+    """Parameters for the original images: pre-alignment shift then ISAC parameters at the input scale.
+
+    ``P = compose((0, sx0, sy0, 0), (alpha, sx / shrink, sy / shrink, m))`` (spec §8.3); rows of
+    unaccounted images (mirror -1) get the pre-alignment shift only.
+    """
+    from isavar.isac._ops import compose
+
+    params = np.asarray(params, np.float64)
+    n = len(params)
+    pre = np.column_stack([np.zeros(n), shifts[:, 0], shifts[:, 1], np.zeros(n)])
+    isac = params.copy()
+    isac[:, 1:3] /= shrink
+    bad = isac[:, 3] < 0
+    isac[bad] = 0.0
+    return compose(pre, isac)
+
+
+def _write_relion_outputs(run, stack, state, result, ordered, order, class_rank, full, fullres, work_apix):
+    from isavar.conventions import align2d_to_relion, format_image_name
+    from isavar.io import write_image_stack
+    from isavar.io.star import build_star_blocks
+
+    import starfile
+
+    outdir = run.outdir
+    apix = stack.pixel_size_A or 1.0
+    c = len(state.members)
+    if c:
+        write_image_stack(outdir / "class_averages.mrcs", ordered, work_apix, overwrite=True)
+        if fullres is not None:
+            write_image_stack(outdir / "class_averages_fullres.mrcs", fullres[order], apix, overwrite=True)
+    else:
+        for name in ("class_averages.mrcs", "class_averages_fullres.mrcs"):
+            (outdir / name).unlink(missing_ok=True)
+    n_acc = max(len(state.processed), 1)
+    cls_df = pd.DataFrame({
+        "rlnReferenceImage": [format_image_name(i, "class_averages.mrcs") for i in range(c)],
+        "rlnClassNumber": np.arange(1, c + 1),
+        "rlnClassDistribution": [len(state.members[k]) / n_acc for k in order],
+        "isavarMemberCount": [len(state.members[k]) for k in order],
+        "isavarPixelError": [float(state.pixel_errors[k]) for k in order],
+    })
+    _write_star_atomic(outdir / "class_averages.star", {"model_classes": cls_df})
+    table = stack.table.reset_index(drop=True).copy()
+    cls_of = result.class_of(state.n_total)
+    psi, tilt, ox, oy = align2d_to_relion(full[:, 0], full[:, 1], full[:, 2], np.clip(full[:, 3], 0, 1))
+    acc = cls_of >= 0
+    table["class_number"] = np.where(acc, class_rank[np.maximum(cls_of, 0)] + 1, 0) if c else 0
+    table["align_alpha_deg"] = full[:, 0]
+    table["align_sx_px"] = full[:, 1]
+    table["align_sy_px"] = full[:, 2]
+    table["align_mirror"] = np.clip(full[:, 3], 0, 1).astype(np.int64)
+    table["angle_psi_deg"] = psi
+    table["angle_tilt_deg"] = tilt
+    table["origin_x_A"] = ox * apix
+    table["origin_y_A"] = oy * apix
+    if "pixel_size_A" not in table.columns or table["pixel_size_A"].isna().any():
+        table["pixel_size_A"] = apix
+    for name, sel in (("particles.star", acc), ("unaccounted_particles.star", ~acc)):
+        sub = table[sel]
+        if name == "unaccounted_particles.star":
+            sub = sub.drop(columns=["class_number", "align_alpha_deg", "align_sx_px", "align_sy_px",
+                                    "align_mirror", "angle_psi_deg", "angle_tilt_deg"])
+        _write_particle_star(outdir / name, sub, stack, np.flatnonzero(sel))
+
+
+def _write_particle_star(path, sub, stack, rows):
+    """A RELION 3.1 STAR referring to the original images when they are MRC stacks."""
+    from isavar.conventions import format_image_name
+    from isavar.io import write_particles
+    from isavar.io.star import build_star_blocks
+
+    path = Path(path)
+    paths = sub["image_path"].astype(str).tolist() if "image_path" in sub.columns else []
+    mrc_ok = paths and all(str(x).lower().endswith((".mrcs", ".mrc")) for x in paths)
+    if mrc_ok:
+        blocks = build_star_blocks(sub, "x", stack.images.box)
+        names = []
+        for ip, ii in zip(paths, sub["image_index"].astype(int)):
+            rel = os.path.relpath(ip, path.parent)
+            names.append(format_image_name(int(ii), rel))
+        blocks["particles"]["rlnImageName"] = names
+        _write_star_atomic(path, blocks)
+    else:
+        sidecar = path.with_suffix(".mrcs")
+        path.unlink(missing_ok=True)
+        sidecar.unlink(missing_ok=True)
+        if len(sub):
+            rows = np.asarray(rows)
+            chunks = (stack.images[rows[s:s + CHUNK]] for s in range(0, len(rows), CHUNK))
+            write_particles(path, chunks, sub, pixel_size_A=stack.pixel_size_A)
+
+
+def _write_star_atomic(path, blocks):
+    import warnings
+
+    import starfile
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        starfile.write(blocks, tmp, float_format="%.6f")
+    os.replace(tmp, path)
