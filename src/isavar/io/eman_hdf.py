@@ -101,8 +101,10 @@ def write_eman_attr(obj, key: str, value) -> None:
         The image group (``/MDF/images/<i>``).
     key : str
         Header key; the attribute is ``"EMAN." + key``.
-    value : bool, int, float, str, sequence or (3, 4) matrix via :func:`transform_value`
-        The value.
+    value : bool, int, float, numpy.float64, str, sequence or :func:`transform_value`
+        The value. Python floats are stored as float32 (as EMAN2 does);
+        ``numpy.float64`` as a double (EMAN2 reads scalar doubles), which
+        passthrough columns use to stay lossless.
     """
     name = "EMAN." + key
     if isinstance(value, _Transform):
@@ -111,6 +113,8 @@ def write_eman_attr(obj, key: str, value) -> None:
         obj.attrs.create(name, np.array([ord("T") if value else ord("F")], dtype=np.int8))
     elif isinstance(value, (int, np.integer)):
         obj.attrs.create(name, np.array([value], dtype=np.int32))
+    elif isinstance(value, np.float64):
+        obj.attrs.create(name, np.array([value], dtype=np.float64))
     elif isinstance(value, (float, np.floating)):
         obj.attrs.create(name, np.array([value], dtype=np.float32))
     elif isinstance(value, str):
@@ -504,7 +508,7 @@ def _plain_value(v):
     if isinstance(v, (int, np.integer)):
         return int(v) if -2**31 <= int(v) < 2**31 else float(v)
     if isinstance(v, (float, np.floating)):
-        return None if np.isnan(v) else float(v)
+        return None if np.isnan(v) else np.float64(v)
     if isinstance(v, str):
         return v
     if isinstance(v, (list, tuple, np.ndarray)):
