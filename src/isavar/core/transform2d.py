@@ -102,55 +102,83 @@ def source_coordinates(shape, alpha, sx, sy) -> tuple[np.ndarray, np.ndarray]:
     Returns
     -------
     xs, ys : numpy.ndarray
-        ``(k, ny, nx)`` float64 0-based column/row positions in the input.
+        ``(k, ny, nx)`` float32 0-based column/row positions in the input
+        (float32 resolves positions to ~1e-5 px for boxes up to 1000).
     """
     ny, nx = shape
     cy, cx = ny // 2, nx // 2
     a = np.deg2rad(np.asarray(alpha, dtype=np.float64))[:, None, None]
-    c, s = np.cos(a), np.sin(a)
-    dx = np.arange(nx, dtype=np.float64)[None, None, :] - cx - np.asarray(sx, np.float64)[:, None, None]
-    dy = np.arange(ny, dtype=np.float64)[None, :, None] - cy - np.asarray(sy, np.float64)[:, None, None]
-    xs = dx * c - dy * s + cx
-    ys = dx * s + dy * c + cy
+    c, s = np.cos(a).astype(np.float32), np.sin(a).astype(np.float32)
+    dx = (np.arange(nx)[None, None, :] - cx - np.asarray(sx, np.float64)[:, None, None]).astype(np.float32)
+    dy = (np.arange(ny)[None, :, None] - cy - np.asarray(sy, np.float64)[:, None, None]).astype(np.float32)
+    xs = dx * c - dy * s + np.float32(cx)
+    ys = dx * s + dy * c + np.float32(cy)
     return xs, ys
 
 
-def _gather(flat: np.ndarray, iy: np.ndarray, ix: np.ndarray, nx: int) -> np.ndarray:
-    k = flat.shape[0]
-    idx = (iy * nx + ix).reshape(k, -1)
-    return np.take_along_axis(flat, idx, axis=1).reshape(iy.shape)
+def _base_indices(xs: np.ndarray, n: int):
+    """Floor index (int32, in ``[0, n)``, periodic) and fraction (float32) of coordinates along one axis."""
+    base = np.floor(xs)
+    frac = (xs - base).astype(np.float32)
+    idx = base.astype(np.int32)
+    idx %= n
+    return idx, frac
+
+
+def _neighbour(idx: np.ndarray, step: int, n: int) -> np.ndarray:
+    """Periodic neighbour ``(idx + step) mod n`` for ``step`` in {-1, +1}."""
+    out = idx + np.int32(step)
+    if step > 0:
+        out[out >= n] -= n
+    else:
+        out[out < 0] += n
+    return out
+
+
+class _Gather:
+    """Gather pixels ``stack[i, row, col]`` with one flat ``numpy.take`` per call."""
+
+    def __init__(self, stack: np.ndarray):
+        k, ny, nx = stack.shape
+        self.flat = stack.reshape(-1)
+        self.nx = nx
+        self.offset = (np.arange(k, dtype=np.int64) * (ny * nx)).reshape(k, 1, 1)
+
+    def rows(self, iy: np.ndarray) -> np.ndarray:
+        """Flat index of the start of row ``iy`` of each image."""
+        return self.offset + iy * self.nx
+
+    def __call__(self, row_start: np.ndarray, ix: np.ndarray) -> np.ndarray:
+        return np.take(self.flat, row_start + ix)
 
 
 def _interp_linear(stack, xs, ys):
     k, ny, nx = stack.shape
-    flat = stack.reshape(k, -1)
-    x0f, y0f = np.floor(xs), np.floor(ys)
-    fx, fy = (xs - x0f).astype(np.float32), (ys - y0f).astype(np.float32)
-    x0, y0 = x0f.astype(np.int64) % nx, y0f.astype(np.int64) % ny
-    x1, y1 = (x0 + 1) % nx, (y0 + 1) % ny
-    f00 = _gather(flat, y0, x0, nx)
-    f01 = _gather(flat, y0, x1, nx)
-    f10 = _gather(flat, y1, x0, nx)
-    f11 = _gather(flat, y1, x1, nx)
-    top = f00 + fx * (f01 - f00)
-    bottom = f10 + fx * (f11 - f10)
+    get = _Gather(stack)
+    x0, fx = _base_indices(xs, nx)
+    y0, fy = _base_indices(ys, ny)
+    x1 = _neighbour(x0, 1, nx)
+    r0, r1 = get.rows(y0), get.rows(_neighbour(y0, 1, ny))
+    f00 = get(r0, x0)
+    top = f00 + fx * (get(r0, x1) - f00)
+    f10 = get(r1, x0)
+    bottom = f10 + fx * (get(r1, x1) - f10)
     return top + fy * (bottom - top)
 
 
 def _interp_quadratic(stack, xs, ys):
     k, ny, nx = stack.shape
-    flat = stack.reshape(k, -1)
-    x0f, y0f = np.floor(xs), np.floor(ys)
-    dx, dy = (xs - x0f).astype(np.float32), (ys - y0f).astype(np.float32)
-    i, j = x0f.astype(np.int64) % nx, y0f.astype(np.int64) % ny
-    ip, im = (i + 1) % nx, (i - 1) % nx
-    jp, jm = (j + 1) % ny, (j - 1) % ny
-    f0 = _gather(flat, j, i, nx)
-    c1 = _gather(flat, j, ip, nx) - f0
-    c2 = (c1 - f0 + _gather(flat, j, im, nx)) * 0.5
-    c3 = _gather(flat, jp, i, nx) - f0
-    c4 = (c3 - f0 + _gather(flat, jm, i, nx)) * 0.5
-    c5 = _gather(flat, jp, ip, nx) - f0 - c1 - c3
+    get = _Gather(stack)
+    i, dx = _base_indices(xs, nx)
+    j, dy = _base_indices(ys, ny)
+    ip = _neighbour(i, 1, nx)
+    r0, rp, rm = get.rows(j), get.rows(_neighbour(j, 1, ny)), get.rows(_neighbour(j, -1, ny))
+    f0 = get(r0, i)
+    c1 = get(r0, ip) - f0
+    c2 = (c1 - f0 + get(r0, _neighbour(i, -1, nx))) * 0.5
+    c3 = get(rp, i) - f0
+    c4 = (c3 - f0 + get(rm, i)) * 0.5
+    c5 = get(rp, ip) - f0 - c1 - c3
     return f0 + dx * (c1 + (dx - 1.0) * c2 + dy * c5) + dy * (c3 + (dy - 1.0) * c4)
 
 
