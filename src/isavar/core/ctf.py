@@ -40,7 +40,7 @@ from __future__ import annotations
 import numpy as np
 
 from isavar.conventions import electron_wavelength_A
-from isavar.core.fft import as_stack, freq_grid_2d, pad, window
+from isavar.core.fft import as_stack, freq_grid_2d, image_chunks, pad, window
 
 __all__ = [
     "ctf_at",
@@ -433,9 +433,12 @@ def phase_flip(images, ctf) -> np.ndarray:
         float32, same shape as ``images``. Applying it twice returns the input.
     """
     stack, single = as_stack(images)
-    ny, nx = stack.shape[1:]
+    n, ny, nx = stack.shape
     sign = np.where(_match_ctf(ctf, (ny, nx)) < 0, np.float32(-1), np.float32(1))
-    out = np.fft.irfft2(np.fft.rfft2(stack) * sign, s=(ny, nx)).astype(np.float32)
+    per_image = sign.ndim == 3 and sign.shape[0] == n and n > 1
+    out = np.empty(stack.shape, dtype=np.float32)
+    for sl in image_chunks(n, ny * nx):
+        out[sl] = np.fft.irfft2(np.fft.rfft2(stack[sl]) * (sign[sl] if per_image else sign), s=(ny, nx))
     return out[0] if single else out
 
 
@@ -476,12 +479,16 @@ def phase_flip_padded(images, pixel_size_A: float, *, pad_factor: int = 2, **ctf
     if pad_factor < 1:
         raise ValueError(f"pad_factor must be >= 1, got {pad_factor}")
     big = (pad_factor * ny, pad_factor * nx)
-    padded = pad(stack, big, value=perimeter_mean(stack)) if pad_factor > 1 else stack
-    ctf = ctf_2d(big, pixel_size_A, rfft=True, **ctf_params)
-    if ctf.shape[0] not in (1, n):
-        raise ValueError(f"got CTF parameters for {ctf.shape[0]} images but {n} images")
-    flipped = phase_flip(padded, ctf)
-    out = window(flipped, (ny, nx)) if pad_factor > 1 else flipped
+    sizes = {np.size(v) for v in ctf_params.values() if np.ndim(v) > 0}
+    if sizes - {1, n}:
+        raise ValueError(f"got CTF parameters of lengths {sorted(sizes)} for {n} images")
+    out = np.empty(stack.shape, dtype=np.float32)
+    for sl in image_chunks(n, big[0] * big[1]):
+        part = {k: (np.asarray(v)[sl] if np.size(v) == n and np.ndim(v) > 0 else v) for k, v in ctf_params.items()}
+        chunk = stack[sl]
+        padded = pad(chunk, big, value=perimeter_mean(chunk)) if pad_factor > 1 else chunk
+        flipped = phase_flip(padded, ctf_2d(big, pixel_size_A, rfft=True, **part))
+        out[sl] = window(flipped, (ny, nx)) if pad_factor > 1 else flipped
     return out[0] if single else out
 
 
@@ -507,9 +514,14 @@ def ctf_weighted_sums(images, ctf) -> tuple[np.ndarray, np.ndarray]:
     """
     stack, _ = as_stack(images)
     n, ny, nx = stack.shape
-    c = np.broadcast_to(_match_ctf(ctf, (ny, nx)).astype(np.float64), (n, ny, nx // 2 + 1))
-    spec = np.fft.rfft2(stack.astype(np.float64))
-    return (c * spec).sum(axis=0), (c * c).sum(axis=0)
+    c = np.broadcast_to(_match_ctf(ctf, (ny, nx)), (n, ny, nx // 2 + 1))
+    numerator = np.zeros((ny, nx // 2 + 1), dtype=np.complex128)
+    denominator = np.zeros((ny, nx // 2 + 1), dtype=np.float64)
+    for sl in image_chunks(n, ny * nx):
+        cc = c[sl].astype(np.float64)
+        numerator += (cc * np.fft.rfft2(stack[sl].astype(np.float64))).sum(axis=0)
+        denominator += (cc * cc).sum(axis=0)
+    return numerator, denominator
 
 
 def wiener_from_sums(numerator, denominator, snr: float, shape) -> np.ndarray:

@@ -22,6 +22,7 @@ import numpy as np
 
 __all__ = [
     "as_stack",
+    "image_chunks",
     "freq_grid_2d",
     "fourier_shift",
     "resample_fourier",
@@ -60,6 +61,31 @@ def as_stack(images) -> tuple[np.ndarray, bool]:
     if arr.ndim == 3:
         return arr.astype(np.float32, copy=False), False
     raise ValueError(f"expected an image (ny, nx) or a stack (n, ny, nx), got shape {arr.shape}")
+
+
+#: Pixels per batch of FFT work: bounds the temporary complex arrays to a few hundred MB.
+CHUNK_PIXELS = 1 << 22
+
+
+def image_chunks(n: int, pixels_per_image: int, budget: int | None = None) -> list[slice]:
+    """Split ``n`` images into consecutive slices of at most ``budget`` pixels (at least one image each).
+
+    Parameters
+    ----------
+    n : int
+        Number of images.
+    pixels_per_image : int
+        Pixels (or Fourier samples) per image in the largest temporary array.
+    budget : int, optional
+        Maximum pixels per chunk (default: the module constant ``CHUNK_PIXELS``).
+
+    Returns
+    -------
+    list of slice
+    """
+    budget = CHUNK_PIXELS if budget is None else budget
+    step = max(1, int(budget) // max(1, int(pixels_per_image)))
+    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
 
 
 def _restore(stack: np.ndarray, single: bool) -> np.ndarray:
@@ -172,9 +198,10 @@ def fourier_shift(images, shifts_xy) -> np.ndarray:
     stack, single = as_stack(images)
     n, ny, nx = stack.shape
     s = _shifts_array(shifts_xy, n)
-    spec = np.fft.rfft2(stack)
-    phase = _shift_phase_1d(ny, s[:, 1], rfft=False)[:, :, None] * _shift_phase_1d(nx, s[:, 0], rfft=True)[:, None, :]
-    out = np.fft.irfft2(spec * phase, s=(ny, nx))
+    out = np.empty((n, ny, nx), dtype=np.float32)
+    for sl in image_chunks(n, ny * nx):
+        phase = _shift_phase_1d(ny, s[sl, 1], rfft=False)[:, :, None] * _shift_phase_1d(nx, s[sl, 0], rfft=True)[:, None, :]
+        out[sl] = np.fft.irfft2(np.fft.rfft2(stack[sl]) * phase, s=(ny, nx))
     return _restore(out, single)
 
 
@@ -247,14 +274,13 @@ def resample_fourier(images, new_size, *, preserve: str = "values") -> np.ndarra
     my, mx = (int(new_size), int(new_size)) if np.ndim(new_size) == 0 else (int(new_size[0]), int(new_size[1]))
     if my < 1 or mx < 1:
         raise ValueError(f"new size must be positive, got {(my, mx)}")
-    # Phase origin at N//2: move the centre to index 0, resize, move it back to m//2.
-    centred = np.roll(stack, (-(ny // 2), -(nx // 2)), axis=(1, 2))
-    spec = np.fft.fft2(centred)
-    spec = _resize_axis(_resize_axis(spec, 1, my), 2, mx)
-    out = np.fft.ifft2(spec).real
-    out = np.roll(out, (my // 2, mx // 2), axis=(1, 2))
-    if preserve == "values":
-        out *= (my * mx) / (ny * nx)
+    scale = (my * mx) / (ny * nx) if preserve == "values" else 1.0
+    out = np.empty((n, my, mx), dtype=np.float32)
+    for sl in image_chunks(n, max(ny, my) * max(nx, mx)):
+        # Phase origin at N//2: move the centre to index 0, resize, move it back to m//2.
+        centred = np.roll(stack[sl], (-(ny // 2), -(nx // 2)), axis=(1, 2))
+        spec = _resize_axis(_resize_axis(np.fft.fft2(centred), 1, my), 2, mx)
+        out[sl] = np.roll(np.fft.ifft2(spec).real * scale, (my // 2, mx // 2), axis=(1, 2))
     return _restore(out, single)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from isavar.core.fft import as_stack, freq_grid_2d
+from isavar.core.fft import as_stack, freq_grid_2d, image_chunks
 
 __all__ = [
     "frequency_radius",
@@ -49,7 +49,11 @@ def apply_fourier_filter(images, transfer) -> np.ndarray:
     h = np.asarray(transfer)
     if h.shape[-2:] != (ny, nx // 2 + 1):
         raise ValueError(f"transfer must have rfft shape {(ny, nx // 2 + 1)}, got {h.shape}")
-    out = np.fft.irfft2(np.fft.rfft2(stack) * h, s=(ny, nx)).astype(np.float32)
+    n = stack.shape[0]
+    per_image = h.ndim == 3 and h.shape[0] == n and n > 1
+    out = np.empty(stack.shape, dtype=np.float32)
+    for sl in image_chunks(n, ny * nx):
+        out[sl] = np.fft.irfft2(np.fft.rfft2(stack[sl]) * (h[sl] if per_image else h), s=(ny, nx))
     return out[0] if single else out
 
 
