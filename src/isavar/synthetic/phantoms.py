@@ -286,12 +286,13 @@ def phantom_volume(name: str, box: int, pixel_size_A: float = 1.0):
         model = blob_model()
         state_a = model.render(box)
         state_b = model.select(model.domains != SWITCHABLE_DOMAIN).render(box)
-        scale = 1.0 / float(state_a.max())
-        return (state_a * scale).astype(np.float32), (state_b * scale).astype(np.float32)
+        peak = state_a.max()
+        return _normalised(state_a, peak), _normalised(state_b, peak)
     if is_symmetric_phantom(key):
         return _normalised(symmetric_blob_model(key).render(box))
     raise ValueError(f"unknown phantom {name!r}; choose from {', '.join(phantom_names())}")
 
 
-def _normalised(volume: np.ndarray) -> np.ndarray:
-    return (volume / volume.max()).astype(np.float32)
+def _normalised(volume: np.ndarray, peak=None) -> np.ndarray:
+    """Divide by ``peak`` (default the volume's maximum), float32."""
+    return (volume / (volume.max() if peak is None else peak)).astype(np.float32)
