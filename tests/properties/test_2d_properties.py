@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from isavar.core.ctf import ctf_2d, phase_flip
 from isavar.core.fft import fourier_shift, pad, resample_fourier, window
-from isavar.core.params2d import Params2D, apply_to_points, compose, from_matrix, inverse, to_matrix
+from isavar.core.params2d import apply_to_points, compose, from_matrix, inverse, to_matrix
 from isavar.core.stats import RunningMeanVariance, frc, rotational_average
 from isavar.core.transform2d import transform_images
 

@@ -201,7 +201,8 @@ def _params_column(params: dict) -> tuple[int, dict]:
     try:
         shape = np.broadcast_shapes(*(v.shape for v in arrays.values()))
     except ValueError as exc:
-        raise ValueError(f"CTF parameters have incompatible lengths: { {k: v.size for k, v in arrays.items()} }") from exc
+        lengths = {k: v.size for k, v in arrays.items()}
+        raise ValueError(f"CTF parameters have incompatible lengths: {lengths}") from exc
     return shape[0], {k: np.broadcast_to(v, shape)[:, None, None] for k, v in arrays.items()}
 
 
@@ -221,7 +222,8 @@ def _grid_eval(func, shape, pixel_size_A: float, rfft: bool, params: dict) -> np
     half_y, half_x = 0.5 / pixel_size_A, 0.5 / pixel_size_A
     if nx % 2 == 0:
         c = nx // 2
-        out[:, :, c] = 0.5 * (func(half_x, ky[None, :, c], **_squeeze(cols)) + func(-half_x, ky[None, :, c], **_squeeze(cols)))
+        ky_col = ky[None, :, c]
+        out[:, :, c] = 0.5 * (func(half_x, ky_col, **_squeeze(cols)) + func(-half_x, ky_col, **_squeeze(cols)))
     if ny % 2 == 0:
         r = ny // 2
         kx_row = kx[None, r, :]

@@ -200,7 +200,8 @@ def fourier_shift(images, shifts_xy) -> np.ndarray:
     s = _shifts_array(shifts_xy, n)
     out = np.empty((n, ny, nx), dtype=np.float32)
     for sl in image_chunks(n, ny * nx):
-        phase = _shift_phase_1d(ny, s[sl, 1], rfft=False)[:, :, None] * _shift_phase_1d(nx, s[sl, 0], rfft=True)[:, None, :]
+        phase_y = _shift_phase_1d(ny, s[sl, 1], rfft=False)[:, :, None]
+        phase = phase_y * _shift_phase_1d(nx, s[sl, 0], rfft=True)[:, None, :]
         out[sl] = np.fft.irfft2(np.fft.rfft2(stack[sl]) * phase, s=(ny, nx))
     return _restore(out, single)
 
