@@ -151,8 +151,13 @@ def centre_of(reference, method: int, mask) -> np.ndarray:
         smooth = gaussian_lowpass(ref.astype(np.float32), 2.0)
         circ = _ops.circle(n, n // 2 - 2) > 0.5
         thr = smooth[circ].mean() + smooth[circ].std()
-        binary = ((smooth > thr) & circ).astype(np.float32)
-        return _ccf_peak(binary, mask)
+        binary = ((smooth > thr) & circ).astype(np.float64)
+        if binary.sum() == 0:
+            return np.zeros(2)
+        # the CCF of a small binary blob with the (larger) mask has a flat top; its centre is the
+        # blob's centroid, used directly (deviation: SPHIRE takes the first maximum of the plateau)
+        y, x = np.mgrid[:n, :n] - n // 2
+        return np.array([(binary * x).sum(), (binary * y).sum()]) / binary.sum()
     return np.zeros(2)
 
 

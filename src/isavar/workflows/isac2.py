@@ -595,6 +595,10 @@ def _write_relion_outputs(run, stack, state, result, ordered, order, class_rank,
     table["align_sx_px"] = full[:, 1]
     table["align_sy_px"] = full[:, 2]
     table["align_mirror"] = np.clip(full[:, 3], 0, 1).astype(np.int64)
+    for col in ("angle_rot_deg", "angle_tilt_deg", "angle_psi_deg", "origin_x_A", "origin_y_A"):
+        if col in table.columns:                       # keep the input's 3D pose, renamed
+            table[f"input_{col}"] = table[col]
+    table = table.drop(columns=[c for c in ("angle_rot_deg",) if c in table.columns])
     table["angle_psi_deg"] = psi
     table["angle_tilt_deg"] = tilt
     table["origin_x_A"] = ox * apix
@@ -605,7 +609,8 @@ def _write_relion_outputs(run, stack, state, result, ordered, order, class_rank,
         sub = table[sel]
         if name == "unaccounted_particles.star":
             sub = sub.drop(columns=["class_number", "align_alpha_deg", "align_sx_px", "align_sy_px",
-                                    "align_mirror", "angle_psi_deg", "angle_tilt_deg"])
+                                    "align_mirror", "angle_psi_deg", "angle_tilt_deg", "origin_x_A",
+                                    "origin_y_A"])
         _write_particle_star(outdir / name, sub, stack, np.flatnonzero(sel))
 
 

@@ -1,0 +1,192 @@
+"""ISAC stages: pre-alignment helpers, centring, within-group stability, a generation, ordering, driver."""
+
+import numpy as np
+import pytest
+
+from isavar.isac import _ops
+from isavar.isac.generation import EngineState, run_generation, normalise_for_alignment
+from isavar.isac.ordering import apply_order, order_averages
+from isavar.isac.params import Isac2Params, from_sphire_options
+from isavar.isac.prealign import centre_of, centring_shifts, fit_tanh_to_frc, search_schedule
+from isavar.isac.run import RunState, initial_state, isac2, make_grid
+from isavar.isac.stability import class_stability_task
+from isavar.errors import InputError
+from isavar.parallel.partition import task_rngs
+from isavar.parallel.serial import SerialExecutor
+
+from isac_data import planted_stack, prototypes, small_params
+
+
+def test_params_defaults_and_validation():
+    p = Isac2Params(radius=50)
+    assert (p.img_per_grp, p.thld_err, p.target_radius, p.target_nx, p.box, p.yr_eff) == (200, 0.7, 29, 76, 76, 1)
+    assert p.shrink == pytest.approx(0.58)
+    q = from_sphire_options({"radius": 40, "xr": 2, "executor": "pool", "verbose": 1})
+    assert q.box == 77 and q.yr_eff == 2
+    with pytest.raises(InputError, match="VPP"):
+        from_sphire_options(radius=40, CTF=True, VPP=True)
+    with pytest.raises(InputError, match="minimum_grp_size"):
+        from_sphire_options(radius=40, img_per_grp=50)
+    with pytest.raises(InputError, match="center_method"):
+        from_sphire_options(radius=40, center_method=9)
+
+
+@pytest.mark.parametrize("nxs,expect", [(76, ([8, 4], [2, 1])), (74, ([4], [1])), (100, ([20, 8, 4], [5, 2, 1]))])
+def test_prealignment_schedule(nxs, expect):
+    assert search_schedule(nxs, 29) == expect
+
+
+def test_fit_tanh_to_frc():
+    freq = np.arange(33) / 64.0
+    curve = 0.5 * (np.tanh(np.pi * (freq + 0.25) / (2 * 0.1 * 0.25)) - np.tanh(np.pi * (freq - 0.25) / (2 * 0.1 * 0.25)))
+    half = curve / (2 - curve)                 # inverse of 2r/(1+r)
+    fl, ff = fit_tanh_to_frc(half)
+    assert 0.2 < fl < 0.3 and ff <= 0.2
+    assert fit_tanh_to_frc(np.ones(33)) == (0.4, 0.2)
+
+
+@pytest.mark.parametrize("method", [1, 2, 4, 5, 6, 7])
+def test_centring_methods_find_offset(method):
+    n = 48
+    y, x = np.mgrid[:n, :n] - n // 2
+    img = np.exp(-((x - 3) ** 2 + (y + 2) ** 2) / (2 * 4.0 ** 2)).astype(np.float32)
+    mask = _ops.circle(n, 16)
+    c = centre_of(img, method, mask)
+    assert np.allclose(c, [3, -2], atol=1.0), c
+
+
+def test_centring_shifts_undo_rotation():
+    # params (alpha, t): particle centre s = -R(-alpha) t; the centring shift moves it to the origin
+    p = np.array([[30.0, 2.0, -1.0, 1]])
+    s = _ops.particle_centre(p)
+    assert np.allclose(centring_shifts(p, 0.5), -s / 0.5)
+
+
+def test_within_group_stability_on_one_class():
+    rng = np.random.default_rng(5)
+    proto = prototypes(28)[0]
+    n = 40
+    truth = np.column_stack([rng.uniform(-180, 180, n), rng.normal(0, 0.7, n), rng.normal(0, 0.7, n),
+                             rng.integers(0, 2, n)])
+    imgs = _ops.transform(np.repeat(proto[None], n, 0), _ops.inverse(truth))
+    imgs += rng.normal(0, 0.15, imgs.shape).astype(np.float32)
+    p = small_params()
+    out = class_stability_task((normalise_for_alignment(imgs, _ops.circle(28, 10)), np.zeros((n, 4)), p,
+                                make_grid(p), rng, True))
+    assert len(out["stable"]) >= 0.9 * n
+    # stable params are truth up to one common transform G: truth^-1 composed with params is constant
+    rel = _ops.compose(_ops.inverse(truth[out["stable"]]), out["params"][out["stable"]])
+    assert np.all(rel[:, 3] == rel[0, 3])
+    spread = (rel[:, 0] - rel[0, 0] + 180) % 360 - 180
+    assert np.abs(spread).max() < 4.0
+    assert out["pixel_error"] < 1.0
+
+
+def test_generation_recovers_planted_classes(planted):
+    imgs, truth, _ = planted
+    p = small_params()
+    from isavar.isac.preprocess import correct_and_shrink, finish_working_images
+    import pandas as pd
+
+    shrunk, _ = correct_and_shrink(imgs, pd.DataFrame(index=range(len(imgs))), p, None)
+    working = finish_working_images(shrunk, np.zeros((len(imgs), 2)), None, p)
+    sub = normalise_for_alignment(working, _ops.circle(p.box, p.target_radius))
+    res = run_generation(sub, p, make_grid(p), SerialExecutor(), main=1, gen=1)
+    assert len(res.members) == len(imgs) // p.img_per_grp
+    big = [m for m in res.members if len(m) > p.minimum_grp_size]
+    assert len(big) >= 3
+    for m in big:                                    # classes are pure in the planted prototypes
+        labels = truth[m][truth[m] >= 0]
+        assert np.bincount(labels).max() >= 0.95 * len(labels)
+
+
+def test_isac2_in_memory_end_to_end(planted):
+    imgs, truth, _ = planted
+    res = isac2(imgs, small_params())
+    assert res.n_classes >= 3
+    acc = res.accounted
+    assert len(acc) >= 0.5 * len(imgs)
+    for m in res.members:
+        labels = truth[m][truth[m] >= 0]
+        assert np.bincount(labels).max() >= 0.95 * len(labels)
+    assert sorted(res.order.tolist()) == list(range(res.n_classes))
+    assert (res.params[acc, 3] >= 0).all()
+    assert (res.params[np.setdiff1d(np.arange(len(imgs)), acc), 3] == -1).all()
+
+
+def test_results_do_not_depend_on_executor(planted):
+    from isavar.parallel.pool import PoolExecutor
+
+    imgs, _, _ = planted
+    p = small_params(init_iter=1, maxit=6)
+    a = isac2(imgs[:150], p)
+    pool = PoolExecutor(2)
+    try:
+        b = isac2(imgs[:150], p, executor=pool)
+    finally:
+        pool.close()
+    assert np.array_equal(a.params, b.params)
+    assert np.array_equal(a.averages, b.averages)
+
+
+def test_seed_changes_random_choices(planted):
+    imgs, _, _ = planted
+    p1 = small_params(init_iter=1, maxit=6, rand_seed=1)
+    p2 = small_params(init_iter=1, maxit=6, rand_seed=2)
+    from isavar.isac.generation import start_generation
+
+    a = start_generation(imgs, p1, main=1, gen=1)
+    b = start_generation(imgs, p2, main=1, gen=1)
+    assert not np.array_equal(a.refs, b.refs)
+    assert np.array_equal(a.refs, start_generation(imgs, p1, main=1, gen=1).refs)
+
+
+@pytest.mark.parametrize("n_avg", [1, 2, 3, 7])
+def test_ordering_any_number_seeded(n_avg):
+    rng = np.random.default_rng(n_avg)
+    protos = prototypes(28)
+    avgs = protos[rng.integers(0, 4, n_avg)]
+    par = np.column_stack([rng.uniform(-180, 180, n_avg), np.zeros(n_avg), np.zeros(n_avg),
+                           rng.integers(0, 2, n_avg)])
+    avgs = _ops.transform(avgs, par)
+    p = small_params()
+    o1, q1 = order_averages(avgs, p)
+    o2, q2 = order_averages(avgs, p)
+    assert sorted(o1.tolist()) == list(range(n_avg))
+    assert np.array_equal(o1, o2) and np.array_equal(q1, q2)
+    assert apply_order(avgs, o1, q1).shape == avgs.shape
+
+
+def test_ordering_brings_copies_into_one_frame():
+    rng = np.random.default_rng(3)
+    proto = prototypes(28)[0]
+    n = 6
+    par = np.column_stack([rng.uniform(-180, 180, n), np.zeros(n), np.zeros(n), rng.integers(0, 2, n)])
+    avgs = _ops.transform(np.repeat(proto[None], n, 0), par)
+    order, q = order_averages(avgs, small_params())
+    ordered = apply_order(avgs, order, q)
+    mask = _ops.circle(28, 10) > 0.5
+    ref = ordered[0][mask]
+    for img in ordered[1:]:
+        assert np.corrcoef(ref, img[mask])[0, 1] > 0.95
+
+
+def test_run_state_round_trip():
+    p = small_params()
+    st = initial_state(120, p)
+    st.averages = [np.ones((28, 28), np.float32)]
+    st.members = [np.array([1, 5, 7])]
+    st.pixel_errors = [0.3]
+    st.origin = [(1, 1)]
+    st.engine = EngineState(params=np.zeros((120, 4)), refs=np.zeros((2, 28, 28), np.float32),
+                            members=[np.array([1]), np.array([], np.int64)], prev_members=None,
+                            pixel_errors=np.zeros(2), mirror_rates=np.ones(2))
+    back = RunState.from_arrays(st.to_arrays())
+    assert back.n_total == 120 and back.members[0].tolist() == [1, 5, 7]
+    assert back.engine.members[1].size == 0 and back.engine.prev_members is None
+    assert np.array_equal(back.params, st.params)
+
+
+def test_too_few_images_is_input_error():
+    with pytest.raises(InputError, match="img_per_grp"):
+        initial_state(30, small_params())
