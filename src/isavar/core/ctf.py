@@ -119,23 +119,41 @@ def ctf_at(
     numpy.ndarray
         float64 CTF values, broadcast shape.
     """
-    kx = np.asarray(kx, dtype=np.float64)
-    ky = np.asarray(ky, dtype=np.float64)
     lam = electron_wavelength_A(voltage_kV) if wavelength_A is None else np.asarray(wavelength_A, np.float64)
-    k2 = kx * kx + ky * ky
-    phi = np.arctan2(ky, kx) - np.deg2rad(np.asarray(defocus_angle_deg, dtype=np.float64))
+    k2, cos2phi, sin2phi = _polar_terms(kx, ky)
+    a2 = 2.0 * np.deg2rad(np.asarray(defocus_angle_deg, dtype=np.float64))
     u = np.asarray(defocus_u_A, dtype=np.float64)
     v = np.asarray(defocus_v_A, dtype=np.float64)
-    dz = u * np.cos(phi) ** 2 + v * np.sin(phi) ** 2
+    # U cos^2(phi - a) + V sin^2(phi - a) = (U + V)/2 + (U - V)/2 cos(2 phi - 2 a)
+    dz = 0.5 * (u + v) + 0.5 * (u - v) * (cos2phi * np.cos(a2) + sin2phi * np.sin(a2))
     cs = np.asarray(cs_mm, dtype=np.float64) * 1e7
     w = np.asarray(amplitude_contrast, dtype=np.float64)
+    lam_k2 = lam * k2
     gamma = (
-        np.pi * lam * dz * k2
-        - 0.5 * np.pi * cs * lam**3 * k2 * k2
-        + np.deg2rad(np.asarray(phase_shift_deg, dtype=np.float64))
-        + np.arctan(w / np.sqrt(1.0 - w * w))
+        np.pi * lam_k2 * dz
+        - 0.5 * np.pi * cs * lam_k2 * lam_k2 * lam
+        + (np.deg2rad(np.asarray(phase_shift_deg, dtype=np.float64)) + np.arctan(w / np.sqrt(1.0 - w * w)))
     )
-    return np.sin(gamma) * np.exp(-np.asarray(bfactor_A2, dtype=np.float64) * k2 / 4.0)
+    return _envelope(np.sin(gamma), bfactor_A2, k2)
+
+
+def _polar_terms(kx, ky):
+    """``k^2``, ``cos 2 phi`` and ``sin 2 phi`` of frequencies (``phi = atan2(ky, kx)``, 0 at ``k = 0``)."""
+    kx = np.asarray(kx, dtype=np.float64)
+    ky = np.asarray(ky, dtype=np.float64)
+    k2 = kx * kx + ky * ky
+    safe = np.where(k2 > 0, k2, 1.0)
+    cos2phi = np.where(k2 > 0, (kx * kx - ky * ky) / safe, 1.0)
+    sin2phi = np.where(k2 > 0, 2.0 * kx * ky / safe, 0.0)
+    return k2, cos2phi, sin2phi
+
+
+def _envelope(values, bfactor_A2, k2):
+    """Multiply by ``exp(-B k^2 / 4)`` (skipped when every B is 0)."""
+    b = np.asarray(bfactor_A2, dtype=np.float64)
+    if not np.any(b):
+        return values * np.ones_like(k2)
+    return values * np.exp(-b * k2 / 4.0)
 
 
 def ctf_at_eman(
@@ -178,18 +196,17 @@ def ctf_at_eman(
     numpy.ndarray
         float64, same values and sign as :func:`ctf_at` for converted parameters.
     """
-    kx = np.asarray(kx, dtype=np.float64)
-    ky = np.asarray(ky, dtype=np.float64)
     lam = electron_wavelength_A(voltage_kV) if wavelength_A is None else np.asarray(wavelength_A, np.float64)
-    s2 = kx * kx + ky * ky
-    phi = np.arctan2(ky, kx)
-    dz = np.asarray(defocus_um, np.float64) - 0.5 * np.asarray(dfdiff_um, np.float64) * np.sin(
-        2.0 * (phi + np.deg2rad(np.asarray(dfang_deg, np.float64)))
+    s2, cos2phi, sin2phi = _polar_terms(kx, ky)
+    d2 = 2.0 * np.deg2rad(np.asarray(dfang_deg, np.float64))
+    # sin(2 (phi + dfang)) = sin 2phi cos 2dfang + cos 2phi sin 2dfang
+    dz = np.asarray(defocus_um, np.float64) - 0.5 * np.asarray(dfdiff_um, np.float64) * (
+        sin2phi * np.cos(d2) + cos2phi * np.sin(d2)
     )
     w = np.asarray(ampcont_percent, dtype=np.float64) / 100.0
     cs = np.asarray(cs_mm, dtype=np.float64)
     gamma = np.pi * (dz * 1e4 * lam * s2 - cs * 1e7 * lam**3 * s2 * s2 / 2.0) + np.arctan(w / np.sqrt(1.0 - w * w))
-    return np.sin(gamma) * np.exp(-np.asarray(bfactor_A2, dtype=np.float64) * s2 / 4.0)
+    return _envelope(np.sin(gamma), bfactor_A2, s2)
 
 
 def _params_column(params: dict) -> tuple[int, dict]:
