@@ -88,3 +88,18 @@ def test_zero_std_is_guarded(rng):
 def test_bad_region():
     with pytest.raises(ValueError):
         normalize_images(np.zeros((4, 4)), np.ones((4, 4)), mean_region="middle")
+
+
+def test_per_image_masks_match_shared_mask(rng):
+    img = rng.normal(2.0, 3.0, size=(3, 16, 16)).astype(np.float32)
+    shared = circular_mask(16, 5)
+    per_image = np.repeat(shared[None], 3, axis=0)
+    a = normalize_images(img, shared)
+    b = normalize_images(img, per_image)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    different = np.stack([circular_mask(16, r) for r in (3, 5, 7)])
+    mean, std = region_stats(img, different, "inside")
+    for i in range(3):
+        sel = different[i] > 0.5
+        assert mean[i] == pytest.approx(img[i][sel].mean(), rel=1e-5)
+        assert std[i] == pytest.approx(img[i][sel].std(ddof=1), rel=1e-5)

@@ -11,7 +11,7 @@ import warnings
 
 import numpy as np
 
-from isavar.core.fft import as_stack
+from isavar.core.fft import as_stack, image_chunks
 
 __all__ = ["normalize_images", "region_stats", "ZeroStdWarning"]
 
@@ -52,13 +52,32 @@ def region_stats(images, mask, region: str = "inside") -> tuple[np.ndarray, np.n
         ``mean`` is NaN for empty regions).
     """
     stack, _ = as_stack(images)
+    n = stack.shape[0]
     sel = _region(mask, region, stack.shape)
-    count = sel.sum(axis=(1, 2)).astype(np.float64)
-    data = stack.astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(sel, data, 0.0).sum(axis=(1, 2)) / count
-        dev = np.where(sel, data - mean[:, None, None], 0.0)
-        var = (dev * dev).sum(axis=(1, 2)) / np.maximum(count - 1.0, 1.0)
+    mean = np.empty(n)
+    var = np.empty(n)
+    count = np.empty(n)
+    shared = np.ndim(mask) == 2
+    idx = np.flatnonzero(sel[0]) if shared else None
+    flat = stack.reshape(n, -1)
+    for sl in image_chunks(n, flat.shape[1]):
+        if shared:
+            data = flat[sl][:, idx].astype(np.float64)
+            cnt = np.full(data.shape[0], float(idx.size))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                m = data.sum(axis=1) / cnt
+            dev = data - m[:, None]
+            ss = np.einsum("ij,ij->i", dev, dev)
+        else:
+            chunk_sel = sel[sl].reshape(sl.stop - sl.start, -1)
+            data = flat[sl].astype(np.float64)
+            cnt = chunk_sel.sum(axis=1).astype(np.float64)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                m = np.where(chunk_sel, data, 0.0).sum(axis=1) / cnt
+            dev = np.where(chunk_sel, data - m[:, None], 0.0)
+            ss = np.einsum("ij,ij->i", dev, dev)
+        mean[sl], count[sl] = m, cnt
+        var[sl] = ss / np.maximum(cnt - 1.0, 1.0)
     return mean, np.sqrt(np.where(count > 1, var, 0.0))
 
 
@@ -106,15 +125,18 @@ def normalize_images(
     1.0
     """
     stack, single = as_stack(images)
-    out = stack.astype(np.float64)
+    n = stack.shape[0]
+    shift = np.zeros(n)
     if mean_region is not None:
         mean, _ = region_stats(stack, mask, mean_region)
-        out -= np.nan_to_num(mean)[:, None, None]
-    scaled = np.zeros(stack.shape[0], dtype=bool)
+        shift = np.nan_to_num(mean)
+    scaled = np.ones(n, dtype=bool)
+    scale = np.ones(n)
     if std_region is not None:
-        _, std = region_stats(out, mask, std_region)
+        # The standard deviation does not depend on the subtracted constant.
+        _, std = region_stats(stack, mask, std_region)
         scaled = np.isfinite(std) & (std > 0)
-        out /= np.where(scaled, std, 1.0)[:, None, None]
+        scale = np.where(scaled, std, 1.0)
         if not return_flags and not scaled.all():
             warnings.warn(
                 f"{int((~scaled).sum())} image(s) have zero standard deviation in the {std_region!r} region; "
@@ -122,8 +144,7 @@ def normalize_images(
                 ZeroStdWarning,
                 stacklevel=2,
             )
-    else:
-        scaled[:] = True
+    out = (stack - shift[:, None, None].astype(np.float32)) * (1.0 / scale)[:, None, None].astype(np.float32)
     result = out.astype(np.float32)
     if single:
         result = result[0]
