@@ -37,6 +37,24 @@ def test_compose_is_matrix_product(p1, p2):
 
 
 @FAST
+@given(params, params)
+def test_compose_closed_forms(p1, p2):
+    """Spec isac2.md §0.1: m1 = 0 -> (a1 + a2, R(a2) t1 + t2, m2); m1 = 1 -> (a1 - a2, R(-a2) t1 + M t2, 1 - m2)."""
+    a1, x1, y1, m1 = p1
+    a2, x2, y2, m2 = p2
+    c = compose(p1, p2)
+    r = np.deg2rad(a2)
+    if m1 == 0:
+        alpha, t, m = a1 + a2, np.array([[np.cos(r), np.sin(r)], [-np.sin(r), np.cos(r)]]) @ [x1, y1] + [x2, y2], m2
+    else:
+        alpha, t, m = a1 - a2, np.array([[np.cos(r), -np.sin(r)], [np.sin(r), np.cos(r)]]) @ [x1, y1] + [-x2, y2], 1 - m2
+    assert _angle_close(c.alpha, alpha)
+    np.testing.assert_allclose([c.sx, c.sy], t, atol=1e-9)
+    assert c.mirror == m
+    assert -180.0 < c.alpha <= 180.0
+
+
+@FAST
 @given(params, params, params)
 def test_compose_is_associative(p1, p2, p3):
     left = compose(compose(p1, p2), p3)
