@@ -145,6 +145,8 @@ class VariabilityParams:
             raise InputError(f"--window must be >= 0 (got {self.window})")
         if self.var3d_stat not in ("std", "var"):
             raise InputError(f"--var3D-stat must be std or var (got {self.var3d_stat!r})")
+        if self.force_symmetrize and self.symmetry == "c1":
+            raise InputError("--force_symmetrize needs a point group other than c1 (--sym)")
         if self.var_input and self.snd:
             raise InputError("--VAR and --SND cannot be combined")
         if self.interpolation not in ("linear", "cubic"):

@@ -1,0 +1,381 @@
+"""3D variability workflow: particle file in, output directory out.
+
+Output directory (must not exist; nothing is created when the input is rejected)
+------------------------------------------------------------------------------
+============================  ==========================================================
+``var3D.mrc``                 reconstruction of the per-group 2D standard deviation maps
+                              (``--var3D-stat var``: variances); input box and pixel size
+``ave3D.mrc``                 reconstruction of the per-group 2D means (not in --VAR/--SND)
+``var2D.star`` + ``.mrcs``    per-particle 2D std (or variance) maps, input order, each
+                              at its group frame (rot, tilt of the centre, psi 0, no
+                              shift); ``rlnIsavar_source_index`` = input row
+``ave2D.star`` + ``.mrcs``    per-particle 2D group means, same layout
+``symmetrized_particles.star``  symmetry-expanded orientations (sym != c1), element-major
+                              (identity block first), images referencing the input stack
+``var3D_slices.png``          central orthogonal slices of var3D beside ave3D
+``summary.json``              sizes, timings, volume statistics
+``log.txt``, ``provenance.json``
+============================  ==========================================================
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from isavar._progress import NullProgress
+from isavar.conventions import format_image_name, matrix_to_euler
+from isavar.errors import InputError
+from isavar.variability import volume as vol
+from isavar.variability.params import VariabilityParams
+from isavar.variability.result import VariabilityResult
+from isavar.variability.run import choose_grid, particle_geometry, variability
+from isavar.workflows.outputs import create_output_dir, write_json, write_provenance
+
+log = logging.getLogger(__name__)
+
+#: Columns copied from the input table into the 2D-map tables (when present).
+_KEEP_2D = ("micrograph_name", "coordinate_x_px", "coordinate_y_px", "optics_group", "voltage_kV", "cs_mm",
+            "amplitude_contrast")
+
+
+class _MapStore:
+    """2D maps written into scratch memory-maps in input order, then streamed to STAR + MRCS."""
+
+    def __init__(self, outdir: Path, n: int, nx: int, *, ave: bool, var: bool):
+        self.files = {}
+        self.maps = {}
+        for name, wanted in (("ave2D", ave), ("var2D", var)):
+            if wanted:
+                path = outdir / f".{name}.scratch"
+                self.files[name] = path
+                self.maps[name] = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, nx, nx))
+
+    def __call__(self, rows, ave, stat):
+        if "ave2D" in self.maps and ave is not None:
+            self.maps["ave2D"][rows] = ave
+        if "var2D" in self.maps and stat is not None:
+            self.maps["var2D"][rows] = stat
+
+    def write(self, outdir: Path, table2d: pd.DataFrame, grid, pixel_size_A: float) -> list[str]:
+        from isavar.io import write_particles
+
+        written = []
+        for name, mm in self.maps.items():
+            mm.flush()
+            blocks = (vol.upsample_maps(np.asarray(mm[s:s + 256]), grid) for s in range(0, mm.shape[0], 256))
+            write_particles(outdir / f"{name}.star", blocks, table2d, pixel_size_A=pixel_size_A)
+            written += [f"{name}.star", f"{name}.mrcs"]
+        self.close()
+        return written
+
+    def close(self) -> None:
+        for name in list(self.maps):
+            del self.maps[name]
+        for path in self.files.values():
+            if path.exists():
+                os.remove(path)
+        self.files = {}
+
+
+def _discard_maps(rows, ave, stat) -> None:
+    """Map sink of non-root processes."""
+
+
+def _table_2d(table: pd.DataFrame, box: int, pixel_size_A: float) -> pd.DataFrame:
+    out = pd.DataFrame({
+        "angle_rot_deg": table["angle_rot_deg"].to_numpy(np.float64),
+        "angle_tilt_deg": table["angle_tilt_deg"].to_numpy(np.float64),
+        "angle_psi_deg": 0.0,
+        "origin_x_A": 0.0,
+        "origin_y_A": 0.0,
+        "pixel_size_A": float(pixel_size_A),
+        "image_size_px": int(box),
+    })
+    for c in _KEEP_2D:
+        if c in table.columns:
+            out[c] = table[c].to_numpy()
+    out["source_index"] = np.arange(len(table), dtype=np.int64)
+    return out
+
+
+def write_symmetrized_table(path: Path, table: pd.DataFrame, rotations: np.ndarray, symmetry: str,
+                            pixel_size_A: float, box: int) -> int:
+    """Write the symmetry-expanded orientations as a RELION STAR (metadata only).
+
+    Element-major like SPHIRE's ``--symmetrize`` (block k = every particle with
+    orientation ``A S_k``; the identity block first); ``rlnImageName`` points at
+    the input images; ``rlnIsavar_symmetry_element`` = k and
+    ``rlnIsavar_source_index`` = input row.
+
+    Returns
+    -------
+    int
+        Rows written.
+    """
+    import starfile
+
+    from isavar.core.geometry import symmetry_expand
+    from isavar.io.star import build_star_blocks
+
+    n = len(table)
+    expanded = symmetry_expand(rotations, symmetry)
+    nsym = expanded.shape[0] // n
+    rot, tilt, psi = matrix_to_euler(expanded)
+    rows = np.tile(np.arange(n), nsym)
+    out = table.iloc[rows].reset_index(drop=True).copy()
+    out["angle_rot_deg"], out["angle_tilt_deg"], out["angle_psi_deg"] = rot, tilt, psi
+    out["symmetry_element"] = np.repeat(np.arange(nsym), n)
+    out["source_index"] = rows
+    if "pixel_size_A" not in out.columns:
+        out["pixel_size_A"] = float(pixel_size_A)
+    names = None
+    if "image_path" in out.columns and "image_index" in out.columns:
+        names = [format_image_name(int(i), os.path.relpath(str(p), path.parent))
+                 for i, p in zip(out["image_index"], out["image_path"])]
+    blocks = build_star_blocks(out, "input.mrcs", box)
+    if names is not None:
+        blocks["particles"]["rlnImageName"] = names
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        starfile.write(blocks, path, float_format="%.10g")
+    return len(out)
+
+
+def _read_input(stack_path: Path):
+    from isavar.io import read_particles
+
+    stack = read_particles(stack_path)
+    pixel = stack.pixel_size_A
+    if pixel is None and "pixel_size_A" in stack.table.columns and not stack.table["pixel_size_A"].isna().all():
+        pixel = float(stack.table["pixel_size_A"].dropna().iloc[0])
+    if pixel is None:
+        log.warning("%s: pixel size unknown; using 1.0 Å", stack_path)
+        pixel = 1.0
+    return stack, float(pixel)
+
+
+def run_variability(stack_path, outdir, params: VariabilityParams, *, executor=None, progress=None,
+                    symmetrize_only: bool = False) -> VariabilityResult | None:
+    """Run the 3D variability analysis of a particle file and write the output directory.
+
+    Parameters
+    ----------
+    stack_path : path-like
+        Particles with 3D orientations (.star, .hdf, .cs, ...).
+    outdir : path-like
+        Output directory; must not exist.
+    params : VariabilityParams
+        Settings.
+    executor : Executor, optional
+        Default serial.
+    progress : Progress, optional
+        Progress reporter.
+    symmetrize_only : bool
+        SPHIRE ``--symmetrize``: only write ``symmetrized_particles.star`` and stop.
+
+    Returns
+    -------
+    VariabilityResult or None
+        None when ``symmetrize_only``.
+
+    Raises
+    ------
+    InputError
+        Unreadable input, missing orientations / CTF parameters, existing output
+        directory, invalid options; nothing is written in these cases.
+    """
+    from isavar.parallel.serial import SerialExecutor
+
+    executor = executor or SerialExecutor()
+    progress = progress or NullProgress()
+    stack_path, outdir = Path(stack_path), Path(outdir)
+    if outdir.exists():
+        raise InputError("output directory already exists (choose a new name)", path=outdir)
+    stack, pixel = _read_input(stack_path)
+    table, images = stack.table, stack.images
+    n, box = len(images), int(images.shape[-1])
+    if symmetrize_only and params.symmetry == "c1":
+        raise InputError("--symmetrize/--force_symmetrize needs a point group other than c1 (--sym)")
+    geo = particle_geometry(table, pixel, need_ctf=params.ctf and not params.var_input, source=stack_path)
+    nsym = 1
+    if not params.var_input:
+        from isavar.core.geometry import symmetry_matrices
+
+        nsym = symmetry_matrices(params.symmetry).shape[0]
+        if not params.snd and params.img_per_grp > n * nsym:
+            raise InputError(f"--img_per_grp {params.img_per_grp} is larger than the number of "
+                             f"(symmetry-expanded) particles, {n * nsym}", path=stack_path)
+    grid = choose_grid(box, pixel, params)
+    if executor.is_root():
+        create_output_dir(outdir, must_not_exist=True)
+        from isavar._logging import add_log_file
+
+        add_log_file(outdir / "log.txt")
+    executor.barrier()
+    log.info("isavar 3dvariability: %s -> %s", stack_path, outdir)
+    log.info("parameters: %s", params.to_dict())
+    files = []
+    if params.symmetry != "c1" and not params.var_input and executor.is_root():
+        rows = write_symmetrized_table(outdir / "symmetrized_particles.star", table, geo.rotations,
+                                       params.symmetry, pixel, box)
+        log.info("symmetry %s: %d expanded orientations written to symmetrized_particles.star",
+                 params.symmetry, rows)
+        files.append("symmetrized_particles.star")
+    if symmetrize_only:
+        _finish_outputs(outdir, params, executor, stack_path, files, None, n, box, pixel)
+        return None
+    store = None
+    mode_2d = not (params.var_input or params.snd)
+    sink = None
+    if mode_2d and (params.save_ave2d or params.save_var2d):
+        if executor.is_root():
+            store = sink = _MapStore(outdir, n, grid.nx, ave=params.save_ave2d, var=params.save_var2d)
+        else:  # other ranks compute maps for the root but keep none
+            sink = _discard_maps
+    try:
+        result = variability(table, images, params, pixel_size_A=pixel, executor=executor, progress=progress,
+                             map_sink=sink, source=stack_path)
+        if executor.is_root():
+            t0 = time.perf_counter()
+            if store is not None:
+                files += store.write(outdir, _table_2d(table, box, pixel), grid, pixel)
+            files += _write_volumes(outdir, result)
+            result.timings_s["writing"] = time.perf_counter() - t0
+    finally:
+        if store is not None:
+            store.close()
+        stack.close() if hasattr(stack, "close") else images.close()
+    _finish_outputs(outdir, params, executor, stack_path, files, result, n, box, pixel)
+    return result
+
+
+def _write_volumes(outdir: Path, result: VariabilityResult) -> list[str]:
+    from isavar.io import write_volume
+
+    files = []
+    write_volume(outdir / "var3D.mrc", result.var3d, result.pixel_size_A)
+    files.append("var3D.mrc")
+    if result.ave3d is not None:
+        write_volume(outdir / "ave3D.mrc", result.ave3d, result.pixel_size_A)
+        files.append("ave3D.mrc")
+    try:
+        from isavar.report.slices import save_variability_slices
+
+        save_variability_slices(outdir / "var3D_slices.png", result.var3d, result.ave3d,
+                                pixel_size_A=result.pixel_size_A)
+        files.append("var3D_slices.png")
+    except ImportError as exc:  # matplotlib missing: the figure is optional
+        log.warning("var3D_slices.png not written (%s)", exc)
+    return files
+
+
+def _finish_outputs(outdir, params, executor, stack_path, files, result, n, box, pixel) -> None:
+    if not executor.is_root():
+        return
+    summary = {"input": str(stack_path), "n_particles": n, "box": box, "pixel_size_A": pixel,
+               "parameters": params.to_dict(), "files": sorted(files)}
+    if result is not None:
+        summary.update(result.summary())
+    write_json(outdir / "summary.json", summary)
+    write_provenance(outdir, command="3dvariability", parameters=params.to_dict(), executor=executor,
+                     extra={"input": str(stack_path), "n_particles": n, "box": box})
+    log.info("outputs in %s: %s", outdir, ", ".join(sorted(files)))
+
+
+def _reconstruct_task(ctx: dict, rows: np.ndarray):
+    from isavar.core.ctf import ctf_2d
+    from isavar.core.reconstruct import FourierAccumulator
+
+    geo = ctx["geometry"]
+    box = ctx["box"]
+    acc = FourierAccumulator(box, npad=ctx["npad"], symmetry=ctx["symmetry"], interpolation=ctx["interpolation"])
+    ctf = None
+    if geo.ctf is not None:
+        c = geo.ctf
+        ctf = ctf_2d(box, ctx["pixel_size_A"], **{k: c[k][rows] for k in c})
+    acc.insert(ctx["images"][rows], geo.rotations[rows], origins_px=geo.origins_px[rows], ctf=ctf)
+    return rows.size, acc.data, acc.weights
+
+
+def run_reconstruct(stack_path, out_path, *, ctf: bool = False, symmetry: str = "c1", npad: int = 2,
+                    interpolation: str = "linear", mask_radius_px: float | None = None, chunk_size: int = 512,
+                    executor=None, progress=None, overwrite: bool = False) -> np.ndarray:
+    """Plain 3D reconstruction of oriented particles (``isavar reconstruct``).
+
+    Direct Fourier inversion (:class:`isavar.core.reconstruct.FourierAccumulator`)
+    of every image at its orientation and origin; with ``ctf`` the images are
+    CTF-weighted (Wiener-style). Chunks of images are spread over the executor
+    and their accumulators summed in chunk order.
+
+    Parameters
+    ----------
+    stack_path : path-like
+        Particles with orientations (and CTF parameters with ``ctf``).
+    out_path : path-like
+        Output ``.mrc`` (or ``.hdf``); voxel size = input pixel size.
+    ctf : bool
+        CTF-weighted reconstruction.
+    symmetry : str
+        Point group imposed.
+    npad : int
+        Padding factor.
+    interpolation : {"linear", "nearest"}
+        Fourier gridding kernel.
+    mask_radius_px : float, optional
+        Zero voxels beyond this radius (default: no mask).
+    chunk_size : int
+        Images per task.
+    executor, progress
+        Execution and progress reporting.
+    overwrite : bool
+        Replace an existing output file.
+
+    Returns
+    -------
+    numpy.ndarray
+        The volume.
+    """
+    from isavar.core.reconstruct import FourierAccumulator
+    from isavar.io import write_volume
+    from isavar.parallel.serial import SerialExecutor
+    from isavar.variability.params import normalise_symmetry
+
+    executor = executor or SerialExecutor()
+    progress = progress or NullProgress()
+    out_path = Path(out_path)
+    if out_path.exists() and not overwrite:
+        raise InputError("output file exists (choose a new name)", path=out_path)
+    symmetry = normalise_symmetry(symmetry)
+    stack, pixel = _read_input(Path(stack_path))
+    n, box = len(stack.images), int(stack.images.shape[-1])
+    geo = particle_geometry(stack.table, pixel, need_ctf=ctf, source=stack_path)
+    ctx = {"geometry": geo, "box": box, "npad": int(npad), "symmetry": symmetry, "interpolation": interpolation,
+           "pixel_size_A": pixel, "images": stack.images}
+    import functools
+
+    task = functools.partial(_reconstruct_task, ctx)
+    acc = FourierAccumulator(box, npad=int(npad), symmetry=symmetry, interpolation=interpolation)
+    chunks = [np.arange(s, min(n, s + chunk_size)) for s in range(0, n, chunk_size)]
+    progress.stage("reconstruction", total=n)
+    step = max(1, int(getattr(executor, "workers", 1)))
+    for w in range(0, len(chunks), step):
+        for k, data, weights in executor.map(task, chunks[w:w + step]):
+            acc.data += data
+            acc.weights += weights
+            progress.advance(k)
+    progress.close()
+    volume = acc.finish()
+    if mask_radius_px is not None and mask_radius_px > 0:
+        volume = np.where(vol.spherical_mask(box, mask_radius_px), volume, np.float32(0)).astype(np.float32)
+    if executor.is_root():
+        write_volume(out_path, volume, pixel, overwrite=overwrite)
+        log.info("reconstructed %d particles (box %d, %s, symmetry %s) -> %s", n, box,
+                 "CTF-weighted" if ctf else "no CTF", symmetry, out_path)
+    return volume
