@@ -7,6 +7,8 @@ import pickle
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from isavar.errors import InputError
 from isavar.io import (
@@ -95,3 +97,17 @@ def test_validate_reports_problems():
 def test_row_count_mismatch(tmp_path, rng):
     with pytest.raises(ValueError, match="3 images but the table has 2 rows"):
         write_particles(tmp_path / "a.star", random_images(rng, 3, 8), full_table(rng, 2), pixel_size_A=1.0)
+
+
+@pytest.mark.parametrize("suffix", ["star", "hdf", "cs"])
+@settings(max_examples=8, deadline=None)
+@given(n=st.integers(1, 6), box=st.integers(2, 9), seed=st.integers(0, 2**31))
+def test_table_round_trip_property(tmp_path_factory, suffix, n, box, seed):
+    rng = np.random.default_rng(seed)
+    images, table = random_images(rng, n, box), full_table(rng, n)
+    path = tmp_path_factory.mktemp("rt") / f"p.{suffix}"
+    write_particles(path, images, table, pixel_size_A=float(rng.uniform(0.5, 5.0)))
+    stack = read_particles(path)
+    np.testing.assert_array_equal(stack.images[:], images)
+    assert_tables_match(stack.table, table)
+    stack.close()

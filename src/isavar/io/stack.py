@@ -107,12 +107,13 @@ class LazyImages:
             detail = ", ".join(f"{s.path}: {s.box}" for s in self._sources[:4])
             raise InputError(f"images have mixed box sizes ({detail})", path=self._sources[0].path)
         self._box = boxes.pop() if boxes else 0
-        for sid, src in enumerate(self._sources):
-            sel = self._indices[self._source_ids == sid]
-            if sel.size and (sel.max() >= src.n or sel.min() < 0):
-                bad = int(sel.max()) if sel.max() >= src.n else int(sel.min())
-                raise InputError(f"image index {bad + 1} (1-based) is past the end of the stack, "
-                                 f"which holds {src.n} images", path=src.path)
+        if self._indices.size:
+            counts = np.array([s.n for s in self._sources], dtype=np.int64)
+            bad = np.flatnonzero((self._indices >= counts[self._source_ids]) | (self._indices < 0))
+            if bad.size:
+                src = self._sources[int(self._source_ids[bad[0]])]
+                raise InputError(f"image index {int(self._indices[bad[0]]) + 1} (1-based) is past the end of the "
+                                 f"stack, which holds {src.n} images", path=src.path)
         self._handles: OrderedDict[int, object] = OrderedDict()
 
     @classmethod
@@ -239,6 +240,11 @@ class LazyImages:
             return out
         sids = self._source_ids[rows]
         idx = self._indices[rows]
+        if sids[0] == sids[-1] and (sids == sids[0]).all() and (idx.size == 1 or (np.diff(idx) == 1).all()):
+            src = self._sources[int(sids[0])]
+            block = np.asarray(src.read(self._handle(int(sids[0])), idx), dtype=np.float32)
+            _check_finite(block, src.path, idx)
+            return block
         for sid in np.unique(sids):
             where = np.flatnonzero(sids == sid)
             src = self._sources[int(sid)]
