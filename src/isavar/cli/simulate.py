@@ -60,7 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="built-in phantom: blob (asymmetric), two_state (blob and blob minus one domain), "
                              "or a symmetric one: c<n>, d<n>, tet, oct, icos")
     parser.add_argument("--n", type=int, default=1000, help="number of images (default 1000)")
-    parser.add_argument("--box", type=int, default=64, help="box size in pixels for --pdb/--phantom (default 64)")
+    parser.add_argument("--box", type=int, default=None,
+                        help="box size in pixels for --pdb/--phantom (default 64); with --volume it must match "
+                             "the map")
     parser.add_argument("--apix", type=float, default=None,
                         help="pixel size in Å/pixel (default 2.0 for --pdb/--phantom, the map's voxel size "
                              "for --volume)")
@@ -113,7 +115,7 @@ def _check_options(args) -> None:
 
     if args.n < 1:
         raise InputError(f"--n must be >= 1, got {args.n}")
-    if args.box < 8:
+    if args.box is not None and args.box < 8:
         raise InputError(f"--box must be >= 8, got {args.box}")
     if args.apix is not None and not args.apix > 0:
         raise InputError(f"--apix must be positive, got {args.apix}")
@@ -153,22 +155,26 @@ def _load_primary(args) -> tuple[list[np.ndarray], float, dict]:
     """The main volume(s), the pixel size and a description for provenance."""
     from isavar.synthetic import phantom_volume, volume_from_model
 
+    box = 64 if args.box is None else args.box
     if args.phantom is not None:
         apix = 2.0 if args.apix is None else args.apix
         try:
-            vols = phantom_volume(args.phantom, args.box, apix)
+            vols = phantom_volume(args.phantom, box, apix)
         except ValueError as exc:
             raise InputError(f"--phantom: {exc}") from exc
         vols = list(vols) if isinstance(vols, tuple) else [vols]
         return vols, apix, {"phantom": args.phantom}
     if args.pdb is not None:
         apix = 2.0 if args.apix is None else args.apix
-        vol = volume_from_model(args.pdb, args.box, apix, resolution_A=args.resolution)
+        vol = volume_from_model(args.pdb, box, apix, resolution_A=args.resolution)
         return [vol], apix, {"pdb": str(Path(args.pdb).resolve()), "resolution_A": args.resolution or 3.0 * apix}
     from isavar.io import read_volume
 
     vol, voxel = read_volume(args.volume)
     vol = _check_cube(vol, args.volume)
+    if args.box is not None and args.box != vol.shape[0]:
+        raise InputError(f"map box is {vol.shape[0]}, --box asks for {args.box} (resample the map first)",
+                         path=args.volume)
     if args.apix is not None:
         if voxel and abs(voxel - args.apix) > 1e-3 * args.apix:
             log.warning("%s: voxel size %.4g Å in the header, using --apix %.4g Å", args.volume, voxel, args.apix)
@@ -246,10 +252,6 @@ def run(args: argparse.Namespace) -> int:
     symmetry = _default_symmetry(args)
     seed = int(args.seed) if args.seed is not None else int(np.random.SeedSequence().entropy % 2**63)
 
-    out.mkdir(parents=True, exist_ok=True)
-    setup_logging(args, log_file=out / "simulate.log")
-    log.info("simulating %d images of %d px at %.4g Å/px from %d volume(s), seed %d", args.n, volumes[0].shape[0],
-             apix, len(volumes), seed)
     try:
         plan = plan_simulation(volumes, args.n, pixel_size_A=apix, snr=args.snr,
                                defocus_range_A=tuple(d * 1e4 for d in args.defocus), ctf=not args.no_ctf,
@@ -260,6 +262,14 @@ def run(args: argparse.Namespace) -> int:
                                rng=seed)
     except ValueError as exc:
         raise InputError(str(exc)) from exc
+
+    # Nothing is written before every input and option has been accepted.
+    out.mkdir(parents=True, exist_ok=True)
+    setup_logging(args, log_file=out / "simulate.log")
+    log.info("simulating %d images of %d px at %.4g Å/px from %d volume(s) (weights %s), seed %d", plan.n,
+             plan.box, apix, len(plan.volumes), ", ".join(f"{w:.3g}" for w in weights), seed)
+    log.info("SNR %s: noise sigma %.4g (signal variance %.4g inside r = %.1f px)", args.snr, plan.noise_sigma,
+             plan.signal_variance, plan.mask_radius_px)
 
     volume_files = []
     for k, vol in enumerate(plan.volumes):

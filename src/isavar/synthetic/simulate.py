@@ -415,7 +415,7 @@ def apply_ctf(images: np.ndarray, table: pd.DataFrame, pixel_size_A: float) -> n
     return np.fft.irfft2(spectrum, s=(ny, nx)).astype(np.float32)
 
 
-def clean_images(volumes, table: pd.DataFrame, rows=None) -> np.ndarray:
+def clean_images(volumes, table: pd.DataFrame, rows=None, *, projectors=None) -> np.ndarray:
     """Noise-free images of table rows, rendered from their ``true_*`` columns.
 
     Parameters
@@ -426,6 +426,9 @@ def clean_images(volumes, table: pd.DataFrame, rows=None) -> np.ndarray:
         Simulation table (see :func:`draw_particle_table`).
     rows : array_like of int, optional
         Positional rows to render (default all).
+    projectors : sequence, optional
+        One :class:`isavar.core.projection.Projector` per volume, to reuse the
+        prepared 3D transforms across calls (built here when absent).
 
     Returns
     -------
@@ -434,7 +437,7 @@ def clean_images(volumes, table: pd.DataFrame, rows=None) -> np.ndarray:
         multiplied by the CTF when the table has ``true_defocus_u_A``; zero for
         pure-noise rows.
     """
-    from isavar.core.projection import project
+    from isavar.core.projection import Projector
 
     vols = as_volume_list(volumes)
     sub = table if rows is None else table.iloc[np.asarray(rows, dtype=np.int64)]
@@ -450,7 +453,8 @@ def clean_images(volumes, table: pd.DataFrame, rows=None) -> np.ndarray:
                            sub["true_origin_y_A"].to_numpy(np.float64)], axis=1) / apix
     for s in np.unique(states[states >= 0]):
         sel = np.flatnonzero(states == s)
-        out[sel] = project(vols[s], rotations[sel], origins_px=origins_px[sel])
+        projector = projectors[s] if projectors is not None else Projector(vols[s])
+        out[sel] = projector.project(rotations[sel], origins_px=origins_px[sel])
     if "true_defocus_u_A" in sub.columns and len(sub):
         out = apply_ctf(out, sub, apix)
         out[states < 0] = 0.0
@@ -486,7 +490,7 @@ def noise_images(indices, box: int, sigma: float, entropy: int) -> np.ndarray:
 
 
 def noise_sigma_for_snr(volumes, table: pd.DataFrame, snr: float | None, *, mask_radius_px: float,
-                        n_calibration: int = N_CALIBRATION) -> tuple[float, float]:
+                        n_calibration: int = N_CALIBRATION, projectors=None) -> tuple[float, float]:
     """Noise standard deviation giving the requested SNR (definition in the module docstring).
 
     Parameters
@@ -501,6 +505,8 @@ def noise_sigma_for_snr(volumes, table: pd.DataFrame, snr: float | None, *, mask
         Radius of the disc over which the signal variance is measured.
     n_calibration : int
         Number of particle images (the first ones of the table) used.
+    projectors : sequence, optional
+        Prepared projectors, as in :func:`clean_images`.
 
     Returns
     -------
@@ -513,7 +519,8 @@ def noise_sigma_for_snr(volumes, table: pd.DataFrame, snr: float | None, *, mask
     if signal_rows.size == 0:
         signal_variance = float("nan")
     else:
-        signal_variance = float(masked_variance(clean_images(volumes, table, signal_rows), mask_radius_px).mean())
+        signal_variance = float(masked_variance(clean_images(volumes, table, signal_rows, projectors=projectors),
+                                                mask_radius_px).mean())
     if snr is None or math.isinf(snr):
         return 0.0, signal_variance
     if not snr > 0:
@@ -574,10 +581,18 @@ class SimulationPlan:
         """Image size in pixels."""
         return int(self.volumes[0].shape[0])
 
+    def projectors(self) -> list:
+        """One prepared :class:`isavar.core.projection.Projector` per volume (built once, then reused)."""
+        if "_projectors" not in self.__dict__:
+            from isavar.core.projection import Projector
+
+            object.__setattr__(self, "_projectors", [Projector(v) for v in self.volumes])
+        return self.__dict__["_projectors"]
+
     def render(self, start: int, stop: int) -> np.ndarray:
         """Images ``start:stop`` (float32 ``(stop - start, N, N)``), noise included."""
         rows = np.arange(start, stop)
-        images = clean_images(self.volumes, self.table, rows)
+        images = clean_images(self.volumes, self.table, rows, projectors=self.projectors())
         if self.noise_sigma > 0:
             images += noise_images(rows, self.box, self.noise_sigma, self.noise_entropy)
         return images
@@ -661,12 +676,18 @@ def plan_simulation(volumes, n: int, *, pixel_size_A: float, snr: float | None =
         radius = max(particle_radius_px(v) for v in vols if np.any(v > 0)) if any(np.any(v > 0) for v in vols) \
             else box // 2 - 1
         mask_radius_px = float(min(max(radius, 2.0), box // 2 - 1))
-    sigma, signal_variance = noise_sigma_for_snr(vols, table, snr, mask_radius_px=mask_radius_px)
     entropy = int(noise_rng.integers(0, 2**63 - 1))
+    from isavar.core.projection import Projector
+
+    projectors = [Projector(v) for v in vols]
+    sigma, signal_variance = noise_sigma_for_snr(vols, table, snr, mask_radius_px=mask_radius_px,
+                                                 projectors=projectors)
     log.debug("simulation: %d images, box %d, sigma %.4g (signal variance %.4g in r=%.1f px)", n, box, sigma,
               signal_variance, mask_radius_px)
-    return SimulationPlan(vols, table, float(pixel_size_A), None if snr is None or math.isinf(snr) else float(snr),
+    plan = SimulationPlan(vols, table, float(pixel_size_A), None if snr is None or math.isinf(snr) else float(snr),
                           sigma, signal_variance, float(mask_radius_px), entropy, sym, str(orientations))
+    object.__setattr__(plan, "_projectors", projectors)
+    return plan
 
 
 def simulate_particles(volumes, n: int, *, pixel_size_A: float, snr: float | None = 0.1,
