@@ -1,0 +1,591 @@
+"""Batched 2-D alignment: global rotation + mirror, local translation (SPHIRE ``ormq`` / multi-reference search).
+
+For every image, every trial translation on a local grid around the image's current particle centre and
+every reference, the full rotational cross-correlation curve (straight and x-mirrored) is computed with
+the ring geometry of :mod:`isavar.core.polar` (spec isac2 §4.4-§4.8), its peak refined with a 7-point
+least-squares parabola, and the best (angle, translation, mirror) kept.
+
+Parameter convention (spec §0.1, :mod:`isavar.core.params2d`): a parameter set ``(alpha, sx, sy, mirror)``
+maps a point ``q`` (relative to the image centre ``N // 2``) to ``M^m (R(alpha) q + t)`` with
+``R(alpha) = [[cos, sin], [-sin, cos]]`` and ``M = diag(-1, 1)``. The returned parameters are the ones
+that, *applied to the image* (content at ``q`` moved to ``T(q)``, ``core.transform2d.transform_images``),
+align it to the reference. Angles are degrees in ``(-180, 180]``, shifts pixels.
+
+How it is computed (all float32, chunked over images and references):
+
+1. the polar samples of every image at every trial centre come from one vectorised gather per chunk
+   (integer translation steps share the bilinear weights, so every pixel is fetched once per centre);
+2. ring real FFTs, batched per ring length;
+3. for every ring frequency band (frequencies shared by the same set of rings) one real matrix product
+   ``[Re B | Im B] (n_images * n_shifts, 2 n_rings) @ W (2 n_rings, 4 n_refs)`` gives the straight
+   (``sum_r w_r A conj B``) and mirrored (``sum_r w_r conj(A B)``: the spectrum of the mirrored ring is
+   ``conj B`` and the mirror curve runs backwards in alpha, see :mod:`isavar.core.polar`) cross-spectra of
+   all pairs at once;
+4. one batched inverse real FFT of length ``maxrin`` yields all correlation curves; peak search,
+   parabola refinement, straight/mirror and translation selection are vectorised.
+
+SPHIRE's ring normalisation of the image (``Normalize_ring``, used in the multi-reference search) is
+applied exactly but cheaply: because the correlation is linear in the image rings, normalising the rings
+maps every curve to ``(c - mean * S_ref) / std`` with ``S_ref = sum_r r (2 pi / n_r) sum_j a_r(phi_j)``;
+the affine map has a positive slope, so the peak position and parabola offset are unchanged and only the
+peak values are transformed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.fft
+
+from isavar.conventions import wrap_degrees
+from isavar.core.polar import (
+    PolarGrid,
+    _gather_polar,
+    check_fits,
+    polar_transform,
+    reference_spectra,
+    ring_spectra,
+)
+
+__all__ = [
+    "MultiRefAlignment",
+    "RefAlignment",
+    "PreparedReferences",
+    "prepare_references",
+    "align_to_references",
+    "align_to_reference",
+    "search_offsets",
+    "peak_offset",
+]
+
+#: default number of (image x trial shift x reference) pairs processed at once (bounds memory to
+#: about 2 * 4 * maxrin * 4 bytes per pair, ~70 MB for maxrin = 256)
+DEFAULT_PAIR_BUDGET = 8192
+
+
+@dataclass(frozen=True)
+class MultiRefAlignment:
+    """Best alignment of every image to every reference.
+
+    All arrays have shape ``(n_images, n_refs)``.
+
+    Attributes
+    ----------
+    score : float32
+        Peak value of the (ring-normalised, if requested) rotational correlation at the best
+        translation (SPHIRE ``d[k, i]``); larger is better.
+    alpha, sx, sy : float32
+        Parameters (degrees, pixels) that applied to the image align it to the reference (§0.1).
+    mirror : int8
+        0 or 1.
+    """
+
+    score: np.ndarray
+    alpha: np.ndarray
+    sx: np.ndarray
+    sy: np.ndarray
+    mirror: np.ndarray
+
+    @property
+    def params(self) -> np.ndarray:
+        """float64 ``(..., 4)`` array of ``(alpha, sx, sy, mirror)``."""
+        return np.stack([self.alpha, self.sx, self.sy, self.mirror], axis=-1).astype(np.float64)
+
+
+@dataclass(frozen=True)
+class RefAlignment(MultiRefAlignment):
+    """Best alignment of every image to one reference; the same fields with shape ``(n_images,)``."""
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedReferences:
+    """References resampled on the rings, FFT'd, weighted and arranged for the batched search.
+
+    Build with :func:`prepare_references`; reuse it across image chunks (e.g. one executor task per
+    chunk) to avoid recomputing the reference side.
+
+    Attributes
+    ----------
+    grid : PolarGrid
+    box : int
+        Image size N the references (and images) have.
+    n_refs : int
+    mirror : bool
+        Whether the mirrored correlation is prepared.
+    ring_sum : (n_refs,) float64
+        ``sum_r r (2 pi / n_r) sum_j a_r(phi_j)`` (used by the ring normalisation).
+    bands : tuple
+        Per frequency band ``(m_lo, m_hi, first_ring, W)`` with ``W`` float32 of shape
+        ``(m_hi - m_lo, 2 * n_band_rings, n_refs * n_cols)``, ``n_cols`` = 4 (mirror) or 2.
+    """
+
+    grid: PolarGrid
+    box: int
+    n_refs: int
+    mirror: bool
+    ring_sum: np.ndarray
+    bands: tuple
+
+
+def _freq_bands(grid: PolarGrid):
+    """Bands of ring frequencies shared by the same rings: (m_lo, m_hi (exclusive), first ring, group index)."""
+    bands = []
+    m_lo = 0
+    for gi, (n_r, r0, _r1, _s0, _s1) in enumerate(grid.groups):
+        m_hi = n_r // 2 + 1
+        if m_hi > m_lo:
+            bands.append((m_lo, m_hi, r0, gi))
+        m_lo = m_hi
+    return bands
+
+
+def prepare_references(references, grid: PolarGrid, *, mirror: bool = True) -> PreparedReferences:
+    """Prepare references for :func:`align_to_references` / :func:`align_to_reference`.
+
+    The references are polar-sampled at the image centre (no shift, no ring normalisation),
+    ring-FFT'd and weighted (SPHIRE ``Frngs`` + ``Applyws``, see :func:`isavar.core.polar.reference_spectra`).
+
+    Parameters
+    ----------
+    references : (n_refs, N, N) or (N, N) array_like
+    grid : PolarGrid
+        Ring geometry (mode "F").
+    mirror : bool
+        Prepare the mirrored correlation as well.
+
+    Returns
+    -------
+    PreparedReferences
+    """
+    if grid.mode != "F":
+        raise ValueError("the aligner needs a full-circle ('F') polar grid")
+    refs = np.asarray(references, dtype=np.float32)
+    if refs.ndim == 2:
+        refs = refs[None]
+    if refs.ndim != 3 or refs.shape[1] != refs.shape[2]:
+        raise ValueError(f"references must be (n, N, N) or (N, N) square, got shape {np.shape(references)}")
+    box = refs.shape[1]
+    check_fits(grid, box)
+    n_refs = refs.shape[0]
+    polar = polar_transform(refs, grid)                                     # (K, L)
+    ring_sum = polar.astype(np.float64) @ grid.sample_weights
+    spectra = reference_spectra(polar, grid)                                # per group (K, R_g, M_g)
+    n_cols = 4 if mirror else 2
+    bands = []
+    for m_lo, m_hi, r_first, g_first in _freq_bands(grid):
+        n_band = m_hi - m_lo
+        n_rings = grid.n_rings - r_first
+        a = np.empty((n_band, n_rings, n_refs), dtype=np.complex64)        # (m, r, k)
+        for g in range(g_first, len(grid.groups)):
+            _, r0, r1, _, _ = grid.groups[g]
+            a[:, r0 - r_first:r1 - r_first, :] = spectra[g][:, :, m_lo:m_hi].transpose(2, 1, 0)
+        w = np.empty((n_band, 2 * n_rings, n_refs, n_cols), dtype=np.float32)
+        are, aim = a.real, a.imag
+        # rows [0, R) multiply Re B, rows [R, 2R) multiply Im B
+        w[:, :n_rings, :, 0], w[:, n_rings:, :, 0] = are, aim              # Re sum A conj B
+        w[:, :n_rings, :, 1], w[:, n_rings:, :, 1] = aim, -are             # Im sum A conj B
+        if mirror:
+            w[:, :n_rings, :, 2], w[:, n_rings:, :, 2] = are, -aim         # Re sum conj(A B)
+            w[:, :n_rings, :, 3], w[:, n_rings:, :, 3] = -aim, -are        # Im sum conj(A B)
+        bands.append((m_lo, m_hi, r_first, w.reshape(n_band, 2 * n_rings, n_refs * n_cols)))
+    return PreparedReferences(grid=grid, box=box, n_refs=n_refs, mirror=bool(mirror),
+                              ring_sum=ring_sum, bands=tuple(bands))
+
+
+def peak_offset(values) -> np.ndarray:
+    """Vertex offset of the least-squares parabola through 7 equally spaced samples (SPHIRE ``prb1d``).
+
+    Parameters
+    ----------
+    values : (..., 7) array_like
+        Samples at positions -3 .. 3 around an integer maximum.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 ``(...)`` offset of the vertex from the centre sample (unclamped; 0 where the fitted
+        curvature is 0).
+    """
+    y = np.asarray(values, dtype=np.float64)
+    d = np.arange(-3, 4, dtype=np.float64)
+    lin = (y @ d) / 28.0
+    quad = (y @ (d * d - 4.0)) / 84.0
+    safe = np.where(quad != 0.0, quad, 1.0)
+    return np.where(quad != 0.0, -lin / (2.0 * safe), 0.0)
+
+
+def search_offsets(centre, box: int, last_ring: int, search_range: float, step: float):
+    """Allowed trial offsets along one axis (SPHIRE ``search_range``).
+
+    Parameters
+    ----------
+    centre : array_like
+        Particle-centre coordinate ``s`` (pixels from ``box // 2``) of every image.
+    box, last_ring : int
+        Image size N and outer ring radius ``ou``.
+    search_range, step : float
+        Maximum translation (``xr``) and step (``ts``) in pixels.
+
+    Returns
+    -------
+    k_lo, k_hi : numpy.ndarray
+        int arrays: trial offsets are ``k * step`` for ``k_lo <= k <= k_hi`` (``k_lo <= 0 <= k_hi``), with
+        ``left = min(N//2 - ou - 1 + s, xr)``, ``right = min(N - N//2 - 1 - s - ou, xr)`` clipped at 0,
+        ``k_lo = -int(left / step)``, ``k_hi = int(right / step)``.
+    """
+    s = np.asarray(centre, dtype=np.float64)
+    left = np.clip(np.minimum(box // 2 - last_ring - 1 + s, search_range), 0.0, None)
+    right = np.clip(np.minimum(box - box // 2 - 1 - s - last_ring, search_range), 0.0, None)
+    return -np.floor(left / step + 1e-9).astype(np.int64), np.floor(right / step + 1e-9).astype(np.int64)
+
+
+def _parse_params(initial_params, n: int):
+    """(alpha, sx, sy, mirror) float64 arrays (n,) from None, an (n, 4) array or an object with fields."""
+    if initial_params is None:
+        z = np.zeros(n)
+        return z, z.copy(), z.copy(), z.copy()
+    if hasattr(initial_params, "alpha"):
+        cols = [np.asarray(getattr(initial_params, k), dtype=np.float64) for k in ("alpha", "sx", "sy", "mirror")]
+    else:
+        arr = np.asarray(initial_params, dtype=np.float64)
+        if arr.ndim != 2 or arr.shape[1] != 4:
+            raise ValueError(f"initial_params must be (n, 4) [alpha, sx, sy, mirror], got shape {arr.shape}")
+        cols = [arr[:, i] for i in range(4)]
+    cols = [np.broadcast_to(c, (n,)).astype(np.float64) for c in cols]
+    if cols[0].shape != (n,):
+        raise ValueError(f"initial_params must describe {n} images")
+    return tuple(cols)
+
+
+def particle_centres(initial_params, n: int, box: int, last_ring: int, *, center_shift=None,
+                     out_of_range: str = "clamp") -> np.ndarray:
+    """Particle centres ``s = -R(-alpha) t`` (pixels from ``box // 2``) of the current parameters (spec §4.8 steps 1-2).
+
+    Parameters
+    ----------
+    initial_params : None, (n, 4) array_like or object with alpha/sx/sy/mirror arrays
+    n, box, last_ring : int
+    center_shift : (2,) array_like, optional
+        ``cs``: parameters are first combined with ``(0, -cs, 0)`` (``ali2d_single_iter``).
+    out_of_range : {"clamp", "reset"}
+        With ``mashi = box // 2 - last_ring - 1``: "clamp" clips each coordinate of s to ``[-mashi, mashi]``
+        (``ali2d_single_iter``), "reset" sets s to 0 when either coordinate exceeds mashi
+        (the EQK-means step, where the image's parameters are reset to identity).
+
+    Returns
+    -------
+    (n, 2) float64 array ``(s_x, s_y)``.
+    """
+    alpha, sx, sy, mirror = _parse_params(initial_params, n)
+    if center_shift is not None:
+        cs = np.asarray(center_shift, dtype=np.float64).reshape(2)
+        # combine(P, (0, -cs, 0)): t - cs without mirror, t + (cs_x, -cs_y) with mirror
+        sx = np.where(mirror > 0.5, sx + cs[0], sx - cs[0])
+        sy = sy - cs[1]
+    a = np.deg2rad(alpha)
+    ca, sa = np.cos(a), np.sin(a)
+    s = np.stack([-(ca * sx - sa * sy), -(sa * sx + ca * sy)], axis=-1)
+    mashi = box // 2 - last_ring - 1
+    if out_of_range == "clamp":
+        s = np.clip(s, -mashi, mashi)
+    elif out_of_range == "reset":
+        s[np.any(np.abs(s) > mashi, axis=-1)] = 0.0
+    else:
+        raise ValueError(f"out_of_range must be 'clamp' or 'reset', got {out_of_range!r}")
+    return s
+
+
+def _discrete_columns(maxrin: int, delta: float) -> np.ndarray | None:
+    """Correlation indices examined by a discrete-angle pass (SPHIRE ``Crosrng_ms_delta``), None for delta = 0."""
+    if delta <= 0:
+        return None
+    jstep = max(1, int(delta / 360.0 * maxrin))
+    return np.arange(0, maxrin, jstep)
+
+
+def _curves_peaks(prep: PreparedReferences, spectra, n_rows: int, k0: int, k1: int, delta_cols):
+    """Peak of every correlation curve for image rows x references [k0, k1).
+
+    Returns peak value and peak position (fractional index into the maxrin curve), each
+    (n_rows, k1 - k0, n_curves) with n_curves = 2 (straight, mirror) or 1.
+    """
+    grid = prep.grid
+    n_cols = 4 if prep.mirror else 2
+    n_k = k1 - k0
+    x = np.empty((grid.n_freq, n_rows, n_k * n_cols), dtype=np.float32)
+    for (m_lo, m_hi, _r, w), b in zip(prep.bands, spectra):
+        wk = w[:, :, k0 * n_cols:k1 * n_cols]
+        np.matmul(b, wk, out=x[m_lo:m_hi])
+    xc = x.view(np.complex64)                                                # (M, rows, n_k * n_cols / 2)
+    corr = scipy.fft.irfft(xc, n=grid.maxrin, axis=0)                       # (maxrin, rows, n_k * curves)
+    n_curves = n_cols // 2
+    maxrin = grid.maxrin
+    # reversed angle order so that argmax (first maximum) returns the last maximal index (SPHIRE ties)
+    crev = np.ascontiguousarray(corr.reshape(maxrin, -1)[::-1].T)           # (Q, maxrin)
+    q = crev.shape[0]
+    if delta_cols is None:
+        irev = np.argmax(crev, axis=1)
+        peak = crev[np.arange(q), irev]
+        nb = (irev[:, None] - np.arange(-3, 4)[None, :]) % maxrin          # samples at j + d, d = -3..3
+        frac = peak_offset(np.take_along_axis(crev, nb, axis=1))
+        pos = (maxrin - 1 - irev) + frac
+    else:
+        cols_rev = (maxrin - 1 - delta_cols)[::-1]
+        sub = crev[:, cols_rev]
+        p = np.argmax(sub, axis=1)
+        peak = sub[np.arange(q), p]
+        pos = (maxrin - 1 - cols_rev[p]).astype(np.float64)
+    shape = (n_rows, n_k, n_curves)
+    return peak.reshape(shape), pos.reshape(shape)
+
+
+def _band_spectra(prep: PreparedReferences, polar: np.ndarray) -> list[np.ndarray]:
+    """Image ring spectra rearranged per frequency band as real ``(m, rows, [Re | Im] rings)`` arrays."""
+    grid = prep.grid
+    spectra = ring_spectra(polar, grid)                                      # per group (rows, R_g, M_g)
+    rows = polar.shape[0]
+    out = []
+    for m_lo, m_hi, r_first, w in prep.bands:
+        n_rings = grid.n_rings - r_first
+        b = np.empty((m_hi - m_lo, rows, 2 * n_rings), dtype=np.float32)
+        for g, (n_r, r0, r1, _s0, _s1) in enumerate(grid.groups):
+            if r1 <= r_first:
+                continue
+            blk = spectra[g][:, :, m_lo:m_hi].transpose(2, 0, 1)               # (m, rows, R_g)
+            b[:, :, r0 - r_first:r1 - r_first] = blk.real
+            b[:, :, n_rings + r0 - r_first:n_rings + r1 - r_first] = blk.imag
+        out.append(b)
+    return out
+
+
+def _search_chunk(prep: PreparedReferences, images: np.ndarray, s: np.ndarray, kx: np.ndarray, ky: np.ndarray,
+                  step: float, valid: np.ndarray, delta_cols, normalize: bool, ref_block: int):
+    """Best (score, alpha, ix, iy, mirror) per (image, reference) for one chunk of images."""
+    grid = prep.grid
+    n, box = images.shape[0], images.shape[1]
+    flat = images.reshape(-1)
+    centre = float(box // 2)
+    n_sh = ky.size * kx.size
+    if float(step).is_integer():
+        ox = (kx * int(step)).astype(np.int64)
+        oy = (ky * int(step)).astype(np.int64)
+        polar = _gather_polar(flat, box, np.arange(n), centre + s[:, 0], centre + s[:, 1], grid, ox, oy)
+    else:
+        offx = np.broadcast_to((kx * step)[None, :], (ky.size, kx.size)).reshape(-1)
+        offy = np.broadcast_to((ky * step)[:, None], (ky.size, kx.size)).reshape(-1)
+        polar = _gather_polar(flat, box, np.repeat(np.arange(n), n_sh),
+                              (centre + s[:, 0:1] + offx[None]).reshape(-1),
+                              (centre + s[:, 1:2] + offy[None]).reshape(-1),
+                              grid, np.zeros(1, np.int64), np.zeros(1, np.int64))
+    polar = polar.reshape(n * n_sh, grid.lcirc)                              # rows = (image, iy, ix)
+    if normalize:
+        wts = (grid.sample_weights / grid.sample_weights.sum()).astype(np.float32)
+        mean = (polar @ wts).astype(np.float64)
+        var = np.maximum((polar * polar) @ wts - mean * mean, 0.0)
+        std = np.sqrt(var)
+        std = np.where(std > 0, std, 1.0)
+    spectra = _band_spectra(prep, polar)
+    n_refs = prep.n_refs
+    n_curves = 2 if prep.mirror else 1
+    best_score = np.empty((n, n_refs), np.float32)
+    best_alpha = np.empty((n, n_refs), np.float64)
+    best_shift = np.empty((n, n_refs), np.int64)
+    best_mirror = np.empty((n, n_refs), np.int8)
+    for k0 in range(0, n_refs, ref_block):
+        k1 = min(n_refs, k0 + ref_block)
+        peak, pos = _curves_peaks(prep, spectra, n * n_sh, k0, k1, delta_cols)
+        peak = peak.astype(np.float64)
+        if normalize:
+            peak = (peak - mean[:, None, None] * prep.ring_sum[None, k0:k1, None]) / std[:, None, None]
+        if n_curves == 2:
+            use_m = peak[..., 1] > peak[..., 0]                              # straight wins ties
+            score = np.where(use_m, peak[..., 1], peak[..., 0])
+            p = np.where(use_m, pos[..., 1], pos[..., 0])
+        else:
+            use_m = np.zeros(peak.shape[:2], bool)
+            score = peak[..., 0]
+            p = pos[..., 0]
+        score = score.reshape(n, n_sh, k1 - k0)
+        score = np.where(valid[:, :, None], score, -np.inf)
+        # later translations win ties: first maximum of the reversed translation order
+        jrev = np.argmax(score[:, ::-1, :], axis=1)
+        j = n_sh - 1 - jrev                                                   # (n, k)
+        take = j[:, None, :]
+        best_score[:, k0:k1] = np.take_along_axis(score, take, axis=1)[:, 0]
+        p = np.take_along_axis(p.reshape(n, n_sh, k1 - k0), take, axis=1)[:, 0]
+        best_alpha[:, k0:k1] = np.mod(360.0 * p / grid.maxrin, 360.0)
+        best_shift[:, k0:k1] = j
+        best_mirror[:, k0:k1] = np.take_along_axis(use_m.reshape(n, n_sh, k1 - k0), take, axis=1)[:, 0]
+    iy = ky[best_shift // kx.size] * step
+    ix = kx[best_shift % kx.size] * step
+    return best_score, best_alpha, ix, iy, best_mirror
+
+
+def _assemble(alpha, ix, iy, s):
+    """Parameters combine((0, -s, 0), (alpha, R(alpha)(-ix, -iy), m)) = (alpha, -R(alpha)(s + d), m)."""
+    a = np.deg2rad(alpha)
+    ca, sa = np.cos(a), np.sin(a)
+    wx = s[:, 0:1] + ix
+    wy = s[:, 1:2] + iy
+    sx = -(ca * wx + sa * wy)
+    sy = -(-sa * wx + ca * wy)
+    return wrap_degrees(alpha), sx, sy
+
+
+def _run(images, prep: PreparedReferences, *, x_range, y_range, step, delta, normalize, s, chunk_size,
+         pair_budget):
+    grid = prep.grid
+    stack = np.asarray(images, dtype=np.float32)
+    n, box = stack.shape[0], stack.shape[1]
+    if box != prep.box:
+        raise ValueError(f"images are {box} px but the references are {prep.box} px")
+    step = float(step)
+    if not step > 0:
+        raise ValueError(f"step must be > 0, got {step}")
+    if x_range < 0 or y_range < 0:
+        raise ValueError("x_range and y_range must be >= 0")
+    kxmax = int(np.floor(x_range / step + 1e-9))
+    kymax = int(np.floor(y_range / step + 1e-9))
+    kx = np.arange(-kxmax, kxmax + 1)
+    ky = np.arange(-kymax, kymax + 1)
+    n_sh = kx.size * ky.size
+    xlo, xhi = search_offsets(s[:, 0], box, grid.last_ring, x_range, step)
+    ylo, yhi = search_offsets(s[:, 1], box, grid.last_ring, y_range, step)
+    vx = (kx[None, :] >= xlo[:, None]) & (kx[None, :] <= xhi[:, None])
+    vy = (ky[None, :] >= ylo[:, None]) & (ky[None, :] <= yhi[:, None])
+    valid = (vy[:, :, None] & vx[:, None, :]).reshape(n, n_sh)
+    delta_cols = _discrete_columns(grid.maxrin, float(delta))
+    if chunk_size is None:
+        chunk_size = max(1, min(256, pair_budget // max(1, n_sh * prep.n_refs)))
+    ref_block = max(1, min(prep.n_refs, pair_budget // max(1, n_sh * chunk_size)))
+    score = np.empty((n, prep.n_refs), np.float32)
+    alpha = np.empty((n, prep.n_refs), np.float64)
+    ix = np.empty((n, prep.n_refs), np.float64)
+    iy = np.empty((n, prep.n_refs), np.float64)
+    mirror = np.empty((n, prep.n_refs), np.int8)
+    for i0 in range(0, n, chunk_size):
+        i1 = min(n, i0 + chunk_size)
+        res = _search_chunk(prep, np.ascontiguousarray(stack[i0:i1]), s[i0:i1], kx, ky, step, valid[i0:i1],
+                            delta_cols, normalize, ref_block)
+        score[i0:i1], alpha[i0:i1], ix[i0:i1], iy[i0:i1], mirror[i0:i1] = res
+    alpha, sx, sy = _assemble(alpha, ix, iy, s)
+    return score, alpha.astype(np.float32), sx.astype(np.float32), sy.astype(np.float32), mirror
+
+
+def _as_images(images, grid: PolarGrid):
+    stack = np.asarray(images, dtype=np.float32)
+    if stack.ndim == 2:
+        stack = stack[None]
+    if stack.ndim != 3 or stack.shape[1] != stack.shape[2]:
+        raise ValueError(f"images must be (n, N, N) square, got shape {np.shape(images)}")
+    check_fits(grid, stack.shape[1])
+    return stack
+
+
+def align_to_references(images, references, grid: PolarGrid, *, x_range: float, y_range: float, step: float,
+                        mirror: bool = True, delta: float = 0.0, normalize_images: bool = True,
+                        initial_params=None, out_of_range: str = "reset", chunk_size: int | None = None,
+                        pair_budget: int = DEFAULT_PAIR_BUDGET) -> MultiRefAlignment:
+    """Align every image to every reference (the EQK-means search of ISAC2, spec §6.2 / §4.8).
+
+    For each image: particle centre ``s`` from its current parameters (``initial_params``; identity if None),
+    trial translations ``k * step`` around it within ``x_range``/``y_range`` (limited so the rings stay inside the
+    image, SPHIRE ``search_range``), full rotational search (straight and, if ``mirror``, x-mirrored) against
+    every reference with sub-sample peak refinement, best translation per reference.
+
+    Parameters
+    ----------
+    images : (n, N, N) array_like
+        Images (already normalised as the caller wants, e.g. spec §5.2).
+    references : (K, N, N) array_like or PreparedReferences
+        References (unweighted, as images; they are sampled at the centre, never ring-normalised).
+    grid : PolarGrid
+        Ring geometry (:func:`isavar.core.polar.polar_grid`), mode "F".
+    x_range, y_range, step : float
+        Translation search half-ranges and step in pixels (SPHIRE ``xr``, ``yr``, ``ts``).
+    mirror : bool
+        Also search the x-mirrored image.
+    delta : float
+        > 0: discrete-angle pass, only angles ``j * jstep * 360 / maxrin`` with
+        ``jstep = max(1, int(delta / 360 * maxrin))`` and no sub-sample refinement (spec §4.7).
+    normalize_images : bool
+        Ring-normalise the image at every trial translation (SPHIRE ``Normalize_ring``, spec §4.2).
+    initial_params : None, (n, 4) array_like or object with ``alpha, sx, sy, mirror`` arrays
+        Current parameters; only the particle centre ``-R(-alpha) t`` is used (angle and mirror are searched
+        globally). Centres beyond ``mashi = N//2 - last_ring - 1`` are handled by ``out_of_range``.
+    out_of_range : {"reset", "clamp"}
+        "reset" (EQK-means): such an image is searched around the image centre (its parameters reset);
+        "clamp" (``ali2d_single_iter``): the centre is clipped to ``[-mashi, mashi]``.
+    chunk_size : int, optional
+        Images per batch; default from ``pair_budget``.
+    pair_budget : int
+        Maximum (image x translation x reference) pairs per batch (memory ~ 16 kB per pair).
+
+    Returns
+    -------
+    MultiRefAlignment
+        ``(n, K)`` arrays: score, alpha, sx, sy, mirror — the parameters that applied to the image align it
+        to the reference; ties go to the later translation (outer loop y, inner x), straight before mirror.
+    """
+    prep = references if isinstance(references, PreparedReferences) else prepare_references(
+        references, grid, mirror=mirror)
+    if prep.grid is not grid and (prep.grid.lcirc != grid.lcirc or prep.grid.maxrin != grid.maxrin):
+        raise ValueError("prepared references were built for a different polar grid")
+    if prep.mirror != bool(mirror):
+        raise ValueError(f"prepared references have mirror={prep.mirror}, but mirror={mirror} was requested")
+    stack = _as_images(images, grid)
+    s = particle_centres(initial_params, stack.shape[0], stack.shape[1], grid.last_ring, out_of_range=out_of_range)
+    score, alpha, sx, sy, mir = _run(stack, prep, x_range=x_range, y_range=y_range, step=step, delta=delta,
+                                     normalize=normalize_images, s=s, chunk_size=chunk_size,
+                                     pair_budget=pair_budget)
+    return MultiRefAlignment(score=score, alpha=alpha, sx=sx, sy=sy, mirror=mir)
+
+
+def align_to_reference(images, reference, grid: PolarGrid, *, x_range: float, y_range: float, step: float,
+                       mirror: bool = True, delta: float = 0.0, normalize_images: bool = False,
+                       initial_params=None, center_shift=None, out_of_range: str = "clamp",
+                       chunk_size: int | None = None, pair_budget: int = DEFAULT_PAIR_BUDGET) -> RefAlignment:
+    """One alignment pass of every image to one reference (SPHIRE ``ali2d_single_iter`` / ``ormq``, spec §4.8).
+
+    Same search as :func:`align_to_references` with one reference; defaults follow ``ali2d_single_iter``:
+    no ring normalisation, current centre clamped to ``[-mashi, mashi]``, optional centring shift ``cs``
+    (``params := combine(params, (0, -cs, 0))`` before the centre is taken). With ``delta > 0`` (the ``dst``
+    passes of ``ali2d_base`` / ``within_group_refinement``) only multiples of the discrete step are returned,
+    absolute angles (the previous angle is discarded).
+
+    Parameters
+    ----------
+    images : (n, N, N) array_like
+    reference : (N, N) array_like or PreparedReferences with one reference
+    grid : PolarGrid
+    x_range, y_range, step, mirror, delta, normalize_images, initial_params, out_of_range, chunk_size, pair_budget
+        As :func:`align_to_references`.
+    center_shift : (2,) array_like, optional
+        Centring shift ``cs`` in pixels (``ali2d_base`` with ``center_method = -1`` and friends).
+
+    Returns
+    -------
+    RefAlignment
+        ``(n,)`` arrays score, alpha, sx, sy, mirror.
+    """
+    if isinstance(reference, PreparedReferences):
+        prep = reference
+    else:
+        ref = np.asarray(reference, dtype=np.float32)
+        if ref.ndim == 3 and ref.shape[0] == 1:
+            ref = ref[0]
+        if ref.ndim != 2:
+            raise ValueError(f"reference must be one (N, N) image, got shape {np.shape(reference)}")
+        prep = prepare_references(ref, grid, mirror=mirror)
+    if prep.n_refs != 1:
+        raise ValueError(f"align_to_reference needs exactly one reference, got {prep.n_refs}")
+    if prep.mirror != bool(mirror):
+        raise ValueError(f"prepared reference has mirror={prep.mirror}, but mirror={mirror} was requested")
+    stack = _as_images(images, grid)
+    s = particle_centres(initial_params, stack.shape[0], stack.shape[1], grid.last_ring,
+                         center_shift=center_shift, out_of_range=out_of_range)
+    score, alpha, sx, sy, mir = _run(stack, prep, x_range=x_range, y_range=y_range, step=step, delta=delta,
+                                     normalize=normalize_images, s=s, chunk_size=chunk_size,
+                                     pair_budget=pair_budget)
+    return RefAlignment(score=score[:, 0], alpha=alpha[:, 0], sx=sx[:, 0], sy=sy[:, 0], mirror=mir[:, 0])
