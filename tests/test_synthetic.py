@@ -186,6 +186,17 @@ def test_volume_from_model_matches_gaussian_atoms_for_ubiquitin():
         assert _corr(vol, wrong) < 0.95  # the comparison detects swapped or flipped axes
 
 
+def test_volume_from_model_reads_mmcif_like_pdb(tmp_path):
+    import gemmi
+
+    structure = gemmi.read_structure(str(DATA / "1ubi.pdb"))
+    structure.setup_entities()
+    cif = tmp_path / "1ubi.cif"
+    structure.make_mmcif_document().write_file(str(cif))
+    np.testing.assert_allclose(volume_from_model(cif, 32, 2.5, resolution_A=7.0),
+                               volume_from_model(DATA / "1ubi.pdb", 32, 2.5, resolution_A=7.0), atol=1e-5)
+
+
 def test_volume_from_model_errors(tmp_path):
     with pytest.raises(InputError, match="not found"):
         volume_from_model(tmp_path / "missing.pdb", 32, 2.0)
@@ -296,6 +307,8 @@ def test_simulate_rejects_bad_volumes_and_symmetry():
         simulate_particles([vol, np.zeros((12, 12, 12), np.float32)], 4, pixel_size_A=1.0, rng=0)
     with pytest.raises(ValueError, match="symmetry"):
         simulate_particles(vol, 4, pixel_size_A=1.0, symmetry="c4x", rng=0)
+    with pytest.raises(ValueError, match="noise"):
+        simulate_particles(vol, 4, pixel_size_A=1.0, snr=None, noise_fraction=0.5, rng=0)
 
 
 # --------------------------------------------------------------------------------------
@@ -314,12 +327,13 @@ def test_noise_free_images_equal_projections_at_the_true_pose():
     np.testing.assert_allclose(images, project(vol, mats, origins_px=origins), atol=1e-5 * np.abs(images).max())
 
 
-def test_image_of_a_point_lands_at_A_X_minus_origin():
+@pytest.mark.parametrize("box", [48, 47])
+def test_image_of_a_point_lands_at_A_X_minus_origin(box):
     # One Gaussian blob at X0: its image is a 2D Gaussian centred at (A X0)[:2] - origin / pixel size
     # (relative to pixel N // 2); its centre is found by a least-squares Gaussian fit.
     from scipy.optimize import least_squares
 
-    box, apix, sigma = 48, 2.0, 1.5
+    apix, sigma = 2.0, 1.5
     x0 = np.array([6.0, -4.0, 3.0])
     vol = gaussian_blobs_volume([x0], [sigma], [1.0], box)
     images, table = simulate_particles(vol, 20, pixel_size_A=apix, snr=None, ctf=False, shift_sd_A=4.0, rng=9)

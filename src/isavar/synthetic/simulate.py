@@ -662,6 +662,8 @@ def plan_simulation(volumes, n: int, *, pixel_size_A: float, snr: float | None =
     """
     vols = tuple(as_volume_list(volumes))
     sym = check_symmetry(symmetry)
+    if noise_fraction > 0 and (snr is None or math.isinf(snr)):
+        raise ValueError("pure-noise images (noise_fraction > 0) need noise: give a finite snr")
     if not pixel_size_A > 0:
         raise ValueError(f"pixel_size_A must be positive, got {pixel_size_A}")
     box = vols[0].shape[0]
