@@ -675,8 +675,8 @@ def plan_simulation(volumes, n: int, *, pixel_size_A: float, snr: float | None =
                                 voltage_kV=voltage_kV, cs_mm=cs_mm, amplitude_contrast=amplitude_contrast,
                                 rng=table_rng)
     if mask_radius_px is None:
-        radius = max(particle_radius_px(v) for v in vols if np.any(v > 0)) if any(np.any(v > 0) for v in vols) \
-            else box // 2 - 1
+        nonempty = [v for v in vols if np.any(v > 0)]
+        radius = max(particle_radius_px(v) for v in nonempty) if nonempty else box // 2 - 1
         mask_radius_px = float(min(max(radius, 2.0), box // 2 - 1))
     entropy = int(noise_rng.integers(0, 2**63 - 1))
     from isavar.core.projection import Projector
