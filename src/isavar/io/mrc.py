@@ -85,22 +85,55 @@ class MrcSource(ImageSource):
         super().__init__(str(path), shape[0], shape[1])
 
     def open(self):
-        return _open_mmap(self.path)
+        return _MrcHandle(_open_mmap(self.path), self.path)
 
     def read(self, handle, indices):
         data = handle.data
-        if data.ndim == 2:
-            data = data[None]
         first, last = int(indices[0]), int(indices[-1])
         if last - first + 1 == len(indices):
-            block = np.array(data[first:last + 1])
-        else:
-            block = np.array(data[indices])
+            return handle.read_range(first, last + 1, self.path)
+        block = np.array(data[indices])
         _release_pages(data, int(indices.min()), int(indices.max()) + 1)
         return block
 
     def close(self, handle):
         handle.close()
+
+
+class _MrcHandle:
+    """An open stack: the mrcfile memory map (random access) and a raw file (sequential blocks).
+
+    Runs of consecutive images are read with one ``readinto`` from the file, which
+    is about twice as fast as copying them out of the map (no page faults);
+    scattered images come from the memory map.
+    """
+
+    def __init__(self, mrc, path):
+        self.mrc = mrc
+        data = mrc.data
+        self.data = data[None] if data.ndim == 2 else data
+        base = data
+        while base is not None and not hasattr(base, "offset"):
+            base = base.base
+        self.offset = int(base.offset) if base is not None else 1024 + int(mrc.header.nsymbt)
+        self.image_bytes = self.data[0].nbytes
+        self.file = open(path, "rb", buffering=0)
+
+    def read_range(self, start: int, stop: int, path: str) -> np.ndarray:
+        block = np.empty((stop - start,) + self.data.shape[1:], dtype=self.data.dtype)
+        self.file.seek(self.offset + start * self.image_bytes)
+        view = memoryview(block.reshape(-1).view(np.uint8))
+        got = 0
+        while got < view.nbytes:
+            n = self.file.readinto(view[got:])
+            if not n:
+                raise InputError(f"truncated: images {start + 1}..{stop} cannot be read", path=path)
+            got += n
+        return block
+
+    def close(self):
+        self.file.close()
+        self.mrc.close()
 
 
 def _release_pages(data: np.ndarray, start: int, stop: int) -> None:
