@@ -1,7 +1,5 @@
 """Allow ``python -m isavar``."""
 
-import sys
-
 from isavar.cli import main
 
-sys.exit(main())
+raise SystemExit(main())
