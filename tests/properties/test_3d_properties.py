@@ -48,8 +48,10 @@ def test_projection_equivariance(r_angles, a_angles):
     rotated = project(_volume(r), a[None])[0]
     composed = project(_BASE, (a @ r)[None])[0]
     peak = np.abs(composed).max()
-    # both carry independent trilinear-interpolation errors of ~1% of the peak
-    assert np.abs(rotated - composed).max() < 0.04 * peak
+    # Trilinear sampling after sinc^2 pre-correction is exact on average over sub-voxel offsets;
+    # on-grid orientations (e.g. A = I) keep the full pre-correction, (pi r / M)^2 / 3 ~ 4.5% for
+    # blobs at r <= 5.5 px with M = 48, so the two sides may differ by that much locally.
+    assert np.abs(rotated - composed).max() < 0.06 * peak
     assert np.corrcoef(rotated.ravel(), composed.ravel())[0, 1] > 0.998
 
 

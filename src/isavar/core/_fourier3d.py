@@ -19,6 +19,8 @@ symmetry of the transform of a real volume).
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import scipy.fft as sfft
 
@@ -30,13 +32,22 @@ def fft_positions(n: int, m: int) -> np.ndarray:
     return (np.arange(n) - n // 2) % m
 
 
+def _segments(n: int, m: int):
+    """(source slice, destination slice) pairs moving centre ``n // 2`` of ``n`` samples to index 0 of ``m``."""
+    c = n // 2
+    return ((slice(c, n), slice(0, n - c)), (slice(0, c), slice(m - c, m)))
+
+
 def pad_to_fft_layout(arr: np.ndarray, m: int, ndim: int) -> np.ndarray:
     """Zero-pad the last ``ndim`` axes of ``arr`` (size ``n``) to ``m``, centre ``n//2`` -> index 0."""
     n = arr.shape[-1]
+    if m == n:
+        return np.fft.ifftshift(arr, axes=tuple(range(-ndim, 0))).astype(np.float32, copy=False)
     out = np.zeros(arr.shape[:-ndim] + (m,) * ndim, dtype=np.float32)
-    pos = fft_positions(n, m)
-    index = (Ellipsis,) + tuple(np.ix_(*([pos] * ndim)))
-    out[index] = arr
+    for combo in itertools.product(_segments(n, m), repeat=ndim):
+        src = (Ellipsis,) + tuple(seg[0] for seg in combo)
+        dst = (Ellipsis,) + tuple(seg[1] for seg in combo)
+        out[dst] = arr[src]
     return out
 
 

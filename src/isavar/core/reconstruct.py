@@ -88,19 +88,45 @@ class FourierAccumulator:
         self.data = np.zeros(self.grid_shape, dtype=np.complex64)
         self.weights = np.zeros(self.grid_shape, dtype=np.float32)
         self.n_inserted = 0
-        self._fft_size = self.m
-        self._scale = 1.0
-        kx, ky, flat = f3.half_plane_samples(self.m, self._grid.r, unique=True)
-        if interpolation == "linear" and npad > 1:
-            # Trilinear spreading samples each slice on the image grid (every npad-th
-            # padded-grid frequency, as RELION's backprojector) except near the origin, where
-            # the radii of image-grid samples are too coarsely quantised for the kernel.
-            dense = kx**2 + ky**2 < self.dense_radius**2
-            coarse = (np.mod(kx, npad) == 0) & (np.mod(ky, npad) == 0)
-            keep = dense | coarse
-            kx, ky, flat = kx[keep], ky[keep], flat[keep]
-        self._kx, self._ky, self._flat = kx, ky, flat
-        self._k = np.stack([kx, ky], axis=1).astype(np.float32) * np.float32(self._scale)  # (S, 2) grid units
+        self._setup_samples()
+
+    def _setup_samples(self) -> None:
+        """Choose the 2D frequencies inserted per image (padded-grid units ``k / M``).
+
+        ``nearest`` (as SPHIRE's nn4) uses every padded-grid frequency of the zero-padded
+        image. ``linear`` (as RELION's backprojector) uses the image-grid frequencies
+        (every ``npad``-th padded-grid one, from an ``N``-point FFT) plus, inside
+        :attr:`dense_radius`, every padded-grid frequency (computed by a small separable
+        DFT): near the origin the radii of image-grid samples are too coarsely quantised
+        for the trilinear kernel and the low-frequency amplitudes would be biased.
+        """
+        m, r, npad = self.m, self._grid.r, self.npad
+        if self.interpolation == "nearest" or npad == 1:
+            self._fft_size = m
+            kx, ky, flat = f3.half_plane_samples(m, r, unique=True)
+            dense_kx = dense_ky = np.zeros(0)
+            self._dense_block = None
+        else:
+            self._fft_size = self.box
+            kx, ky, flat = f3.half_plane_samples(self.box, r, scale=npad, unique=True)
+            kx, ky = kx * npad, ky * npad
+            rd = min(float(self.dense_radius), float(r))
+            outside = kx**2 + ky**2 >= rd**2
+            kx, ky, flat = kx[outside], ky[outside], flat[outside]
+            dkx, dky, _ = f3.half_plane_samples(m, rd, unique=True)
+            dense_kx, dense_ky = dkx, dky
+            # Separable DFT matrices over the centred pixel coordinates for the dense block.
+            rows = np.arange(dky.min(), dky.max() + 1) if dky.size else np.zeros(0)
+            cols = np.arange(0, dkx.max() + 1) if dkx.size else np.zeros(0)
+            coords = np.arange(self.box) - self.box // 2
+            ey = np.exp(-2j * np.pi * np.outer(rows, coords) / m).astype(np.complex64)  # (ny, N)
+            ex = np.exp(-2j * np.pi * np.outer(coords, cols) / m).astype(np.complex64)  # (N, nx)
+            pos = (dky - rows[0]).astype(np.int64) * cols.size + dkx.astype(np.int64) if dky.size else None
+            self._dense_block = (ey, ex, pos)
+        self._flat = flat
+        self._kx = np.concatenate([kx, dense_kx])
+        self._ky = np.concatenate([ky, dense_ky])
+        self._k = np.stack([self._kx, self._ky], axis=1).astype(np.float32)  # (S, 2)
 
     # ------------------------------------------------------------------ insertion
     def insert(self, images, rotations, origins_px=None, ctf=None, *, chunk_size: int | None = None) -> None:
@@ -155,44 +181,40 @@ class FourierAccumulator:
             self.n_inserted += stop - start
 
     def _image_samples(self, imgs: np.ndarray, origins: np.ndarray | None) -> np.ndarray:
-        """Padded-grid Fourier samples ``(c, S)`` complex64 of centred, origin-corrected images."""
+        """Fourier samples ``(c, S)`` complex64 of the centred, origin-corrected images."""
         size = self._fft_size
-        padded = f3.pad_to_fft_layout(imgs, size, 2)
-        spec = sfft.rfft2(padded, workers=-1).reshape(len(imgs), -1)
+        spec = sfft.rfft2(f3.pad_to_fft_layout(imgs, size, 2), workers=-1).reshape(len(imgs), -1)
         values = spec[:, self._flat]
+        if self._dense_block is not None:
+            ey, ex, pos = self._dense_block
+            half = (imgs @ ex.real) + 1j * (imgs @ ex.imag)  # real GEMMs, (c, N, nx)
+            block = ey @ half.astype(np.complex64)  # (c, ny, nx) DFT at k / M
+            values = np.concatenate([values, block.reshape(len(imgs), -1)[:, pos]], axis=1)
         if origins is not None:
-            # Shift content by +origin: multiply by exp(-2 pi i k . origin / L).
-            arg = (-2.0 * np.pi / size) * (np.outer(origins[:, 0], self._kx) + np.outer(origins[:, 1], self._ky))
-            values *= (np.cos(arg) + 1j * np.sin(arg)).astype(np.complex64)
-        return values.astype(np.complex64, copy=False)
+            # Shift content by +origin: multiply by exp(-2 pi i k . origin / M).
+            arg = (-2.0 * np.pi / self.m) * (np.outer(origins[:, 0], self._kx) + np.outer(origins[:, 1], self._ky))
+            values = values * (np.cos(arg) + 1j * np.sin(arg)).astype(np.complex64)
+        return np.ascontiguousarray(values, dtype=np.complex64)
 
     def _ctf_samples(self, ctf: np.ndarray) -> np.ndarray:
-        """CTF values ``(c, S)`` float32 at the padded-grid sample frequencies."""
+        """CTF values ``(c, S)`` float32 at the sample frequencies ``k / M``."""
         c = len(ctf)
-        for size in (self._fft_size, self.m):
-            if ctf.shape[1:] == (size, size) and np.all(np.mod(self._kx * size, self._fft_size) == 0):
-                # Sample frequencies k / L fall on this grid: direct lookup.
-                step = size / self._fft_size
-                iy = np.mod(self._ky * step, size).astype(np.int64)
-                ix = (self._kx * step).astype(np.int64)
-                return ctf.reshape(c, -1)[:, iy * size + ix]
-        if ctf.shape[1:] != (self.box, self.box):
+        size = ctf.shape[-1]
+        if ctf.ndim != 3 or ctf.shape[1:] not in ((self.box, self.box), (self.m, self.m)):
             raise ValueError(
                 f"ctf must have shape (n, {self.box}, {self.box}) or (n, {self.m}, {self.m}), got {ctf.shape}"
             )
-        n = self.box
-        # Padded frequency k/M is image-grid index k/npad (FFT layout, periodic): bilinear.
-        px, py = self._kx / self.npad, self._ky / self.npad
+        # Frequency k / M is index k * size / M on the CTF's grid (FFT layout, periodic).
+        px, py = self._kx * size / self.m, self._ky * size / self.m
         x0, y0 = np.floor(px), np.floor(py)
         fx, fy = (px - x0).astype(np.float32), (py - y0).astype(np.float32)
         x0i, y0i = x0.astype(np.int64), y0.astype(np.int64)
         flat = ctf.reshape(c, -1)
-        out = np.zeros((c, px.size), dtype=np.float32)
-        for dy, wy in ((0, 1.0 - fy), (1, fy)):
-            for dx, wx in ((0, 1.0 - fx), (1, fx)):
-                idx = ((y0i + dy) % n) * n + (x0i + dx) % n
-                out += (wy * wx) * flat[:, idx]
-        return out
+        out = flat[:, (y0i % size) * size + x0i % size] * ((1.0 - fx) * (1.0 - fy))
+        for dy, dx, w in ((0, 1, fx * (1.0 - fy)), (1, 0, (1.0 - fx) * fy), (1, 1, fx * fy)):
+            if np.any(w):  # on-grid samples need no neighbours
+                out += flat[:, ((y0i + dy) % size) * size + (x0i + dx) % size] * w
+        return out.astype(np.float32, copy=False)
 
     def _scatter(self, rot: np.ndarray, values: np.ndarray, weights: np.ndarray | None) -> None:
         """Scatter-add samples of one batch at orientations ``rot`` (c, 3, 3)."""
