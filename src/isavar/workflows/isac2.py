@@ -342,6 +342,7 @@ def _prepare(run: _Run, stack):
     del pre
     rows = np.column_stack([np.zeros(n), shifts, np.zeros(n)])
     write_params_file(ali_dir / "initial2Dparams.txt", rows)
+    shifts = np.loadtxt(ali_dir / "initial2Dparams.txt", ndmin=2)[:, 1:3]   # as a resumed run will read them
     working = np.empty((n, p.box, p.box), np.float32)
     for s in range(0, n, CHUNK):
         e = min(n, s + CHUNK)

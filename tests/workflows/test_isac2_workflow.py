@@ -1,0 +1,199 @@
+"""``isavar isac2`` workflow: outputs, RELION files, resume after interruption, restart, input errors, CLI."""
+
+import argparse
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import starfile
+
+from isavar.conventions import euler_to_matrix
+from isavar.errors import InputError
+from isavar.io import read_particles, write_particles
+from isavar.isac.params import Isac2Params
+from isavar.workflows.isac2 import StopForTest, run_isac2
+
+BOX, APIX = 48, 3.0
+
+
+def _params(**kw):
+    base = dict(radius=18, target_radius=10, target_nx=28, img_per_grp=50, minimum_grp_size=20, maxit=8,
+                init_iter=2, stab_ali=4, rand_seed=7, thld_err=0.7, CTF=True)
+    base.update(kw)
+    return Isac2Params(**base)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from isavar.synthetic import phantom_volume, simulate_particles
+
+    folder = tmp_path_factory.mktemp("isac2_data")
+    vol = phantom_volume("blob", BOX, APIX)
+    imgs, table = simulate_particles(vol, 250, pixel_size_A=APIX, snr=0.3, orientations="views:4",
+                                     shift_sd_A=3.0, noise_fraction=0.1, rng=11)
+    path = folder / "particles.star"
+    write_particles(path, imgs, table)
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished_run(dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("isac2_runs") / "full"
+    result = run_isac2(dataset, out, _params())
+    return out, result
+
+
+def _star(path):
+    d = starfile.read(path)
+    return d["particles"] if isinstance(d, dict) else d
+
+
+def test_outputs_sphire_and_relion_layout(finished_run):
+    out, result = finished_run
+    for name in ("class_averages.hdf", "ordered_class_averages.hdf", "all_parameters.txt", "processed_images.txt",
+                 "not_processed_images.txt", "2dalignment/initial2Dparams.txt", "README_shrink_ratio.txt",
+                 "main001/generation001/class_averages_001_001.hdf", "finished", "class_averages.mrcs",
+                 "class_averages.star", "class_averages_fullres.mrcs", "particles.star", "class_averages.png",
+                 "summary.json", "provenance.json", "log.txt", "chains_params.txt"):
+        assert (out / name).exists(), name
+    c = result.n_classes
+    assert c >= 3
+    hdf = read_particles(out / "class_averages.hdf")
+    assert len(hdf.table) == c
+    members = [np.asarray(m) for m in hdf.table["members"]]
+    assert [len(m) for m in members] == list(hdf.table["n_objects"])
+    processed = np.loadtxt(out / "processed_images.txt", dtype=int)
+    assert np.array_equal(np.sort(np.concatenate(members)), processed)
+    params = np.loadtxt(out / "all_parameters.txt")
+    assert params.shape == (250, 4)
+    assert (params[processed, 3] >= 0).all() and (np.delete(params[:, 3], processed) == -1).all()
+    lines = (out / "README_shrink_ratio.txt").read_text().splitlines()
+    assert float(lines[5]) == pytest.approx(27 / 48, abs=1e-4) and float(lines[6]) == 18.0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["classes"] == c and summary["particles_accounted"] == len(processed)
+    assert sum(k["members"] for k in summary["per_class"]) == len(processed)
+    cls = starfile.read(out / "class_averages.star")
+    cls = cls["model_classes"] if isinstance(cls, dict) else cls
+    assert len(cls) == c and cls["isavarMemberCount"].sum() == len(processed)
+    fullres = read_particles(out / "class_averages_fullres.mrcs")
+    assert fullres.images.shape == (c, BOX, BOX)
+    assert read_particles(out / "class_averages.mrcs").images.shape == (c, 28, 28)
+
+
+def test_classes_are_pure_and_noise_is_left_out(finished_run):
+    out, _ = finished_run
+    acc = _star(out / "particles.star")
+    una = _star(out / "unaccounted_particles.star")
+    assert len(acc) + len(una) == 250
+    assert len(acc) >= 125
+    assert sorted(acc["rlnClassNumber"].unique()) == list(range(1, acc["rlnClassNumber"].max() + 1))
+    views = acc["rlnIsavar_true_view"].to_numpy()
+    majority = 0
+    for k, grp in acc.groupby("rlnClassNumber"):
+        v = grp["rlnIsavar_true_view"].to_numpy()
+        top = np.bincount(v[v >= 0], minlength=1).max()
+        assert top >= 0.75 * len(v)
+        majority += top
+    assert majority >= 0.9 * len(acc)                   # noise counts as impure
+    noise_total = int((views == -1).sum() + (una["rlnIsavar_true_is_noise"] == 1).sum())
+    assert (una["rlnIsavar_true_is_noise"] == 1).sum() >= 0.7 * noise_total
+    # every input column is kept
+    assert {"rlnDefocusU", "rlnIsavar_true_view", "rlnImageName"} <= set(acc.columns)
+
+
+def test_particles_star_alignment_matches_truth(finished_run):
+    """Within a class, RELION psi differs from the true psi by a constant and R(-psi)(o - o_true) is constant."""
+    out, _ = finished_run
+    acc = _star(out / "particles.star")
+    for _, grp in acc.groupby("rlnClassNumber"):
+        grp = grp[grp["rlnIsavar_true_view"] >= 0]
+        major = grp["rlnAngleTilt"].round().mode()[0]
+        grp = grp[grp["rlnAngleTilt"].round() == major]
+        psi = grp["rlnAnglePsi"].to_numpy()
+        dpsi = np.deg2rad(psi - grp["rlnIsavar_true_angle_psi_deg"].to_numpy())
+        assert np.hypot(np.cos(dpsi).mean(), np.sin(dpsi).mean()) > 0.99      # circular spread < ~8 deg
+        do = np.column_stack([grp["rlnOriginXAngst"] - grp["rlnIsavar_true_origin_x_A"],
+                              grp["rlnOriginYAngst"] - grp["rlnIsavar_true_origin_y_A"]])
+        rot = euler_to_matrix(np.zeros(len(psi)), np.zeros(len(psi)), -psi)[:, :2, :2]
+        b = np.einsum("nij,nj->ni", rot, do) / APIX
+        assert np.median(np.linalg.norm(b - np.median(b, axis=0), axis=1)) < 1.0   # pixels
+
+
+def test_resume_after_interruptions_equals_uninterrupted(dataset, finished_run, tmp_path):
+    ref_out, ref = finished_run
+    out = tmp_path / "resumed"
+    with pytest.raises(StopForTest):
+        run_isac2(dataset, out, _params(), _stop_after=1)          # after the working stack
+    with pytest.raises(StopForTest):
+        run_isac2(dataset, out, _params(), _stop_after=3)          # in the middle of generation 1
+    res = run_isac2(dataset, out, _params())
+    assert np.array_equal(res.params, ref.params)
+    assert np.array_equal(res.averages, ref.averages)
+    for name in ("all_parameters.txt", "processed_images.txt", "chains_params.txt"):
+        assert (out / name).read_text() == (ref_out / name).read_text(), name
+    a, b = _star(out / "particles.star"), _star(ref_out / "particles.star")
+    pd.testing.assert_frame_equal(a.drop(columns="rlnImageName"), b.drop(columns="rlnImageName"))
+
+
+def test_rerun_of_finished_run_and_restart(dataset, finished_run, tmp_path):
+    ref_out, ref = finished_run
+    out = tmp_path / "copy"
+    shutil.copytree(ref_out, out)
+    again = run_isac2(dataset, out, _params())                      # nothing left to do
+    assert np.array_equal(again.params, ref.params)
+    res = run_isac2(dataset, out, _params(restart=0))              # redo from the last finished main
+    assert np.array_equal(res.params, ref.params)
+    with pytest.raises(InputError, match="restart"):
+        run_isac2(dataset, out, _params(restart=9))
+
+
+def test_input_errors_touch_nothing(dataset, tmp_path):
+    stack = read_particles(dataset)
+    bare = tmp_path / "bare.mrcs"
+    write_particles(bare, stack.images, stack.table)
+    out = tmp_path / "never"
+    with pytest.raises(InputError, match="CTF"):
+        run_isac2(bare, out, _params())                                  # no CTF metadata in a bare stack
+    with pytest.raises(InputError, match="radius"):
+        run_isac2(dataset, out, _params(radius=40))
+    with pytest.raises(InputError, match="img_per_grp"):
+        run_isac2(dataset, out, _params(img_per_grp=300, minimum_grp_size=60))
+    with pytest.raises(InputError, match="VPP"):
+        run_isac2(dataset, out, _params(VPP=True))
+    with pytest.raises(InputError, match="restart"):
+        run_isac2(dataset, out, _params(restart=0))
+    assert not out.exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="not an isavar ISAC2"):
+        run_isac2(dataset, other, _params())
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+
+
+def test_different_parameters_on_existing_run_is_refused(dataset, finished_run, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(finished_run[0], out)
+    with pytest.raises(InputError, match="different parameters"):
+        run_isac2(dataset, out, _params(thld_err=0.5))
+
+
+def test_cli_accepts_both_option_spellings(dataset, tmp_path):
+    from isavar.cli import isac2 as cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    a = parser.parse_args([str(dataset), str(tmp_path / "o"), "--radius=18", "--img_per_grp", "50", "--CTF",
+                           "--xr=2", "--center_method", "3", "--rand_seed=4", "--skip_ordering"])
+    assert (a.radius, a.img_per_grp, a.CTF, a.xr, a.center_method, a.rand_seed, a.skip_ordering) == \
+        (18, 50, True, 2, 3, 4, True)
+    defaults = parser.parse_args([str(dataset), "o", "--radius", "30"])
+    assert (defaults.thld_err, defaults.target_radius, defaults.target_nx, defaults.maxit, defaults.dst,
+            defaults.FL, defaults.FH, defaults.FF, defaults.init_iter, defaults.iter_reali, defaults.stab_ali,
+            defaults.minimum_grp_size, defaults.restart, defaults.filament_width, defaults.delta_good,
+            defaults.yr, defaults.ts, defaults.ir, defaults.rs) == \
+        (0.7, 29, 76, 30, 90.0, 0.2, 0.45, 0.2, 7, 1, 5, 60, -1, -1, 0, -1, 1.0, 1, 1)
+    with pytest.raises(SystemExit):
+        parser.parse_args([str(dataset), "o"])                            # --radius is required
