@@ -84,6 +84,11 @@ class Projector:
         self._store = self._grid.fft_to_storage(spectrum).astype(np.complex64).ravel()
         kx, ky, flat = f3.half_plane_samples(self.box, self._grid.r, scale=npad, unique=False)
         self._kx, self._ky, self._flat = kx, ky, flat
+        self._k = (npad * np.stack([kx, ky], axis=1)).astype(np.float32)  # (S, 2) padded-grid units
+        # Phase moving the image origin (index 0) to the centre N // 2: exp(-2 pi i k . c / N).
+        centre = self.box // 2
+        arg = (-2.0 * np.pi * centre / self.box) * (kx + ky)
+        self._centre_phase = (np.cos(arg) + 1j * np.sin(arg)).astype(np.complex64)
 
     def project(self, rotations, *, origins_px=None, chunk_size: int | None = None) -> np.ndarray:
         """Project the volume.
@@ -111,20 +116,18 @@ class Projector:
         if chunk_size is None:
             chunk_size = max(1, 2_000_000 // max(nsamp, 1))
         out = np.empty((n, size, size), dtype=np.float32)
-        kx32 = self._kx.astype(np.float32)
-        ky32 = self._ky.astype(np.float32)
-        centre = size // 2
         for start in range(0, n, chunk_size):
             stop = min(n, start + chunk_size)
             c = stop - start
-            rows = (self.npad * a[start:stop]).astype(np.float32)
-            q = kx32[None, :, None] * rows[:, None, 0, :] + ky32[None, :, None] * rows[:, None, 1, :]
-            values = self._interpolate(q)
-            shift = np.zeros((c, 2)) if origins is None else origins[start:stop]
-            arg = (2.0 * np.pi / size) * (
-                np.outer(shift[:, 0] - centre, self._kx) + np.outer(shift[:, 1] - centre, self._ky)
-            )
-            values *= (np.cos(arg) + 1j * np.sin(arg)).astype(np.complex64)
+            # q = npad * (kx * A[0, :] + ky * A[1, :]), one GEMM: (S, c, 3)
+            rows = np.ascontiguousarray(a[start:stop, :2, :].astype(np.float32).transpose(1, 0, 2)).reshape(2, 3 * c)
+            q = (self._k @ rows).reshape(nsamp, c, 3)
+            values = self._interpolate(q).T * self._centre_phase  # (c, S)
+            if origins is not None:
+                # content moves by -origin: exp(+2 pi i k . origin / N)
+                o = origins[start:stop]
+                arg = (2.0 * np.pi / size) * (np.outer(o[:, 0], self._kx) + np.outer(o[:, 1], self._ky))
+                values *= (np.cos(arg) + 1j * np.sin(arg)).astype(np.complex64)
             spec = np.zeros((c, size * (size // 2 + 1)), dtype=np.complex64)
             spec[:, self._flat] = values
             spec = spec.reshape(c, size, size // 2 + 1)
@@ -132,17 +135,18 @@ class Projector:
         return out
 
     def _interpolate(self, q: np.ndarray) -> np.ndarray:
-        """Trilinear interpolation of the stored transform at ``q`` (..., 3) -> complex64."""
+        """Trilinear interpolation of the stored transform at ``q`` (..., 3) -> complex64 (q is modified)."""
         grid = self._grid
-        q, flipped = grid.fold(q)
+        sign = np.where(q[..., 0] < 0, np.float32(-1.0), np.float32(1.0))
+        q *= sign[..., None]  # fold to qx >= 0; those values are conjugated below
         base, fx, fy, fz = grid.linear_corners(q)
         gx = (1.0 - fx, fx)
-        gy = (1.0 - fy, fy)
-        gz = (1.0 - fz, fz)
+        wyz = {(dy, dz): (fy if dy else 1.0 - fy) * (fz if dz else 1.0 - fz) for dy in (0, 1) for dz in (0, 1)}
         values = np.zeros(base.shape, dtype=np.complex64)
         for offset, dx, dy, dz in grid.corner_offsets():
-            values += (gx[dx] * gy[dy] * gz[dz]) * self._store[base + offset]
-        return np.where(flipped, np.conj(values), values)
+            values += (gx[dx] * wyz[dy, dz]) * np.take(self._store, base + offset)
+        values.imag *= sign
+        return values
 
 
 def project(volume, rotations, *, origins_px=None, npad: int = 2, chunk_size: int | None = None) -> np.ndarray:
