@@ -11,7 +11,7 @@ import pytest
 from isavar.conventions import matrix_to_euler
 from isavar.core.geometry import random_rotations, symmetry_matrices
 from isavar.core.projection import project
-from isavar.core.reconstruct import FourierAccumulator, reconstruct
+from isavar.core.reconstruct import FourierAccumulator, nn4_level_and_mask, reconstruct
 
 N = 32
 #: Shells (image-grid index) up to 0.8 Nyquist must have FSC > 0.9 (spec §8 T0).
@@ -208,6 +208,19 @@ def test_absolute_snr_regulariser_damps(c1_data):
     np.testing.assert_allclose(acc.finish(snr=1e9), exact, atol=1e-5 * np.abs(exact).max())
     damped = acc.finish(snr=1e-3)  # W + 1000 shrinks every voxel estimate
     assert np.abs(damped).sum() < np.abs(exact).sum()
+
+
+@pytest.mark.parametrize("n", [16, 15])
+def test_nn4_level_and_mask(n):
+    z, y, x = np.mgrid[:n, :n, :n] - n // 2
+    r2 = x**2 + y**2 + z**2
+    blob = np.exp(-r2 / 4.0).astype(np.float32)
+    out = nn4_level_and_mask(blob + 3.0)
+    inside = r2 <= (n // 2) ** 2
+    assert np.all(out[~inside] == 0)
+    shell = inside & (r2 >= (n // 2 - 1) ** 2)
+    np.testing.assert_allclose(out[shell].mean(), 0.0, atol=1e-5)
+    np.testing.assert_allclose(out[inside], blob[inside] - blob[shell].mean(), atol=1e-5)
 
 
 def test_bad_inputs_raise(c1_data):

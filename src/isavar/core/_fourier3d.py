@@ -137,17 +137,11 @@ class HalfGrid:
         self.origin = r * self.sz + r * self.sy  # flat index of q = 0
 
     # ------------------------------------------------------------------ positions
-    def fold(self, q: np.ndarray):
-        """Reflect points with ``qx < 0`` through the origin; returns ``(q_folded, flipped)``."""
-        flipped = q[..., 0] < 0
-        q = np.where(flipped[..., None], -q, q)
-        return q, flipped
-
     def linear_corners(self, q: np.ndarray):
         """Base flat indices and fractional offsets of trilinear interpolation.
 
         ``q`` must be folded (``qx >= 0``) and inside ``|q| < R``; positions are clipped a
-        hair inside the storage to absorb round-off of non-orthonormal input.
+        hair inside the storage to absorb round-off.
         """
         lim = self.r - _EDGE
         qx = np.clip(q[..., 0], 0.0, lim)
@@ -158,14 +152,6 @@ class HalfGrid:
             self.origin + fz.astype(np.int64) * self.sz + fy.astype(np.int64) * self.sy + fx.astype(np.int64)
         )
         return base, (qx - fx).astype(np.float32), (qy - fy).astype(np.float32), (qz - fz).astype(np.float32)
-
-    def nearest_index(self, q: np.ndarray) -> np.ndarray:
-        """Flat index of the nearest grid point of folded positions ``q``."""
-        lim = float(self.r)
-        ix = np.clip(np.floor(q[..., 0] + 0.5), 0.0, lim).astype(np.int64)
-        iy = np.clip(np.floor(q[..., 1] + 0.5), -lim, lim).astype(np.int64)
-        iz = np.clip(np.floor(q[..., 2] + 0.5), -lim, lim).astype(np.int64)
-        return self.origin + iz * self.sz + iy * self.sy + ix
 
     def corner_offsets(self):
         """The 8 flat-index offsets and their (dx, dy, dz) bits."""

@@ -30,7 +30,7 @@ import scipy.fft as sfft
 from isavar.core import _fourier3d as f3
 from isavar.core.geometry import parse_symmetry, symmetry_matrices
 
-__all__ = ["FourierAccumulator", "reconstruct"]
+__all__ = ["FourierAccumulator", "reconstruct", "nn4_level_and_mask"]
 
 _INTERPOLATIONS = ("linear", "nearest")
 
@@ -368,3 +368,35 @@ def reconstruct(
     acc = FourierAccumulator(shape[1], npad=npad, symmetry=symmetry, interpolation=interpolation)
     acc.insert(images, rotations, origins_px=origins_px, ctf=ctf, chunk_size=chunk_size)
     return acc.finish(regularisation=regularisation, snr=snr)
+
+
+def nn4_level_and_mask(volume) -> np.ndarray:
+    """SPHIRE ``nn4`` finishing: remove the outer-shell mean inside the sphere, zero outside.
+
+    With ``R = N // 2`` and ``r`` the distance from the centre ``N // 2``: the mean of the
+    voxels with ``(R - 1)**2 <= r**2 <= R**2`` is subtracted from every voxel with
+    ``r**2 <= R**2``, and voxels with ``r**2 > R**2`` are set to 0 (spec variability §3.10).
+
+    Parameters
+    ----------
+    volume : array_like
+        ``(N, N, N)`` volume.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(N, N, N)`` float32, a new array.
+    """
+    v = np.array(volume, dtype=np.float32)
+    if v.ndim != 3 or not (v.shape[0] == v.shape[1] == v.shape[2]):
+        raise ValueError(f"volume must be a cube (N, N, N), got shape {v.shape}")
+    n = v.shape[0]
+    c, radius = n // 2, n // 2
+    z, y, x = np.ogrid[:n, :n, :n]
+    r2 = (x - c) ** 2 + (y - c) ** 2 + (z - c) ** 2
+    inside = r2 <= radius**2
+    shell = inside & (r2 >= (radius - 1) ** 2)
+    level = float(v[shell].mean()) if shell.any() else 0.0
+    v[inside] -= level
+    v[~inside] = 0.0
+    return v
