@@ -83,6 +83,18 @@ def test_round_trip_recovers_planted_volume(c1_data, interpolation):
     _assert_recovers(recon, vol)
 
 
+@pytest.mark.parametrize("n, npad", [(31, 2), (33, 3), (32, 3)])
+def test_round_trip_odd_boxes_and_padding(n, npad):
+    rng = np.random.default_rng(1)
+    vol = _asymmetric_volume(rng, n=n)
+    rots = random_rotations(2000, rng)
+    origins = rng.uniform(-2, 2, (2000, 2))
+    images = project(vol, rots, origins_px=origins, npad=npad)
+    for interpolation in ("linear", "nearest"):
+        recon = reconstruct(images, rots, origins_px=origins, npad=npad, interpolation=interpolation)
+        _assert_recovers(recon, vol, shells=slice(1, int(0.8 * n / 2) + 1))
+
+
 def test_origins_are_needed_and_used_with_the_right_sign(c1_data):
     vol, rots, origins, images = c1_data
     for wrong in (None, -origins[:1000]):
