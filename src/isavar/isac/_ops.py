@@ -41,12 +41,13 @@ def transform(images, params, *, interpolation="quadratic") -> np.ndarray:
     return np.asarray(out, dtype=np.float32)
 
 
-def transform_sum(images, params, *, chunk=256) -> np.ndarray:
+def transform_sum(images, params, *, chunk=256, interpolation="quadratic") -> np.ndarray:
     """Sum of the transformed images, in fixed-size chunks (same result whatever the executor)."""
     images = np.asarray(images, dtype=np.float32)
     total = np.zeros(images.shape[1:], dtype=np.float64)
     for s in range(0, len(images), chunk):
-        total += transform(images[s:s + chunk], params[s:s + chunk]).sum(0, dtype=np.float64)
+        total += transform(images[s:s + chunk], params[s:s + chunk],
+                           interpolation=interpolation).sum(0, dtype=np.float64)
     return total.astype(np.float32)
 
 

@@ -186,8 +186,27 @@ def _align_chunk(task):
     return _ops.align_single(images, ref, grid, p, params, delta, xr=xr, yr=xr, ts=ts)
 
 
-def prealign(images, p, executor, *, progress=None, chunk=512) -> tuple[np.ndarray, np.ndarray]:
-    """Reference-free alignment of the shrunken images (``ali2d_base``).
+#: images used to build the pre-alignment reference (all images get the final passes)
+PREALIGN_SUBSET = 2000
+#: passes per step with the full translational range; later passes search +-1 step around the centre
+FULL_RANGE_PASSES = 2
+
+
+def _align_all(images, ref, params, p, grid, xr, ts, delta, executor, chunk):
+    from isavar.parallel.partition import chunk_ranges
+
+    tasks = [(images[s:e], ref, params[s:e], p, grid, xr, ts, delta) for s, e in chunk_ranges(len(images), chunk)]
+    return np.concatenate(executor.map(_align_chunk, tasks), axis=0)
+
+
+def prealign(images, p, executor, *, progress=None, chunk=512, subset_size=PREALIGN_SUBSET):
+    """Reference-free alignment of the shrunken images (``ali2d_base``), for centring.
+
+    The reference is built as in SPHIRE (steps of 14 passes: average, FRC-fitted tanh filter,
+    centring, one alignment pass) on a seeded random subset of at most ``subset_size`` images,
+    with the full translational range in the first passes of a step and +-1 step around the current
+    centre afterwards; then every image is aligned to the final reference with one full-range pass
+    per step (coarse to fine). See docs/deviations_isac2.md.
 
     Parameters
     ----------
@@ -205,7 +224,7 @@ def prealign(images, p, executor, *, progress=None, chunk=512) -> tuple[np.ndarr
         The final reference.
     """
     from isavar.core.polar import polar_grid
-    from isavar.parallel.partition import chunk_ranges
+    from isavar.parallel.partition import task_rngs
 
     n, nxs, _ = images.shape
     ou = p.target_radius
@@ -214,20 +233,26 @@ def prealign(images, p, executor, *, progress=None, chunk=512) -> tuple[np.ndarr
     images = images - images[:, outside].mean(axis=1)[:, None, None].astype(np.float32)
     grid = polar_grid(1, ou, 1)
     xrs, tss = search_schedule(nxs, ou)
-    params = np.zeros((n, 4))
+    if n > subset_size:
+        rng = task_rngs(p.rand_seed, 1, key=99)[0]
+        sub_idx = np.sort(rng.choice(n, subset_size, replace=False))
+        sub = images[sub_idx]
+    else:
+        sub = images
+    m = len(sub)
+    params = np.zeros((m, 4))
     n_steps = len(xrs)
     maxit = p.prealign_maxit
     total = 0
     prev_delta = 0.0
     ref = None
+    inside = mask > 0.5
     for step, (xr, ts) in enumerate(zip(xrs, tss)):
         for it in range(maxit):
             total += 1
-            se, so = _even_odd_sums(images, params)
-            avg = (se + so) / n
-            curve = _masked_frc(se, so, mask)
-            fl, ff = fit_tanh_to_frc(curve)
-            inside = mask > 0.5
+            se, so = _even_odd_sums(sub, params)
+            avg = (se + so) / m
+            fl, ff = fit_tanh_to_frc(_masked_frc(se, so, mask))
             ref = _ops.tanh_lowpass(((avg - avg[inside].mean()) * mask).astype(np.float32), fl, ff)
             if p.center_method == -1:
                 sign = np.where(params[:, 3] > 0.5, -1.0, 1.0)
@@ -243,13 +268,17 @@ def prealign(images, p, executor, *, progress=None, chunk=512) -> tuple[np.ndarr
             if np.any(cs != 0):
                 params = _ops.compose(params, np.array([[0.0, -cs[0], -cs[1], 0.0]]))
             delta = discrete_delta(it, total, maxit * n_steps, p.dst)
-            tasks = [(images[s:e], ref, params[s:e], p, grid, xr, ts, delta) for s, e in chunk_ranges(n, chunk)]
-            params = np.concatenate(executor.map(_align_chunk, tasks), axis=0)
+            rng_x = xr if it < FULL_RANGE_PASSES else ts
+            params = _align_all(sub, ref, params, p, grid, rng_x, ts, delta, executor, chunk)
             prev_delta = delta
             log.debug("pre-alignment step %d pass %d: filter %.3f/%.3f", step + 1, it + 1, fl, ff)
             if progress is not None:
                 progress.advance(1)
-    return params, ref
+    # every image: one full-range pass per step against the final reference, coarse to fine
+    final = np.zeros((n, 4))
+    for xr, ts in zip(xrs, tss):
+        final = _align_all(images, ref, final, p, grid, xr, ts, 0.0, executor, chunk)
+    return final, ref
 
 
 def centring_shifts(params, shrink) -> np.ndarray:
