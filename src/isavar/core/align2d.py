@@ -59,9 +59,11 @@ __all__ = [
     "peak_offset",
 ]
 
-#: default number of (image x trial shift x reference) pairs processed at once (bounds memory to
-#: about 2 * 4 * maxrin * 4 bytes per pair, ~70 MB for maxrin = 256)
-DEFAULT_PAIR_BUDGET = 8192
+#: default number of (image x trial shift x reference) pairs whose correlation curves are computed at
+#: once (~4 kB of curves per pair; small blocks stay in cache, which matters more than BLAS block size)
+DEFAULT_PAIR_BUDGET = 768
+#: (image x trial shift) rows polar-sampled and ring-FFT'd at once (small: these steps are memory-bound)
+MAX_ROWS = 72
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,9 @@ class PreparedReferences:
         ``sum_r r (2 pi / n_r) sum_j a_r(phi_j)`` (used by the ring normalisation).
     bands : tuple
         Per frequency band ``(m_lo, m_hi, first_ring, W)`` with ``W`` float32 of shape
-        ``(m_hi - m_lo, 2 * n_band_rings, n_refs * n_cols)``, ``n_cols`` = 4 (mirror) or 2.
+        ``(m_hi - m_lo, 2 * n_band_rings, n_refs * n_cols)`` (rows: ring-major, then Re/Im of the image
+        coefficient; columns: reference-major, then Re/Im of the straight and mirrored cross-spectrum),
+        ``n_cols`` = 4 (mirror) or 2.
     """
 
     grid: PolarGrid
@@ -180,14 +184,15 @@ def prepare_references(references, grid: PolarGrid, *, mirror: bool = True) -> P
         for g in range(g_first, len(grid.groups)):
             _, r0, r1, _, _ = grid.groups[g]
             a[:, r0 - r_first:r1 - r_first, :] = spectra[g][:, :, m_lo:m_hi].transpose(2, 1, 0)
-        w = np.empty((n_band, 2 * n_rings, n_refs, n_cols), dtype=np.float32)
+        # contraction axis interleaved (ring, Re/Im) so that a complex64 image spectrum (m, rows, rings)
+        # viewed as float32 is directly the left operand
+        w = np.empty((n_band, n_rings, 2, n_refs, n_cols), dtype=np.float32)
         are, aim = a.real, a.imag
-        # rows [0, R) multiply Re B, rows [R, 2R) multiply Im B
-        w[:, :n_rings, :, 0], w[:, n_rings:, :, 0] = are, aim              # Re sum A conj B
-        w[:, :n_rings, :, 1], w[:, n_rings:, :, 1] = aim, -are             # Im sum A conj B
+        w[:, :, 0, :, 0], w[:, :, 1, :, 0] = are, aim                      # Re sum A conj B
+        w[:, :, 0, :, 1], w[:, :, 1, :, 1] = aim, -are                     # Im sum A conj B
         if mirror:
-            w[:, :n_rings, :, 2], w[:, n_rings:, :, 2] = are, -aim         # Re sum conj(A B)
-            w[:, :n_rings, :, 3], w[:, n_rings:, :, 3] = -aim, -are        # Im sum conj(A B)
+            w[:, :, 0, :, 2], w[:, :, 1, :, 2] = are, -aim                 # Re sum conj(A B)
+            w[:, :, 0, :, 3], w[:, :, 1, :, 3] = -aim, -are                # Im sum conj(A B)
         bands.append((m_lo, m_hi, r_first, w.reshape(n_band, 2 * n_rings, n_refs * n_cols)))
     return PreparedReferences(grid=grid, box=box, n_refs=n_refs, mirror=bool(mirror),
                               ring_sum=ring_sum, bands=tuple(bands))
@@ -304,19 +309,20 @@ def _discrete_columns(maxrin: int, delta: float) -> np.ndarray | None:
     return np.arange(0, maxrin, jstep)
 
 
-def _curves_peaks(prep: PreparedReferences, spectra, n_rows: int, k0: int, k1: int, delta_cols):
-    """Peak of every correlation curve for image rows x references [k0, k1).
+def _curves_peaks(prep: PreparedReferences, spectra, q0: int, q1: int, k0: int, k1: int, delta_cols):
+    """Peak of every correlation curve for image rows [q0, q1) x references [k0, k1).
 
     Returns peak value and peak position (fractional index into the maxrin curve), each
-    (n_rows, k1 - k0, n_curves) with n_curves = 2 (straight, mirror) or 1.
+    (q1 - q0, k1 - k0, n_curves) with n_curves = 2 (straight, mirror) or 1.
     """
     grid = prep.grid
     n_cols = 4 if prep.mirror else 2
     n_k = k1 - k0
+    n_rows = q1 - q0
     x = np.empty((grid.n_freq, n_rows, n_k * n_cols), dtype=np.float32)
     for (m_lo, m_hi, _r, w), b in zip(prep.bands, spectra):
-        wk = w[:, :, k0 * n_cols:k1 * n_cols]
-        np.matmul(b, wk, out=x[m_lo:m_hi])
+        wk = w[:, :, k0 * n_cols:k1 * n_cols] if (k0, k1) != (0, prep.n_refs) else w
+        np.matmul(b[:, q0:q1], wk, out=x[m_lo:m_hi])
     xc = x.view(np.complex64)                                                # (M, rows, n_k * n_cols / 2)
     corr = scipy.fft.irfft(xc, n=grid.maxrin, axis=0)                       # (maxrin, rows, n_k * curves)
     n_curves = n_cols // 2
@@ -341,26 +347,43 @@ def _curves_peaks(prep: PreparedReferences, spectra, n_rows: int, k0: int, k1: i
 
 
 def _band_spectra(prep: PreparedReferences, polar: np.ndarray) -> list[np.ndarray]:
-    """Image ring spectra rearranged per frequency band as real ``(m, rows, [Re | Im] rings)`` arrays."""
+    """Image ring spectra rearranged per frequency band as float32 ``(m, rows, 2 * rings)`` arrays.
+
+    The last axis interleaves (Re, Im) of every ring of the band (the layout of the weight matrices).
+    """
     grid = prep.grid
     spectra = ring_spectra(polar, grid)                                      # per group (rows, R_g, M_g)
     rows = polar.shape[0]
     out = []
-    for m_lo, m_hi, r_first, w in prep.bands:
+    for m_lo, m_hi, r_first, _w in prep.bands:
         n_rings = grid.n_rings - r_first
-        b = np.empty((m_hi - m_lo, rows, 2 * n_rings), dtype=np.float32)
-        for g, (n_r, r0, r1, _s0, _s1) in enumerate(grid.groups):
+        b = np.empty((m_hi - m_lo, rows, n_rings), dtype=np.complex64)
+        for g, (_n_r, r0, r1, _s0, _s1) in enumerate(grid.groups):
             if r1 <= r_first:
                 continue
-            blk = spectra[g][:, :, m_lo:m_hi].transpose(2, 0, 1)               # (m, rows, R_g)
-            b[:, :, r0 - r_first:r1 - r_first] = blk.real
-            b[:, :, n_rings + r0 - r_first:n_rings + r1 - r_first] = blk.imag
-        out.append(b)
+            b[:, :, r0 - r_first:r1 - r_first] = spectra[g][:, :, m_lo:m_hi].transpose(2, 0, 1)
+        out.append(b.view(np.float32))
     return out
 
 
+def _trial_centres(centre: float, s: np.ndarray, kx: np.ndarray, ky: np.ndarray, step: float):
+    """(n, n_shifts) sampling centres x, y of all trials, order (iy, ix)."""
+    offx = np.broadcast_to((kx * step)[None, :], (ky.size, kx.size)).reshape(-1)
+    offy = np.broadcast_to((ky * step)[:, None], (ky.size, kx.size)).reshape(-1)
+    return centre + s[:, 0:1] + offx[None], centre + s[:, 1:2] + offy[None]
+
+
+def _ring_stats(polar: np.ndarray, grid: PolarGrid):
+    """Arc-length weighted mean and std (std 0 -> 1) of polar rows (SPHIRE Normalize_ring statistics)."""
+    wts = (grid.sample_weights / grid.sample_weights.sum()).astype(np.float32)
+    mean = (polar @ wts).astype(np.float64)
+    var = np.maximum((polar * polar) @ wts - mean * mean, 0.0)
+    std = np.sqrt(var)
+    return mean, np.where(std > 0, std, 1.0)
+
+
 def _search_chunk(prep: PreparedReferences, images: np.ndarray, s: np.ndarray, kx: np.ndarray, ky: np.ndarray,
-                  step: float, valid: np.ndarray, delta_cols, normalize: bool, ref_block: int):
+                  step: float, valid: np.ndarray, delta_cols, normalize: bool, img_block: int, ref_block: int):
     """Best (score, alpha, ix, iy, mirror) per (image, reference) for one chunk of images."""
     grid = prep.grid
     n, box = images.shape[0], images.shape[1]
@@ -372,51 +395,43 @@ def _search_chunk(prep: PreparedReferences, images: np.ndarray, s: np.ndarray, k
         oy = (ky * int(step)).astype(np.int64)
         polar = _gather_polar(flat, box, np.arange(n), centre + s[:, 0], centre + s[:, 1], grid, ox, oy)
     else:
-        offx = np.broadcast_to((kx * step)[None, :], (ky.size, kx.size)).reshape(-1)
-        offy = np.broadcast_to((ky * step)[:, None], (ky.size, kx.size)).reshape(-1)
-        polar = _gather_polar(flat, box, np.repeat(np.arange(n), n_sh),
-                              (centre + s[:, 0:1] + offx[None]).reshape(-1),
-                              (centre + s[:, 1:2] + offy[None]).reshape(-1),
+        cx, cy = _trial_centres(centre, s, kx, ky, step)
+        polar = _gather_polar(flat, box, np.repeat(np.arange(n), n_sh), cx.reshape(-1), cy.reshape(-1),
                               grid, np.zeros(1, np.int64), np.zeros(1, np.int64))
     polar = polar.reshape(n * n_sh, grid.lcirc)                              # rows = (image, iy, ix)
-    if normalize:
-        wts = (grid.sample_weights / grid.sample_weights.sum()).astype(np.float32)
-        mean = (polar @ wts).astype(np.float64)
-        var = np.maximum((polar * polar) @ wts - mean * mean, 0.0)
-        std = np.sqrt(var)
-        std = np.where(std > 0, std, 1.0)
+    mean, std = _ring_stats(polar, grid) if normalize else (None, None)
     spectra = _band_spectra(prep, polar)
     n_refs = prep.n_refs
     n_curves = 2 if prep.mirror else 1
-    best_score = np.empty((n, n_refs), np.float32)
-    best_alpha = np.empty((n, n_refs), np.float64)
-    best_shift = np.empty((n, n_refs), np.int64)
-    best_mirror = np.empty((n, n_refs), np.int8)
-    for k0 in range(0, n_refs, ref_block):
-        k1 = min(n_refs, k0 + ref_block)
-        peak, pos = _curves_peaks(prep, spectra, n * n_sh, k0, k1, delta_cols)
-        peak = peak.astype(np.float64)
-        if normalize:
-            peak = (peak - mean[:, None, None] * prep.ring_sum[None, k0:k1, None]) / std[:, None, None]
-        if n_curves == 2:
-            use_m = peak[..., 1] > peak[..., 0]                              # straight wins ties
-            score = np.where(use_m, peak[..., 1], peak[..., 0])
-            p = np.where(use_m, pos[..., 1], pos[..., 0])
-        else:
-            use_m = np.zeros(peak.shape[:2], bool)
-            score = peak[..., 0]
-            p = pos[..., 0]
-        score = score.reshape(n, n_sh, k1 - k0)
-        score = np.where(valid[:, :, None], score, -np.inf)
-        # later translations win ties: first maximum of the reversed translation order
-        jrev = np.argmax(score[:, ::-1, :], axis=1)
-        j = n_sh - 1 - jrev                                                   # (n, k)
-        take = j[:, None, :]
-        best_score[:, k0:k1] = np.take_along_axis(score, take, axis=1)[:, 0]
-        p = np.take_along_axis(p.reshape(n, n_sh, k1 - k0), take, axis=1)[:, 0]
-        best_alpha[:, k0:k1] = np.mod(360.0 * p / grid.maxrin, 360.0)
-        best_shift[:, k0:k1] = j
-        best_mirror[:, k0:k1] = np.take_along_axis(use_m.reshape(n, n_sh, k1 - k0), take, axis=1)[:, 0]
+    peak = np.empty((n, n_sh, n_refs, n_curves), np.float64)
+    pos = np.empty((n, n_sh, n_refs, n_curves), np.float64)
+    for i0 in range(0, n, img_block):
+        i1 = min(n, i0 + img_block)
+        for k0 in range(0, n_refs, ref_block):
+            k1 = min(n_refs, k0 + ref_block)
+            pk, ps = _curves_peaks(prep, spectra, i0 * n_sh, i1 * n_sh, k0, k1, delta_cols)
+            peak[i0:i1, :, k0:k1] = pk.reshape(i1 - i0, n_sh, k1 - k0, n_curves)
+            pos[i0:i1, :, k0:k1] = ps.reshape(i1 - i0, n_sh, k1 - k0, n_curves)
+    if normalize:
+        peak -= (mean.reshape(n, n_sh)[:, :, None, None] * prep.ring_sum[None, None, :, None])
+        peak /= std.reshape(n, n_sh)[:, :, None, None]
+    if n_curves == 2:
+        use_m = peak[..., 1] > peak[..., 0]                                  # straight wins ties
+        score = np.where(use_m, peak[..., 1], peak[..., 0])
+        p = np.where(use_m, pos[..., 1], pos[..., 0])
+    else:
+        use_m = np.zeros(peak.shape[:3], bool)
+        score = peak[..., 0]
+        p = pos[..., 0]
+    score = np.where(valid[:, :, None], score, -np.inf)                      # (n, n_sh, K)
+    # later translations win ties: first maximum of the reversed translation order
+    jrev = np.argmax(score[:, ::-1, :], axis=1)
+    best_shift = n_sh - 1 - jrev                                              # (n, K)
+    take = best_shift[:, None, :]
+    best_score = np.take_along_axis(score, take, axis=1)[:, 0].astype(np.float32)
+    p = np.take_along_axis(p, take, axis=1)[:, 0]
+    best_alpha = np.mod(360.0 * p / grid.maxrin, 360.0)
+    best_mirror = np.take_along_axis(use_m, take, axis=1)[:, 0].astype(np.int8)
     iy = ky[best_shift // kx.size] * step
     ix = kx[best_shift % kx.size] * step
     return best_score, best_alpha, ix, iy, best_mirror
@@ -456,9 +471,16 @@ def _run(images, prep: PreparedReferences, *, x_range, y_range, step, delta, nor
     vy = (ky[None, :] >= ylo[:, None]) & (ky[None, :] <= yhi[:, None])
     valid = (vy[:, :, None] & vx[:, None, :]).reshape(n, n_sh)
     delta_cols = _discrete_columns(grid.maxrin, float(delta))
+    # curves are computed in blocks of ~pair_budget (image x shift x reference) pairs: whole images
+    # (all their shifts) x a block of references
+    ref_block = max(1, min(prep.n_refs, pair_budget // n_sh))
+    img_block = max(1, pair_budget // (n_sh * ref_block))
     if chunk_size is None:
-        chunk_size = max(1, min(256, pair_budget // max(1, n_sh * prep.n_refs)))
-    ref_block = max(1, min(prep.n_refs, pair_budget // max(1, n_sh * chunk_size)))
+        chunk_size = max(1, MAX_ROWS // n_sh)
+    chunk_size = int(chunk_size)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    img_block = min(img_block, chunk_size)
     score = np.empty((n, prep.n_refs), np.float32)
     alpha = np.empty((n, prep.n_refs), np.float64)
     ix = np.empty((n, prep.n_refs), np.float64)
@@ -467,7 +489,7 @@ def _run(images, prep: PreparedReferences, *, x_range, y_range, step, delta, nor
     for i0 in range(0, n, chunk_size):
         i1 = min(n, i0 + chunk_size)
         res = _search_chunk(prep, np.ascontiguousarray(stack[i0:i1]), s[i0:i1], kx, ky, step, valid[i0:i1],
-                            delta_cols, normalize, ref_block)
+                            delta_cols, normalize, img_block, ref_block)
         score[i0:i1], alpha[i0:i1], ix[i0:i1], iy[i0:i1], mirror[i0:i1] = res
     alpha, sx, sy = _assemble(alpha, ix, iy, s)
     return score, alpha.astype(np.float32), sx.astype(np.float32), sy.astype(np.float32), mirror
@@ -518,9 +540,10 @@ def align_to_references(images, references, grid: PolarGrid, *, x_range: float, 
         "reset" (EQK-means): such an image is searched around the image centre (its parameters reset);
         "clamp" (``ali2d_single_iter``): the centre is clipped to ``[-mashi, mashi]``.
     chunk_size : int, optional
-        Images per batch; default from ``pair_budget``.
+        Images polar-sampled and ring-FFT'd per batch (default: about 72 image-translation rows).
     pair_budget : int
-        Maximum (image x translation x reference) pairs per batch (memory ~ 16 kB per pair).
+        (image x translation x reference) pairs whose correlation curves are computed at once
+        (~4 kB per pair).
 
     Returns
     -------
