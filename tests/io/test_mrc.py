@@ -35,7 +35,7 @@ def test_stack_round_trip_sets_image_stack_flags(tmp_path, rng):
     assert _valid(path)
     stack = read_particles(path)
     assert stack.pixel_size_A == 1.35
-    assert list(stack.table.columns) == ["image_path", "image_index", "pixel_size_A", "image_size_px"]
+    assert list(stack.table.columns) == ["image_path", "image_index", "pixel_size_A"]
     np.testing.assert_array_equal(stack.images[:], images)
     stack.close()
 

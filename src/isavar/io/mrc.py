@@ -193,12 +193,11 @@ def read_mrc_stack(path) -> ParticleStack:
     Returns
     -------
     ParticleStack
-        Table with ``image_path`` (absolute), ``image_index`` and, when the
-        header has a voxel size, ``pixel_size_A``.
+        Table with only ``image_path`` (absolute), ``image_index`` and, when
+        the header has a voxel size, ``pixel_size_A``.
     """
     src = MrcSource(path)
     table = new_table(src.n, image_path=str(Path(path).resolve()), pixel_size_A=src.pixel_size_A)
-    table["image_size_px"] = src.box
     images = LazyImages([src], np.zeros(src.n, np.int64), np.arange(src.n))
     return ParticleStack(table=table, images=images, pixel_size_A=src.pixel_size_A, path=str(path))
 
