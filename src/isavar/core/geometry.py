@@ -326,25 +326,24 @@ def angular_neighbours(
                 cand_m[:, col : col + k] = sgn < 0
                 cand_g[:, col : col + k] = g
                 col += k
-        # Keep the best match per (row, j): sort by row, j, distance, mirror, g.
-        row_id = np.repeat(np.arange(c), width)
-        fj, fd, fm, fg = cand_j.ravel(), cand_d.ravel(), cand_m.ravel(), cand_g.ravel()
-        order = np.lexsort((fg, fm, fd, fj, row_id))
-        r_s, j_s = row_id[order], fj[order]
-        first = np.ones(order.size, dtype=bool)
-        first[1:] = (r_s[1:] != r_s[:-1]) | (j_s[1:] != j_s[:-1])
-        keep = order[first]
-        # Rank the unique candidates of each row by (distance, mirror, index).
-        kr, kd, km, kj, kg = row_id[keep], fd[keep], fm[keep], fj[keep], fg[keep]
-        order2 = np.lexsort((kj, km, kd, kr))
-        kr, kd, km, kj, kg = kr[order2], kd[order2], km[order2], kj[order2], kg[order2]
-        counts = np.bincount(kr, minlength=c)
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        take = (starts[:, None] + np.arange(k)[None, :]).ravel()
-        out_idx[start:stop] = kj[take].reshape(c, k)
-        out_mir[start:stop] = km[take].reshape(c, k)
-        out_dist[start:stop] = np.maximum(kd[take], 0.0).reshape(c, k)
-        out_sym[start:stop] = kg[take].reshape(c, k)
+        # Order each row by (distance, mirror, index): stable sort by distance after (mirror, index).
+        o = np.argsort(cand_m * np.int64(n) + cand_j, axis=1, kind="stable")
+        cand_j, cand_d, cand_m, cand_g = (np.take_along_axis(x, o, 1) for x in (cand_j, cand_d, cand_m, cand_g))
+        o = np.argsort(cand_d, axis=1, kind="stable")
+        cand_j, cand_d, cand_m, cand_g = (np.take_along_axis(x, o, 1) for x in (cand_j, cand_d, cand_m, cand_g))
+        # Keep the first (best) occurrence of each neighbour j in its row.
+        o = np.argsort(cand_j, axis=1, kind="stable")
+        js = np.take_along_axis(cand_j, o, 1)
+        first_sorted = np.ones_like(js, dtype=bool)
+        first_sorted[:, 1:] = js[:, 1:] != js[:, :-1]
+        first = np.empty_like(first_sorted)
+        np.put_along_axis(first, o, first_sorted, 1)
+        # Every row has at least k distinct candidates (the identity query alone gives k).
+        select = first & (np.cumsum(first, axis=1) <= k)
+        out_idx[start:stop] = cand_j[select].reshape(c, k)
+        out_mir[start:stop] = cand_m[select].reshape(c, k)
+        out_dist[start:stop] = np.maximum(cand_d[select], 0.0).reshape(c, k)
+        out_sym[start:stop] = cand_g[select].reshape(c, k)
     out_dist = np.degrees(out_dist)
     if return_symmetry:
         return out_idx, out_mir, out_dist, out_sym
