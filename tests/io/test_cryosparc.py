@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from isavar.conventions import axis_angle_to_matrix, euler_to_matrix, relion_to_align2d

@@ -55,6 +55,7 @@ from isavar.io.particles import (
     ALIGN2D_COLUMNS,
     CANONICAL_COLUMNS,
     CRYOSPARC_CUSTOM_PREFIX,
+    CRYOSPARC_FIELDS,
     CTF_COLUMNS,
     ORIENTATION_COLUMNS,
     coerce_dtypes,
@@ -63,16 +64,7 @@ from isavar.io.stack import LazyImages, ParticleStack
 
 log = logging.getLogger(__name__)
 
-_SIMPLE_FIELDS = {
-    "ctf/df1_A": "defocus_u_A",
-    "ctf/df2_A": "defocus_v_A",
-    "ctf/accel_kv": "voltage_kV",
-    "ctf/cs_mm": "cs_mm",
-    "ctf/amp_contrast": "amplitude_contrast",
-    "ctf/bfactor": "ctf_bfactor_A2",
-    "blob/psize_A": "pixel_size_A",
-    "location/micrograph_path": "micrograph_name",
-}
+_SIMPLE_FIELDS = {field: column for column, field in CRYOSPARC_FIELDS.items()}
 _HANDLED = set(_SIMPLE_FIELDS) | {
     "blob/path", "blob/idx", "blob/shape", "ctf/df_angle_rad", "ctf/phase_shift_rad", "ctf/exp_group_id",
     "alignments3D/pose", "alignments3D/shift", "alignments2D/pose", "alignments2D/shift", "alignments2D/class",

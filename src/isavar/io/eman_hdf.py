@@ -57,7 +57,7 @@ from isavar.conventions import (
 )
 from isavar.errors import InputError
 from isavar.io.mrc import check_writable
-from isavar.io.particles import ALIGN2D_COLUMNS, CTF_COLUMNS, ORIENTATION_COLUMNS, coerce_dtypes
+from isavar.io.particles import ALIGN2D_COLUMNS, CTF_COLUMNS, EMAN_KEYS, ORIENTATION_COLUMNS, coerce_dtypes
 from isavar.io.stack import ImageSource, LazyImages, ParticleStack
 
 log = logging.getLogger(__name__)
@@ -69,10 +69,11 @@ _INTERNAL_KEYS = {
     "stored_rendermin", "stored_rendermax", "stored_renderbits", "stored_truncated", "render_min",
     "render_max", "render_bits", "source_path", "source_n", "HDF5.version", "origin_x", "origin_y", "origin_z",
 }
+#: Header keys turned into canonical columns.
+_MAPPED_KEYS = {"ctf", "xform.projection", "xform.align2d", "ptcl_source_coord", *EMAN_KEYS.values()}
 #: EMUtil::EM_FLOAT
 _EM_FLOAT = 7
 _TRANSFORM_DTYPE = np.dtype([(f"{r}{c}", "<f4") for r in range(3) for c in range(4)])
-_CTF_EXTRA = ("ctf_bfactor_A2",)
 
 
 # --------------------------------------------------------------------------------------
@@ -330,8 +331,7 @@ def _header_columns(headers: list[dict], path) -> pd.DataFrame:
         if "segment_angle" in h:
             row["segment_angle_deg"] = float(h["segment_angle"])
         for key, value in h.items():
-            if key in _INTERNAL_KEYS or key in ("ctf", "xform.projection", "xform.align2d", "apix_x",
-                                                "ptcl_source_image", "ptcl_source_coord", "segment_angle"):
+            if key in _INTERNAL_KEYS or key in _MAPPED_KEYS:
                 continue
             if value is None or (isinstance(value, np.ndarray) and value.ndim == 2):
                 continue
