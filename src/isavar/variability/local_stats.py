@@ -21,10 +21,17 @@ Statistics (spec §3.8, with the scale fix of §9 Q4)
 Without CTF: ``ave = mean_j a_j``, ``var = sum_j (a_j - ave)^2 / (G - 1)``.
 With CTF (``C_j`` = member CTF in the group frame, ``X_j`` = DFT of ``a_j``):
 ``A = sum_j C_j X_j / (sum_j C_j^2 + 1/snr)`` (Wiener mean, SPHIRE snr = 1e5),
-``Delta_j = G C_j (X_j - C_j A) / (sum_j C_j^2 + 1/snr)`` (CTF-corrected deviation
-of member j; SPHIRE's ``E_j`` times G), ``var = sum_j IDFT(Delta_j)^2 / (G - 1)``.
-With every ``C_j = 1`` both branches give the same unbiased sample variance
-(SPHIRE's CTF branch returned ``(G - 1) / G^2`` times that).
+``Delta_j = sign(C_j) (X_j - C_j A) / sqrt(w)`` with ``w = (sum_j C_j^2 + 1/snr) / G``
+(the member's residual, phase-flipped and divided by the group's RMS CTF), and
+``var = sum_j IDFT(Delta_j)^2 / (G - 1)``. For a member deviation ``d_j`` the
+residual is ``C_j d_j``, so ``Delta_j = |C_j| d_j / sqrt(w)`` whose power, averaged
+over the group, is ``mean_j C_j^2 / w = 1`` at every frequency: the variance is on
+the scale of the plain sample variance of the CTF-free signal, and with every
+``C_j = 1`` both branches are identical. SPHIRE's CTF branch used
+``E_j = C_j (X_j - C_j A) / (sum C^2 + 1/snr)`` without division by ``G - 1``,
+about ``1/G`` of that scale (spec §9 Q4); ``G E_j`` would remove the ``1/G`` but
+over-weights members with a large CTF (excess power ``mean C^4 / mean^2 C^2``, about
+1.2 in practice).
 """
 
 from __future__ import annotations
@@ -491,7 +498,7 @@ def _ctf_group(aligned: np.ndarray, params: dict, ctf_grid: "CtfGrid", snr: floa
     x = sfft.rfft2(aligned)
     denom = np.einsum("gyx,gyx->yx", c, c) + np.float32(1.0 / snr)
     mean_f = np.einsum("gyx,gyx->yx", c, x) / denom
-    dev = (c * (np.float32(g) / denom)) * (x - c * mean_f)
+    dev = (np.sign(c) * np.sqrt(np.float32(g) / denom)) * (x - c * mean_f)
     d = sfft.irfft2(dev, s=(nx, nx))
     var = np.einsum("gyx,gyx->yx", d, d, dtype=np.float64) / (g - 1)
     ave = sfft.irfft2(mean_f, s=(nx, nx))
