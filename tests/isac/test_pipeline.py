@@ -190,3 +190,39 @@ def test_run_state_round_trip():
 def test_too_few_images_is_input_error():
     with pytest.raises(InputError, match="img_per_grp"):
         initial_state(30, small_params())
+
+
+def _ctf_table(n, rng):
+    import pandas as pd
+
+    return pd.DataFrame({"defocus_u_A": rng.uniform(8000, 20000, n), "defocus_v_A": rng.uniform(8000, 20000, n),
+                         "defocus_angle_deg": rng.uniform(0, 180, n), "voltage_kV": 300.0, "cs_mm": 2.7,
+                         "amplitude_contrast": 0.1, "segment_angle_deg": rng.uniform(0, 180, n)})
+
+
+@pytest.mark.parametrize("options", [
+    dict(VPP=True),
+    dict(CTF=True, center_method=2, iter_reali=2, init_iter=2),
+    dict(filament_width=12, center_method=4),
+    dict(filament_width=12, filament_mask_ignore=True, skip_prealignment=True, skip_ordering=True),
+])
+def test_modes_run_end_to_end(planted, options):
+    imgs, truth, _ = planted
+    rng = np.random.default_rng(0)
+    sel = np.r_[0:50, 50:100, 200:230]
+    p = small_params(maxit=6, init_iter=options.pop("init_iter", 1), stab_ali=3, **options)
+    res = isac2(imgs[sel], p, table=_ctf_table(len(sel), rng), pixel_size_A=2.0)
+    assert res.params.shape == (len(sel), 4)
+    assert res.n_classes == len(res.members) and res.averages.shape[1:] == (p.box, p.box)
+    assert np.isfinite(res.averages).all()
+    if p.skip_ordering:
+        assert res.order is None
+    if p.skip_prealignment:
+        assert not res.prealign_shifts.any()
+
+
+def test_iter_reali_last_round_is_checked(planted):
+    imgs, _, _ = planted
+    p = small_params(maxit=6, init_iter=2, iter_reali=5)       # round 0 checked, round 1 only because last
+    res = isac2(imgs[:150], p)
+    assert res.history and res.history[0]["rounds"] == 2

@@ -1,0 +1,160 @@
+"""Benchmark of ``isavar isac2``: wall time, peak memory, time per stage, quality vs an oracle, RELION ratio.
+
+Usage::
+
+    python bench/isac2_bench.py --n 2000 --workers 2 --out /tmp/isac2_bench
+    python bench/isac2_bench.py --n 10000 --workers 2 --relion      # also RELION 3.1 Class2D on the same data
+
+Data: the simulator's asymmetric "blob" phantom, box 128, 2 Å/pixel, uniformly random views, CTF
+(defocus 0.8-2.5 µm), SNR 0.05, 10 % pure-noise images. ISAC2 with SPHIRE defaults (--radius 50, --CTF).
+
+Quality: purity15 = fraction of accounted particles within 15° of their class's medoid true viewing
+direction (a view and its opposite count as one, since ISAC aligns with mirrors); the oracle is k-means on
+the sphere (antipodally symmetric) of the same particles' true views with the same number of classes.
+Results go to OUT/bench_N.json and are printed as a Markdown table row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def angular_distance_matrix(a, b):
+    """Angles (degrees) between axes (antipodal-equivalent unit vectors)."""
+    return np.rad2deg(np.arccos(np.clip(np.abs(a @ b.T), 0.0, 1.0)))
+
+
+def purity15(dirs, labels, threshold=15.0):
+    """Fraction of items within ``threshold`` degrees of their cluster's medoid direction."""
+    good = 0
+    for k in np.unique(labels):
+        v = dirs[labels == k]
+        d = angular_distance_matrix(v, v)
+        medoid = v[np.argmin(d.sum(1))]
+        good += int((angular_distance_matrix(v, medoid[None])[:, 0] <= threshold).sum())
+    return good / max(len(dirs), 1)
+
+
+def oracle_kmeans(dirs, k, seed=0, iters=50):
+    """Spherical k-means of axes (|cos| similarity), k-means++ start; returns labels."""
+    rng = np.random.default_rng(seed)
+    centres = [dirs[rng.integers(len(dirs))]]
+    for _ in range(1, k):
+        d = np.clip(1 - np.max(np.abs(dirs @ np.array(centres).T), axis=1), 0.0, None) + 1e-12
+        centres.append(dirs[rng.choice(len(dirs), p=d / d.sum())])
+    c = np.array(centres)
+    for _ in range(iters):
+        sim = np.abs(dirs @ c.T)
+        lab = sim.argmax(1)
+        new = []
+        for j in range(k):
+            v = dirs[lab == j]
+            if len(v) == 0:
+                new.append(c[j])
+                continue
+            # principal axis of the members (antipodal mean)
+            w, vec = np.linalg.eigh(v.T @ v)
+            new.append(vec[:, -1])
+        c = np.array(new)
+    return np.abs(dirs @ c.T).argmax(1)
+
+
+def simulate(n, folder, seed=0):
+    from isavar.io import write_particles
+    from isavar.synthetic import phantom_volume, simulate_particles
+
+    path = Path(folder) / f"particles_{n}.star"
+    if path.exists():
+        return path
+    vol = phantom_volume("blob", 128, 2.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images, table = simulate_particles(vol, n, pixel_size_A=2.0, snr=0.05, defocus_range_A=(8000.0, 25000.0),
+                                       shift_sd_A=4.0, noise_fraction=0.1, rng=seed)
+    write_particles(path, images, table)
+    return path
+
+
+def run_relion(star, outdir, n_classes, threads):
+    """RELION 3.1 Class2D (25 iterations, default-like settings) on the same data; returns wall seconds."""
+    outdir = Path(outdir)
+    shutil.rmtree(outdir, ignore_errors=True)
+    outdir.mkdir(parents=True)
+    cmd = ["relion_refine", "--i", str(star), "--o", str(outdir / "run"), "--dont_combine_weights_via_disc",
+           "--ctf", "--iter", "25", "--tau2_fudge", "2", "--particle_diameter", "200", "--K", str(n_classes),
+           "--flatten_solvent", "--zero_mask", "--oversampling", "1", "--psi_step", "12", "--offset_range", "5",
+           "--offset_step", "2", "--norm", "--scale", "--j", str(threads), "--pool", "30", "--pad", "2"]
+    t = time.time()
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.time() - t
+    (outdir / "relion_stdout.txt").write_text(res.stdout + "\n" + res.stderr)
+    return wall, res.returncode, " ".join(cmd)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--out", default="/tmp/isac2_bench")
+    ap.add_argument("--relion", action="store_true", help="also run relion_refine Class2D")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--quick", action="store_true", help="tiny settings to test this script (not a benchmark)")
+    args = ap.parse_args(argv)
+
+    import starfile
+
+    from isavar.conventions import viewing_direction
+    from isavar.isac.params import Isac2Params
+    from isavar.parallel import make_executor
+    from isavar.workflows.isac2 import run_isac2
+
+    out = Path(args.out)
+    star = simulate(args.n, out / "data")
+    run_dir = out / f"isac2_{args.n}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    executor = make_executor("pool" if args.workers > 1 else "serial", args.workers)
+    t = time.time()
+    extra = dict(img_per_grp=100, minimum_grp_size=30, maxit=6, init_iter=1, stab_ali=3) if args.quick else {}
+    params = Isac2Params(radius=50, CTF=True, rand_seed=args.seed, **extra)
+    result = run_isac2(star, run_dir, params, executor=executor)
+    wall = time.time() - t
+    getattr(executor, "close", lambda: None)()
+    peak_mb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                  resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024.0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    acc = starfile.read(run_dir / "particles.star")
+    acc = acc["particles"] if isinstance(acc, dict) else acc
+    una = starfile.read(run_dir / "unaccounted_particles.star")
+    una = una["particles"] if isinstance(una, dict) else una
+    real = acc[acc["rlnIsavar_true_is_noise"] == 0]
+    dirs = viewing_direction(real["rlnIsavar_true_angle_rot_deg"], real["rlnIsavar_true_angle_tilt_deg"])
+    labels = real["rlnClassNumber"].to_numpy()
+    c = result.n_classes
+    pur = purity15(dirs, labels) * len(real) / max(len(acc), 1)      # noise images count as impure
+    pur_oracle = purity15(dirs, oracle_kmeans(dirs, max(c, 1))) if c else float("nan")
+    noise_total = int((acc["rlnIsavar_true_is_noise"] == 1).sum() + (una["rlnIsavar_true_is_noise"] == 1).sum())
+    noise_unacc = int((una["rlnIsavar_true_is_noise"] == 1).sum()) / max(noise_total, 1)
+    record = {"n": args.n, "workers": args.workers, "wall_s": wall, "peak_rss_MB": peak_mb,
+              "classes": c, "accounted": len(acc), "accounted_fraction": len(acc) / args.n,
+              "purity15": pur, "purity15_oracle": pur_oracle,
+              "purity_ratio": pur / pur_oracle if c else float("nan"), "noise_unaccounted": noise_unacc,
+              "timings_s": summary.get("timings_s"), "generations": len(summary.get("generations", []))}
+    if args.relion and shutil.which("relion_refine"):
+        rwall, code, cmd = run_relion(star, out / f"relion_{args.n}", max(c, 1), args.workers)
+        record.update(relion_wall_s=rwall, relion_returncode=code, relion_command=cmd,
+                      isac_over_relion=wall / rwall)
+    (out / f"bench_{args.n}.json").write_text(json.dumps(record, indent=2))
+    print(json.dumps(record, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
