@@ -235,7 +235,8 @@ class FourierAccumulator:
         data = self.data.reshape(-1)
         acc_w = self.weights.reshape(-1)
         if self.interpolation == "nearest":
-            idx = (np.rint(q, out=q) @ strides).astype(np.int64).ravel()
+            q += np.float32(0.5)  # nn4 rounding: floor(q + 0.5)
+            idx = (np.floor(q, out=q) @ strides).astype(np.int64).ravel()
             idx += grid.origin
             np.add.at(data, idx, vals)
             np.add.at(acc_w, idx, np.ones(idx.size, np.float32) if wts is None else wts)
