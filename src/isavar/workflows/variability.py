@@ -213,12 +213,36 @@ def run_variability(stack_path, outdir, params: VariabilityParams, *, executor=N
             raise InputError(f"--img_per_grp {params.img_per_grp} is larger than the number of "
                              f"(symmetry-expanded) particles, {n * nsym}", path=stack_path)
     grid = choose_grid(box, pixel, params)
+    handler = None
     if executor.is_root():
         create_output_dir(outdir, must_not_exist=True)
-        from isavar._logging import add_log_file
-
-        add_log_file(outdir / "log.txt")
+        handler = _open_log(outdir / "log.txt")
     executor.barrier()
+    try:
+        return _run(stack, stack_path, outdir, params, executor, progress, symmetrize_only, geo, grid, pixel)
+    finally:
+        if handler is not None:
+            logging.getLogger("isavar").removeHandler(handler)
+            handler.close()
+
+
+def _open_log(path: Path):
+    """Attach a DEBUG file handler for this run's log.txt (removed again when the run ends)."""
+    from isavar._logging import _FORMAT
+
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    handler.setLevel(logging.DEBUG)
+    handler.setFormatter(logging.Formatter(_FORMAT))
+    logger = logging.getLogger("isavar")
+    logger.addHandler(handler)
+    if logger.level == logging.NOTSET or logger.level > logging.DEBUG:
+        logger.setLevel(logging.DEBUG)
+    return handler
+
+
+def _run(stack, stack_path, outdir, params, executor, progress, symmetrize_only, geo, grid, pixel):
+    table, images = stack.table, stack.images
+    n, box = len(images), int(images.shape[-1])
     log.info("isavar 3dvariability: %s -> %s", stack_path, outdir)
     log.info("parameters: %s", params.to_dict())
     files = []
