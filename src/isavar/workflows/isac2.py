@@ -167,6 +167,7 @@ class _Run:
         self.steps_done = 0
         self.t0 = time.time()
         self.timings: dict = {}
+        self.root = executor.is_root()
 
     def _tick(self):
         self.steps_done += 1
@@ -223,7 +224,7 @@ def run_isac2(stack_path, outdir, params: Isac2Params, *, executor=None, progres
     if outdir.exists() and any(outdir.iterdir()) and not (outdir / MARKER).exists():
         raise InputError(f"exists but is not an isavar ISAC2 output directory (no {MARKER}); "
                          "choose a new or empty directory", path=outdir)
-    fresh = not (outdir / "manifest.json").exists()
+    fresh = executor.bcast(not (outdir / "manifest.json").exists())
     if fresh and p.restart > -1:
         raise InputError(f"--restart={p.restart} given but there is no run to restart", path=outdir)
     run = _Run(stack_path, outdir, p, executor, progress, _stop_after)
@@ -242,7 +243,7 @@ def run_isac2(stack_path, outdir, params: Isac2Params, *, executor=None, progres
                              f"({', '.join(diff)}); choose a new directory", path=outdir)
         p = dataclasses.replace(mine, restart=p.restart)
     else:
-        seed = p.rand_seed if p.rand_seed is not None else secrets.randbits(32)
+        seed = executor.bcast(p.rand_seed if p.rand_seed is not None else secrets.randbits(32))
         p = dataclasses.replace(p, rand_seed=int(seed))
     run.p = p
     if executor.is_root():
@@ -255,6 +256,7 @@ def run_isac2(stack_path, outdir, params: Isac2Params, *, executor=None, progres
         if not any(getattr(h, "baseFilename", None) == str((outdir / "log.txt").resolve())
                    for h in logging.getLogger("isavar").handlers):
             add_log_file(outdir / "log.txt")
+    executor.barrier()
     try:
         result = _run(run, stack)
     finally:
@@ -274,13 +276,15 @@ def _run(run: _Run, stack):
         run.progress.stage("ISAC2 generations", total=None)
 
         def on_step(st, event):
-            if event is not None:
-                _write_generation_files(run, st, event)
-            _save_npz_atomic(outdir / "checkpoints" / "state.npz", st.to_arrays())
-            run.save_manifest(stage="classification", history=st.history, main=st.main, gen=st.gen)
-            if event is not None and event.get("end_main"):
-                _save_npz_atomic(outdir / "checkpoints" / f"main_{event['main']:03d}_end.npz", st.to_arrays())
-                _write_text_lists(run, st, event)
+            if run.root:                                 # every process holds the same state; one writes
+                if event is not None:
+                    _write_generation_files(run, st, event)
+                _save_npz_atomic(outdir / "checkpoints" / "state.npz", st.to_arrays())
+                run.save_manifest(stage="classification", history=st.history, main=st.main, gen=st.gen)
+                if event is not None and event.get("end_main"):
+                    _save_npz_atomic(outdir / "checkpoints" / f"main_{event['main']:03d}_end.npz",
+                                     st.to_arrays())
+                    _write_text_lists(run, st, event)
             run.progress.advance(1)
             run._tick()
 
@@ -308,7 +312,10 @@ def _prepare(run: _Run, stack):
         working = np.load(outdir / "stack_ali2d.npy", mmap_mode="r")
         shifts = np.loadtxt(ali_dir / "initial2Dparams.txt", ndmin=2)[:, 1:3]
         return working, shifts, shrink_eff
-    ali_dir.mkdir(parents=True, exist_ok=True)
+    root = run.root
+    if root:
+        ali_dir.mkdir(parents=True, exist_ok=True)
+    log.info("building the working stack: %d images, box %d -> %d -> %d", len(stack.table), box, nd, p.box)
     table = stack.table
     n = len(table)
     apix = stack.pixel_size_A
@@ -319,9 +326,9 @@ def _prepare(run: _Run, stack):
             part = radial_amplitude_sum(block)
             amp = part if amp is None else amp + part
         rpw = vpp_table(amp, n)
-        write_text_atomic(outdir / "rpw.txt", _fmt_rows(rpw, ["%14.6f"]))
-    else:
-        write_text_atomic(outdir / "rpw.txt", _fmt_rows(np.zeros(box // 2 + 1), ["%14.6f"]))
+    if root:
+        table_rpw = rpw if rpw is not None else np.zeros(box // 2 + 1)
+        write_text_atomic(outdir / "rpw.txt", _fmt_rows(table_rpw, ["%14.6f"]))
     run.progress.stage("preprocessing", total=n)
     shrunk = np.empty((n, nd, nd), np.float32)
     pre = np.empty((n, nd, nd), np.float32) if p.VPP else None
@@ -336,18 +343,25 @@ def _prepare(run: _Run, stack):
     else:
         t = time.time()
         run.progress.stage("pre-alignment", total=None)
+        log.info("pre-alignment (centring) of %d images", n)
         ali, _ = prealign(pre if pre is not None else shrunk, p, run.executor, progress=run.progress)
         shifts = centring_shifts(ali, shrink_eff)
         run.timings["prealign_s"] = time.time() - t
     del pre
     rows = np.column_stack([np.zeros(n), shifts, np.zeros(n)])
-    write_params_file(ali_dir / "initial2Dparams.txt", rows)
+    if root:
+        write_params_file(ali_dir / "initial2Dparams.txt", rows)
+    run.executor.barrier()
     shifts = np.loadtxt(ali_dir / "initial2Dparams.txt", ndmin=2)[:, 1:3]   # as a resumed run will read them
     working = np.empty((n, p.box, p.box), np.float32)
     for s in range(0, n, CHUNK):
         e = min(n, s + CHUNK)
         working[s:e] = finish_working_images(shrunk[s:e], shifts[s:e] * shrink_eff, table.iloc[s:e], p)
     del shrunk
+    if not root:
+        run.executor.barrier()
+        run._tick()
+        return working, shifts, shrink_eff
     _save_npy_atomic(outdir / "stack_ali2d.npy", working)
     lines = ["This file contains the shrink ratio and the particle radius used by ISAC2 (isavar).",
              "Working images were resampled from the input box by the ratio below;",
@@ -360,8 +374,9 @@ def _prepare(run: _Run, stack):
     write_text_atomic(outdir / "README_shrink_ratio.txt", "\n".join(lines))
     _touch(done)
     run.save_manifest(stage="prepared")
+    run.executor.barrier()
     run._tick()
-    return np.load(outdir / "stack_ali2d.npy", mmap_mode="r"), shifts, shrink_eff
+    return working, shifts, shrink_eff
 
 
 # ------------------------------------------------------------------------------------- resume / restart
@@ -369,7 +384,8 @@ def _prepare(run: _Run, stack):
 def _load_or_restart(run: _Run, n_total: int):
     p, outdir = run.p, run.outdir
     ck = outdir / "checkpoints"
-    ck.mkdir(exist_ok=True)
+    if run.root:
+        ck.mkdir(exist_ok=True)
     man = run.load_manifest() or {}
     history = man.get("history", [])
     state_file = ck / "state.npz"
@@ -380,8 +396,10 @@ def _load_or_restart(run: _Run, n_total: int):
             log.info("resuming: main %d generation %d", state.main, state.gen)
             return state
         state = isac_run.initial_state(n_total, p)
-        _start_files(run, state)
+        if run.root:
+            _start_files(run, state)
         return state
+    run.executor.barrier()
     ends = sorted(ck.glob("main_*_end.npz"))
     finished_mains = [int(f.name[5:8]) for f in ends]
     if p.restart == 0:
@@ -390,24 +408,27 @@ def _load_or_restart(run: _Run, n_total: int):
         k = p.restart
         if k not in finished_mains:
             raise InputError(f"--restart={k}: main iteration {k} has not finished", path=outdir)
-    for d in sorted(outdir.glob("main[0-9][0-9][0-9]")):
-        if int(d.name[4:]) > k:
-            shutil.rmtree(d)
-    for f in ends:
-        if int(f.name[5:8]) > k:
-            f.unlink()
-    (outdir / "finished").unlink(missing_ok=True)
-    for name in ("ordered_class_averages.hdf", "chains_params.txt"):
-        (outdir / name).unlink(missing_ok=True)
     if k == 0:
         state = isac_run.initial_state(n_total, p)
     else:
         with np.load(ck / f"main_{k:03d}_end.npz") as d:
             state = isac_run.RunState.from_arrays(dict(d), [h for h in history if h["main"] <= k])
-    _save_npz_atomic(state_file, state.to_arrays())
-    _rewrite_global_files(run, state)
+    run.executor.barrier()
+    if run.root:
+        for d in sorted(outdir.glob("main[0-9][0-9][0-9]")):
+            if int(d.name[4:]) > k:
+                shutil.rmtree(d)
+        for f in ends:
+            if int(f.name[5:8]) > k:
+                f.unlink()
+        (outdir / "finished").unlink(missing_ok=True)
+        for name in ("ordered_class_averages.hdf", "chains_params.txt"):
+            (outdir / name).unlink(missing_ok=True)
+        _save_npz_atomic(state_file, state.to_arrays())
+        _rewrite_global_files(run, state)
+        _start_files(run, state)
+    run.executor.barrier()
     log.info("restart: continuing after main iteration %d", k)
-    _start_files(run, state)
     return state
 
 
