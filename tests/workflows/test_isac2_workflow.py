@@ -197,3 +197,18 @@ def test_cli_accepts_both_option_spellings(dataset, tmp_path):
         (0.7, 29, 76, 30, 90.0, 0.2, 0.45, 0.2, 7, 1, 5, 60, -1, -1, 0, -1, 1.0, 1, 1)
     with pytest.raises(SystemExit):
         parser.parse_args([str(dataset), "o"])                            # --radius is required
+
+
+def test_cli_run_in_process(dataset, tmp_path):
+    from isavar.cli import isac2 as cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    out = tmp_path / "cli"
+    args = parser.parse_args([str(dataset), str(out), "--radius=18", "--target_radius", "10", "--target_nx=28",
+                              "--img_per_grp=50", "--minimum_grp_size=20", "--maxit=4", "--init_iter=1",
+                              "--stab_ali=2", "--skip_prealignment", "--CTF", "--rand_seed=3", "-q"])
+    assert cli.run(args) == 0
+    assert (out / "finished").exists() and (out / "provenance.json").exists()
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["seed"] == 3 and prov["parameters"]["img_per_grp"] == 50
