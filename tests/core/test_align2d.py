@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from isavar.core import params2d
 from isavar.core.align2d import (
+    SpectraCache,
     align_to_reference,
     align_to_references,
     particle_centres,
@@ -291,3 +292,52 @@ def test_bad_arguments_are_rejected(rng):
     prep = prepare_references(ref, GRID, mirror=False)
     with pytest.raises(ValueError):
         align_to_reference(ref[None], prep, GRID, x_range=1, y_range=1, step=1, mirror=True)
+
+
+def test_spectra_cache_reproduces_uncached_passes(rng):
+    ref = _blob(rng)
+    n = 10
+    p = params2d.Params2D(rng.uniform(-180, 180, n), rng.uniform(-2, 2, n), rng.uniform(-2, 2, n),
+                          rng.integers(0, 2, n))
+    images = _planted(ref, p) + 0.3 * rng.standard_normal((n, N, N)).astype(np.float32)
+    cache = SpectraCache()
+    cur_a = cur_b = np.zeros((n, 4))
+    for it in range(5):
+        kw = dict(x_range=1, y_range=1, step=1, delta=90.0 if it == 0 else 0.0, normalize_images=it % 2 == 1)
+        a = align_to_reference(images, ref, GRID, initial_params=cur_a, **kw)
+        b = align_to_reference(images, ref, GRID, initial_params=cur_b, cache=cache, **kw)
+        np.testing.assert_allclose(b.score, a.score, rtol=1e-5)
+        np.testing.assert_array_equal(b.mirror, a.mirror)
+        assert _angle_err(b.alpha, a.alpha).max() < 1e-2
+        np.testing.assert_allclose(b.sx, a.sx, atol=1e-3)
+        np.testing.assert_allclose(b.sy, a.sy, atol=1e-3)
+        cur_a, cur_b = a.params, b.params
+    # the centres walk on a lattice: most trial positions of later passes are reused
+    assert cache.hits > cache.misses > 0 and len(cache) == cache.misses
+
+
+def test_spectra_cache_invalidates_changed_images_and_off_lattice_centres(rng):
+    refs = np.stack([_blob(rng) for _ in range(2)])
+    images = np.stack([_blob(rng) for _ in range(3)])
+    cache = SpectraCache()
+    align_to_references(images, refs, GRID, x_range=1, y_range=1, step=1, cache=cache)
+    assert (cache.hits, cache.misses) == (0, 27)
+    changed = images.copy()
+    changed[1] = np.roll(changed[1], 3, axis=1)                # new content: only its entries are recomputed
+    got = align_to_references(changed, refs, GRID, x_range=1, y_range=1, step=1, cache=cache)
+    assert (cache.hits, cache.misses) == (18, 36)
+    want = align_to_references(changed, refs, GRID, x_range=1, y_range=1, step=1)
+    np.testing.assert_allclose(got.score, want.score, rtol=1e-5)
+    # a centre half a pixel off the image's lattice restarts that image's lattice
+    cur = np.zeros((3, 4))
+    cur[0, 1] = 0.5
+    got = align_to_references(changed, refs, GRID, x_range=1, y_range=1, step=1, cache=cache, initial_params=cur)
+    want = align_to_references(changed, refs, GRID, x_range=1, y_range=1, step=1, initial_params=cur)
+    np.testing.assert_allclose(got.score, want.score, rtol=1e-5)
+    np.testing.assert_allclose(got.sx, want.sx, atol=1e-3)
+    assert cache.misses == 45
+    # non-integer steps do not use the cache
+    align_to_references(changed, refs, GRID, x_range=1, y_range=1, step=0.5, cache=cache)
+    assert cache.misses == 45
+    with pytest.raises(ValueError):
+        align_to_references(changed, refs, GRID, x_range=1, y_range=1, step=1, cache=object())

@@ -52,6 +52,7 @@ __all__ = [
     "MultiRefAlignment",
     "RefAlignment",
     "PreparedReferences",
+    "SpectraCache",
     "prepare_references",
     "align_to_references",
     "align_to_reference",
@@ -130,6 +131,150 @@ class PreparedReferences:
     mirror: bool
     ring_sum: np.ndarray
     bands: tuple
+
+
+class SpectraCache:
+    """Image ring spectra kept across alignment passes of the same images (opt-in, ``cache=``).
+
+    Repeated passes over a fixed image set (``within_group_refinement``: L runs x ``maxit`` passes per group;
+    ``ali2d_base``) move every particle centre by whole translation steps, so the same sampling centres come
+    back again and again. With a cache each (image, centre) is polar-sampled, ring-normalisation-measured
+    and ring-FFT'd once; later passes only copy the stored spectra.
+
+    Use one cache per image set and pass the *same images in the same order* to every call (a changed image,
+    detected by a content fingerprint, only invalidates its own entries). Entries live on a per-image lattice
+    ``base + integer offsets`` (``base`` = the centre at the image's first visit); a request is served from the
+    lattice point nearest to it when that is within ``tolerance`` pixels (parameters returned as float32
+    reproduce centres to ~1e-6 px), otherwise the image's entries are dropped and the lattice restarts. Only
+    integer translation steps use the cache. When the store would exceed ``max_bytes`` it is emptied.
+
+    Parameters
+    ----------
+    max_bytes : int
+        Bound on the stored spectra (~16 kB per entry for the default rings).
+    tolerance : float
+        Maximum distance (pixels, per axis) between a requested sampling centre and the stored one.
+    """
+
+    def __init__(self, max_bytes: int = 512 * 2**20, tolerance: float = 1e-3):
+        self.max_bytes = int(max_bytes)
+        self.tolerance = float(tolerance)
+        self.hits = 0
+        self.misses = 0
+        self._sig = None
+
+    def __len__(self) -> int:
+        return 0 if self._sig is None else self._size
+
+    def _reset_store(self):
+        self._table[:] = -1
+        self._bands = None
+        self._stats = None
+        self._size = 0
+
+    def _bind(self, prep: "PreparedReferences", stack: np.ndarray, s: np.ndarray, half: int):
+        """Attach to (grid, images); invalidate changed images; (re)start lattices; returns base (n, 2)."""
+        n = stack.shape[0]
+        sig = (prep.grid.lcirc, prep.grid.maxrin, tuple(prep.grid.radii.tolist()), prep.box, n)
+        if sig != self._sig or half > self._half:
+            self._sig = sig
+            self._half = max(half, getattr(self, "_half", 0))
+            w = 2 * self._half + 1
+            self._proj = np.random.default_rng(20240229).standard_normal((prep.box * prep.box, 2)).astype(np.float32)
+            self._fp = np.full((n, 2), np.nan)
+            self._base = np.full((n, 2), np.nan)
+            self._table = np.full((n, w, w), -1, dtype=np.int64)
+            self._entry = sum(w_.shape[0] * w_.shape[1] * 4 for (_a, _b, _c, w_) in prep.bands) + 16
+            self._reset_store()
+        fp = (stack.reshape(n, -1) @ self._proj).astype(np.float64)
+        d = s - self._base
+        stale = (~np.all(fp == self._fp, axis=1)) | np.isnan(d).any(axis=1) | \
+            (np.abs(d - np.rint(d)) > self.tolerance).any(axis=1)
+        if stale.any():
+            self._table[stale] = -1
+            self._fp[stale] = fp[stale]
+            self._base[stale] = s[stale]
+        return self._base
+
+    def _chunk(self, prep, images, i0, s, kx, ky, step, out_spectra, out_mean, out_std):
+        """Band spectra, mean and std of all trial rows of images [i0, i0 + n) into the out arrays."""
+        grid = prep.grid
+        n, box = images.shape[0], images.shape[1]
+        n_sh = kx.size * ky.size
+        centre = float(box // 2)
+        base = self._base[i0:i0 + n]
+        lx = (np.rint(s[:, 0] - base[:, 0]).astype(np.int64)[:, None, None]
+              + (kx * int(step)).astype(np.int64)[None, None, :])
+        ly = (np.rint(s[:, 1] - base[:, 1]).astype(np.int64)[:, None, None]
+              + (ky * int(step)).astype(np.int64)[None, :, None])
+        lx, ly = np.broadcast_arrays(lx, ly)
+        lx, ly = lx.reshape(n, n_sh), ly.reshape(n, n_sh)
+        h = self._half
+        inside = (np.abs(lx) <= h) & (np.abs(ly) <= h)
+        img = np.broadcast_to(np.arange(i0, i0 + n)[:, None], (n, n_sh))
+        if (self._size + n * n_sh) * self._entry > self.max_bytes:
+            self._reset_store()
+        slots = np.full((n, n_sh), -2, dtype=np.int64)
+        slots[inside] = self._table[img[inside], ly[inside] + h, lx[inside] + h]
+        todo = np.flatnonzero(slots.reshape(-1) < 0)
+        miss = slots.reshape(-1)[todo] == -1
+        self.misses += int(todo.size)
+        self.hits += int(n * n_sh - todo.size)
+        computed = None
+        if todo.size:
+            # cacheable rows at their lattice point, the (rare) others at the exact requested centre
+            cx, cy = _trial_centres(centre, s, kx, ky, step)
+            lat_x = centre + base[:, 0:1] + lx
+            lat_y = centre + base[:, 1:2] + ly
+            px = np.where(inside, lat_x, cx).reshape(-1)[todo]
+            py = np.where(inside, lat_y, cy).reshape(-1)[todo]
+            polar = _gather_polar(images.reshape(-1), box, todo // n_sh, px, py, grid,
+                                  np.zeros(1, np.int64), np.zeros(1, np.int64)).reshape(todo.size, grid.lcirc)
+            mean, std = _ring_stats(polar, grid)
+            bands = _band_spectra(prep, polar)
+            computed = (bands, np.stack([mean, std], axis=1))
+            if miss.any():
+                k = int(miss.sum())
+                self._grow(bands, k)
+                new = np.arange(self._size, self._size + k)
+                for sb, b in zip(self._bands, bands):
+                    sb[self._size:self._size + k] = b[miss]
+                self._stats[new] = computed[1][miss]
+                self._size += k
+                rows = todo[miss]
+                self._table[img.reshape(-1)[rows], ly.reshape(-1)[rows] + h, lx.reshape(-1)[rows] + h] = new
+                slots.reshape(-1)[rows] = new
+        flat_slots = slots.reshape(-1)
+        ok = flat_slots >= 0
+        if self._bands is None:
+            for dst, b in zip(out_spectra, computed[0]):
+                dst[...] = b
+            out_mean[...], out_std[...] = computed[1][:, 0], computed[1][:, 1]
+            return
+        safe = np.where(ok, flat_slots, 0)
+        for dst, sb in zip(out_spectra, self._bands):
+            np.take(sb, safe, axis=0, out=dst, mode="clip")
+        stats = self._stats[safe]
+        if not ok.all():
+            rows = np.flatnonzero(~ok)
+            pos = np.searchsorted(todo, rows)
+            for dst, b in zip(out_spectra, computed[0]):
+                dst[rows] = b[pos]
+            stats[rows] = computed[1][pos]
+        out_mean[...], out_std[...] = stats[:, 0], stats[:, 1]
+
+    def _grow(self, bands, k):
+        need = self._size + k
+        if self._bands is not None and need <= self._stats.shape[0]:
+            return
+        cap = max(256, 2 * need)
+        new_bands = [np.empty((cap,) + b.shape[1:], np.float32) for b in bands]
+        new_stats = np.empty((cap, 2), np.float64)
+        if self._bands is not None:
+            for nb, ob in zip(new_bands, self._bands):
+                nb[:self._size] = ob[:self._size]
+            new_stats[:self._size] = self._stats[:self._size]
+        self._bands, self._stats = new_bands, new_stats
 
 
 def _freq_bands(grid: PolarGrid):
@@ -322,7 +467,7 @@ def _curves_peaks(prep: PreparedReferences, spectra, q0: int, q1: int, k0: int, 
     x = np.empty((grid.n_freq, n_rows, n_k * n_cols), dtype=np.float32)
     for (m_lo, m_hi, _r, w), b in zip(prep.bands, spectra):
         wk = w[:, :, k0 * n_cols:k1 * n_cols] if (k0, k1) != (0, prep.n_refs) else w
-        np.matmul(b[:, q0:q1], wk, out=x[m_lo:m_hi])
+        np.matmul(b[q0:q1].transpose(1, 0, 2), wk, out=x[m_lo:m_hi])
     xc = x.view(np.complex64)                                                # (M, rows, n_k * n_cols / 2)
     corr = scipy.fft.irfft(xc, n=grid.maxrin, axis=0)                       # (maxrin, rows, n_k * curves)
     n_curves = n_cols // 2
@@ -347,9 +492,11 @@ def _curves_peaks(prep: PreparedReferences, spectra, q0: int, q1: int, k0: int, 
 
 
 def _band_spectra(prep: PreparedReferences, polar: np.ndarray) -> list[np.ndarray]:
-    """Image ring spectra rearranged per frequency band as float32 ``(m, rows, 2 * rings)`` arrays.
+    """Image ring spectra rearranged per frequency band as float32 ``(rows, m, 2 * rings)`` arrays.
 
-    The last axis interleaves (Re, Im) of every ring of the band (the layout of the weight matrices).
+    The last axis interleaves (Re, Im) of every ring of the band (the layout of the weight matrices);
+    every row is contiguous (cheap to store and gather), and ``b.transpose(1, 0, 2)`` is a valid
+    BLAS operand of the batched product.
     """
     grid = prep.grid
     spectra = ring_spectra(polar, grid)                                      # per group (rows, R_g, M_g)
@@ -357,11 +504,11 @@ def _band_spectra(prep: PreparedReferences, polar: np.ndarray) -> list[np.ndarra
     out = []
     for m_lo, m_hi, r_first, _w in prep.bands:
         n_rings = grid.n_rings - r_first
-        b = np.empty((m_hi - m_lo, rows, n_rings), dtype=np.complex64)
+        b = np.empty((rows, m_hi - m_lo, n_rings), dtype=np.complex64)
         for g, (_n_r, r0, r1, _s0, _s1) in enumerate(grid.groups):
             if r1 <= r_first:
                 continue
-            b[:, :, r0 - r_first:r1 - r_first] = spectra[g][:, :, m_lo:m_hi].transpose(2, 0, 1)
+            b[:, :, r0 - r_first:r1 - r_first] = spectra[g][:, :, m_lo:m_hi].transpose(0, 2, 1)
         out.append(b.view(np.float32))
     return out
 
@@ -383,24 +530,44 @@ def _ring_stats(polar: np.ndarray, grid: PolarGrid):
 
 
 def _search_chunk(prep: PreparedReferences, images: np.ndarray, s: np.ndarray, kx: np.ndarray, ky: np.ndarray,
-                  step: float, valid: np.ndarray, delta_cols, normalize: bool, img_block: int, ref_block: int):
+                  step: float, valid: np.ndarray, delta_cols, normalize: bool, img_block: int, ref_block: int,
+                  cache: SpectraCache | None = None, i0: int = 0):
     """Best (score, alpha, ix, iy, mirror) per (image, reference) for one chunk of images."""
     grid = prep.grid
     n, box = images.shape[0], images.shape[1]
     flat = images.reshape(-1)
     centre = float(box // 2)
     n_sh = ky.size * kx.size
-    if float(step).is_integer():
-        ox = (kx * int(step)).astype(np.int64)
-        oy = (ky * int(step)).astype(np.int64)
-        polar = _gather_polar(flat, box, np.arange(n), centre + s[:, 0], centre + s[:, 1], grid, ox, oy)
-    else:
-        cx, cy = _trial_centres(centre, s, kx, ky, step)
-        polar = _gather_polar(flat, box, np.repeat(np.arange(n), n_sh), cx.reshape(-1), cy.reshape(-1),
-                              grid, np.zeros(1, np.int64), np.zeros(1, np.int64))
-    polar = polar.reshape(n * n_sh, grid.lcirc)                              # rows = (image, iy, ix)
-    mean, std = _ring_stats(polar, grid) if normalize else (None, None)
-    spectra = _band_spectra(prep, polar)
+    # polar sampling and ring FFTs in small sub-chunks (memory-bound steps), curves over the whole chunk
+    sub = max(1, MAX_ROWS // n_sh)
+    spectra = [np.empty((n * n_sh,) + w.shape[:2], np.float32) for (_a, _b, _c, w) in prep.bands]
+    mean = np.empty(n * n_sh)
+    std = np.empty(n * n_sh)
+    for j0 in range(0, n, sub):
+        j1 = min(n, j0 + sub)
+        r0, r1 = j0 * n_sh, j1 * n_sh
+        if cache is not None:
+            cache._chunk(prep, images[j0:j1], i0 + j0, s[j0:j1], kx, ky, step,
+                         [dst[r0:r1] for dst in spectra], mean[r0:r1], std[r0:r1])
+            continue
+        else:
+            fl = flat[j0 * box * box:j1 * box * box]
+            m = j1 - j0
+            if float(step).is_integer():
+                ox = (kx * int(step)).astype(np.int64)
+                oy = (ky * int(step)).astype(np.int64)
+                polar = _gather_polar(fl, box, np.arange(m), centre + s[j0:j1, 0], centre + s[j0:j1, 1], grid,
+                                      ox, oy)
+            else:
+                cx, cy = _trial_centres(centre, s[j0:j1], kx, ky, step)
+                polar = _gather_polar(fl, box, np.repeat(np.arange(m), n_sh), cx.reshape(-1), cy.reshape(-1),
+                                      grid, np.zeros(1, np.int64), np.zeros(1, np.int64))
+            polar = polar.reshape(m * n_sh, grid.lcirc)                      # rows = (image, iy, ix)
+            if normalize:
+                mean[r0:r1], std[r0:r1] = _ring_stats(polar, grid)
+            sp = _band_spectra(prep, polar)
+        for dst, src in zip(spectra, sp):
+            dst[r0:r1] = src
     n_refs = prep.n_refs
     n_curves = 2 if prep.mirror else 1
     peak = np.empty((n, n_sh, n_refs, n_curves), np.float64)
@@ -449,7 +616,7 @@ def _assemble(alpha, ix, iy, s):
 
 
 def _run(images, prep: PreparedReferences, *, x_range, y_range, step, delta, normalize, s, chunk_size,
-         pair_budget):
+         pair_budget, cache=None):
     grid = prep.grid
     stack = np.asarray(images, dtype=np.float32)
     n, box = stack.shape[0], stack.shape[1]
@@ -476,7 +643,7 @@ def _run(images, prep: PreparedReferences, *, x_range, y_range, step, delta, nor
     ref_block = max(1, min(prep.n_refs, pair_budget // n_sh))
     img_block = max(1, pair_budget // (n_sh * ref_block))
     if chunk_size is None:
-        chunk_size = max(1, MAX_ROWS // n_sh)
+        chunk_size = max(img_block, MAX_ROWS // n_sh)
     chunk_size = int(chunk_size)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -486,10 +653,18 @@ def _run(images, prep: PreparedReferences, *, x_range, y_range, step, delta, nor
     ix = np.empty((n, prep.n_refs), np.float64)
     iy = np.empty((n, prep.n_refs), np.float64)
     mirror = np.empty((n, prep.n_refs), np.int8)
+    if cache is not None:
+        if not isinstance(cache, SpectraCache):
+            raise ValueError(f"cache must be a SpectraCache, got {type(cache).__name__}")
+        if float(step).is_integer():
+            half = box // 2 - grid.last_ring + max(kxmax, kymax) * int(step) + 1
+            cache._bind(prep, stack, s, half)
+        else:
+            cache = None                                                      # lattice needs integer steps
     for i0 in range(0, n, chunk_size):
         i1 = min(n, i0 + chunk_size)
         res = _search_chunk(prep, np.ascontiguousarray(stack[i0:i1]), s[i0:i1], kx, ky, step, valid[i0:i1],
-                            delta_cols, normalize, img_block, ref_block)
+                            delta_cols, normalize, img_block, ref_block, cache, i0)
         score[i0:i1], alpha[i0:i1], ix[i0:i1], iy[i0:i1], mirror[i0:i1] = res
     alpha, sx, sy = _assemble(alpha, ix, iy, s)
     return score, alpha.astype(np.float32), sx.astype(np.float32), sy.astype(np.float32), mirror
@@ -508,7 +683,8 @@ def _as_images(images, grid: PolarGrid):
 def align_to_references(images, references, grid: PolarGrid, *, x_range: float, y_range: float, step: float,
                         mirror: bool = True, delta: float = 0.0, normalize_images: bool = True,
                         initial_params=None, out_of_range: str = "reset", chunk_size: int | None = None,
-                        pair_budget: int = DEFAULT_PAIR_BUDGET) -> MultiRefAlignment:
+                        pair_budget: int = DEFAULT_PAIR_BUDGET, cache: SpectraCache | None = None
+                        ) -> MultiRefAlignment:
     """Align every image to every reference (the EQK-means search of ISAC2, spec §6.2 / §4.8).
 
     For each image: particle centre ``s`` from its current parameters (``initial_params``; identity if None),
@@ -540,10 +716,13 @@ def align_to_references(images, references, grid: PolarGrid, *, x_range: float, 
         "reset" (EQK-means): such an image is searched around the image centre (its parameters reset);
         "clamp" (``ali2d_single_iter``): the centre is clipped to ``[-mashi, mashi]``.
     chunk_size : int, optional
-        Images polar-sampled and ring-FFT'd per batch (default: about 72 image-translation rows).
+        Images per batch (default: enough for ``pair_budget`` pairs; polar sampling and ring FFTs run in
+        sub-batches of about 72 image-translation rows).
     pair_budget : int
         (image x translation x reference) pairs whose correlation curves are computed at once
         (~4 kB per pair).
+    cache : SpectraCache, optional
+        Reuse image ring spectra across calls on the same images (repeated passes); see :class:`SpectraCache`.
 
     Returns
     -------
@@ -561,14 +740,15 @@ def align_to_references(images, references, grid: PolarGrid, *, x_range: float, 
     s = particle_centres(initial_params, stack.shape[0], stack.shape[1], grid.last_ring, out_of_range=out_of_range)
     score, alpha, sx, sy, mir = _run(stack, prep, x_range=x_range, y_range=y_range, step=step, delta=delta,
                                      normalize=normalize_images, s=s, chunk_size=chunk_size,
-                                     pair_budget=pair_budget)
+                                     pair_budget=pair_budget, cache=cache)
     return MultiRefAlignment(score=score, alpha=alpha, sx=sx, sy=sy, mirror=mir)
 
 
 def align_to_reference(images, reference, grid: PolarGrid, *, x_range: float, y_range: float, step: float,
                        mirror: bool = True, delta: float = 0.0, normalize_images: bool = False,
                        initial_params=None, center_shift=None, out_of_range: str = "clamp",
-                       chunk_size: int | None = None, pair_budget: int = DEFAULT_PAIR_BUDGET) -> RefAlignment:
+                       chunk_size: int | None = None, pair_budget: int = DEFAULT_PAIR_BUDGET,
+                       cache: SpectraCache | None = None) -> RefAlignment:
     """One alignment pass of every image to one reference (SPHIRE ``ali2d_single_iter`` / ``ormq``, spec §4.8).
 
     Same search as :func:`align_to_references` with one reference; defaults follow ``ali2d_single_iter``:
@@ -582,7 +762,7 @@ def align_to_reference(images, reference, grid: PolarGrid, *, x_range: float, y_
     images : (n, N, N) array_like
     reference : (N, N) array_like or PreparedReferences with one reference
     grid : PolarGrid
-    x_range, y_range, step, mirror, delta, normalize_images, initial_params, out_of_range, chunk_size, pair_budget
+    x_range, y_range, step, mirror, delta, normalize_images, initial_params, out_of_range, chunk_size, pair_budget, cache
         As :func:`align_to_references`.
     center_shift : (2,) array_like, optional
         Centring shift ``cs`` in pixels (``ali2d_base`` with ``center_method = -1`` and friends).
@@ -610,5 +790,5 @@ def align_to_reference(images, reference, grid: PolarGrid, *, x_range: float, y_
                          center_shift=center_shift, out_of_range=out_of_range)
     score, alpha, sx, sy, mir = _run(stack, prep, x_range=x_range, y_range=y_range, step=step, delta=delta,
                                      normalize=normalize_images, s=s, chunk_size=chunk_size,
-                                     pair_budget=pair_budget)
+                                     pair_budget=pair_budget, cache=cache)
     return RefAlignment(score=score[:, 0], alpha=alpha[:, 0], sx=sx[:, 0], sy=sy[:, 0], mirror=mir[:, 0])
