@@ -191,3 +191,19 @@ def test_nan_in_hdf_image(tmp_path, rng):
     with pytest.raises(InputError, match=r"p.hdf: image 3 \(1-based\) contains NaN"):
         stack.images[2]
     stack.close()
+
+
+def test_bit_reduced_images_are_rescaled(tmp_path):
+    """EMAN2 'compressed' images: uint8 data with stored_renderbits/min/max, rescaled as hdfio2.cpp does."""
+    raw = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    with h5py.File(tmp_path / "c.hdf", "w") as fh:
+        grp = fh.create_group("MDF").create_group("images")
+        grp.attrs.create("imageid_max", np.array([0], np.int32))
+        g = grp.create_group("0")
+        g.create_dataset("image", data=raw)
+        for key, value in (("nx", 8), ("ny", 8), ("nz", 1), ("stored_renderbits", 8)):
+            write_eman_attr(g, key, value)
+        write_eman_attr(g, "stored_rendermin", -1.0)
+        write_eman_attr(g, "stored_rendermax", 1.0)
+    image = read_particles(tmp_path / "c.hdf").images[0]
+    np.testing.assert_allclose(image, raw / 255.0 * 2.0 - 1.0, atol=1e-6)

@@ -71,8 +71,6 @@ _INTERNAL_KEYS = {
 }
 #: Header keys turned into canonical columns.
 _MAPPED_KEYS = {"ctf", "xform.projection", "xform.align2d", "ptcl_source_coord", *EMAN_KEYS.values()}
-#: EMUtil::EM_FLOAT
-_EM_FLOAT = 7
 _TRANSFORM_DTYPE = np.dtype([(f"{r}{c}", "<f4") for r in range(3) for c in range(4)])
 
 
@@ -81,16 +79,35 @@ _TRANSFORM_DTYPE = np.dtype([(f"{r}{c}", "<f4") for r in range(3) for c in range
 # --------------------------------------------------------------------------------------
 
 
+def _simple_space():
+    return h5py.h5s.create_simple((1,))
+
+
+_TYPES = {
+    "int8": h5py.h5t.py_create(np.dtype(np.int8)),
+    "int32": h5py.h5t.py_create(np.dtype(np.int32)),
+    "float32": h5py.h5t.py_create(np.dtype(np.float32)),
+    "float64": h5py.h5t.py_create(np.dtype(np.float64)),
+    "transform": h5py.h5t.py_create(_TRANSFORM_DTYPE),
+}
+
+
+def _create_attr(obj, name: str, data: np.ndarray, tid, space) -> None:
+    """Create (or replace) one attribute with h5py's low-level API (about twice as fast as ``attrs.create``)."""
+    bname = name.encode("utf-8")
+    if h5py.h5a.exists(obj.id, bname):
+        h5py.h5a.delete(obj.id, bname)
+    attr = h5py.h5a.create(obj.id, bname, tid, space)
+    attr.write(np.ascontiguousarray(data))
+
+
 def _write_string_attr(obj, name: str, text: str) -> None:
     data = text.encode("utf-8")
     tid = h5py.h5t.C_S1.copy()
     tid.set_size(len(data) + 1)
     tid.set_strpad(h5py.h5t.STR_NULLTERM)
-    if name in obj.attrs:
-        del obj.attrs[name]
-    space = h5py.h5s.create(h5py.h5s.SCALAR)
-    attr = h5py.h5a.create(obj.id, name.encode("utf-8"), tid, space)
-    attr.write(np.array(data + b"\0", dtype=f"S{len(data) + 1}"))
+    _create_attr(obj, name, np.array(data + b"\0", dtype=f"S{len(data) + 1}"), tid,
+                 h5py.h5s.create(h5py.h5s.SCALAR))
 
 
 def write_eman_attr(obj, key: str, value) -> None:
@@ -109,25 +126,83 @@ def write_eman_attr(obj, key: str, value) -> None:
     """
     name = "EMAN." + key
     if isinstance(value, _Transform):
-        obj.attrs.create(name, np.array([tuple(value.matrix.reshape(-1))], dtype=_TRANSFORM_DTYPE))
+        data = np.array([tuple(value.matrix.reshape(-1))], dtype=_TRANSFORM_DTYPE)
+        _create_attr(obj, name, data, _TYPES["transform"], _simple_space())
     elif isinstance(value, (bool, np.bool_)):
-        obj.attrs.create(name, np.array([ord("T") if value else ord("F")], dtype=np.int8))
+        _create_attr(obj, name, np.array([ord("T") if value else ord("F")], np.int8), _TYPES["int8"],
+                     _simple_space())
     elif isinstance(value, (int, np.integer)):
-        obj.attrs.create(name, np.array([value], dtype=np.int32))
+        _create_attr(obj, name, np.array([value], np.int32), _TYPES["int32"], _simple_space())
     elif isinstance(value, np.float64):
-        obj.attrs.create(name, np.array([value], dtype=np.float64))
+        _create_attr(obj, name, np.array([value], np.float64), _TYPES["float64"], _simple_space())
     elif isinstance(value, (float, np.floating)):
-        obj.attrs.create(name, np.array([value], dtype=np.float32))
+        _create_attr(obj, name, np.array([value], np.float32), _TYPES["float32"], _simple_space())
     elif isinstance(value, str):
         _write_string_attr(obj, name, value)
     else:
-        array = np.asarray(value)
+        array = np.asarray(value).reshape(-1)
         if array.dtype.kind in "iub":
-            obj.attrs.create(name, array.astype(np.int32).reshape(-1))
+            _create_attr(obj, name, array.astype(np.int32), _TYPES["int32"], h5py.h5s.create_simple(array.shape))
         elif array.dtype.kind == "f":
-            obj.attrs.create(name, array.astype(np.float32).reshape(-1))
+            _create_attr(obj, name, array.astype(np.float32), _TYPES["float32"],
+                         h5py.h5s.create_simple(array.shape))
         else:
             raise ValueError(f"cannot store {key}={value!r} as an EMAN2 header value")
+
+
+_DTYPE_CACHE: dict = {}
+
+
+def _type_key(tid):
+    """A hashable description of an HDF5 attribute type (to reuse its numpy dtype)."""
+    cls = tid.get_class()
+    if cls == h5py.h5t.INTEGER:
+        return (cls, tid.get_size(), tid.get_sign(), tid.get_order())
+    if cls == h5py.h5t.FLOAT:
+        return (cls, tid.get_size(), tid.get_order())
+    if cls == h5py.h5t.STRING:
+        return (cls, tid.get_size(), tid.is_variable_str(), tid.get_cset())
+    if cls == h5py.h5t.COMPOUND:
+        names = tuple(tid.get_member_name(i) for i in range(tid.get_nmembers()))
+        offsets = tuple(tid.get_member_offset(i) for i in range(tid.get_nmembers()))
+        return (cls, tid.get_size(), names, offsets)
+    return None
+
+
+def read_group_attrs(group) -> dict:
+    """Read every ``EMAN.*`` attribute of a group with h5py's low-level API, keys without the prefix.
+
+    Parameters
+    ----------
+    group : h5py.Group or h5py.h5g.GroupID
+        The image group.
+
+    Returns
+    -------
+    dict
+        Raw numpy arrays (decode them with :func:`read_eman_attr`).
+    """
+    gid = group.id if isinstance(group, h5py.Group) else group
+    names: list[bytes] = []
+    h5py.h5a.iterate(gid, lambda name, *_: names.append(name))
+    out = {}
+    for bname in names:
+        if not bname.startswith(b"EMAN."):
+            continue
+        attr = h5py.h5a.open(gid, bname)
+        key = _type_key(attr.get_type())
+        dtype = _DTYPE_CACHE.get(key) if key is not None else None
+        if dtype is None:
+            dtype = attr.dtype
+            if key is not None:
+                _DTYPE_CACHE[key] = dtype
+        try:
+            data = np.empty(attr.shape, dtype=dtype)
+            attr.read(data)
+        except (TypeError, ValueError, OSError):  # e.g. variable-length strings: the high-level reader
+            data = h5py.AttributeManager(h5py.Group(gid))[bname.decode("utf-8", errors="replace")]
+        out[bname[5:].decode("utf-8", errors="replace")] = data
+    return out
 
 
 class _Transform:
@@ -248,11 +323,16 @@ def _decode_image(group: h5py.Group, data: np.ndarray) -> np.ndarray:
 
 
 class HdfSource(ImageSource):
-    """Images ``/MDF/images/<i>/image`` of one EMAN2 HDF file."""
+    """Images ``/MDF/images/<i>/image`` of one EMAN2 HDF file.
 
-    def __init__(self, path, names: list[str], box: int):
+    ``render`` maps image positions to ``(bits, min, max)`` for images EMAN2
+    stored bit-reduced (``EMAN.stored_renderbits`` > 0), which are rescaled on read.
+    """
+
+    def __init__(self, path, names: list[str], box: int, render: dict | None = None):
         super().__init__(str(path), len(names), box)
         self.names = names
+        self.render = render or {}
 
     def open(self):
         try:
@@ -263,32 +343,46 @@ class HdfSource(ImageSource):
     def read(self, handle, indices):
         out = np.empty((len(indices), self.box, self.box), dtype=np.float32)
         for k, i in enumerate(indices):
-            group = handle["MDF/images"][self.names[int(i)]]
-            data = group["image"][()]
-            if data.ndim == 3 and data.shape[0] == 1:
-                data = data[0]
-            if data.shape != (self.box, self.box):
-                raise InputError(f"image {int(i)} has shape {data.shape}, expected {(self.box, self.box)}",
-                                 path=self.path)
-            out[k] = _decode_image(group, data)
+            i = int(i)
+            key = f"/MDF/images/{self.names[i]}/image".encode()
+            dsid = h5py.h5d.open(handle.id, key)
+            if dsid.dtype == np.float32 and dsid.shape == (self.box, self.box):
+                dsid.read(h5py.h5s.ALL, h5py.h5s.ALL, out[k])
+            else:
+                data = handle[key.decode()][()]
+                if data.ndim == 3 and data.shape[0] == 1:
+                    data = data[0]
+                if data.shape != (self.box, self.box):
+                    raise InputError(f"image {i} has shape {data.shape}, expected {(self.box, self.box)}",
+                                     path=self.path)
+                out[k] = data
+            if i in self.render:
+                bits, lo, hi = self.render[i]
+                out[k] = out[k] / np.float32((1 << bits) - 1) * np.float32(hi - lo) + np.float32(lo)
         return out
 
     def close(self, handle):
         handle.close()
 
 
+def _render_info(headers: list[dict]) -> dict:
+    render = {}
+    for i, h in enumerate(headers):
+        bits = h.get("stored_renderbits")
+        if isinstance(bits, int) and bits > 0:
+            render[i] = (bits, float(h.get("stored_rendermin", 0.0)), float(h.get("stored_rendermax", 0.0)))
+    return render
+
+
 def _read_headers(fh: h5py.File, names: list[str]) -> tuple[list[dict], list[tuple]]:
     headers, shapes = [], []
-    images = fh["MDF/images"]
     for name in names:
-        group = images[name]
-        header = {}
-        for key, value in group.attrs.items():
-            if key.startswith("EMAN."):
-                header[key[5:]] = read_eman_attr(value)
-        if "image" not in group:
-            raise InputError(f"image group {name} has no 'image' dataset", path=fh.filename)
-        shapes.append(group["image"].shape)
+        gid = h5py.h5g.open(fh.id, f"/MDF/images/{name}".encode())
+        header = {key: read_eman_attr(value) for key, value in read_group_attrs(gid).items()}
+        try:
+            shapes.append(h5py.h5d.open(gid, b"image").shape)
+        except KeyError:
+            raise InputError(f"image group {name} has no 'image' dataset", path=fh.filename) from None
         headers.append(header)
     return headers, shapes
 
@@ -370,7 +464,7 @@ def read_hdf(path) -> ParticleStack:
         raise InputError(f"expected 2D images, found data of shape {shape} (a volume? use read_volume)", path=path)
     if shape[0] != shape[1]:
         raise InputError(f"images are not square ({shape[1]}x{shape[0]} pixels)", path=path)
-    src = HdfSource(path.resolve(), names, shape[0])
+    src = HdfSource(path.resolve(), names, shape[0], _render_info(headers))
     table = _header_columns(headers, path)
     table.insert(0, "image_index", np.arange(len(names), dtype=np.int64))
     table.insert(0, "image_path", str(path.resolve()))
@@ -413,10 +507,10 @@ def read_hdf_volume(path) -> tuple[np.ndarray, float | None]:
 def _base_header(data: np.ndarray, apix: float) -> dict:
     shape = data.shape
     nz, ny, nx = (1,) + shape if data.ndim == 2 else shape
+    # EMAN2 takes nx/ny/nz from the header; the statistics, datatype and is_complex* flags are
+    # defaults or recomputed when EMAN2 reads an image, so they are not written (speed).
     return {"nx": int(nx), "ny": int(ny), "nz": int(nz), "apix_x": float(apix), "apix_y": float(apix),
-            "apix_z": float(apix), "is_complex": 0, "is_complex_x": 0, "is_complex_ri": 1, "datatype": _EM_FLOAT,
-            "minimum": float(data.min()), "maximum": float(data.max()), "mean": float(data.mean()),
-            "sigma": float(data.std())}
+            "apix_z": float(apix)}
 
 
 def _present(table: pd.DataFrame, columns) -> bool:
