@@ -33,7 +33,7 @@ import time
 
 import numpy as np
 
-from isavar.core.align2d import align_to_references, prepare_references
+from isavar.core.align2d import SpectraCache, align_to_reference, align_to_references, prepare_references
 from isavar.core.polar import normalize_rings, polar_grid, polar_transform, rotational_correlation
 
 N = 76
@@ -310,6 +310,30 @@ def main(argv=None) -> int:
             c_cols = ("-", "-", "-", "-")
         print(f"| {label} | {n} x {n_sh} x {k} | {t_ours / pairs * 1e6:.2f} | {c_cols[0]} | {c_cols[1]} | "
               f"{flops / t_ours / 1e9:.2f} | {c_cols[2]} | {c_cols[3]} |")
+    # within-group style: repeated passes of the same images against one reference, with and without cache
+    n, passes = (48 if args.quick else 200), 12
+    ref = blobs(rng, 1)[0]
+    images = np.stack([np.roll(ref, tuple(rng.integers(-2, 3, 2)), axis=(0, 1)) for _ in range(n)])
+    images = images + 0.7 * rng.standard_normal(images.shape).astype(np.float32)
+
+    def run_passes(cache):
+        cur = np.zeros((n, 4))
+        for it in range(passes):
+            cur = align_to_reference(images, ref, grid, x_range=1, y_range=1, step=1, initial_params=cur,
+                                     delta=90.0 if it % 4 == 0 else 0.0, cache=cache).params
+
+    t_plain = cpu_time(lambda: run_passes(None), repeats)
+    caches = []
+    t_cache = cpu_time(lambda: run_passes(caches.append(SpectraCache()) or caches[-1]), repeats)
+    hit = caches[-1].hits / max(1, caches[-1].hits + caches[-1].misses)
+    rows = passes * n * 9
+    line = (f"\nwithin-group passes ({n} images x 9 shifts x {passes} passes, 1 ref): isavar "
+            f"{t_plain / rows * 1e6:.1f} us/(image, shift); with SpectraCache {t_cache / rows * 1e6:.1f} "
+            f"(hit rate {hit:.2f})")
+    if dll is not None:
+        t_c = cpu_time(lambda: c_align(dll, images, ref[None], 1, False), 1)
+        line += f"; C scalar {t_c / (n * 9) * 1e6:.1f} us/(image, shift)"
+    print(line)
     # straightforward numpy per-image loop on a few images
     n, k = 2, 10
     images = blobs(rng, n)

@@ -472,21 +472,19 @@ def _curves_peaks(prep: PreparedReferences, spectra, q0: int, q1: int, k0: int, 
     corr = scipy.fft.irfft(xc, n=grid.maxrin, axis=0)                       # (maxrin, rows, n_k * curves)
     n_curves = n_cols // 2
     maxrin = grid.maxrin
-    # reversed angle order so that argmax (first maximum) returns the last maximal index (SPHIRE ties)
-    crev = np.ascontiguousarray(corr.reshape(maxrin, -1)[::-1].T)           # (Q, maxrin)
-    q = crev.shape[0]
+    corr = corr.reshape(maxrin, -1)                                          # (maxrin, Q)
+    q = corr.shape[1]
+    # peak search along axis 0 without transposing: maximum, then the *last* index reaching it
+    # (SPHIRE keeps the later index on ties)
+    cand = corr if delta_cols is None else corr[delta_cols]
+    peak = cand.max(axis=0)
+    last = cand.shape[0] - 1 - np.argmax((cand == peak)[::-1], axis=0)
     if delta_cols is None:
-        irev = np.argmax(crev, axis=1)
-        peak = crev[np.arange(q), irev]
-        nb = (irev[:, None] - np.arange(-3, 4)[None, :]) % maxrin          # samples at j + d, d = -3..3
-        frac = peak_offset(np.take_along_axis(crev, nb, axis=1))
-        pos = (maxrin - 1 - irev) + frac
+        rows = (last[None, :] + np.arange(-3, 4)[:, None]) % maxrin         # samples at j + d, d = -3..3
+        vals = corr.reshape(-1)[rows * q + np.arange(q)[None, :]]
+        pos = last + peak_offset(vals.T)
     else:
-        cols_rev = (maxrin - 1 - delta_cols)[::-1]
-        sub = crev[:, cols_rev]
-        p = np.argmax(sub, axis=1)
-        peak = sub[np.arange(q), p]
-        pos = (maxrin - 1 - cols_rev[p]).astype(np.float64)
+        pos = delta_cols[last].astype(np.float64)
     shape = (n_rows, n_k, n_curves)
     return peak.reshape(shape), pos.reshape(shape)
 
