@@ -11,10 +11,9 @@ from isavar.isac.prealign import centre_of, centring_shifts, fit_tanh_to_frc, se
 from isavar.isac.run import RunState, initial_state, isac2, make_grid
 from isavar.isac.stability import class_stability_task
 from isavar.errors import InputError
-from isavar.parallel.partition import task_rngs
 from isavar.parallel.serial import SerialExecutor
 
-from isac_data import planted_stack, prototypes, small_params
+from isac_data import prototypes, small_params
 
 
 def test_params_defaults_and_validation():

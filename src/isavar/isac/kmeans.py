@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from isavar.parallel.partition import chunk_ranges
-
 
 def assign_groups(scores: np.ndarray) -> np.ndarray:
     """Greedy equal-size assignment of images to classes (SPHIRE ``assign_groups``).
@@ -69,4 +67,4 @@ def class_sizes(assignment: np.ndarray, n_classes: int) -> np.ndarray:
     return np.bincount(assignment, minlength=n_classes)
 
 
-__all__ = ["assign_groups", "class_sizes", "chunk_ranges"]
+__all__ = ["assign_groups", "class_sizes"]

@@ -15,7 +15,7 @@ import numpy as np
 
 from isavar.errors import InputError
 from isavar.isac import _ops
-from isavar.isac.generation import EngineState, normalise_for_alignment, run_generation, sac_round, start_generation
+from isavar.isac.generation import EngineState, normalise_for_alignment, sac_round, start_generation
 from isavar.isac.result import Isac2Result
 
 log = logging.getLogger(__name__)

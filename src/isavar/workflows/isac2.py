@@ -585,9 +585,6 @@ def original_image_params(params, shifts, shrink) -> np.ndarray:
 def _write_relion_outputs(run, stack, state, result, ordered, order, class_rank, full, fullres, work_apix):
     from isavar.conventions import align2d_to_relion, format_image_name
     from isavar.io import write_image_stack
-    from isavar.io.star import build_star_blocks
-
-    import starfile
 
     outdir = run.outdir
     apix = stack.pixel_size_A or 1.0
