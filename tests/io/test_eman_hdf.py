@@ -207,3 +207,30 @@ def test_bit_reduced_images_are_rescaled(tmp_path):
         write_eman_attr(g, "stored_rendermax", 1.0)
     image = read_particles(tmp_path / "c.hdf").images[0]
     np.testing.assert_allclose(image, raw / 255.0 * 2.0 - 1.0, atol=1e-6)
+
+
+def _eman_rotation(az, alt, phi):
+    """EMAN2's Transform rotation for (az, alt, phi): Rz(phi) Rx(alt) Rz(az) (libEM/transform.cpp set_rotation)."""
+    def rz(a):
+        c, s = np.cos(np.deg2rad(a)), np.sin(np.deg2rad(a))
+        return np.array([[c, s, 0], [-s, c, 0], [0, 0, 1]])
+
+    c, s = np.cos(np.deg2rad(alt)), np.sin(np.deg2rad(alt))
+    rx = np.array([[1, 0, 0], [0, c, s], [0, -s, c]])
+    return rz(phi) @ rx @ rz(az)
+
+
+@settings(max_examples=30, deadline=None)
+@given(phi=st.floats(-180, 180), theta=st.floats(0, 180), psi=st.floats(-180, 180))
+def test_spider_transform_matrix_is_a(phi, theta, psi):
+    # Transform({"type": "spider", ...}) sets az = phi + 90, alt = theta, phi_eman = psi - 90
+    expected = _eman_rotation(phi + 90.0, theta, psi - 90.0)
+    np.testing.assert_allclose(projection_matrix(phi, theta, psi, 0.0, 0.0)[0, :, :3], expected, atol=1e-9)
+
+
+@settings(max_examples=30, deadline=None)
+@given(alpha=st.floats(-180, 180))
+def test_2d_transform_rotation_matches_eman2(alpha):
+    # the 2D type is the EMAN rotation with az = alt = 0, phi = alpha
+    np.testing.assert_allclose(align2d_matrix(alpha, 0.0, 0.0, 0)[0, :, :3], _eman_rotation(0.0, 0.0, alpha),
+                               atol=1e-12)
