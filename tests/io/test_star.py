@@ -185,3 +185,13 @@ def test_chunk_iterable_input(tmp_path, rng):
     write_particles(tmp_path / "p.star", (images[i:i + 2] for i in range(0, 5, 2)), full_table(rng, 5),
                     pixel_size_A=1.0)
     np.testing.assert_array_equal(read_particles(tmp_path / "p.star").images[:], images)
+
+
+def test_one_stack_named_two_ways_is_opened_once(tmp_path, rng):
+    images = random_images(rng, 3, 8)
+    write_image_stack(tmp_path / "s.mrcs", images, 1.0)
+    starfile.write(pd.DataFrame({"rlnImageName": ["1@s.mrcs", "3@./s.mrcs", f"2@{tmp_path / 's.mrcs'}"]}),
+                   tmp_path / "p.star")
+    stack = read_particles(tmp_path / "p.star")
+    assert len(stack.images.sources) == 1
+    np.testing.assert_array_equal(stack.images[:], images[[0, 2, 1]])

@@ -112,14 +112,16 @@ def _stack_sources(names: pd.Series, folder: Path, star_path: Path):
     for r in unique_raw:
         p = Path(r)
         resolved[r] = (p if p.is_absolute() else folder / p).resolve()
-    sources, sid_of = [], {}
+    sources, sid_of, sid_of_path = [], {}, {}
     for r in unique_raw:
         p = resolved[r]
-        if not p.exists():
-            raise InputError(f"image stack {r} referenced by rlnImageName not found (looked for {p})",
-                             path=star_path)
-        sid_of[r] = len(sources)
-        sources.append(MrcSource(p))
+        if p not in sid_of_path:
+            if not p.exists():
+                raise InputError(f"image stack {r} referenced by rlnImageName not found (looked for {p})",
+                                 path=star_path)
+            sid_of_path[p] = len(sources)
+            sources.append(MrcSource(p))
+        sid_of[r] = sid_of_path[p]
     source_ids = np.fromiter((sid_of[r] for r in raw), dtype=np.int64, count=len(raw))
     abs_paths = [str(resolved[r]) for r in raw]
     return sources, source_ids, indices, abs_paths
