@@ -24,6 +24,10 @@ How it is computed (all float32, chunked over images and references):
 4. one batched inverse real FFT of length ``maxrin`` yields all correlation curves; peak search,
    parabola refinement, straight/mirror and translation selection are vectorised.
 
+Repeated passes over the same images (within-group refinement, pre-alignment) can keep the image spectra
+in a :class:`SpectraCache` (``cache=``), since the particle centres move on a whole-step lattice.
+``bench/align_bench.py`` measures all of this against a scalar C implementation of the same search.
+
 SPHIRE's ring normalisation of the image (``Normalize_ring``, used in the multi-reference search) is
 applied exactly but cheaply: because the correlation is linear in the image rings, normalising the rings
 maps every curve to ``(c - mean * S_ref) / std`` with ``S_ref = sum_r r (2 pi / n_r) sum_j a_r(phi_j)``;

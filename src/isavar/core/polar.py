@@ -43,6 +43,7 @@ import scipy.fft
 __all__ = [
     "PolarGrid",
     "polar_grid",
+    "check_fits",
     "polar_transform",
     "ring_spectra",
     "ring_statistics",
@@ -234,13 +235,19 @@ def _gather_polar(flat: np.ndarray, box: int, image_index: np.ndarray, cx: np.nd
     width = int(ox.max() - ox.min() + 2)                     # pixels per packed record
     # edge-replicated border so that trials near the image edge never need clamping of the
     # coordinates (a sample outside the image takes the value of the nearest edge pixel)
-    pad = int(max(np.abs(ox).max(), np.abs(oy).max())) + 2
+    reach = grid.last_ring + 1
+    inside = (cx.min() + ox.min() - reach >= 0 and cx.max() + ox.max() + reach <= box - 1
+              and cy.min() + oy.min() - reach >= 0 and cy.max() + oy.max() + reach <= box - 1)
+    pad = 0 if inside else int(max(np.abs(ox).max(), np.abs(oy).max())) + 2
     n_img = flat.size // (box * box)
-    padded = np.pad(flat.reshape(n_img, box, box), ((0, 0), (pad, pad), (pad, pad)), mode="edge")
     box_p = box + 2 * pad
-    npix = padded.size
+    npix = n_img * box_p * box_p
     ext = np.empty(npix + width, dtype=np.float32)
-    ext[:npix] = padded.reshape(-1)
+    if pad:
+        ext[:npix] = np.pad(flat.reshape(n_img, box, box), ((0, 0), (pad, pad), (pad, pad)),
+                            mode="edge").reshape(-1)
+    else:
+        ext[:npix] = flat
     ext[npix:] = 0.0
     packed = np.empty((npix, width), dtype=np.float32)
     for j in range(width):
