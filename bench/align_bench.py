@@ -302,7 +302,7 @@ def main(argv=None) -> int:
         flops = n * n_sh * (P_FLOP + k * C_FLOP)
         pairs = n * n_sh * k
         if dll is not None:
-            t_c = cpu_time(lambda: c_align(dll, images, refs, xr, norm), 1)
+            t_c = cpu_time(lambda: c_align(dll, images, refs, xr, norm), repeats)
             ref = c_align(dll, images, refs, xr, norm)
             diff = np.abs(ours.score - ref[..., 0]).max() / np.abs(ref[..., 0]).max()
             c_cols = (f"{t_c / pairs * 1e6:.2f}", f"{t_c / t_ours:.1f}x", f"{flops / t_c / 1e9:.2f}", f"{diff:.1e}")
@@ -331,7 +331,7 @@ def main(argv=None) -> int:
             f"{t_plain / rows * 1e6:.1f} us/(image, shift); with SpectraCache {t_cache / rows * 1e6:.1f} "
             f"(hit rate {hit:.2f})")
     if dll is not None:
-        t_c = cpu_time(lambda: c_align(dll, images, ref[None], 1, False), 1)
+        t_c = cpu_time(lambda: c_align(dll, images, ref[None], 1, False), repeats)
         line += f"; C scalar {t_c / (n * 9) * 1e6:.1f} us/(image, shift)"
     print(line)
     # straightforward numpy per-image loop on a few images
