@@ -92,8 +92,6 @@ class VariabilityParams:
         passes (|H| > 1e-3): exact up to that threshold, much faster.
     wiener_snr : float
         SNR constant of the Wiener mean (SPHIRE: 1e5, i.e. almost a pseudo-inverse).
-    interpolation : str
-        In-plane interpolation of group members (``linear`` or ``cubic``).
     chunk_size : int
         Group centres processed together (memory bound: about
         ``chunk_size * G * nx**2 * 4`` bytes of transient images at worst).
@@ -119,7 +117,6 @@ class VariabilityParams:
     window: int = 0
     auto_decimate: bool = True
     wiener_snr: float = 1.0e5
-    interpolation: str = "linear"
     chunk_size: int = 1024
     verbose: bool = False
 
@@ -149,8 +146,6 @@ class VariabilityParams:
             raise InputError("--force_symmetrize needs a point group other than c1 (--sym)")
         if self.var_input and self.snd:
             raise InputError("--VAR and --SND cannot be combined")
-        if self.interpolation not in ("linear", "cubic"):
-            raise InputError(f"interpolation must be linear or cubic (got {self.interpolation!r})")
         if self.chunk_size < 1:
             raise InputError("chunk_size must be >= 1")
         if self.wiener_snr <= 0:
