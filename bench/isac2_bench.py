@@ -129,12 +129,14 @@ def main(argv=None):
 
     import starfile
 
+    from isavar._logging import configure_logging
     from isavar.conventions import viewing_direction
     from isavar.isac.params import Isac2Params
     from isavar.parallel import make_executor
     from isavar.workflows.isac2 import run_isac2
 
     out = Path(args.out)
+    configure_logging(verbosity=0)
     star = simulate(args.n, out / "data")
     if args.relion_only:
         path = out / f"bench_{args.n}.json"
