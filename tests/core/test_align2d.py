@@ -341,3 +341,28 @@ def test_spectra_cache_invalidates_changed_images_and_off_lattice_centres(rng):
     assert cache.misses == 45
     with pytest.raises(ValueError):
         align_to_references(changed, refs, GRID, x_range=1, y_range=1, step=1, cache=object())
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), k=st.integers(1, 3))
+def test_quarter_turns_of_the_image_shift_the_angle_exactly(seed, k):
+    """Equivariance: a 90 deg grid rotation about the centre permutes the ring samples exactly (n_r % 4 == 0),
+    so the found angle moves by exactly k * 90 deg and score, shift length and mirror are unchanged."""
+    rng = np.random.default_rng(seed)
+    n = 65                                                    # odd: np.rot90 turns about pixel n // 2
+    grid = polar_grid(1, 27)
+    ref = _blob(rng, n)
+    image = _blob(rng, n) + 0.5 * ref
+    # which way np.rot90 turns in the parameter convention (content at q -> R(alpha) q)
+    turned = transform_images(image, 90.0, 0.0, 0.0, 0)
+    sign = 1 if np.abs(turned - np.rot90(image, 1)).max() < 1e-3 else -1
+    assert np.abs(turned - np.rot90(image, sign)).max() < 1e-3
+    base = align_to_reference(image[None], ref, grid, x_range=1, y_range=1, step=1)
+    rot = align_to_reference(np.rot90(image, k)[None].copy(), ref, grid, x_range=1, y_range=1, step=1)
+    assert rot.score[0] == pytest.approx(base.score[0], rel=1e-5)
+    assert rot.mirror[0] == base.mirror[0]
+    # input rotated by beta = sign * 90 k: P' = compose((-beta, 0, 0, 0), P), i.e. alpha' = alpha - beta
+    beta = sign * 90.0 * k
+    expect = base.alpha[0] - beta
+    assert _angle_err(rot.alpha[0], expect) < 1e-3
+    assert np.hypot(rot.sx[0], rot.sy[0]) == pytest.approx(np.hypot(base.sx[0], base.sy[0]), abs=1e-4)
