@@ -61,6 +61,7 @@ __all__ = [
     "align_to_references",
     "align_to_reference",
     "search_offsets",
+    "particle_centres",
     "peak_offset",
 ]
 
