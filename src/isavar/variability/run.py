@@ -39,6 +39,9 @@ from isavar.variability.result import VariabilityResult
 
 log = logging.getLogger(__name__)
 
+#: Images read and preprocessed at a time inside a task.
+_READ_BLOCK = 256
+
 #: Callback receiving 2D maps on the root process: (input rows, ave maps or None, stat maps or None).
 MapSink = Callable[[np.ndarray, "np.ndarray | None", "np.ndarray | None"], None]
 
@@ -174,10 +177,12 @@ def _group_task(ctx: _Context, centres: np.ndarray) -> _TaskResult:
     groups = search.groups(centres, p.img_per_grp)
     uniq, inverse = np.unique(groups.members, return_inverse=True)
     rows = inverse.reshape(groups.members.shape)
-    raw = ctx.images[uniq]
-    prepared = ls.prepare_images(raw, geo.origins_px[uniq], grid, normalize=p.normalize,
-                                 lowpass_fl=p.lowpass_fl, lowpass_aa=p.lowpass_aa)
-    del raw
+    prepared = np.empty((uniq.size, grid.nx, grid.nx), np.float32)
+    for s in range(0, uniq.size, _READ_BLOCK):  # read and preprocess in blocks: bounded transient memory
+        sel = uniq[s:s + _READ_BLOCK]
+        prepared[s:s + sel.size] = ls.prepare_images(ctx.images[sel], geo.origins_px[sel], grid,
+                                                     normalize=p.normalize, lowpass_fl=p.lowpass_fl,
+                                                     lowpass_aa=p.lowpass_aa)
     frames = ls.centre_frames(geo.rot_deg[centres], geo.tilt_deg[centres])
     mats = geo.rotations[groups.members] @ ctx.sym[groups.sym_ops]
     alpha = ls.inplane_alignment(frames, mats, groups.mirror)
