@@ -370,6 +370,18 @@ def peak_offset(values) -> np.ndarray:
     return np.where(quad != 0.0, -lin / (2.0 * safe), 0.0)
 
 
+_D7 = np.arange(-3, 4, dtype=np.float64)
+
+
+def _parabola_vertex(vals: np.ndarray) -> np.ndarray:
+    """:func:`peak_offset` for samples stacked along axis 0, ``vals`` (7, Q)."""
+    v = vals.astype(np.float64)
+    lin = (_D7 @ v) / 28.0
+    quad = ((_D7 * _D7 - 4.0) @ v) / 84.0
+    safe = np.where(quad != 0.0, quad, 1.0)
+    return np.where(quad != 0.0, -lin / (2.0 * safe), 0.0)
+
+
 def search_offsets(centre, box: int, last_ring: int, search_range: float, step: float):
     """Allowed trial offsets along one axis (SPHIRE ``search_range``).
 
@@ -483,11 +495,14 @@ def _curves_peaks(prep: PreparedReferences, spectra, q0: int, q1: int, k0: int, 
     # (SPHIRE keeps the later index on ties)
     cand = corr if delta_cols is None else corr[delta_cols]
     peak = cand.max(axis=0)
-    last = cand.shape[0] - 1 - np.argmax((cand == peak)[::-1], axis=0)
+    # index of the last maximum = max over k of k * [c_k == peak] (contiguous reductions only)
+    kdt = np.uint8 if cand.shape[0] <= 256 else np.uint32
+    ks = np.arange(cand.shape[0], dtype=kdt)[:, None]
+    last = np.multiply((cand == peak).view(np.uint8), ks, dtype=kdt).max(axis=0).astype(np.int64)
     if delta_cols is None:
         rows = (last[None, :] + np.arange(-3, 4)[:, None]) % maxrin         # samples at j + d, d = -3..3
-        vals = corr.reshape(-1)[rows * q + np.arange(q)[None, :]]
-        pos = last + peak_offset(vals.T)
+        vals = corr.reshape(-1)[rows * q + np.arange(q)[None, :]]           # (7, Q)
+        pos = last + _parabola_vertex(vals)
     else:
         pos = delta_cols[last].astype(np.float64)
     shape = (n_rows, n_k, n_curves)
@@ -642,11 +657,13 @@ def _run(images, prep: PreparedReferences, *, x_range, y_range, step, delta, nor
     valid = (vy[:, :, None] & vx[:, None, :]).reshape(n, n_sh)
     delta_cols = _discrete_columns(grid.maxrin, float(delta))
     # curves are computed in blocks of ~pair_budget (image x shift x reference) pairs: whole images
-    # (all their shifts) x a block of references
-    ref_block = max(1, min(prep.n_refs, pair_budget // n_sh))
-    img_block = max(1, pair_budget // (n_sh * ref_block))
+    # (all their shifts, about MAX_ROWS rows: the matrix products run near peak speed for ~70 rows x
+    # tens of references) x a block of references
+    img_block = max(1, MAX_ROWS // n_sh)
+    ref_block = max(1, min(prep.n_refs, pair_budget // (n_sh * img_block)))
+    img_block = max(img_block, pair_budget // (n_sh * ref_block))
     if chunk_size is None:
-        chunk_size = max(img_block, MAX_ROWS // n_sh)
+        chunk_size = img_block
     chunk_size = int(chunk_size)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
