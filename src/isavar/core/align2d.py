@@ -68,8 +68,11 @@ __all__ = [
 #: default number of (image x trial shift x reference) pairs whose correlation curves are computed at
 #: once (~4 kB of curves per pair; small blocks stay in cache, which matters more than BLAS block size)
 DEFAULT_PAIR_BUDGET = 768
-#: (image x trial shift) rows polar-sampled and ring-FFT'd at once (small: these steps are memory-bound)
+#: (image x trial shift) rows per block of correlation curves (the matrix products run near peak
+#: speed for ~70 rows x tens of references)
 MAX_ROWS = 72
+#: (image x trial shift) rows polar-sampled and ring-FFT'd at once (memory-bound steps: stay in cache)
+P_ROWS = 36
 
 
 @dataclass(frozen=True)
@@ -557,7 +560,7 @@ def _search_chunk(prep: PreparedReferences, images: np.ndarray, s: np.ndarray, k
     centre = float(box // 2)
     n_sh = ky.size * kx.size
     # polar sampling and ring FFTs in small sub-chunks (memory-bound steps), curves over the whole chunk
-    sub = max(1, MAX_ROWS // n_sh)
+    sub = max(1, P_ROWS // n_sh)
     spectra = [np.empty((n * n_sh,) + w.shape[:2], np.float32) for (_a, _b, _c, w) in prep.bands]
     mean = np.empty(n * n_sh)
     std = np.empty(n * n_sh)

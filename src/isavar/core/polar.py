@@ -200,7 +200,7 @@ def check_fits(grid: PolarGrid, box: int) -> None:
 
 def _gather_polar(flat: np.ndarray, box: int, image_index: np.ndarray, cx: np.ndarray, cy: np.ndarray,
                   grid: PolarGrid, ox: np.ndarray, oy: np.ndarray, out: np.ndarray | None = None,
-                  sub_chunk: int = 4) -> np.ndarray:
+                  sub_chunk: int = 2) -> np.ndarray:
     """Bilinear polar samples around centres ``(cx + ox[kx], cy + oy[ky])`` for a grid of integer offsets.
 
     Parameters
