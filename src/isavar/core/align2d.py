@@ -664,7 +664,6 @@ def _run(images, prep: PreparedReferences, *, x_range, y_range, step, delta, nor
     # tens of references) x a block of references
     img_block = max(1, MAX_ROWS // n_sh)
     ref_block = max(1, min(prep.n_refs, pair_budget // (n_sh * img_block)))
-    img_block = max(img_block, pair_budget // (n_sh * ref_block))
     if chunk_size is None:
         chunk_size = img_block
     chunk_size = int(chunk_size)
