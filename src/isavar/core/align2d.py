@@ -149,8 +149,10 @@ class SpectraCache:
     back again and again. With a cache each (image, centre) is polar-sampled, ring-normalisation-measured
     and ring-FFT'd once; later passes only copy the stored spectra.
 
-    Use one cache per image set and pass the *same images in the same order* to every call (a changed image,
-    detected by a content fingerprint, only invalidates its own entries). Entries live on a per-image lattice
+    Meant for groups (hundreds to a few thousand images; the lattice index costs ~7 kB per image for the
+    default geometry). Use one cache per image set and pass the *same images in the same order* to every
+    call (a changed image, detected by a content fingerprint, only invalidates its own entries).
+    Entries live on a per-image lattice
     ``base + integer offsets`` (``base`` = the centre at the image's first visit); a request is served from the
     lattice point nearest to it when that is within ``tolerance`` pixels (parameters returned as float32
     reproduce centres to ~1e-6 px), otherwise the image's entries are dropped and the lattice restarts. Only
@@ -191,7 +193,7 @@ class SpectraCache:
             self._proj = np.random.default_rng(20240229).standard_normal((prep.box * prep.box, 2)).astype(np.float32)
             self._fp = np.full((n, 2), np.nan)
             self._base = np.full((n, 2), np.nan)
-            self._table = np.full((n, w, w), -1, dtype=np.int64)
+            self._table = np.full((n, w, w), -1, dtype=np.int32)
             self._entry = sum(w_.shape[0] * w_.shape[1] * 4 for (_a, _b, _c, w_) in prep.bands) + 16
             self._reset_store()
         fp = (stack.reshape(n, -1) @ self._proj).astype(np.float64)
@@ -679,7 +681,8 @@ def _run(images, prep: PreparedReferences, *, x_range, y_range, step, delta, nor
         if not isinstance(cache, SpectraCache):
             raise ValueError(f"cache must be a SpectraCache, got {type(cache).__name__}")
         if float(step).is_integer():
-            half = box // 2 - grid.last_ring + max(kxmax, kymax) * int(step) + 1
+            # lattice offsets from an image's first centre: centres stay within +-mashi, trials add +-range
+            half = 2 * (box // 2 - grid.last_ring) + max(kxmax, kymax) * int(step) + 1
             cache._bind(prep, stack, s, half)
         else:
             cache = None                                                      # lattice needs integer steps
