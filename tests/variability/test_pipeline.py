@@ -42,7 +42,7 @@ def states():
     return a, b, np.sqrt(P * (1 - P)) * np.abs(a - b)
 
 
-def _discrete(vols, weights, *, ctf, k=20, views=60, seed=3, shift=3.0):
+def _discrete(vols, weights, *, ctf, k=20, views=100, seed=3, shift=3.0):
     return simulate_particles(vols, k * views, pixel_size_A=PIX, snr=None, ctf=ctf, shift_sd_A=shift,
                               orientations=f"views:{views}", weights=weights, astigmatism_A=800.0, rng=seed)
 
