@@ -213,3 +213,20 @@ def test_prepare_images_normalises_background(rng):
     outside = (yy - 24) ** 2 + (xx - 24) ** 2 > 22 ** 2
     np.testing.assert_allclose(out[:, outside].mean(1), 0.0, atol=1e-5)
     np.testing.assert_allclose(out[:, outside].std(1, ddof=1), 1.0, atol=1e-4)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), g=st.integers(2, 9))
+def test_identical_members_have_zero_variance(seed, g):
+    """Property: copies of one image, rotated by any angles and mirrored, align back to zero variance
+    when the image is rotation-invariant (a radial profile), and the mean is that profile."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:32, :32] - 16
+    radial = np.exp(-(yy ** 2 + xx ** 2) / (2 * rng.uniform(3, 8) ** 2)).astype(np.float32)
+    prepared = np.repeat(radial[None], g, axis=0)
+    rot = ls.DiscRotator(32)
+    ave, var = ls.group_statistics(prepared, np.arange(g)[None], rng.uniform(-180, 180, (1, g)),
+                                   rng.random((1, g)) < 0.5, rot)
+    inside = rot.to_images(np.ones((1, rot.n_pixels), np.float32))[0] > 0
+    assert var[0][inside].max() < 1e-3 * radial.max() ** 2
+    np.testing.assert_allclose(ave[0][inside], radial[inside], atol=0.02)
