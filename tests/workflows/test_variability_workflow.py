@@ -114,3 +114,16 @@ def test_reconstruct_noise_free_projections(tmp_path):
     assert 0.85 < slope < 1.15
     with pytest.raises(InputError, match="exists"):
         run_reconstruct(star, tmp_path / "map.mrc")
+
+
+@pytest.mark.parametrize("ext", ["hdf", "cs"])
+def test_same_result_from_every_input_format(star, tmp_path, ext):
+    """Orientations, origins and CTF read from SPHIRE HDF (xform.projection) and cryoSPARC .cs
+    (alignments3D) give the same var3D as the STAR file."""
+    stack = read_particles(star)
+    other = tmp_path / f"p.{ext}"
+    write_particles(other, stack.images, stack.table, pixel_size_A=PIX)
+    prm = VariabilityParams(img_per_grp=10, ctf=True, save_ave2d=False, save_var2d=False)
+    ref = run_variability(star, tmp_path / "ref", prm)
+    got = run_variability(other, tmp_path / "got", prm)
+    np.testing.assert_allclose(got.var3d, ref.var3d, atol=1e-5 * np.abs(ref.var3d).max())
