@@ -126,4 +126,5 @@ def test_same_result_from_every_input_format(star, tmp_path, ext):
     prm = VariabilityParams(img_per_grp=10, ctf=True, save_ave2d=False, save_var2d=False)
     ref = run_variability(star, tmp_path / "ref", prm)
     got = run_variability(other, tmp_path / "got", prm)
-    np.testing.assert_allclose(got.var3d, ref.var3d, atol=1e-5 * np.abs(ref.var3d).max())
+    # float32 storage of angles/defocus in these formats: agreement to ~1e-3 (a convention error is O(1))
+    np.testing.assert_allclose(got.var3d, ref.var3d, atol=2e-3 * np.abs(ref.var3d).max())
