@@ -341,12 +341,14 @@ class DiscRotator:
             mdx = self.dx[None, :] * sgn[s:e, None]
             xs = c * mdx - si * self.dy[None, :] + centre
             ys = si * mdx + c * self.dy[None, :] + centre
-            x0 = np.floor(xs)
-            y0 = np.floor(ys)
+            # lower corner clipped to n - 2 so that a source on the last row/column (fraction 1)
+            # stays exact and the upper neighbour never leaves the image
+            x0 = np.clip(np.floor(xs), 0, n - 2)
+            y0 = np.clip(np.floor(ys), 0, n - 2)
             fx = xs - x0
             fy = ys - y0
-            ix = np.clip(x0.astype(np.int64), 0, n - 2)
-            iy = np.clip(y0.astype(np.int64), 0, n - 2)
+            ix = x0.astype(np.int64)
+            iy = y0.astype(np.int64)
             idx = base_rows[s:e, None] + iy * n + ix
             f00 = flat[idx]
             f01 = flat[idx + 1]
