@@ -40,7 +40,7 @@ log = logging.getLogger("isavar")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The documented sx3dvariability options, SPHIRE 1.4.2 aliases and isavar's own flags."""
-    parser.add_argument("prj_stack", help="particles with 3D orientations: .star, .hdf, .cs (or .mrcs with --VAR)")
+    parser.add_argument("prj_stack", help="particles with 3D orientations: .star, .hdf or .cs")
     parser.add_argument("output_directory", nargs="?", default=None,
                         help="output directory (must not exist)")
     parser.add_argument("--img_per_grp", type=int, default=10,
