@@ -92,6 +92,10 @@ class VariabilityParams:
         passes (|H| > 1e-3): exact up to that threshold, much faster.
     wiener_snr : float
         SNR constant of the Wiener mean (SPHIRE: 1e5, i.e. almost a pseudo-inverse).
+    subtract_edge_level : bool
+        Subtract each 2D map's mean at the edge of its disc before reconstruction (SPHIRE
+        subtracted the corner mean): a constant noise floor in the std maps then does not turn into
+        an edge-peaked 3D background.
     chunk_size : int
         Group centres processed together (memory bound: about
         ``chunk_size * G * nx**2 * 4`` bytes of transient images at worst).
@@ -117,6 +121,7 @@ class VariabilityParams:
     window: int = 0
     auto_decimate: bool = True
     wiener_snr: float = 1.0e5
+    subtract_edge_level: bool = True
     chunk_size: int = 1024
     verbose: bool = False
 

@@ -197,8 +197,12 @@ def _group_task(ctx: _Context, centres: np.ndarray) -> _TaskResult:
     mean_var = var.reshape(len(centres), -1)[:, disc].mean(axis=1)
     acc_ave = vol.new_accumulator(grid.nx, p.npad, p.symmetry)
     acc_var = vol.new_accumulator(grid.nx, p.npad, p.symmetry)
-    acc_ave.insert(ave, frames)
-    acc_var.insert(stat, frames)
+    if p.subtract_edge_level:
+        acc_ave.insert(vol.subtract_edge_level(ave), frames)
+        acc_var.insert(vol.subtract_edge_level(stat), frames)
+    else:
+        acc_ave.insert(ave, frames)
+        acc_var.insert(stat, frames)
     return _TaskResult(centres, acc_ave.data, acc_ave.weights, acc_var.data, acc_var.weights,
                        ave if ctx.keep_maps else None, stat if ctx.keep_maps else None,
                        groups.angle_deg.max(axis=1), mean_var, int(uniq.size))
@@ -315,7 +319,7 @@ def _insert_task(ctx: _Context, rows: np.ndarray):
     p, geo, grid = ctx.params, ctx.geometry, ctx.grid
     maps = ls.prepare_images(ctx.images[rows], geo.origins_px[rows], grid, normalize=False)
     acc = vol.new_accumulator(grid.nx, p.npad, p.symmetry)
-    acc.insert(maps, geo.rotations[rows])
+    acc.insert(vol.subtract_edge_level(maps) if p.subtract_edge_level else maps, geo.rotations[rows])
     return rows.size, acc.data, acc.weights
 
 

@@ -27,6 +27,37 @@ from isavar.variability.local_stats import WorkingGrid
 INSERT_INTERPOLATION = "nearest"
 
 
+def subtract_edge_level(maps: np.ndarray, *, width: float = 2.0) -> np.ndarray:
+    """Remove each map's level at the edge of its disc before insertion (SPHIRE nn4 step 1).
+
+    The mean over the ring ``nx//2 - 1 - width < r <= nx//2 - 1`` is subtracted inside the disc of
+    radius ``nx//2 - 1`` and the map is set to 0 outside it. A constant offset in the 2D maps (e.g.
+    the noise floor ``sigma_e`` of noise-dominated standard deviations) would otherwise reconstruct
+    into an edge-peaked 3D shell rather than a constant; SPHIRE removed it by subtracting the mean of
+    the corners of every map.
+
+    Parameters
+    ----------
+    maps : numpy.ndarray
+        ``(k, nx, nx)``.
+    width : float
+        Ring width in pixels.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(k, nx, nx)`` float32 (a new array).
+    """
+    k, nx, _ = maps.shape
+    c, r = nx // 2, nx // 2 - 1
+    yy, xx = np.mgrid[0:nx, 0:nx]
+    rr = np.hypot(yy - c, xx - c)
+    disc = rr <= r
+    ring = disc & (rr > r - width)
+    level = maps[:, ring].mean(axis=1, dtype=np.float64).astype(np.float32)
+    return np.where(disc, maps - level[:, None, None], np.float32(0)).astype(np.float32)
+
+
 def new_accumulator(nx: int, npad: int, symmetry: str) -> FourierAccumulator:
     """An empty accumulator for ``nx``-pixel maps (nearest-voxel gridding)."""
     return FourierAccumulator(nx, npad=npad, symmetry=symmetry, interpolation=INSERT_INTERPOLATION)
