@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from isavar.conventions import euler_to_matrix
-from isavar.core.ctf import ctf_2d, ctf_at
+from isavar.core.ctf import CtfGrid, ctf_2d, ctf_at
 from isavar.core.geometry import symmetry_matrices
 from isavar.core.projection import project
 from isavar.core.transform2d import transform_images
@@ -114,7 +114,7 @@ def test_fast_ctf_grid_matches_core_ctf(rng):
                amplitude_contrast=np.full(g, 0.07), phase_shift_deg=rng.uniform(0, 30, g),
                bfactor_A2=np.full(g, 40.0))
     ref = ctf_2d((nx, nx), pix, rfft=True, **par)
-    mine = ls.CtfGrid(nx, pix).evaluate(**par)
+    mine = CtfGrid(nx, pix).evaluate(**par)
     inner = slice(0, nx // 2)  # core.ctf averages the Nyquist row/column over +-0.5
     np.testing.assert_allclose(mine[:, inner, inner], ref[:, inner, inner], atol=1e-4)
 
@@ -168,7 +168,7 @@ def test_ctf_branch_recovers_variance_of_ctf_corrected_signals(rng):
     par = dict(defocus_u_A=defocus, defocus_v_A=defocus, defocus_angle_deg=np.zeros(g),
                voltage_kV=np.full(g, 300.0), cs_mm=np.full(g, 2.7), amplitude_contrast=np.full(g, 0.1),
                phase_shift_deg=np.zeros(g), bfactor_A2=np.zeros(g))
-    c = ls.CtfGrid(nx, 2.0).evaluate(**par)
+    c = CtfGrid(nx, 2.0).evaluate(**par)
     sig = np.where(states[:, None, None], s2, s1).astype(np.float32)
     imgs = np.fft.irfft2(np.fft.rfft2(sig) * c, s=(nx, nx)).astype(np.float32)
     ctf = ls.CtfMembers(**{k: v[None] for k, v in par.items()})

@@ -43,6 +43,7 @@ from isavar.conventions import electron_wavelength_A
 from isavar.core.fft import as_stack, freq_grid_2d, image_chunks, pad, window
 
 __all__ = [
+    "CtfGrid",
     "ctf_at",
     "ctf_2d",
     "ctf_at_eman",
@@ -586,3 +587,55 @@ def wiener_filter(images, ctf, snr: float) -> np.ndarray:
     stack, _ = as_stack(images)
     num, den = ctf_weighted_sums(stack, ctf)
     return wiener_from_sums(num, den, snr, stack.shape[1:])
+
+
+class CtfGrid:
+    """Fast float32 CTF evaluation for many parameter sets on one rfft grid.
+
+    Same formula and sign as :func:`ctf_at` (RELION convention,
+    ``dz = U cos^2(phi - a) + V sin^2(phi - a)``), written as a linear combination
+    of precomputed ``k^2``, ``k^4``, ``cos 2 phi`` and ``sin 2 phi`` grids (about 8x
+    faster than :func:`ctf_2d`; the Nyquist row/column is evaluated
+    at ``+0.5`` only instead of averaged over ``+-0.5``).
+
+    Parameters
+    ----------
+    nx : int
+        Image size.
+    pixel_size_A : float
+        Pixel size (Å).
+    """
+
+    def __init__(self, nx: int, pixel_size_A: float):
+        ky, kx = freq_grid_2d(nx, nx, rfft=True)
+        ky, kx = ky / pixel_size_A, kx / pixel_size_A
+        k2 = kx * kx + ky * ky
+        phi = np.arctan2(ky, kx)
+        self.shape = (nx, nx // 2 + 1)
+        self.k2 = k2.astype(np.float32)
+        self.k4 = (k2 * k2).astype(np.float32)
+        self.cos2 = np.cos(2 * phi).astype(np.float32)
+        self.sin2 = np.sin(2 * phi).astype(np.float32)
+
+    def evaluate(self, *, defocus_u_A, defocus_v_A, defocus_angle_deg, voltage_kV, cs_mm, amplitude_contrast,
+                 phase_shift_deg, bfactor_A2) -> np.ndarray:
+        """CTF values ``(n, nx, nx // 2 + 1)`` float32 for ``(n,)`` parameter arrays."""
+        def col(v):
+            return np.asarray(v, np.float64).reshape(-1, 1, 1)
+
+        lam = electron_wavelength_A(col(voltage_kV))
+        u, v = col(defocus_u_A), col(defocus_v_A)
+        a = np.deg2rad(col(defocus_angle_deg))
+        mean = ((u + v) / 2 * np.pi * lam).astype(np.float32)
+        half = ((u - v) / 2 * np.pi * lam)
+        hc = (half * np.cos(2 * a)).astype(np.float32)
+        hs = (half * np.sin(2 * a)).astype(np.float32)
+        w = col(amplitude_contrast)
+        cs = (0.5 * np.pi * col(cs_mm) * 1e7 * lam ** 3).astype(np.float32)
+        const = (np.deg2rad(col(phase_shift_deg)) + np.arctan(w / np.sqrt(1.0 - w * w))).astype(np.float32)
+        gamma = (mean + hc * self.cos2 + hs * self.sin2) * self.k2 - cs * self.k4 + const
+        out = np.sin(gamma, out=gamma)
+        b = col(bfactor_A2)
+        if np.any(b != 0):
+            out *= np.exp(-(b.astype(np.float32) / 4) * self.k2)
+        return out

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from isavar.conventions import euler_to_matrix
+from isavar.core.ctf import CtfGrid
 from isavar.core.fft import fourier_shift, resample_fourier, window as window_images
 from isavar.core.filters import tanh_lowpass, tanh_profile
 from isavar.core.masks import circular_mask
@@ -434,62 +435,6 @@ def group_statistics(prepared: np.ndarray, rows: np.ndarray, alpha_deg: np.ndarr
 
 def _ctf_row(ctf: CtfMembers, i: int) -> dict:
     return {f: getattr(ctf, f)[i] for f in CtfMembers.__dataclass_fields__}
-
-
-class CtfGrid:
-    """Fast float32 CTF evaluation for many parameter sets on one rfft grid.
-
-    Same formula and sign as :func:`isavar.core.ctf.ctf_at` (RELION convention,
-    ``dz = U cos^2(phi - a) + V sin^2(phi - a)``), written as a linear combination
-    of precomputed ``k^2``, ``k^4``, ``cos 2 phi`` and ``sin 2 phi`` grids (about 8x
-    faster than :func:`isavar.core.ctf.ctf_2d`; the Nyquist row/column is evaluated
-    at ``+0.5`` only instead of averaged over ``+-0.5``).
-
-    Parameters
-    ----------
-    nx : int
-        Image size.
-    pixel_size_A : float
-        Pixel size (Å).
-    """
-
-    def __init__(self, nx: int, pixel_size_A: float):
-        from isavar.core.fft import freq_grid_2d
-
-        ky, kx = freq_grid_2d(nx, nx, rfft=True)
-        ky, kx = ky / pixel_size_A, kx / pixel_size_A
-        k2 = kx * kx + ky * ky
-        phi = np.arctan2(ky, kx)
-        self.shape = (nx, nx // 2 + 1)
-        self.k2 = k2.astype(np.float32)
-        self.k4 = (k2 * k2).astype(np.float32)
-        self.cos2 = np.cos(2 * phi).astype(np.float32)
-        self.sin2 = np.sin(2 * phi).astype(np.float32)
-
-    def evaluate(self, *, defocus_u_A, defocus_v_A, defocus_angle_deg, voltage_kV, cs_mm, amplitude_contrast,
-                 phase_shift_deg, bfactor_A2) -> np.ndarray:
-        """CTF values ``(n, nx, nx // 2 + 1)`` float32 for ``(n,)`` parameter arrays."""
-        from isavar.conventions import electron_wavelength_A
-
-        def col(v):
-            return np.asarray(v, np.float64).reshape(-1, 1, 1)
-
-        lam = electron_wavelength_A(col(voltage_kV))
-        u, v = col(defocus_u_A), col(defocus_v_A)
-        a = np.deg2rad(col(defocus_angle_deg))
-        mean = ((u + v) / 2 * np.pi * lam).astype(np.float32)
-        half = ((u - v) / 2 * np.pi * lam)
-        hc = (half * np.cos(2 * a)).astype(np.float32)
-        hs = (half * np.sin(2 * a)).astype(np.float32)
-        w = col(amplitude_contrast)
-        cs = (0.5 * np.pi * col(cs_mm) * 1e7 * lam ** 3).astype(np.float32)
-        const = (np.deg2rad(col(phase_shift_deg)) + np.arctan(w / np.sqrt(1.0 - w * w))).astype(np.float32)
-        gamma = (mean + hc * self.cos2 + hs * self.sin2) * self.k2 - cs * self.k4 + const
-        out = np.sin(gamma, out=gamma)
-        b = col(bfactor_A2)
-        if np.any(b != 0):
-            out *= np.exp(-(b.astype(np.float32) / 4) * self.k2)
-        return out
 
 
 def _ctf_group(aligned: np.ndarray, params: dict, ctf_grid: "CtfGrid", snr: float):
