@@ -28,44 +28,8 @@ from pathlib import Path
 import numpy as np
 
 
-def angular_distance_matrix(a, b):
-    """Angles (degrees) between axes (antipodal-equivalent unit vectors)."""
-    return np.rad2deg(np.arccos(np.clip(np.abs(a @ b.T), 0.0, 1.0)))
-
-
-def purity15(dirs, labels, threshold=15.0):
-    """Fraction of items within ``threshold`` degrees of their cluster's medoid direction."""
-    good = 0
-    for k in np.unique(labels):
-        v = dirs[labels == k]
-        d = angular_distance_matrix(v, v)
-        medoid = v[np.argmin(d.sum(1))]
-        good += int((angular_distance_matrix(v, medoid[None])[:, 0] <= threshold).sum())
-    return good / max(len(dirs), 1)
-
-
-def oracle_kmeans(dirs, k, seed=0, iters=50):
-    """Spherical k-means of axes (|cos| similarity), k-means++ start; returns labels."""
-    rng = np.random.default_rng(seed)
-    centres = [dirs[rng.integers(len(dirs))]]
-    for _ in range(1, k):
-        d = np.clip(1 - np.max(np.abs(dirs @ np.array(centres).T), axis=1), 0.0, None) + 1e-12
-        centres.append(dirs[rng.choice(len(dirs), p=d / d.sum())])
-    c = np.array(centres)
-    for _ in range(iters):
-        sim = np.abs(dirs @ c.T)
-        lab = sim.argmax(1)
-        new = []
-        for j in range(k):
-            v = dirs[lab == j]
-            if len(v) == 0:
-                new.append(c[j])
-                continue
-            # principal axis of the members (antipodal mean)
-            w, vec = np.linalg.eigh(v.T @ v)
-            new.append(vec[:, -1])
-        c = np.array(new)
-    return np.abs(dirs @ c.T).argmax(1)
+from isavar.report.validation import oracle_view_classes as oracle_kmeans  # noqa: E402
+from isavar.report.validation import view_purity as purity15  # noqa: E402
 
 
 def simulate(n, folder, seed=0):

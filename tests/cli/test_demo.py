@@ -11,7 +11,7 @@ from isavar.cli import COMMANDS, main
 
 def test_demo_runs_and_round_trip_is_lossless(tmp_path):
     out = tmp_path / "demo"
-    assert main(["demo", str(out), "--n", "40", "--n-variability", "1200", "-q"]) == 0
+    assert main(["demo", str(out), "--n", "300", "--n-variability", "1200", "--workers", "1", "-q"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     check = summary["round_trip"]
     assert check["images_max_abs_diff"] == 0.0
@@ -20,11 +20,14 @@ def test_demo_runs_and_round_trip_is_lossless(tmp_path):
     assert check["metadata_max_abs_diff"]["angle_tilt_deg"] < 1e-3
     assert "true_angle_rot_deg" in check["ground_truth_columns_kept"]
     assert (out / "provenance.json").exists() and (out / "3_info" / "0_particles.star.txt").exists()
+    isac2 = summary["isac2"]
+    assert isac2["particles"] == 300 and isac2["classes"] >= 1 and isac2["accounted"] >= 40
+    assert (out / "4_isac2" / "class_averages.png").exists()
     # The variability map finds the planted domain (r = 0.58 at 1200 particles, SNR 0.2, seeded; 0.79 at the default 3000).
     assert summary["variability"]["pearson_r"] > 0.5
-    assert (out / "5_3dvariability" / "var3D_slices.png").exists()
+    assert (out / "6_3dvariability" / "var3D_slices.png").exists()
     # Running again into the same folder replaces the previous demo.
-    assert main(["demo", str(out), "--n", "40", "--n-variability", "200", "-q"]) == 0
+    assert main(["demo", str(out), "--n", "200", "--n-variability", "200", "--workers", "1", "-q"]) == 0
 
 
 def test_demo_refuses_foreign_folder(tmp_path, capsys):

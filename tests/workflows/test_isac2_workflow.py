@@ -13,6 +13,7 @@ from isavar.conventions import euler_to_matrix
 from isavar.errors import InputError
 from isavar.io import read_particles, write_particles
 from isavar.isac.params import Isac2Params
+from isavar.report.validation import view_purity
 from isavar.workflows.isac2 import StopForTest, run_isac2
 
 BOX, APIX = 48, 3.0
@@ -214,15 +215,6 @@ def test_cli_run_in_process(dataset, tmp_path):
     assert prov["seed"] == 3 and prov["parameters"]["img_per_grp"] == 50
 
 
-def _purity15(dirs, labels):
-    good = 0
-    for k in np.unique(labels):
-        v = dirs[labels == k]
-        d = np.rad2deg(np.arccos(np.clip(np.abs(v @ v.T), 0, 1)))
-        good += int((d[np.argmin(d.sum(1))] <= 15.0).sum())
-    return good / len(dirs)
-
-
 def test_purity15_against_oracle(finished_run):
     """Small version of the benchmark's quality test: purity15 >= 90 % of the oracle's (true-view clustering)."""
     from isavar.conventions import viewing_direction
@@ -231,9 +223,9 @@ def test_purity15_against_oracle(finished_run):
     acc = _star(out / "particles.star")
     real = acc[acc["rlnIsavar_true_is_noise"] == 0]
     dirs = viewing_direction(real["rlnIsavar_true_angle_rot_deg"], real["rlnIsavar_true_angle_tilt_deg"])
-    isac = _purity15(dirs, real["rlnClassNumber"].to_numpy()) * len(real) / len(acc)
+    isac = view_purity(dirs, real["rlnClassNumber"].to_numpy()) * len(real) / len(acc)
     # oracle: the true views themselves (4 planted views) clustered into the same number of classes
     views = real["rlnIsavar_true_view"].to_numpy()
-    oracle = _purity15(dirs, views)
+    oracle = view_purity(dirs, views)
     assert oracle == pytest.approx(1.0)
     assert isac >= 0.9 * oracle

@@ -9,9 +9,12 @@ same subcommands a user would and prints each command line:
   2. isavar convert    -- RELION STAR -> SPHIRE HDF -> cryoSPARC .cs -> RELION STAR,
                           checking that images and metadata survive the round trip
   3. isavar info       -- a summary of each file (also saved in 3_info/)
-  4. isavar simulate   -- 3000 particles of a two-state phantom (a domain present in
+  4. isavar isac2      -- ISAC2 on the particles of step 1 (img_per_grp 100, a shortened
+                          schedule: --init_iter 2 --maxit 15), about 1.5 minutes on 2 cores;
+                          the classes are scored against the true views (purity15)
+  5. isavar simulate   -- 3000 particles of a two-state phantom (a domain present in
                           30 % of them), CTF, SNR 0.2
-  5. isavar 3dvariability -- var3D.mrc from groups of 100 neighbours, compared with the
+  6. isavar 3dvariability -- var3D.mrc from groups of 100 neighbours, compared with the
                           true variability map sqrt(p(1-p))|V1 - V2| (Pearson r)
 
 OUT receives one folder per step, demo.log and provenance.json. Re-running the
@@ -43,7 +46,7 @@ from isavar.errors import InputError
 log = logging.getLogger("isavar.cli.demo")
 
 MARKER = "isavar_demo"
-STEPS = ("1_simulate", "2_convert", "3_info", "4_simulate_two_state", "5_3dvariability")
+STEPS = ("1_simulate", "2_convert", "3_info", "4_isac2", "5_simulate_two_state", "6_3dvariability")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=600, help="particles of the first data set (default 600)")
     parser.add_argument("--n-variability", type=int, default=3000,
                         help="particles of the two-state data set (default 3000)")
+    parser.add_argument("--workers", type=int, default=2, help="processes for ISAC2 and 3D variability (default 2)")
     add_verbosity_arguments(parser)
 
 
@@ -97,19 +101,46 @@ def _compare_round_trip(first: Path, last: Path) -> dict:
             "ground_truth_columns_kept": [c for c in truth if c in b.table.columns]}
 
 
+def _isac2_demo(args: argparse.Namespace, out: Path, particles: Path) -> dict:
+    """Run ISAC2 on the demo particles and score its classes against the true views."""
+    import json
+
+    import starfile
+
+    from isavar.conventions import viewing_direction
+    from isavar.report.validation import oracle_view_classes, view_purity
+
+    result = out / STEPS[3]
+    _step(args, ["isac2", str(particles), str(result), "--radius=26", "--CTF", "--img_per_grp=100",
+                 "--minimum_grp_size=40", "--init_iter=2", "--maxit=15", f"--rand_seed={args.seed}",
+                 f"--workers={args.workers}"])
+    summary = json.loads((result / "summary.json").read_text())
+    n_classes = int(summary["classes"])
+    if n_classes == 0:
+        return {"particles": summary["particles_in"], "accounted": 0, "classes": 0, "purity15": float("nan"),
+                "purity15_oracle": float("nan")}
+    accounted = starfile.read(result / "particles.star")
+    accounted = accounted["particles"] if isinstance(accounted, dict) else accounted
+    dirs = viewing_direction(accounted["rlnIsavar_true_angle_rot_deg"], accounted["rlnIsavar_true_angle_tilt_deg"])
+    purity = view_purity(dirs, accounted["rlnClassNumber"].to_numpy())
+    oracle = view_purity(dirs, oracle_view_classes(dirs, n_classes))
+    return {"particles": summary["particles_in"], "accounted": summary["particles_accounted"],
+            "classes": n_classes, "purity15": purity, "purity15_oracle": oracle}
+
+
 def _variability_demo(args: argparse.Namespace, out: Path) -> dict:
     """Simulate a two-state set, run 3dvariability on it and compare var3D with the truth."""
     from isavar.io import read_volume
     from isavar.report.validation import masked_correlation, mixture_std_map, sphere_mask
     from isavar.synthetic.simulate import particle_radius_px
 
-    data, result = out / STEPS[3], out / STEPS[4]
+    data, result = out / STEPS[4], out / STEPS[5]
     weights = (0.7, 0.3)
     _step(args, ["simulate", str(data), "--phantom", "two_state", "--weights", *map(str, weights), "--n",
                  str(args.n_variability), "--box", "64", "--apix", "3.0", "--snr", "0.2", "--defocus", "1.0", "2.5",
                  "--seed", str(args.seed + 1)])
     _step(args, ["3dvariability", str(data / "particles.star"), str(result), "--img_per_grp=100", "--CTF",
-                 "--fl=0.15", "--aa=0.1"])
+                 "--fl=0.15", "--aa=0.1", f"--workers={args.workers}"])
     volumes = [read_volume(data / f"volume_{k}.mrc")[0] for k in range(2)]
     var3d = read_volume(result / "var3D.mrc")[0]
     truth = mixture_std_map(volumes, weights)
@@ -146,9 +177,10 @@ def run(args: argparse.Namespace) -> int:
         (info_dir / f"{k}_{path.name}.txt").write_text(buffer.getvalue(), encoding="utf-8")
         if not args.quiet:
             print(buffer.getvalue(), end="")
+    isac2 = _isac2_demo(args, out, chain[0])
     variability = _variability_demo(args, out)
     elapsed = time.perf_counter() - t0
-    summary = {"particles": args.n, "seed": args.seed, "round_trip": check, "variability": variability,
+    summary = {"particles": args.n, "seed": args.seed, "round_trip": check, "isac2": isac2, "variability": variability,
                "seconds": round(elapsed, 1)}
     write_json(out / "summary.json", summary)
     write_provenance(out, command="demo", parameters={"n": args.n}, seed=args.seed)
@@ -157,6 +189,9 @@ def run(args: argparse.Namespace) -> int:
              "(max difference %.2g) and metadata (max difference %.2g) and %d ground-truth columns; "
              "results in %s", elapsed, args.n, check["images_max_abs_diff"], worst,
              len(check["ground_truth_columns_kept"]), out)
+    log.info("ISAC2: %d stable classes, %d of %d particles accounted; purity15 %.2f (an oracle clustering the true "
+             "views into as many classes: %.2f); montage in %s", isac2["classes"], isac2["accounted"],
+             isac2["particles"], isac2["purity15"], isac2["purity15_oracle"], out / STEPS[3] / "class_averages.png")
     log.info("3D variability of the two-state set: Pearson r = %.2f between var3D.mrc and the true variability "
-             "map inside the particle (see %s)", variability["pearson_r"], out / STEPS[4] / "var3D_slices.png")
+             "map inside the particle (see %s)", variability["pearson_r"], out / STEPS[5] / "var3D_slices.png")
     return 0
