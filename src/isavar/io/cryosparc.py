@@ -50,7 +50,7 @@ from isavar.conventions import (
     relion_to_align2d,
 )
 from isavar.errors import InputError
-from isavar.io.mrc import MrcSource, check_writable, float32_value, write_mrc_stack
+from isavar.io.mrc import MrcSource, float32_value
 from isavar.io.particles import (
     ALIGN2D_COLUMNS,
     CANONICAL_COLUMNS,
@@ -354,18 +354,11 @@ def write_cs(path, chunks, table: pd.DataFrame, *, pixel_size_A: float | None = 
     overwrite : bool
         Replace existing files.
     """
-    from isavar.io.star import _with_pixel_size, sidecar_stack
+    from isavar.io.star import write_sidecar_stack
 
     path = Path(path)
-    stack = sidecar_stack(path)
-    check_writable(path, overwrite)
-    check_writable(stack, overwrite)
-    table = _with_pixel_size(table, pixel_size_A, path)
-    n = write_mrc_stack(stack, chunks, float(table["pixel_size_A"].iloc[0]), overwrite=overwrite)
-    if n != len(table):
-        stack.unlink()
-        raise ValueError(f"{n} images written but the table has {len(table)} rows")
-    array = build_cs_array(table, stack.name, MrcSource(stack).box)
+    stack, table, box = write_sidecar_stack(path, chunks, table, pixel_size_A, overwrite=overwrite)
+    array = build_cs_array(table, stack.name, box)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as fh:

@@ -291,6 +291,46 @@ def build_star_blocks(table: pd.DataFrame, stack_name: str, box: int) -> dict[st
     return {"optics": optics, "particles": particles}
 
 
+def write_sidecar_stack(path, chunks, table, pixel_size_A, *, overwrite: bool):
+    """Write the ``<stem>.mrcs`` image stack that a metadata file (``.star``, ``.cs``) refers to.
+
+    Checks that neither the metadata file nor the stack would be overwritten unasked, fills the pixel
+    size, writes the images and checks their count against the table.
+
+    Parameters
+    ----------
+    path : path
+        The metadata file to be written next (only checked here).
+    chunks : iterable of numpy.ndarray
+        Image blocks ``(k, N, N)`` in table order.
+    table : pandas.DataFrame
+        Particle table.
+    pixel_size_A : float, optional
+        Pixel size where the table has none.
+    overwrite : bool
+        Replace existing files.
+
+    Returns
+    -------
+    stack : pathlib.Path
+        The stack written.
+    table : pandas.DataFrame
+        The table with ``pixel_size_A`` filled.
+    box : int
+        Image size in pixels.
+    """
+    path = Path(path)
+    stack = sidecar_stack(path)
+    check_writable(path, overwrite)
+    check_writable(stack, overwrite)
+    table = _with_pixel_size(table, pixel_size_A, path)
+    n = write_mrc_stack(stack, chunks, float(table["pixel_size_A"].iloc[0]), overwrite=overwrite)
+    if n != len(table):
+        stack.unlink()
+        raise ValueError(f"{n} images written but the table has {len(table)} rows")
+    return stack, table, MrcSource(stack).box
+
+
 def write_star(path, chunks, table: pd.DataFrame, *, pixel_size_A: float | None = None,
                overwrite: bool = False) -> None:
     """Write a RELION 3.1 STAR file and its ``<stem>.mrcs`` image stack.
@@ -309,15 +349,7 @@ def write_star(path, chunks, table: pd.DataFrame, *, pixel_size_A: float | None 
         Replace existing files.
     """
     path = Path(path)
-    stack = sidecar_stack(path)
-    check_writable(path, overwrite)
-    check_writable(stack, overwrite)
-    table = _with_pixel_size(table, pixel_size_A, path)
-    n = write_mrc_stack(stack, chunks, float(table["pixel_size_A"].iloc[0]), overwrite=overwrite)
-    if n != len(table):
-        stack.unlink()
-        raise ValueError(f"{n} images written but the table has {len(table)} rows")
-    box = MrcSource(stack).box
+    stack, table, box = write_sidecar_stack(path, chunks, table, pixel_size_A, overwrite=overwrite)
     blocks = build_star_blocks(table, stack.name, box)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
