@@ -105,9 +105,8 @@ def _isac2_demo(args: argparse.Namespace, out: Path, particles: Path) -> dict:
     """Run ISAC2 on the demo particles and score its classes against the true views."""
     import json
 
-    import starfile
-
     from isavar.conventions import viewing_direction
+    from isavar.io import read_particles
     from isavar.report.validation import oracle_view_classes, view_purity
 
     result = out / STEPS[3]
@@ -119,10 +118,9 @@ def _isac2_demo(args: argparse.Namespace, out: Path, particles: Path) -> dict:
     if n_classes == 0:
         return {"particles": summary["particles_in"], "accounted": 0, "classes": 0, "purity15": float("nan"),
                 "purity15_oracle": float("nan")}
-    accounted = starfile.read(result / "particles.star")
-    accounted = accounted["particles"] if isinstance(accounted, dict) else accounted
-    dirs = viewing_direction(accounted["rlnIsavar_true_angle_rot_deg"], accounted["rlnIsavar_true_angle_tilt_deg"])
-    purity = view_purity(dirs, accounted["rlnClassNumber"].to_numpy())
+    accounted = read_particles(result / "particles.star").table
+    dirs = viewing_direction(accounted["true_angle_rot_deg"], accounted["true_angle_tilt_deg"])
+    purity = view_purity(dirs, accounted["class_number"].to_numpy())
     oracle = view_purity(dirs, oracle_view_classes(dirs, n_classes))
     return {"particles": summary["particles_in"], "accounted": summary["particles_accounted"],
             "classes": n_classes, "purity15": purity, "purity15_oracle": oracle}
