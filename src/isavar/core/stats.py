@@ -83,6 +83,12 @@ def _shell_sum(values: np.ndarray, shells: np.ndarray, nshell: int) -> np.ndarra
     return out.reshape(lead + (nshell,))
 
 
+def _index_counts(index: np.ndarray, n: int) -> np.ndarray:
+    """How many entries of an integer index array equal each of ``0 .. n - 1`` (larger values ignored)."""
+    flat = index.ravel()
+    return np.bincount(flat[flat < n], minlength=n)
+
+
 def rotational_average(images) -> np.ndarray:
     """Real-space rotational average in integer rings about ``N // 2``.
 
@@ -103,16 +109,14 @@ def rotational_average(images) -> np.ndarray:
         raise ValueError("rotational_average needs square images")
     rings = ring_index(n)
     nring = n // 2 + 1
-    counts = np.bincount(rings.ravel()[rings.ravel() < nring], minlength=nring).astype(np.float64)
+    counts = _index_counts(rings, nring).astype(np.float64)
     out = (_shell_sum(stack.astype(np.float64), rings, nring) / counts).astype(np.float32)
     return out[0] if single else out
 
 
 def shell_counts(shape: tuple[int, ...]) -> np.ndarray:
     """Number of full-spectrum Fourier samples in each shell ``0 .. N // 2`` (int64)."""
-    shells = shell_index(shape, rfft=False)
-    nshell = shape[-1] // 2 + 1
-    return np.bincount(shells.ravel()[shells.ravel() < nshell], minlength=nshell)
+    return _index_counts(shell_index(shape, rfft=False), shape[-1] // 2 + 1)
 
 
 def power_spectrum_1d(images) -> np.ndarray:

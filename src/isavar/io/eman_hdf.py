@@ -434,6 +434,19 @@ def _header_columns(headers: list[dict], path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _open_images(path: Path):
+    """Open an EMAN2 HDF file for reading; returns the open file and its image group names (never empty)."""
+    try:
+        fh = h5py.File(path, "r")
+    except OSError as exc:
+        raise InputError(f"cannot open as HDF5 ({exc})", path=path) from None
+    names = _image_names(fh, path)
+    if not names:
+        fh.close()
+        raise InputError("the file holds no images", path=path)
+    return fh, names
+
+
 def read_hdf(path) -> ParticleStack:
     """Read an EMAN2/SPHIRE HDF image stack and its per-image headers.
 
@@ -447,14 +460,8 @@ def read_hdf(path) -> ParticleStack:
     ParticleStack
     """
     path = Path(path)
-    try:
-        fh = h5py.File(path, "r")
-    except OSError as exc:
-        raise InputError(f"cannot open as HDF5 ({exc})", path=path) from None
+    fh, names = _open_images(path)
     with fh:
-        names = _image_names(fh, path)
-        if not names:
-            raise InputError("the file holds no images", path=path)
         headers, shapes = _read_headers(fh, names)
     shapes2d = {s[-2:] if (len(s) == 2 or (len(s) == 3 and s[0] == 1)) else s for s in shapes}
     if len(shapes2d) > 1:
@@ -480,14 +487,8 @@ def read_hdf(path) -> ParticleStack:
 def read_hdf_volume(path) -> tuple[np.ndarray, float | None]:
     """Read image 0 of an EMAN2 HDF file as a volume ``(nz, ny, nx)`` float32 and its voxel size."""
     path = Path(path)
-    try:
-        fh = h5py.File(path, "r")
-    except OSError as exc:
-        raise InputError(f"cannot open as HDF5 ({exc})", path=path) from None
+    fh, names = _open_images(path)
     with fh:
-        names = _image_names(fh, path)
-        if not names:
-            raise InputError("the file holds no images", path=path)
         group = fh["MDF/images"][names[0]]
         volume = _decode_image(group, group["image"][()])
         apix = group.attrs.get("EMAN.apix_x")
