@@ -11,8 +11,11 @@ from scipy.ndimage import map_coordinates
 from isavar.core.polar import (
     normalize_rings,
     polar_grid,
+    polar_to_image,
     polar_transform,
+    ring_spectra,
     ring_statistics,
+    rings_from_spectra,
     rotational_correlation,
 )
 
@@ -165,3 +168,25 @@ def test_ring_normalisation_uses_arc_length_weights(rng):
     assert std.shape == (4,) and np.all(std > 2.5)
     const = np.full((1, GRID.lcirc), 5.0, np.float32)
     np.testing.assert_allclose(normalize_rings(const, GRID), 0.0)
+
+
+def test_rings_from_spectra_inverts_ring_spectra(rng):
+    grid = polar_grid(1, 20)
+    polar = rng.normal(size=(3, grid.lcirc)).astype(np.float32)
+    back = rings_from_spectra(ring_spectra(polar, grid), grid)
+    assert np.allclose(back, polar, atol=1e-5)
+
+
+def test_polar_to_image_reproduces_a_smooth_image_inside_the_last_ring():
+    # a smooth image is sampled on the rings and interpolated back (linear in radius and angle):
+    # the error is second order in the sample spacing (<= 1 px), small for features ~4 px wide
+    n = 48
+    y, x = np.mgrid[:n, :n] - n // 2
+    img = (np.exp(-((x - 5) ** 2 + (y + 3) ** 2) / 32.0) + 0.5 * np.exp(-((x + 7) ** 2 + y ** 2) / 18.0))
+    grid = polar_grid(1, 20)
+    back = polar_to_image(polar_transform(img.astype(np.float32), grid), grid, n)
+    r = np.hypot(x, y)
+    assert np.abs(back - img)[r <= 20].max() < 0.03 * img.max()
+    assert np.all(back[r >= 21] == 0)                       # supported on the disc of radius last_ring + 1
+    two = polar_to_image(np.stack([polar_transform(img.astype(np.float32), grid)] * 2), grid, n)
+    assert two.shape == (2, n, n) and np.array_equal(two[0], back)

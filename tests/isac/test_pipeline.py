@@ -77,7 +77,10 @@ def test_within_group_stability_on_one_class():
     rel = _ops.compose(_ops.inverse(truth[out["stable"]]), out["params"][out["stable"]])
     assert np.all(rel[:, 3] == rel[0, 3])
     spread = (rel[:, 0] - rel[0, 0] + 180) % 360 - 180
-    assert np.abs(spread).max() < 4.0
+    # a stable member disagrees by less than thld_err pixels at radius target_radius between runs:
+    # about thld_err / target_radius radians (5.7 degrees here); the typical error is much smaller
+    assert np.abs(spread).max() < np.rad2deg(p.thld_err / p.target_radius)
+    assert np.std(spread) < 1.5
     assert out["pixel_error"] < 1.0
 
 

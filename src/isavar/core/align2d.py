@@ -47,9 +47,11 @@ from isavar.core.polar import (
     PolarGrid,
     _gather_polar,
     check_fits,
+    polar_to_image,
     polar_transform,
     reference_spectra,
     ring_spectra,
+    rings_from_spectra,
 )
 
 __all__ = [
@@ -63,6 +65,7 @@ __all__ = [
     "search_offsets",
     "particle_centres",
     "peak_offset",
+    "aligned_average",
 ]
 
 #: default number of (image x trial shift x reference) pairs whose correlation curves are computed at
@@ -194,7 +197,8 @@ class SpectraCache:
             self._fp = np.full((n, 2), np.nan)
             self._base = np.full((n, 2), np.nan)
             self._table = np.full((n, w, w), -1, dtype=np.int32)
-            self._entry = sum(w_.shape[0] * w_.shape[1] * 4 for (_a, _b, _c, w_) in prep.bands) + 16
+            self._entry = sum((m_hi - m_lo) * 2 * (prep.grid.n_rings - r_first) * 4
+                              for (m_lo, m_hi, r_first, _w) in prep.bands) + 16
             self._reset_store()
         fp = (stack.reshape(n, -1) @ self._proj).astype(np.float64)
         d = s - self._base
@@ -566,14 +570,12 @@ def _search_chunk(prep: PreparedReferences, images: np.ndarray, s: np.ndarray, k
     spectra = [np.empty((n * n_sh,) + w.shape[:2], np.float32) for (_a, _b, _c, w) in prep.bands]
     mean = np.empty(n * n_sh)
     std = np.empty(n * n_sh)
-    for j0 in range(0, n, sub):
-        j1 = min(n, j0 + sub)
-        r0, r1 = j0 * n_sh, j1 * n_sh
-        if cache is not None:
-            cache._chunk(prep, images[j0:j1], i0 + j0, s[j0:j1], kx, ky, step,
-                         [dst[r0:r1] for dst in spectra], mean[r0:r1], std[r0:r1])
-            continue
-        else:
+    if cache is not None:                                                    # one lookup for the whole chunk
+        cache._chunk(prep, images, i0, s, kx, ky, step, spectra, mean, std)
+    else:
+        for j0 in range(0, n, sub):
+            j1 = min(n, j0 + sub)
+            r0, r1 = j0 * n_sh, j1 * n_sh
             fl = flat[j0 * box * box:j1 * box * box]
             m = j1 - j0
             if float(step).is_integer():
@@ -588,9 +590,8 @@ def _search_chunk(prep: PreparedReferences, images: np.ndarray, s: np.ndarray, k
             polar = polar.reshape(m * n_sh, grid.lcirc)                      # rows = (image, iy, ix)
             if normalize:
                 mean[r0:r1], std[r0:r1] = _ring_stats(polar, grid)
-            sp = _band_spectra(prep, polar)
-        for dst, src in zip(spectra, sp):
-            dst[r0:r1] = src
+            for dst, src in zip(spectra, _band_spectra(prep, polar)):
+                dst[r0:r1] = src
     n_refs = prep.n_refs
     n_curves = 2 if prep.mirror else 1
     peak = np.empty((n, n_sh, n_refs, n_curves), np.float64)
@@ -664,7 +665,7 @@ def _run(images, prep: PreparedReferences, *, x_range, y_range, step, delta, nor
     # curves are computed in blocks of ~pair_budget (image x shift x reference) pairs: whole images
     # (all their shifts, about MAX_ROWS rows: the matrix products run near peak speed for ~70 rows x
     # tens of references) x a block of references
-    img_block = max(1, MAX_ROWS // n_sh)
+    img_block = max(1, max(MAX_ROWS, pair_budget // prep.n_refs) // n_sh)
     ref_block = max(1, min(prep.n_refs, pair_budget // (n_sh * img_block)))
     if chunk_size is None:
         chunk_size = img_block
@@ -817,3 +818,90 @@ def align_to_reference(images, reference, grid: PolarGrid, *, x_range: float, y_
                                      normalize=normalize_images, s=s, chunk_size=chunk_size,
                                      pair_budget=pair_budget, cache=cache)
     return RefAlignment(score=score[:, 0], alpha=alpha[:, 0], sx=sx[:, 0], sy=sy[:, 0], mirror=mir[:, 0])
+
+
+def _band_layout(grid: PolarGrid):
+    """Bands ``(m_lo, m_hi, first_ring, None)`` of a grid (the layout :func:`_band_spectra` needs)."""
+    return tuple((m_lo, m_hi, grid.groups[g][1], None) for m_lo, m_hi, _r, g in _freq_bands(grid))
+
+
+def _groups_from_bands(bands, layout, grid: PolarGrid) -> list[np.ndarray]:
+    """Per-group ring spectra ``(n_rings_g, n_r // 2 + 1)`` from band spectra ``(m_b, n_band_rings)``."""
+    out = []
+    for n_r, r0, r1, _s0, _s1 in grid.groups:
+        g = np.zeros((r1 - r0, n_r // 2 + 1), np.complex64)
+        for (m_lo, m_hi, r_first, _w), b in zip(layout, bands):
+            if m_lo < n_r // 2 + 1 and r_first <= r0:
+                g[:, m_lo:m_hi] = b[:, r0 - r_first:r1 - r_first].T
+        out.append(g)
+    return out
+
+
+def aligned_average(images, params, grid: PolarGrid, *, cache: SpectraCache | None = None,
+                    chunk_size: int = 64) -> np.ndarray:
+    """Mean of the aligned images, built from their ring spectra (no real-space interpolation per image).
+
+    For every image the rings are sampled around its particle centre ``s = -R(-alpha) t`` (bilinear, as in the
+    search), rotated by ``alpha`` in the ring-frequency domain (``B(m) exp(-i m alpha)``, exact for the ring
+    samples; the x-mirror conjugates the spectrum) and summed; the mean rings are resampled on the pixel grid
+    with :func:`isavar.core.polar.polar_to_image`. Inside ``last_ring`` this equals the mean of
+    ``transform_images(image, params)`` up to interpolation error; outside it is zero.
+
+    With a :class:`SpectraCache` shared with the alignment passes of the same images, the spectra of centres
+    already visited by a search are reused, so an average costs about one complex multiply-add per
+    ring coefficient and image.
+
+    Parameters
+    ----------
+    images : (n, N, N) array_like
+    params : (n, 4) array_like
+        ``(alpha deg, sx, sy, mirror)`` applied to each image (§0.1).
+    grid : PolarGrid
+        Ring geometry (mode "F").
+    cache : SpectraCache, optional
+    chunk_size : int
+        Images per batch.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 ``(N, N)``.
+    """
+    if grid.mode != "F":
+        raise ValueError("aligned_average needs a full-circle ('F') polar grid")
+    stack = _as_images(images, grid)
+    n, box = stack.shape[0], stack.shape[1]
+    alpha, sx, sy, mirror = _parse_params(params, n)
+    a_rad = np.deg2rad(alpha)
+    s = np.stack([-(np.cos(a_rad) * sx - np.sin(a_rad) * sy), -(np.sin(a_rad) * sx + np.cos(a_rad) * sy)],
+                 axis=-1)                                                      # particle centres, unclamped
+    layout = _band_layout(grid)
+    prep = PreparedReferences(grid=grid, box=box, n_refs=0, mirror=True, ring_sum=np.zeros(0), bands=layout)
+    zero = np.zeros(1, np.int64)
+    if cache is not None:
+        if not isinstance(cache, SpectraCache):
+            raise ValueError(f"cache must be a SpectraCache, got {type(cache).__name__}")
+        half = getattr(cache, "_half", 0) if cache._sig is not None else 2 * (box // 2 - grid.last_ring) + 2
+        cache._bind(prep, stack, s, half)
+    sums = [np.zeros((m_hi - m_lo, grid.n_rings - r_first), np.complex128) for m_lo, m_hi, r_first, _ in layout]
+    mir = mirror > 0.5
+    for i0 in range(0, n, chunk_size):
+        i1 = min(n, i0 + chunk_size)
+        m = i1 - i0
+        spectra = [np.empty((m, m_hi - m_lo, 2 * (grid.n_rings - r_first)), np.float32)
+                   for m_lo, m_hi, r_first, _ in layout]
+        if cache is not None:
+            cache._chunk(prep, stack[i0:i1], i0, s[i0:i1], zero, zero, 1.0, spectra, np.empty(m), np.empty(m))
+        else:
+            polar = _gather_polar(stack[i0:i1].reshape(-1), box, np.arange(m), box // 2 + s[i0:i1, 0],
+                                  box // 2 + s[i0:i1, 1], grid, zero, zero).reshape(m, grid.lcirc)
+            spectra = _band_spectra(prep, polar)
+        for acc, (m_lo, m_hi, _r, _w), b in zip(sums, layout, spectra):
+            bc = b.view(np.complex64)                                           # (m, M_b, R_b)
+            ph = np.exp(-1j * np.arange(m_lo, m_hi)[None, :] * a_rad[i0:i1, None]).astype(np.complex64)
+            ph_s = np.where(mir[i0:i1, None], 0, ph).T[:, None, :]              # (M_b, 1, m)
+            ph_m = np.where(mir[i0:i1, None], ph, 0).T[:, None, :]
+            bt = bc.transpose(1, 0, 2)                                          # (M_b, m, R_b)
+            acc += (ph_s @ bt)[:, 0] + np.conj((ph_m @ bt)[:, 0])
+    rings = rings_from_spectra(_groups_from_bands([a / n for a in sums], layout, grid), grid)
+    return polar_to_image(rings, grid, box)

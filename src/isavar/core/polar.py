@@ -35,10 +35,12 @@ inverse real FFT of length ``maxrin`` gives the curve.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.fft
+import scipy.sparse
 
 __all__ = [
     "PolarGrid",
@@ -50,6 +52,8 @@ __all__ = [
     "normalize_rings",
     "reference_spectra",
     "rotational_correlation",
+    "rings_from_spectra",
+    "polar_to_image",
 ]
 
 
@@ -469,3 +473,106 @@ def rotational_correlation(image_polar, ref_polar, grid: PolarGrid, mirror: bool
     if not mirror:
         return c
     return c, np.fft.irfft(xm, n=grid.maxrin, axis=-1)
+
+
+def rings_from_spectra(spectra, grid: PolarGrid) -> np.ndarray:
+    """Inverse of :func:`ring_spectra`: ring samples from per-group ring spectra.
+
+    Parameters
+    ----------
+    spectra : list of complex arrays ``(..., n_rings_in_group, n_r // 2 + 1)``
+        In the order of ``grid.groups``.
+    grid : PolarGrid
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 ``(..., lcirc)``.
+    """
+    lead = np.shape(spectra[0])[:-2]
+    out = np.empty(lead + (grid.lcirc,), dtype=np.float32)
+    for spec, (n_r, r0, r1, s0, s1) in zip(spectra, grid.groups):
+        out[..., s0:s1] = scipy.fft.irfft(spec, n=n_r, axis=-1).reshape(lead + (s1 - s0,))
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _polar_to_image_operator(grid: PolarGrid, box: int) -> scipy.sparse.csr_matrix:
+    """Sparse ``(box * box, lcirc)`` interpolation from ring samples to pixels (see :func:`polar_to_image`)."""
+    c = box // 2
+    yy, xx = np.mgrid[0:box, 0:box]
+    dx, dy = (xx - c).ravel().astype(np.float64), (yy - c).ravel().astype(np.float64)
+    rho = np.hypot(dx, dy)
+    phi = np.mod(np.arctan2(dx, dy), 2.0 * np.pi)            # x = r sin(phi), y = r cos(phi)
+    radii = grid.radii.astype(np.float64)
+    pix = np.arange(box * box)
+    rows, cols, vals = [], [], []
+
+    def ring_terms(ring, weight, sel):
+        """Angular linear interpolation on ``ring`` at the pixels ``sel`` with radial weight ``weight``."""
+        n_r = grid.n_samples[ring]
+        t = phi[sel] * n_r / (2.0 * np.pi)
+        j0 = np.floor(t).astype(np.int64)
+        f = t - j0
+        for j, w in ((j0 % n_r, 1.0 - f), ((j0 + 1) % n_r, f)):
+            rows.append(pix[sel])
+            cols.append(grid.offsets[ring] + j)
+            vals.append(weight * w)
+
+    # inside the first ring: blend towards the ring's mean at the centre
+    sel = rho < radii[0]
+    frac = rho[sel] / radii[0]
+    ring_terms(0, frac, sel)
+    n0 = grid.n_samples[0]
+    rows.append(np.repeat(pix[sel], n0))
+    cols.append(np.tile(grid.offsets[0] + np.arange(n0), int(sel.sum())))
+    vals.append(np.repeat((1.0 - frac) / n0, n0))
+    # between rings: linear in radius
+    k = np.searchsorted(radii, rho, side="right") - 1                    # ring at or below rho
+    sel = (rho >= radii[0]) & (k < radii.size - 1)
+    kk = k[sel]
+    f = (rho[sel] - radii[kk]) / (radii[kk + 1] - radii[kk])
+    for ring in np.unique(kk):
+        m = kk == ring
+        idx = np.flatnonzero(sel)[m]
+        sub = np.zeros(box * box, bool)
+        sub[idx] = True
+        ring_terms(int(ring), 1.0 - f[m], sub)
+        ring_terms(int(ring) + 1, f[m], sub)
+    # beyond the last ring: linear taper to zero over one pixel
+    last = radii.size - 1
+    sel = (rho >= radii[-1]) & (rho < radii[-1] + 1.0)
+    ring_terms(last, 1.0 - (rho[sel] - radii[-1]), sel)
+    op = scipy.sparse.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                                 shape=(box * box, grid.lcirc))
+    op.sum_duplicates()
+    return op.astype(np.float32)
+
+
+def polar_to_image(polar, grid: PolarGrid, box: int) -> np.ndarray:
+    """Cartesian image(s) from ring samples around the image centre (inverse resampling of :func:`polar_transform`).
+
+    Each pixel at radius ``rho`` and angle ``phi`` (convention of this module) is interpolated linearly in
+    angle on the two rings enclosing ``rho`` and linearly in radius between them. Inside the first ring the
+    value blends towards the ring's mean at the centre; beyond the last ring it tapers to zero over one
+    pixel, so the image is supported on the disc of radius ``last_ring + 1``.
+
+    Parameters
+    ----------
+    polar : (lcirc,) or (n, lcirc) array_like
+    grid : PolarGrid
+    box : int
+        Image size N (the outermost ring must fit, :func:`check_fits`).
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 ``(N, N)`` or ``(n, N, N)``.
+    """
+    check_fits(grid, box)
+    polar = np.asarray(polar, dtype=np.float32)
+    single = polar.ndim == 1
+    op = _polar_to_image_operator(grid, int(box))
+    out = (op @ np.atleast_2d(polar).T).T.astype(np.float32)
+    out = out.reshape(-1, box, box)
+    return out[0] if single else out

@@ -97,7 +97,7 @@ def align_multi(images, refs, grid, p, params, *, xr=None, yr=None, normalize=Tr
     return res.score, res.params
 
 
-def align_single(images, ref, grid, p, params, delta, *, xr=None, yr=None, ts=None):
+def align_single(images, ref, grid, p, params, delta, *, xr=None, yr=None, ts=None, cache=None):
     """One ``ali2d_single_iter`` pass against one reference (centres clamped); returns (n, 4) parameters."""
     from isavar.core.align2d import align_to_reference
 
@@ -105,5 +105,20 @@ def align_single(images, ref, grid, p, params, delta, *, xr=None, yr=None, ts=No
                              x_range=p.xr if xr is None else xr, y_range=p.yr_eff if yr is None else yr,
                              step=p.ts if ts is None else ts, mirror=True, delta=float(delta),
                              normalize_images=False, initial_params=np.asarray(params, dtype=np.float64),
-                             out_of_range="clamp")
+                             out_of_range="clamp", cache=cache)
     return res.params
+
+
+def new_cache():
+    """A ring-spectra cache for repeated passes over one image set."""
+    from isavar.core.align2d import SpectraCache
+
+    return SpectraCache()
+
+
+def polar_mean(images, params, grid, cache=None) -> np.ndarray:
+    """Mean of the aligned images from their ring spectra (zero beyond the last ring)."""
+    from isavar.core.align2d import aligned_average
+
+    return aligned_average(np.asarray(images, dtype=np.float32), np.asarray(params, dtype=np.float64), grid,
+                           cache=cache)

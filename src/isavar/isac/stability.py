@@ -203,7 +203,7 @@ def discrete_delta(it: int, total_iter: int, maxit_total: int, dst: float) -> fl
     return float(dst) if (dst > 0 and it % 4 == 0 and total_iter <= maxit_total - 10) else 0.0
 
 
-def within_group_refinement(images, params, p, grid, rng, *, randomize: bool = True):
+def within_group_refinement(images, params, p, grid, rng, *, randomize: bool = True, cache=None):
     """Reference-free alignment of one group (spec §6.5).
 
     Parameters
@@ -219,6 +219,8 @@ def within_group_refinement(images, params, p, grid, rng, *, randomize: bool = T
         Random start (rotation, mirror).
     randomize : bool
         Start from random rotations and mirrors.
+    cache : SpectraCache, optional
+        Ring spectra of ``images`` kept across passes (and runs); a new one is used when None.
 
     Returns
     -------
@@ -231,19 +233,27 @@ def within_group_refinement(images, params, p, grid, rng, *, randomize: bool = T
 
     n = len(images)
     params = np.asarray(params, dtype=np.float64).copy()
+    if cache is None:
+        cache = _ops.new_cache()
     if randomize:
         centre = _ops.particle_centre(params)
         rand = np.column_stack([rng.uniform(0.0, 360.0, n), np.zeros(n), np.zeros(n),
                                 rng.integers(0, 2, n)]).astype(np.float64)
         params = _ops.compose(np.column_stack([np.zeros(n), -centre, np.zeros(n)]), rand)
     for it in range(p.maxit):
-        avg = _ops.transform_sum(images, params) / np.float32(n)
+        last = it == p.maxit - 1
+        # the intermediate references only enter the search through their rings, so they are built from
+        # the images' ring spectra; the returned average is a real-space one (deviation note in docs)
+        if last:
+            avg = _ops.transform_sum(images, params) / np.float32(n)
+        else:
+            avg = _ops.polar_mean(images, params, grid, cache)
         fl = 0.1 + (p.FH - 0.1) * it / (p.maxit - 1)
         avg = _ops.tanh_lowpass(avg, fl, p.FF)
-        if it == p.maxit - 1:
+        if last:
             return avg, params
         delta = discrete_delta(it, it + 1, p.maxit, p.dst)
-        params = _ops.align_single(images, avg, grid, p, params, delta)
+        params = _ops.align_single(images, avg, grid, p, params, delta, cache=cache)
     return avg, params  # pragma: no cover - loop always returns
 
 
@@ -264,12 +274,13 @@ def class_stability_task(task):
     from isavar.isac import _ops
 
     images, params, p, grid, rng, check = task
-    avg, params = within_group_refinement(images, params, p, grid, rng)
+    cache = _ops.new_cache()
+    avg, params = within_group_refinement(images, params, p, grid, rng, cache=cache)
     if not check:
         return {"average": avg, "params": params, "stable": None, "pixel_error": np.nan, "mirror_rate": np.nan}
     runs = [params]
     for _ in range(p.stab_ali - 1):
-        avg, params = within_group_refinement(images, params, p, grid, rng)
+        avg, params = within_group_refinement(images, params, p, grid, rng, cache=cache)
         runs.append(params)
     res = multi_align_stability(np.stack(runs), p.thld_err, 2.0 * p.target_radius)
     params = params.copy()
