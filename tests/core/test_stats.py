@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from isavar.core.stats import (
     RunningMeanVariance,
     frc,
     fsc,
+    group_sums,
     power_spectrum_1d,
     ring_index,
     rotational_average,
@@ -114,3 +117,15 @@ def test_running_mean_variance_merge(rng):
     assert np.isnan(empty.variance()).all()
     with pytest.raises(ValueError):
         total.update(np.zeros((2, 4)))
+
+
+@given(labels=st.lists(st.integers(-2, 6), min_size=0, max_size=40), seed=st.integers(0, 2**31 - 1))
+def test_group_sums_equal_a_loop_over_items(labels, seed):
+    rng = np.random.default_rng(seed)
+    labels = np.array(labels, dtype=np.int64)
+    values = rng.normal(size=(labels.size, 3, 2)).astype(np.float32)
+    expected = np.zeros((5, 3, 2))
+    for lab, v in zip(labels, values):
+        if 0 <= lab < 5:                      # labels outside 0..n_groups-1 are ignored
+            expected[lab] += v
+    assert np.allclose(group_sums(values, labels, 5), expected, atol=1e-6)

@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from isavar.parallel import SerialExecutor, make_executor
+from isavar.parallel import SerialExecutor, make_executor, map_in_windows
 from isavar.parallel.partition import balanced_ranges, chunk_ranges, task_rngs
 
 
@@ -49,3 +49,14 @@ def test_pool_executor_matches_serial():
         assert pool.map(_square, tasks) == SerialExecutor().map(_square, tasks)
     finally:
         pool.close()
+
+
+def _square(x):
+    return x * x
+
+
+@given(st.integers(0, 30), st.integers(1, 7))
+def test_map_in_windows_keeps_task_order(n, window):
+    expected = [i * i for i in range(n)]
+    assert list(map_in_windows(SerialExecutor(), _square, iter(range(n)), window)) == expected
+    assert list(map_in_windows(None, _square, iter(range(n)), window)) == expected

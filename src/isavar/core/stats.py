@@ -21,6 +21,7 @@ __all__ = [
     "frc",
     "fsc",
     "shell_counts",
+    "group_sums",
     "RunningMeanVariance",
 ]
 
@@ -81,6 +82,36 @@ def _shell_sum(values: np.ndarray, shells: np.ndarray, nshell: int) -> np.ndarra
         sums = np.add.reduceat(flat[:, order], np.minimum(starts, sorted_idx.size - 1), axis=1)
         out[:, nonempty] = sums[:, nonempty]
     return out.reshape(lead + (nshell,))
+
+
+def group_sums(values, labels, n_groups: int) -> np.ndarray:
+    """Sum of the items of ``values`` that share a label, for labels ``0 .. n_groups - 1``.
+
+    Parameters
+    ----------
+    values : (n, ...) array_like
+        Items (images, vectors, ...).
+    labels : (n,) array_like of int
+        Group of every item; items with labels outside ``0 .. n_groups - 1`` are ignored.
+    n_groups : int
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 ``(n_groups, ...)``; empty groups are 0. Items are added in their input order within a group
+        (sort + ``np.add.reduceat``, much faster than ``np.add.at`` for whole images).
+    """
+    values = np.asarray(values)
+    labels = np.asarray(labels, dtype=np.int64).ravel()
+    out = np.zeros((n_groups,) + values.shape[1:], dtype=np.float64)
+    keep = np.flatnonzero((labels >= 0) & (labels < n_groups))
+    if keep.size == 0:
+        return out
+    order = keep[np.argsort(labels[keep], kind="stable")]
+    sorted_labels = labels[order]
+    starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
+    out[sorted_labels[starts]] = np.add.reduceat(values[order].astype(np.float64, copy=False), starts, axis=0)
+    return out
 
 
 def _index_counts(index: np.ndarray, n: int) -> np.ndarray:

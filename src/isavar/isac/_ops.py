@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from isavar.core import params2d as _p2
+from isavar.core.stats import group_sums  # noqa: F401  (re-exported: per-class sums of images)
 
 
 def compose(a, b) -> np.ndarray:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from isavar.isac import _ops
+from isavar.parallel import map_in_windows
 
 
 def _centred_ctf_squared(table, rows, box, apix) -> np.ndarray:
@@ -22,7 +23,25 @@ def _centred_ctf_squared(table, rows, box, apix) -> np.ndarray:
     return ctf, np.fft.fftshift(ctf.astype(np.float32) ** 2, axes=(-2, -1))
 
 
-def fullres_averages(stack, result, params, p, *, chunk: int = 1024, eps_fraction: float = 1e-3) -> np.ndarray:
+def _fullres_chunk(task):
+    """Per-class sums of one chunk of members: (sums, CTF^2 sums or None, counts)."""
+    import scipy.fft
+
+    imgs, table, rows, k, params, c, ctf_on, apix = task
+    box = imgs.shape[-1]
+    wsum = None
+    if ctf_on:
+        ctf, c2 = _centred_ctf_squared(table, rows, box, apix)
+        imgs = scipy.fft.ifft2(scipy.fft.fft2(imgs) * ctf.astype(np.float32)).real.astype(np.float32)
+        rot = params.copy()
+        rot[:, 1:3] = 0.0
+        wsum = _ops.group_sums(_ops.transform(c2, rot, interpolation="linear"), k, c)
+    sums = _ops.group_sums(_ops.transform(imgs, params), k, c)
+    return sums, wsum, np.bincount(k, minlength=c)
+
+
+def fullres_averages(stack, result, params, p, *, chunk: int = 1024, eps_fraction: float = 1e-3,
+                     executor=None) -> np.ndarray:
     """Full-size class averages from the original images (CTF-weighted with ``--CTF``).
 
     Parameters
@@ -35,9 +54,12 @@ def fullres_averages(stack, result, params, p, *, chunk: int = 1024, eps_fractio
         Parameters taking each original image into its class frame (original pixels).
     p : Isac2Params
     chunk : int
-        Images read at a time.
+        Images read at a time (one task each).
     eps_fraction : float
         ``sum CTF^2`` is floored at this fraction of its maximum per class (numerical guard).
+    executor : Executor, optional
+        Runs the chunks (results are summed in chunk order, so the answer does not depend on it);
+        must be callable from this process alone (serial or pool).
 
     Returns
     -------
@@ -53,19 +75,18 @@ def fullres_averages(stack, result, params, p, *, chunk: int = 1024, eps_fractio
     counts = np.zeros(c, np.int64)
     apix = stack.pixel_size_A
     members = np.flatnonzero(cls_of >= 0)
-    for s in range(0, len(members), chunk):
-        rows = members[s:s + chunk]
-        imgs = stack.images[rows]
-        k = cls_of[rows]
+
+    def tasks():
+        for s in range(0, len(members), chunk):
+            rows = members[s:s + chunk]
+            yield (stack.images[rows], stack.table.iloc[rows] if p.CTF else None, np.arange(len(rows)),
+                   cls_of[rows], params[rows], c, p.CTF, apix)
+
+    for part_sums, part_w, part_counts in map_in_windows(executor, _fullres_chunk, tasks()):
+        sums += part_sums
+        counts += part_counts
         if p.CTF:
-            ctf, c2 = _centred_ctf_squared(stack.table, rows, box, apix)
-            imgs = np.fft.ifft2(np.fft.fft2(imgs) * ctf).real.astype(np.float32)
-            rot = params[rows].copy()
-            rot[:, 1:3] = 0.0
-            np.add.at(wsum, k, _ops.transform(c2, rot, interpolation="linear"))
-        moved = _ops.transform(imgs, params[rows])
-        np.add.at(sums, k, moved)
-        counts += np.bincount(k, minlength=c)
+            wsum += part_w
     if not p.CTF:
         return (sums / np.maximum(counts, 1)[:, None, None]).astype(np.float32)
     denom = np.fft.ifftshift(wsum, axes=(-2, -1))

@@ -155,10 +155,7 @@ def _eqk_chunk(task):
 
 def _class_sum_chunk(task):
     images, params, assignment, n_classes = task
-    out = np.zeros((n_classes,) + images.shape[1:], dtype=np.float64)
-    moved = _ops.transform(images, params)
-    np.add.at(out, assignment, moved)
-    return out
+    return _ops.group_sums(_ops.transform(images, params), assignment, n_classes)
 
 
 def initial_references(images, n_classes, rng) -> np.ndarray:

@@ -203,7 +203,8 @@ def discrete_delta(it: int, total_iter: int, maxit_total: int, dst: float) -> fl
     return float(dst) if (dst > 0 and it % 4 == 0 and total_iter <= maxit_total - 10) else 0.0
 
 
-def within_group_refinement(images, params, p, grid, rng, *, randomize: bool = True, cache=None):
+def within_group_refinement(images, params, p, grid, rng, *, randomize: bool = True, cache=None,
+                            want_average: bool = True):
     """Reference-free alignment of one group (spec §6.5).
 
     Parameters
@@ -221,10 +222,12 @@ def within_group_refinement(images, params, p, grid, rng, *, randomize: bool = T
         Start from random rotations and mirrors.
     cache : SpectraCache, optional
         Ring spectra of ``images`` kept across passes (and runs); a new one is used when None.
+    want_average : bool
+        Compute the final average (the last pass only averages); None is returned in its place otherwise.
 
     Returns
     -------
-    average : ndarray, (T, T) float32
+    average : ndarray, (T, T) float32 or None
         The final tanh-filtered (FH, FF) average.
     params : ndarray, (n, 4)
         The parameters after the last alignment pass.
@@ -242,6 +245,8 @@ def within_group_refinement(images, params, p, grid, rng, *, randomize: bool = T
         params = _ops.compose(np.column_stack([np.zeros(n), -centre, np.zeros(n)]), rand)
     for it in range(p.maxit):
         last = it == p.maxit - 1
+        if last and not want_average:
+            return None, params
         # the intermediate references only enter the search through their rings, so they are built from
         # the images' ring spectra; the returned average is a real-space one (deviation note in docs)
         if last:
@@ -275,12 +280,13 @@ def class_stability_task(task):
 
     images, params, p, grid, rng, check = task
     cache = _ops.new_cache()
-    avg, params = within_group_refinement(images, params, p, grid, rng, cache=cache)
+    # with the stability check the class average is rebuilt from the stable members at the end
+    avg, params = within_group_refinement(images, params, p, grid, rng, cache=cache, want_average=not check)
     if not check:
         return {"average": avg, "params": params, "stable": None, "pixel_error": np.nan, "mirror_rate": np.nan}
     runs = [params]
     for _ in range(p.stab_ali - 1):
-        avg, params = within_group_refinement(images, params, p, grid, rng, cache=cache)
+        _, params = within_group_refinement(images, params, p, grid, rng, cache=cache, want_average=False)
         runs.append(params)
     res = multi_align_stability(np.stack(runs), p.thld_err, 2.0 * p.target_radius)
     params = params.copy()

@@ -37,3 +37,22 @@ def make_executor(kind: str = "auto", workers: int | None = None):
 
         return MpiExecutor()
     raise ValueError(f"unknown executor {kind!r} (serial, pool, mpi or auto)")
+
+
+def map_in_windows(executor, fn, tasks, window: int = 4):
+    """``executor.map(fn, ...)`` over ``window`` tasks at a time, yielding results in task order.
+
+    Bounds the data in flight (a process pool otherwise receives every task's arguments at once). With
+    ``executor=None`` the tasks run here, one by one. Under MPI every rank must make the same calls.
+    """
+    if executor is None:
+        yield from map(fn, tasks)
+        return
+    batch = []
+    for task in tasks:
+        batch.append(task)
+        if len(batch) == window:
+            yield from executor.map(fn, batch)
+            batch = []
+    if batch:
+        yield from executor.map(fn, batch)

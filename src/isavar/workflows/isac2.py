@@ -36,6 +36,7 @@ from isavar._progress import NullProgress
 from isavar.errors import InputError
 from isavar.isac import run as isac_run
 from isavar.isac.params import Isac2Params
+from isavar.parallel import map_in_windows
 from isavar.workflows.outputs import create_output_dir, write_json, write_provenance, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -296,10 +297,18 @@ def _run(run: _Run, stack):
 
 # ------------------------------------------------------------------------------------- stage A/B
 
+def _correct_and_shrink_task(task):
+    """One chunk of the front end (executor task): ``(block, table rows, p, apix, rpw)``."""
+    from isavar.isac.preprocess import correct_and_shrink
+
+    block, rows, p, apix, rpw = task
+    return correct_and_shrink(block, rows, p, apix, rpw=rpw)
+
+
 def _prepare(run: _Run, stack):
     """Pre-alignment and the working stack (skipped when already finished)."""
     from isavar.isac.prealign import centring_shifts, prealign
-    from isavar.isac.preprocess import correct_and_shrink, finish_working_images, radial_amplitude_sum, \
+    from isavar.isac.preprocess import finish_working_images, radial_amplitude_sum, \
         shrunk_size, vpp_table
 
     p, outdir = run.p, run.outdir
@@ -332,12 +341,15 @@ def _prepare(run: _Run, stack):
     run.progress.stage("preprocessing", total=n)
     shrunk = np.empty((n, nd, nd), np.float32)
     pre = np.empty((n, nd, nd), np.float32) if p.VPP else None
-    for s, e, block in stack.images.chunks(CHUNK):
-        out, pr = correct_and_shrink(block, table.iloc[s:e], p, apix, rpw=rpw)
+    tasks = ((block, table.iloc[s:e], p, apix, rpw) for s, e, block in stack.images.chunks(CHUNK))
+    s = 0
+    for out, pr in map_in_windows(run.executor, _correct_and_shrink_task, tasks):
+        e = s + len(out)
         shrunk[s:e] = out
         if pre is not None:
             pre[s:e] = pr
         run.progress.advance(e - s)
+        s = e
     if p.skip_prealignment:
         shifts = np.zeros((n, 2))
     else:
@@ -533,7 +545,9 @@ def _finish(run: _Run, stack, state, shifts, shrink):
 
         full_ordered[acc] = compose(full[acc], oparams[cls_of[acc]])
     t = time.time()
-    fullres = fullres_averages(stack, result, full_ordered, p, chunk=CHUNK) if c else None
+    # the averages run on the root alone: an executor that needs every rank (MPI) is not used here
+    local = run.executor if getattr(run.executor, "size", 1) == 1 else None
+    fullres = fullres_averages(stack, result, full_ordered, p, chunk=CHUNK, executor=local) if c else None
     run.timings["fullres_s"] = time.time() - t
     _write_relion_outputs(run, stack, state, result, ordered, order, class_rank, full_ordered, fullres, work_apix)
     if c:
