@@ -47,12 +47,17 @@ def test_pool_executor_matches_serial():
     pool = make_executor("pool", workers=2)
     try:
         assert pool.map(_square, tasks) == SerialExecutor().map(_square, tasks)
+        # a generator longer than the submission window (2 * workers + 2) is consumed lazily, in order
+        seen = []
+
+        def lazy():
+            for i in range(25):
+                seen.append(i)
+                yield i
+        assert pool.map(_square, lazy()) == [i * i for i in range(25)]
+        assert seen == list(range(25))
     finally:
         pool.close()
-
-
-def _square(x):
-    return x * x
 
 
 @given(st.integers(0, 30), st.integers(1, 7))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -234,6 +235,7 @@ def sac_round(images, state: EngineState, p, grid, executor, *, main: int, gen: 
     rnd = state.rounds_done
     params, refs = state.params, state.refs
     fl, it = p.FL, 0
+    t0 = time.perf_counter()
     while True:
         rng = task_rngs(p.rand_seed, 1, key=stream_key(main, gen, rnd, it, _CENTRE))[0]
         refs, params, assignment = eqk_iteration(images, refs, params, fl, p, grid, executor, rng)
@@ -244,12 +246,15 @@ def sac_round(images, state: EngineState, p, grid, executor, *, main: int, gen: 
         if fl >= p.FH:
             break
     n_classes = len(refs)
+    t1 = time.perf_counter()
     last_round = rnd + 1 >= p.init_iter
     check = (rnd % p.iter_reali == 0) or last_round        # Q10: the last round is always checked
     rngs = task_rngs(p.rand_seed, n_classes, key=stream_key(main, gen, rnd, 0, _WITHIN))
     groups = [np.flatnonzero(assignment == k) for k in range(n_classes)]
-    tasks = [(images[g], params[g], p, grid, rngs[k], check) for k, g in enumerate(groups)]
+    tasks = ((images[g], params[g], p, grid, rngs[k], check) for k, g in enumerate(groups))   # lazy copies
     outs = executor.map(class_stability_task, tasks)
+    log.debug("main %d generation %d round %d: %d EQK iterations %.1f s, within-group stage %.1f s",
+              main, gen, rnd + 1, it, t1 - t0, time.perf_counter() - t1)
     params = params.copy()
     new_refs = np.empty_like(refs)
     for k, (g, o) in enumerate(zip(groups, outs)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Callable, Iterable
 
@@ -34,8 +35,21 @@ class PoolExecutor:
         return True
 
     def map(self, fn: Callable[[Any], Any], tasks: Iterable[Any]) -> list:
-        """Apply ``fn`` to every task in the pool; results in task order."""
-        return list(self._pool.map(fn, tasks))
+        """Apply ``fn`` to every task in the pool; results in task order.
+
+        At most ``2 * workers + 2`` tasks are submitted at a time (a sliding window), so a generator of
+        tasks is consumed lazily and the data in flight stay bounded.
+        """
+        window = 2 * self.workers + 2
+        pending: deque = deque()
+        results = []
+        for task in tasks:
+            if len(pending) >= window:
+                results.append(pending.popleft().result())
+            pending.append(self._pool.submit(fn, task))
+        while pending:
+            results.append(pending.popleft().result())
+        return results
 
     def allreduce_sum(self, array: np.ndarray) -> np.ndarray:
         """Return ``array`` unchanged (one controlling process)."""
