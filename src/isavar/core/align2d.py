@@ -444,10 +444,10 @@ def particle_centres(initial_params, n: int, box: int, last_ring: int, *, center
     n, box, last_ring : int
     center_shift : (2,) array_like, optional
         ``cs``: parameters are first combined with ``(0, -cs, 0)`` (``ali2d_single_iter``).
-    out_of_range : {"clamp", "reset"}
+    out_of_range : {"clamp", "reset", "keep"}
         With ``mashi = box // 2 - last_ring - 1``: "clamp" clips each coordinate of s to ``[-mashi, mashi]``
         (``ali2d_single_iter``), "reset" sets s to 0 when either coordinate exceeds mashi
-        (the EQK-means step, where the image's parameters are reset to identity).
+        (the EQK-means step, where the image's parameters are reset to identity), "keep" leaves s as is.
 
     Returns
     -------
@@ -467,8 +467,8 @@ def particle_centres(initial_params, n: int, box: int, last_ring: int, *, center
         s = np.clip(s, -mashi, mashi)
     elif out_of_range == "reset":
         s[np.any(np.abs(s) > mashi, axis=-1)] = 0.0
-    else:
-        raise ValueError(f"out_of_range must be 'clamp' or 'reset', got {out_of_range!r}")
+    elif out_of_range != "keep":
+        raise ValueError(f"out_of_range must be 'clamp', 'reset' or 'keep', got {out_of_range!r}")
     return s
 
 
@@ -871,10 +871,9 @@ def aligned_average(images, params, grid: PolarGrid, *, cache: SpectraCache | No
         raise ValueError("aligned_average needs a full-circle ('F') polar grid")
     stack = _as_images(images, grid)
     n, box = stack.shape[0], stack.shape[1]
-    alpha, sx, sy, mirror = _parse_params(params, n)
+    alpha, _sx, _sy, mirror = _parse_params(params, n)
     a_rad = np.deg2rad(alpha)
-    s = np.stack([-(np.cos(a_rad) * sx - np.sin(a_rad) * sy), -(np.sin(a_rad) * sx + np.cos(a_rad) * sy)],
-                 axis=-1)                                                      # particle centres, unclamped
+    s = particle_centres(params, n, box, grid.last_ring, out_of_range="keep")
     layout = _band_layout(grid)
     prep = PreparedReferences(grid=grid, box=box, n_refs=0, mirror=True, ring_sum=np.zeros(0), bands=layout)
     zero = np.zeros(1, np.int64)
