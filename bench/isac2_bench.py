@@ -108,6 +108,7 @@ def main(argv=None):
     ap.add_argument("--relion_only", action="store_true", help="skip ISAC2 (use OUT/bench_N.json for K)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="tiny settings to test this script (not a benchmark)")
+    ap.add_argument("--skip_prealignment", action="store_true", help="ISAC2's --skip_prealignment")
     args = ap.parse_args(argv)
 
     import starfile
@@ -133,6 +134,8 @@ def main(argv=None):
     executor = make_executor("pool" if args.workers > 1 else "serial", args.workers)
     t = time.time()
     extra = dict(img_per_grp=100, minimum_grp_size=30, maxit=6, init_iter=1, stab_ali=3) if args.quick else {}
+    if args.skip_prealignment:
+        extra["skip_prealignment"] = True
     params = Isac2Params(radius=50, CTF=True, rand_seed=args.seed, **extra)
     result = run_isac2(star, run_dir, params, executor=executor)
     wall = time.time() - t
