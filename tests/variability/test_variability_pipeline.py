@@ -130,8 +130,8 @@ def test_symmetry_c4_with_heterogeneity_in_every_subunit():
     assert np.corrcoef(rotated.ravel(), res.var3d.ravel())[0, 1] > 0.97
 
 
-def test_var_mode_reconstructs_given_maps(states):
-    """--VAR: maps inserted as given. Feeding the projections of a known positive volume returns it."""
+def _centred_projections(states):
+    """The positive truth volume, a random 1,500-view table (origins 0) and its noise-free projections."""
     from isavar.conventions import euler_to_matrix
     from isavar.core.projection import project
     from isavar.synthetic.simulate import draw_particle_table
@@ -142,6 +142,12 @@ def test_var_mode_reconstructs_given_maps(states):
     table["origin_y_A"] = 0.0
     rot = euler_to_matrix(table["angle_rot_deg"], table["angle_tilt_deg"], table["angle_psi_deg"])
     maps = project(truth.astype(np.float32), rot)
+    return truth, table, maps
+
+
+def test_var_mode_reconstructs_given_maps(states):
+    """--VAR: maps inserted as given. Feeding the projections of a known positive volume returns it."""
+    truth, table, maps = _centred_projections(states)
     res = variability(table, maps, VariabilityParams(var_input=True), pixel_size_A=PIX)
     assert res.ave3d is None
     slope, r = _fit(res.var3d, truth, _sphere(BOX, BOX / 2 - 3))
@@ -150,17 +156,9 @@ def test_var_mode_reconstructs_given_maps(states):
 
 def test_var_mode_decimated_scale_is_exact(states):
     """Q9 fix: reconstructing on a decimated grid and returning to the input grid keeps voxel values."""
-    from isavar.conventions import euler_to_matrix
-    from isavar.core.projection import project
-    from isavar.synthetic.simulate import draw_particle_table
     from isavar.variability.volume import resample_volume
 
-    _, _, truth = states
-    table = draw_particle_table(1500, box=BOX, pixel_size_A=PIX, ctf=False, rng=4)
-    table["origin_x_A"] = 0.0
-    table["origin_y_A"] = 0.0
-    rot = euler_to_matrix(table["angle_rot_deg"], table["angle_tilt_deg"], table["angle_psi_deg"])
-    maps = project(truth.astype(np.float32), rot)
+    truth, table, maps = _centred_projections(states)
     res = variability(table, maps, VariabilityParams(var_input=True, decimate=0.5), pixel_size_A=PIX)
     assert res.working_box == BOX // 2 and res.var3d.shape == (BOX,) * 3
     band_limited = resample_volume(resample_volume(truth, res.working_box), BOX)
