@@ -10,7 +10,7 @@ same subcommands a user would and prints each command line:
                           checking that images and metadata survive the round trip
   3. isavar info       -- a summary of each file (also saved in 3_info/)
   4. isavar isac2      -- ISAC2 on the particles of step 1 (img_per_grp 100, a shortened
-                          schedule: --init_iter 2 --maxit 15), about 1.5 minutes on 2 cores;
+                          schedule: --init_iter 2 --maxit 15), about half a minute on 2 cores;
                           the classes are scored against the true views (purity15)
   5. isavar simulate   -- 3000 particles of a two-state phantom (a domain present in
                           30 % of them), CTF, SNR 0.2

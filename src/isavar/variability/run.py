@@ -170,6 +170,11 @@ def _member_ctf(geo: ParticleGeometry, members: np.ndarray, alpha: np.ndarray, m
         bfactor_A2=c["bfactor_A2"][members])
 
 
+def _levelled(maps: np.ndarray, p) -> np.ndarray:
+    """Maps as they are inserted: edge level subtracted when ``p.subtract_edge_level``."""
+    return vol.subtract_edge_level(maps) if p.subtract_edge_level else maps
+
+
 def _group_task(ctx: _Context, centres: np.ndarray) -> _TaskResult:
     """Process one chunk of centres: groups, 2D statistics, insertion."""
     p, geo, grid = ctx.params, ctx.geometry, ctx.grid
@@ -197,12 +202,8 @@ def _group_task(ctx: _Context, centres: np.ndarray) -> _TaskResult:
     mean_var = var.reshape(len(centres), -1)[:, disc].mean(axis=1)
     acc_ave = vol.new_accumulator(grid.nx, p.npad, p.symmetry)
     acc_var = vol.new_accumulator(grid.nx, p.npad, p.symmetry)
-    if p.subtract_edge_level:
-        acc_ave.insert(vol.subtract_edge_level(ave), frames)
-        acc_var.insert(vol.subtract_edge_level(stat), frames)
-    else:
-        acc_ave.insert(ave, frames)
-        acc_var.insert(stat, frames)
+    acc_ave.insert(_levelled(ave, p), frames)
+    acc_var.insert(_levelled(stat, p), frames)
     return _TaskResult(centres, acc_ave.data, acc_ave.weights, acc_var.data, acc_var.weights,
                        ave if ctx.keep_maps else None, stat if ctx.keep_maps else None,
                        groups.angle_deg.max(axis=1), mean_var, int(uniq.size))
@@ -319,7 +320,7 @@ def _insert_task(ctx: _Context, rows: np.ndarray):
     p, geo, grid = ctx.params, ctx.geometry, ctx.grid
     maps = ls.prepare_images(ctx.images[rows], geo.origins_px[rows], grid, normalize=False)
     acc = vol.new_accumulator(grid.nx, p.npad, p.symmetry)
-    acc.insert(vol.subtract_edge_level(maps) if p.subtract_edge_level else maps, geo.rotations[rows])
+    acc.insert(_levelled(maps, p), geo.rotations[rows])
     return rows.size, acc.data, acc.weights
 
 
