@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from isavar.isac import _ops
-from isavar.isac.generation import EngineState, run_generation, normalise_for_alignment
+from isavar.isac.generation import EngineState, eqk_iteration, normalise_for_alignment, run_generation
 from isavar.isac.ordering import apply_order, order_averages
 from isavar.isac.params import Isac2Params, from_sphire_options
 from isavar.isac.prealign import centre_of, centring_shifts, fit_tanh_to_frc, search_schedule
@@ -84,22 +84,43 @@ def test_within_group_stability_on_one_class():
     assert out["pixel_error"] < 1.0
 
 
-def test_generation_recovers_planted_classes(planted):
-    imgs, truth, _ = planted
-    p = small_params()
+def _working_subset(imgs, p):
     from isavar.isac.preprocess import correct_and_shrink, finish_working_images
     import pandas as pd
 
     shrunk, _ = correct_and_shrink(imgs, pd.DataFrame(index=range(len(imgs))), p, None)
     working = finish_working_images(shrunk, np.zeros((len(imgs), 2)), None, p)
-    sub = normalise_for_alignment(working, _ops.circle(p.box, p.target_radius))
-    res = run_generation(sub, p, make_grid(p), SerialExecutor(), main=1, gen=1)
+    return normalise_for_alignment(working, _ops.circle(p.box, p.target_radius))
+
+
+def test_generation_recovers_planted_classes(planted):
+    imgs, truth, _ = planted
+    p = small_params()
+    res = run_generation(_working_subset(imgs, p), p, make_grid(p), SerialExecutor(), main=1, gen=1)
     assert len(res.members) == len(imgs) // p.img_per_grp
     big = [m for m in res.members if len(m) > p.minimum_grp_size]
     assert len(big) >= 3
     for m in big:                                    # classes are pure in the planted prototypes
         labels = truth[m][truth[m] >= 0]
         assert np.bincount(labels).max() >= 0.95 * len(labels)
+
+
+def test_eqk_iteration_uses_the_given_assignment_rule(planted):
+    # classes fixed to the planted truth (noise in class 0): the references become the prototypes, and one
+    # iteration with SPHIRE's equal-size rule against them keeps the planted classes
+    imgs, truth, _ = planted
+    p = small_params()
+    sub, grid = _working_subset(imgs, p), make_grid(p)
+    fixed = np.where(truth >= 0, truth, 0)
+    refs, params = sub[:4].copy(), np.zeros((len(sub), 4))
+    for it in range(3):
+        refs, params, got = eqk_iteration(sub, refs, params, p.FH, p, grid, SerialExecutor(),
+                                          np.random.default_rng(it), assign=lambda scores: fixed)
+        assert np.array_equal(got, fixed)
+    _, _, got = eqk_iteration(sub, refs, params, p.FH, p, grid, SerialExecutor(), np.random.default_rng(9))
+    assert sorted(np.bincount(got).tolist()) == [57, 57, 57, 59]   # equal sizes, the last class closed takes the rest
+    real = truth >= 0
+    assert np.mean(got[real] == truth[real]) >= 0.9
 
 
 def test_isac2_in_memory_end_to_end(planted):

@@ -165,7 +165,7 @@ def initial_references(images, n_classes, rng) -> np.ndarray:
     return np.array(images[np.sort(pick)], dtype=np.float32)
 
 
-def eqk_iteration(images, refs, params, fl, p, grid, executor, rng):
+def eqk_iteration(images, refs, params, fl, p, grid, executor, rng, *, assign=assign_groups):
     """One equal-size k-means iteration with alignment (spec §6.2).
 
     Parameters
@@ -182,6 +182,10 @@ def eqk_iteration(images, refs, params, fl, p, grid, executor, rng):
     executor : Executor
     rng : numpy.random.Generator
         For the random start of the reference centring.
+    assign : callable, optional
+        Assignment rule: ``(K, n)`` scores (larger is better) -> ``(n,)`` class of each image. The
+        default is SPHIRE's greedy equal-size rule (:func:`isavar.isac.kmeans.assign_groups`); diagnostics
+        (``bench/isac2_eqk_purity.py``) pass other rules, e.g. fixed classes.
 
     Returns
     -------
@@ -196,7 +200,7 @@ def eqk_iteration(images, refs, params, fl, p, grid, executor, rng):
     results = executor.map(_eqk_chunk, tasks)
     scores = np.concatenate([r[0] for r in results], axis=0)      # (n, K)
     cand = np.concatenate([r[1] for r in results], axis=0)        # (n, K, 4)
-    assignment = assign_groups(scores.T)
+    assignment = np.asarray(assign(scores.T), dtype=np.int64)
     chosen = cand[np.arange(n), assignment]
     # class sums with the chosen parameters (before re-centring)
     tasks = [(images[s:e], chosen[s:e], assignment[s:e], n_classes) for s, e in chunk_ranges(n, EQK_CHUNK)]
