@@ -106,8 +106,8 @@ def test_generation_recovers_planted_classes(planted):
 
 
 def test_eqk_iteration_uses_the_given_assignment_rule(planted):
-    # classes fixed to the planted truth (noise in class 0): the references become the prototypes, and one
-    # iteration with SPHIRE's equal-size rule against them keeps the planted classes
+    # classes held at the planted truth (noise in class 0) make the references averages of the planted
+    # classes; one iteration with SPHIRE's equal-size rule against them keeps the planted classes
     imgs, truth, _ = planted
     p = small_params()
     sub, grid = _working_subset(imgs, p), make_grid(p)
@@ -118,7 +118,7 @@ def test_eqk_iteration_uses_the_given_assignment_rule(planted):
                                           np.random.default_rng(it), assign=lambda scores: fixed)
         assert np.array_equal(got, fixed)
     _, _, got = eqk_iteration(sub, refs, params, p.FH, p, grid, SerialExecutor(), np.random.default_rng(9))
-    assert sorted(np.bincount(got).tolist()) == [57, 57, 57, 59]   # equal sizes, the last class closed takes the rest
+    assert sorted(np.bincount(got).tolist()) == [57, 57, 57, 59]    # equal sizes; the last class closed: the rest
     real = truth >= 0
     assert np.mean(got[real] == truth[real]) >= 0.9
 
