@@ -32,6 +32,31 @@ from isavar.report.validation import oracle_view_classes as oracle_kmeans  # noq
 from isavar.report.validation import view_purity as purity15  # noqa: E402
 
 
+def particle_table(path):
+    """The particle loop of a STAR file as a DataFrame (RELION 3.1 files hold optics and particles)."""
+    import starfile
+
+    table = starfile.read(path)
+    return table["particles"] if isinstance(table, dict) else table
+
+
+def true_views(table):
+    """True viewing directions ``(n, 3)`` and pure-noise flags ``(n,)`` of simulated particles."""
+    from isavar.conventions import viewing_direction
+
+    dirs = viewing_direction(table["rlnIsavar_true_angle_rot_deg"], table["rlnIsavar_true_angle_tilt_deg"])
+    return dirs, table["rlnIsavar_true_is_noise"].to_numpy() == 1
+
+
+def view_scores(table, n_classes):
+    """purity15 of the classes in ``table`` (noise images count as impure) and the oracle's purity15 for
+    its real particles with ``n_classes`` classes."""
+    dirs, noise = true_views(table)
+    labels = table["rlnClassNumber"].to_numpy()
+    pur = purity15(dirs[~noise], labels[~noise]) * int((~noise).sum()) / max(len(table), 1)
+    return pur, purity15(dirs[~noise], oracle_kmeans(dirs[~noise], n_classes))
+
+
 def simulate(n, folder, seed=0):
     from isavar.io import write_particles
     from isavar.synthetic import phantom_volume, simulate_particles
@@ -102,19 +127,11 @@ def relion_record(star, out, args, n_classes, isac_wall):
 def relion_quality(outdir, n_classes):
     """purity15 of RELION's last iteration over all particles (RELION keeps every particle; noise counts as
     impure), with the oracle for the same real particles and number of classes."""
-    import starfile
-
-    from isavar.conventions import viewing_direction
-
     data = sorted(Path(outdir).glob("run_it[0-9][0-9][0-9]_data.star"))
     if not data:
         return {}
-    table = starfile.read(data[-1])
-    table = table["particles"] if isinstance(table, dict) else table
-    real = table[table["rlnIsavar_true_is_noise"] == 0]
-    dirs = viewing_direction(real["rlnIsavar_true_angle_rot_deg"], real["rlnIsavar_true_angle_tilt_deg"])
-    pur = purity15(dirs, real["rlnClassNumber"].to_numpy()) * len(real) / max(len(table), 1)
-    pur_oracle = purity15(dirs, oracle_kmeans(dirs, n_classes))
+    table = particle_table(data[-1])
+    pur, pur_oracle = view_scores(table, n_classes)
     return {"relion_scored_file": data[-1].name, "relion_purity15": pur, "relion_purity15_oracle": pur_oracle,
             "relion_purity_ratio": pur / pur_oracle,
             "relion_nonempty_classes": int(table["rlnClassNumber"].nunique())}
@@ -134,10 +151,7 @@ def main(argv=None):
     ap.add_argument("--skip_prealignment", action="store_true", help="ISAC2's --skip_prealignment")
     args = ap.parse_args(argv)
 
-    import starfile
-
     from isavar._logging import configure_logging
-    from isavar.conventions import viewing_direction
     from isavar.isac.params import Isac2Params
     from isavar.parallel import make_executor
     from isavar.workflows.isac2 import run_isac2
@@ -166,16 +180,10 @@ def main(argv=None):
     peak_mb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                   resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024.0
     summary = json.loads((run_dir / "summary.json").read_text())
-    acc = starfile.read(run_dir / "particles.star")
-    acc = acc["particles"] if isinstance(acc, dict) else acc
-    una = starfile.read(run_dir / "unaccounted_particles.star")
-    una = una["particles"] if isinstance(una, dict) else una
-    real = acc[acc["rlnIsavar_true_is_noise"] == 0]
-    dirs = viewing_direction(real["rlnIsavar_true_angle_rot_deg"], real["rlnIsavar_true_angle_tilt_deg"])
-    labels = real["rlnClassNumber"].to_numpy()
+    acc = particle_table(run_dir / "particles.star")
+    una = particle_table(run_dir / "unaccounted_particles.star")
     c = result.n_classes
-    pur = purity15(dirs, labels) * len(real) / max(len(acc), 1)      # noise images count as impure
-    pur_oracle = purity15(dirs, oracle_kmeans(dirs, max(c, 1))) if c else float("nan")
+    pur, pur_oracle = view_scores(acc, c) if c else (0.0, float("nan"))
     noise_total = int((acc["rlnIsavar_true_is_noise"] == 1).sum() + (una["rlnIsavar_true_is_noise"] == 1).sum())
     noise_unacc = int((una["rlnIsavar_true_is_noise"] == 1).sum()) / max(noise_total, 1)
     record = {"n": args.n, "workers": args.workers, "wall_s": wall, "peak_rss_MB": peak_mb,

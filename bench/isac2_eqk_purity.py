@@ -27,9 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-import starfile
 
-from isavar.conventions import viewing_direction
 from isavar.isac import generation as gen
 from isavar.isac.kmeans import assign_groups
 from isavar.isac.params import sphire_142
@@ -38,13 +36,7 @@ from isavar.parallel.partition import task_rngs
 from isavar.parallel.pool import PoolExecutor
 from isavar.report.validation import oracle_view_classes, view_purity
 
-
-def truth(star):
-    """True viewing directions ``(n, 3)`` and pure-noise flags ``(n,)`` of a simulated STAR file."""
-    table = starfile.read(star)
-    table = table["particles"] if isinstance(table, dict) else table
-    dirs = viewing_direction(table["rlnIsavar_true_angle_rot_deg"], table["rlnIsavar_true_angle_tilt_deg"])
-    return dirs, table["rlnIsavar_true_is_noise"].to_numpy() == 1
+from isac2_bench import particle_table, true_views  # same folder
 
 
 class FixedThenGreedy:
@@ -79,7 +71,7 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args(argv)
 
-    dirs, noise = truth(args.star)
+    dirs, noise = true_views(particle_table(args.star))
     real = ~noise
     p = sphire_142(args.radius, CTF=True, rand_seed=args.seed)
     grid = make_grid(p)
@@ -97,7 +89,7 @@ def main(argv=None):
 
     def iterate(fl, rule):
         nonlocal refs, params, it_global
-        rng = task_rngs(p.rand_seed, 1, key=gen.stream_key(1, 1, 0, it_global, 2))[0]
+        rng = task_rngs(p.rand_seed, 1, key=gen.stream_key(1, 1, 0, it_global, gen._CENTRE))[0]
         refs, params, assignment = gen.eqk_iteration(images, refs, params, fl, p, grid, executor, rng, assign=rule)
         it_global += 1
         return assignment
