@@ -106,7 +106,7 @@ def relion_record(star, out, args, n_classes, isac_wall):
 
     With fewer iterations, the 25-iteration time is extrapolated: the measured initialisation and iterations
     plus the last measured iteration for each one not run. (The first iterations are the slowest: at 2,000
-    particles the first took 272 s, the second 123 s and the following ones about 20 s each.)
+    particles the first took 272 s, the second 105-123 s and the following ones about 20 s each.)
     """
     started = time.time()
     rwall, code, cmd = run_relion(star, out / f"relion_{args.n}", n_classes, args.workers, args.relion_iter)
