@@ -11,6 +11,9 @@ fixed for ``--fixed`` iterations so that the alignment converges within each cla
 assignment against those near-ideal references is reported (greedy equal-size and unconstrained argmax),
 then the ordinary EQK iterations continue from them.
 
+Options that differ from SPHIRE's defaults in the run being examined are given with ``--set OPTION=VALUE``
+(e.g. the test-suite size runs of bench/isac2.md, "Uniform views at test-suite size").
+
 Usage (after ``isac2_bench.py --n 10000``)::
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python bench/isac2_eqk_purity.py \\
@@ -59,6 +62,22 @@ class FixedThenGreedy:
         return out
 
 
+def option_values(pairs):
+    """``["name=value", ...]`` -> ``{name: int, float or str}``."""
+    out = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects OPTION=VALUE, got {pair!r}")
+        for kind in (int, float, str):
+            try:
+                out[name] = kind(text)
+                break
+            except ValueError:
+                continue
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", required=True, help="isavar isac2 output directory (holds stack_ali2d.npy)")
@@ -69,11 +88,14 @@ def main(argv=None):
     ap.add_argument("--radius", type=int, default=50)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
+                    help="an ISAC2 option differing from SPHIRE's default, as in the run (repeatable), "
+                         "e.g. --set target_radius=18 --set img_per_grp=30")
     args = ap.parse_args(argv)
 
     dirs, noise = true_views(particle_table(args.star))
     real = ~noise
-    p = sphire_142(args.radius, CTF=True, rand_seed=args.seed)
+    p = sphire_142(args.radius, CTF=True, rand_seed=args.seed, **option_values(args.set))
     grid = make_grid(p)
     working = np.load(Path(args.run) / "stack_ali2d.npy", mmap_mode="r")
     images = subset_images(working, np.arange(len(working)), p)
