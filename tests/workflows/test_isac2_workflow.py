@@ -3,6 +3,7 @@
 import argparse
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -104,6 +105,49 @@ def test_classes_are_pure_and_noise_is_left_out(finished_run):
     assert {"rlnDefocusU", "rlnIsavar_true_view", "rlnImageName"} <= set(acc.columns)
 
 
+def test_input_columns_are_kept(dataset, finished_run):
+    """Accounted: replaced input columns survive as ``input_*``; unaccounted: the input rows unchanged."""
+    out, _ = finished_run
+    inp = _star(dataset)
+    acc = _star(out / "particles.star")
+    una = _star(out / "unaccounted_particles.star")
+    assert set(una.columns) == set(inp.columns)
+    by_name = inp.set_index("rlnImageName")
+    una_names = [n.split("@")[0] + "@" + Path(n.split("@")[1]).name for n in una["rlnImageName"]]
+    inp_names = [n.split("@")[0] + "@" + Path(n.split("@")[1]).name for n in by_name.index]
+    rows = pd.Series(range(len(inp_names)), index=inp_names)[una_names].to_numpy()
+    for col in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnDefocusU"):
+        assert np.allclose(una[col].to_numpy(), inp[col].to_numpy()[rows]), col
+    assert "rlnAngleRot" not in acc.columns
+    assert {"rlnIsavar_input_angle_rot_deg", "rlnIsavar_input_angle_psi_deg",
+            "rlnIsavar_input_origin_x_A"} <= set(acc.columns)
+
+
+def test_no_stable_class_still_writes_the_particle_files(dataset, tmp_path):
+    out = tmp_path / "none"
+    result = run_isac2(dataset, out, _params(thld_err=1e-6, init_iter=1, maxit=4, stab_ali=2))
+    assert result.n_classes == 0
+    assert len(_star(out / "particles.star")) == 0
+    assert len(_star(out / "unaccounted_particles.star")) == 250
+    assert (out / "finished").exists()
+
+
+def test_accounted_columns_keep_a_previous_classification():
+    from isavar.workflows.isac2 import _accounted_columns
+
+    original = pd.DataFrame({"class_number": [4, 7], "align_alpha_deg": [10.0, 20.0], "angle_psi_deg": [5.0, 6.0],
+                             "defocus_u_A": [1e4, 2e4]})
+    full = np.array([[30.0, 1.0, -1.0, 0], [0.0, 0.0, 0.0, -1]])
+    table = _accounted_columns(original, full, np.array([2, 0]), 1.5)
+    assert table["class_number"].tolist() == [2, 0]
+    assert table["input_class_number"].tolist() == [4, 7]
+    assert table["input_align_alpha_deg"].tolist() == [10.0, 20.0]
+    assert table["input_angle_psi_deg"].tolist() == [5.0, 6.0]
+    assert table["align_alpha_deg"].tolist() == [30.0, 0.0]
+    assert table["defocus_u_A"].tolist() == [1e4, 2e4]
+    assert original["class_number"].tolist() == [4, 7]                    # the input table is not modified
+
+
 def test_particles_star_alignment_matches_truth(finished_run):
     """Within a class, RELION psi differs from the true psi by a constant and R(-psi)(o - o_true) is constant."""
     out, _ = finished_run
@@ -172,6 +216,11 @@ def test_input_errors_touch_nothing(dataset, tmp_path):
     with pytest.raises(InputError, match="not an isavar ISAC2"):
         run_isac2(dataset, other, _params())
     assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    with pytest.raises(InputError, match="not a directory"):
+        run_isac2(dataset, a_file, _params())
+    assert a_file.read_text() == "mine"
 
 
 def test_different_parameters_on_existing_run_is_refused(dataset, finished_run, tmp_path):

@@ -206,7 +206,7 @@ def prealign(images, p, executor, *, progress=None, chunk=512, subset_size=PREAL
     centring, one alignment pass) on a seeded random subset of at most ``subset_size`` images,
     with the full translational range in the first passes of a step and +-1 step around the current
     centre afterwards; then every image is aligned to the final reference with one full-range pass
-    per step (coarse to fine). See docs/deviations_isac2.md.
+    per step (coarse to fine). See docs/deviations.md.
 
     Parameters
     ----------

@@ -222,6 +222,8 @@ def run_isac2(stack_path, outdir, params: Isac2Params, *, executor=None, progres
     stack = read_particles(stack_path)
     validate_inputs(stack, p)
     outdir = Path(outdir)
+    if outdir.exists() and not outdir.is_dir():
+        raise InputError("exists and is not a directory; choose a new or empty directory", path=outdir)
     if outdir.exists() and any(outdir.iterdir()) and not (outdir / MARKER).exists():
         raise InputError(f"exists but is not an isavar ISAC2 output directory (no {MARKER}); "
                          "choose a new or empty directory", path=outdir)
@@ -597,7 +599,7 @@ def original_image_params(params, shifts, shrink) -> np.ndarray:
 
 
 def _write_relion_outputs(run, stack, state, result, ordered, order, class_rank, full, fullres, work_apix):
-    from isavar.conventions import align2d_to_relion, format_image_name
+    from isavar.conventions import format_image_name
     from isavar.io import write_image_stack
 
     outdir = run.outdir
@@ -619,32 +621,64 @@ def _write_relion_outputs(run, stack, state, result, ordered, order, class_rank,
         "isavarPixelError": [float(state.pixel_errors[k]) for k in order],
     })
     _write_star_atomic(outdir / "class_averages.star", {"model_classes": cls_df})
-    table = stack.table.reset_index(drop=True).copy()
+    original = stack.table.reset_index(drop=True).copy()
+    if "pixel_size_A" not in original.columns or original["pixel_size_A"].isna().any():
+        original["pixel_size_A"] = apix
     cls_of = result.class_of(state.n_total)
-    psi, tilt, ox, oy = align2d_to_relion(full[:, 0], full[:, 1], full[:, 2], np.clip(full[:, 3], 0, 1))
     acc = cls_of >= 0
-    table["class_number"] = np.where(acc, class_rank[np.maximum(cls_of, 0)] + 1, 0) if c else 0
+    table = _accounted_columns(original, full, np.where(acc, class_rank[np.maximum(cls_of, 0)] + 1, 0)
+                               if c else np.zeros(len(original), np.int64), apix)
+    # accounted: the ISAC2 class and 2D alignment; unaccounted: the input rows unchanged
+    _write_particle_star(outdir / "particles.star", table[acc], stack, np.flatnonzero(acc))
+    _write_particle_star(outdir / "unaccounted_particles.star", original[~acc], stack, np.flatnonzero(~acc))
+
+
+#: Columns that the accounted particles' table replaces; input values are kept as ``input_<name>``.
+_REPLACED_COLUMNS = ("class_number", "align_alpha_deg", "align_sx_px", "align_sy_px", "align_mirror",
+                     "angle_rot_deg", "angle_tilt_deg", "angle_psi_deg", "origin_x_A", "origin_y_A")
+
+
+def _accounted_columns(original, full, class_number, apix):
+    """The input table with ISAC2's class and 2D alignment (RELION convention) for every row.
+
+    Parameters
+    ----------
+    original : pandas.DataFrame
+        Input particle table (canonical column names), one row per input image.
+    full : ndarray, (n, 4)
+        2D alignment ``[alpha, sx, sy, mirror]`` of each image at the original pixel size (mirror -1 when
+        unaccounted).
+    class_number : ndarray of int, (n,)
+        1-based class in the order of the ordered averages (0 when unaccounted).
+    apix : float
+        Original pixel size (Å).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Input columns that this table replaces are kept as ``input_<name>`` (the 3D pose, a previous class
+        or 2D alignment); ``angle_rot_deg`` is dropped, since a 2D alignment has no rotation about the
+        viewing axis other than psi.
+    """
+    from isavar.conventions import align2d_to_relion
+
+    table = original.copy()
+    for col in _REPLACED_COLUMNS:
+        if col in table.columns:
+            table[f"input_{col}"] = table[col]
+    table = table.drop(columns=[col for col in ("angle_rot_deg",) if col in table.columns])
+    mirror = np.clip(full[:, 3], 0, 1)
+    psi, tilt, ox, oy = align2d_to_relion(full[:, 0], full[:, 1], full[:, 2], mirror)
+    table["class_number"] = class_number
     table["align_alpha_deg"] = full[:, 0]
     table["align_sx_px"] = full[:, 1]
     table["align_sy_px"] = full[:, 2]
-    table["align_mirror"] = np.clip(full[:, 3], 0, 1).astype(np.int64)
-    for col in ("angle_rot_deg", "angle_tilt_deg", "angle_psi_deg", "origin_x_A", "origin_y_A"):
-        if col in table.columns:                       # keep the input's 3D pose, renamed
-            table[f"input_{col}"] = table[col]
-    table = table.drop(columns=[c for c in ("angle_rot_deg",) if c in table.columns])
+    table["align_mirror"] = mirror.astype(np.int64)
     table["angle_psi_deg"] = psi
     table["angle_tilt_deg"] = tilt
     table["origin_x_A"] = ox * apix
     table["origin_y_A"] = oy * apix
-    if "pixel_size_A" not in table.columns or table["pixel_size_A"].isna().any():
-        table["pixel_size_A"] = apix
-    for name, sel in (("particles.star", acc), ("unaccounted_particles.star", ~acc)):
-        sub = table[sel]
-        if name == "unaccounted_particles.star":
-            sub = sub.drop(columns=["class_number", "align_alpha_deg", "align_sx_px", "align_sy_px",
-                                    "align_mirror", "angle_psi_deg", "angle_tilt_deg", "origin_x_A",
-                                    "origin_y_A"])
-        _write_particle_star(outdir / name, sub, stack, np.flatnonzero(sel))
+    return table
 
 
 def _write_particle_star(path, sub, stack, rows):
@@ -664,14 +698,16 @@ def _write_particle_star(path, sub, stack, rows):
             names.append(format_image_name(int(ii), rel))
         blocks["particles"]["rlnImageName"] = names
         _write_star_atomic(path, blocks)
+    elif not len(sub):                             # no particles: the header only, so the file always exists
+        _write_star_atomic(path, build_star_blocks(sub, "x", stack.images.box))
+        path.with_suffix(".mrcs").unlink(missing_ok=True)
     else:
         sidecar = path.with_suffix(".mrcs")
         path.unlink(missing_ok=True)
         sidecar.unlink(missing_ok=True)
-        if len(sub):
-            rows = np.asarray(rows)
-            chunks = (stack.images[rows[s:s + CHUNK]] for s in range(0, len(rows), CHUNK))
-            write_particles(path, chunks, sub, pixel_size_A=stack.pixel_size_A)
+        rows = np.asarray(rows)
+        chunks = (stack.images[rows[s:s + CHUNK]] for s in range(0, len(rows), CHUNK))
+        write_particles(path, chunks, sub, pixel_size_A=stack.pixel_size_A)
 
 
 def _write_star_atomic(path, blocks):
