@@ -44,7 +44,7 @@ def test_fit_tanh_to_frc():
     assert fit_tanh_to_frc(np.ones(33)) == (0.4, 0.2)
 
 
-@pytest.mark.parametrize("method", [1, 2, 4, 5, 6, 7])
+@pytest.mark.parametrize("method", [1, 2, 3, 4, 5, 6, 7])
 def test_centring_methods_find_offset(method):
     n = 48
     y, x = np.mgrid[:n, :n] - n // 2
