@@ -244,8 +244,20 @@ def test_modes_run_end_to_end(planted, options):
         assert not res.prealign_shifts.any()
 
 
-def test_iter_reali_last_round_is_checked(planted):
+def test_iter_reali_last_round_is_checked(planted, monkeypatch):
+    """Q10: with iter_reali = 3 and 3 rounds, round 1 checks stability, round 2 not, round 3 because it is last."""
+    from isavar.isac import generation
+
+    flags = []
+
+    def spy(task):
+        flags.append(task[-1])                                  # the task's check-stability flag
+        return class_stability_task(task)
+
+    monkeypatch.setattr(generation, "class_stability_task", spy)
     imgs, _, _ = planted
-    p = small_params(maxit=6, init_iter=2, iter_reali=5)       # round 0 checked, round 1 only because last
+    p = small_params(maxit=6, init_iter=3, iter_reali=3)
     res = isac2(imgs[:150], p)
-    assert res.history and res.history[0]["rounds"] == 2
+    assert res.history and res.history[0]["rounds"] == 3
+    n_classes = 150 // p.img_per_grp
+    assert flags[:3 * n_classes] == [True] * n_classes + [False] * n_classes + [True] * n_classes
