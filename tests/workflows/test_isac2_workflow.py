@@ -194,6 +194,39 @@ def test_rerun_of_finished_run_and_restart(dataset, finished_run, tmp_path):
         run_isac2(dataset, out, _params(restart=9))
 
 
+def _two_main_params(**kw):
+    return _params(img_per_grp=25, minimum_grp_size=15, maxit=6, init_iter=2, stab_ali=3, thld_err=0.5, **kw)
+
+
+def test_restart_rolls_back_to_a_main_iteration_without_duplicating_classes(dataset, tmp_path):
+    """Spec 7.4 / Q15: --restart=1 redoes main 2 (after a kill inside it, or on a finished run) exactly."""
+    ref_out = tmp_path / "ref"
+    ref = run_isac2(dataset, ref_out, _two_main_params())
+    assert {h["main"] for h in ref.history} >= {1, 2}
+    n_main1 = sum(1 for m, _ in ref.origin if m == 1)
+    steps_main1 = 1 + sum(h["rounds"] for h in ref.history if h["main"] == 1)
+    # killed during main 2, then restarted from the end of main 1
+    out = tmp_path / "killed"
+    with pytest.raises(StopForTest):
+        run_isac2(dataset, out, _two_main_params(), _stop_after=steps_main1 + 2)
+    assert (out / "main002").exists() and not (out / "finished").exists()
+    res = run_isac2(dataset, out, _two_main_params(restart=1))
+    # a finished run restarted from main 1: the later main is rolled back at once, then redone
+    again = tmp_path / "again"
+    shutil.copytree(ref_out, again)
+    with pytest.raises(StopForTest):
+        run_isac2(dataset, again, _two_main_params(restart=1), _stop_after=1)
+    assert not (again / "finished").exists() and not (again / "checkpoints" / "main_002_end.npz").exists()
+    assert len(read_particles(again / "class_averages.hdf").table) == n_main1
+    res2 = run_isac2(dataset, again, _two_main_params())
+    for r, d in ((res, out), (res2, again)):
+        assert r.n_classes == ref.n_classes and sum(1 for m, _ in r.origin if m == 1) == n_main1
+        assert np.array_equal(r.params, ref.params) and np.array_equal(r.averages, ref.averages)
+        assert len(read_particles(d / "class_averages.hdf").table) == ref.n_classes
+        for name in ("all_parameters.txt", "processed_images.txt"):
+            assert (d / name).read_text() == (ref_out / name).read_text(), name
+
+
 def test_input_errors_touch_nothing(dataset, tmp_path):
     stack = read_particles(dataset)
     bare = tmp_path / "bare.mrcs"
