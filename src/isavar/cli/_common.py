@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from isavar._logging import configure_logging
 from isavar._progress import NullProgress, TqdmProgress
@@ -14,12 +15,35 @@ def add_verbosity_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors, no progress bars")
 
 
+#: Most processes the pool executor starts unless ``--workers`` says otherwise (memory grows with them).
+MAX_DEFAULT_WORKERS = 8
+
+
+def default_workers() -> int:
+    """The CPU cores this process may use (its affinity mask), at most :data:`MAX_DEFAULT_WORKERS`."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:                                   # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_DEFAULT_WORKERS))
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_executor_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--executor`` and ``--workers`` (how the work is spread; never changes results)."""
     parser.add_argument("--executor", choices=["auto", "serial", "pool", "mpi"], default="auto",
                         help="serial, a local process pool, or MPI (auto: MPI under mpirun, else pool "
                              "when --workers > 1); results do not depend on this")
-    parser.add_argument("--workers", type=int, default=1, help="processes for the pool executor (default 1)")
+    n = default_workers()
+    parser.add_argument("--workers", type=_positive_int, default=n,
+                        help=f"processes for the pool executor (default: the CPU cores available, at most "
+                             f"{MAX_DEFAULT_WORKERS}; here {n})")
 
 
 def setup_logging(args: argparse.Namespace, *, log_file=None, is_root: bool = True) -> None:
