@@ -180,6 +180,7 @@ def main(argv=None):
     peak_mb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                   resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024.0
     summary = json.loads((run_dir / "summary.json").read_text())
+    provenance = json.loads((run_dir / "provenance.json").read_text())
     acc = particle_table(run_dir / "particles.star")
     una = particle_table(run_dir / "unaccounted_particles.star")
     c = result.n_classes
@@ -190,7 +191,7 @@ def main(argv=None):
               "classes": c, "accounted": len(acc), "accounted_fraction": len(acc) / args.n,
               "purity15": pur, "purity15_oracle": pur_oracle,
               "purity_ratio": pur / pur_oracle if c else float("nan"), "noise_unaccounted": noise_unacc,
-              "timings_s": summary.get("timings_s"), "generations": len(summary.get("generations", []))}
+              "timings_s": provenance.get("timings_s", summary.get("timings_s")), "generations": len(summary.get("generations", []))}
     if args.relion and shutil.which("relion_refine"):
         record.update(relion_record(star, out, args, max(c, 1), wall))
     (out / f"bench_{args.n}.json").write_text(json.dumps(record, indent=2))

@@ -182,6 +182,17 @@ def test_resume_after_interruptions_equals_uninterrupted(dataset, finished_run, 
     pd.testing.assert_frame_equal(a.drop(columns="rlnImageName"), b.drop(columns="rlnImageName"))
 
 
+def test_same_seed_gives_byte_identical_outputs(dataset, finished_run, tmp_path):
+    """Every file of a second run equals the first's, except provenance.json (time, host, run times)."""
+    ref_out, _ = finished_run
+    out = tmp_path / "second"
+    run_isac2(dataset, out, _params())
+    names = sorted(str(p.relative_to(ref_out)) for p in ref_out.rglob("*") if p.is_file())
+    assert names == sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    differ = [n for n in names if (ref_out / n).read_bytes() != (out / n).read_bytes()]
+    assert differ == ["provenance.json"]
+
+
 def test_rerun_of_finished_run_and_restart(dataset, finished_run, tmp_path):
     ref_out, ref = finished_run
     out = tmp_path / "copy"

@@ -320,6 +320,18 @@ def write_mrc_stack(path, chunks, pixel_size_A: float | None, *, overwrite: bool
     return n
 
 
+def _label_without_time(header) -> None:
+    """One header label naming isavar, instead of mrcfile's, which carries the time of writing.
+
+    The same data then always give the same file.
+    """
+    from isavar import __version__
+
+    header.label[:] = b""
+    header.label[0] = f"Created by isavar {__version__}".encode("ascii")[:80]
+    header.nlabl = 1
+
+
 def _write_stack_header(tmp: Path, n: int, box: int, pixel_size_A, dmin, dmax, total, total_sq) -> None:
     """Write a complete MRC2014 image-stack header at the start of ``tmp``."""
     header_path = tmp.with_name(tmp.name + ".hdr")
@@ -328,6 +340,7 @@ def _write_stack_header(tmp: Path, n: int, box: int, pixel_size_A, dmin, dmax, t
             mrc.set_data(np.zeros((1, box, box), dtype=np.float32))
             mrc.set_image_stack()
             mrc.voxel_size = float(pixel_size_A) if pixel_size_A else 0.0
+            _label_without_time(mrc.header)
             header = mrc.header.copy()
     finally:
         if header_path.exists():
@@ -373,6 +386,7 @@ def write_mrc_volume(path, volume: np.ndarray, voxel_size_A: float | None, *, ov
             mrc.set_volume()
             mrc.voxel_size = float(voxel_size_A) if voxel_size_A else 0.0
             mrc.update_header_stats()
+            _label_without_time(mrc.header)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -350,12 +350,37 @@ def write_star(path, chunks, table: pd.DataFrame, *, pixel_size_A: float | None 
     """
     path = Path(path)
     stack, table, box = write_sidecar_stack(path, chunks, table, pixel_size_A, overwrite=overwrite)
-    blocks = build_star_blocks(table, stack.name, box)
+    write_star_blocks(path, build_star_blocks(table, stack.name, box))
+
+
+def write_star_blocks(path, blocks: dict, *, float_format: str = "%.10g") -> None:
+    """Write STAR data blocks atomically, with a header line that does not depend on the time of writing.
+
+    starfile stamps the time into its first comment line; it is replaced by the isavar version, so that
+    the same data always give the same file.
+
+    Parameters
+    ----------
+    path : path
+        Output ``.star`` (replaced if it exists).
+    blocks : dict
+        Block name -> DataFrame.
+    float_format : str
+        printf-style format of floating-point values.
+    """
+    from isavar import __version__
+
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            starfile.write(blocks, tmp, float_format="%.10g")
+            starfile.write(blocks, tmp, float_format=float_format)
+        text = tmp.read_text()
+        first, sep, rest = text.partition("\n")
+        if first.startswith("# Created by the starfile"):
+            text = f"# Created by isavar {__version__}" + sep + rest
+        tmp.write_text(text)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -566,11 +566,11 @@ def _finish(run: _Run, stack, state, shifts, shrink):
                        "main": int(state.origin[k][0]), "generation": int(state.origin[k][1])}
                       for i, k in enumerate(order)],
         "generations": state.history,
-        "timings_s": run.timings,
     }
     write_json(outdir / "summary.json", summary)
+    # run times go with the other facts of this particular run, so that summary.json depends on the data only
     write_provenance(outdir, command="isac2", parameters=p.to_dict(), seed=p.rand_seed, executor=run.executor,
-                     extra={"input": _fingerprint(run.stack_path, stack)})
+                     extra={"input": _fingerprint(run.stack_path, stack), "timings_s": run.timings})
     _touch(outdir / "finished")
     run.save_manifest(stage="finished")
     return result
@@ -711,13 +711,6 @@ def _write_particle_star(path, sub, stack, rows):
 
 
 def _write_star_atomic(path, blocks):
-    import warnings
+    from isavar.io.star import write_star_blocks
 
-    import starfile
-
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        starfile.write(blocks, tmp, float_format="%.6f")
-    os.replace(tmp, path)
+    write_star_blocks(path, blocks, float_format="%.6f")

@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -119,10 +118,8 @@ def write_symmetrized_table(path: Path, table: pd.DataFrame, rotations: np.ndarr
     int
         Rows written.
     """
-    import starfile
-
     from isavar.core.geometry import symmetry_expand
-    from isavar.io.star import build_star_blocks
+    from isavar.io.star import build_star_blocks, write_star_blocks
 
     n = len(table)
     expanded = symmetry_expand(rotations, symmetry)
@@ -142,9 +139,7 @@ def write_symmetrized_table(path: Path, table: pd.DataFrame, rotations: np.ndarr
     blocks = build_star_blocks(out, "input.mrcs", box)
     if names is not None:
         blocks["particles"]["rlnImageName"] = names
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        starfile.write(blocks, path, float_format="%.10g")
+    write_star_blocks(path, blocks)
     return len(out)
 
 
