@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -371,20 +372,23 @@ def write_star_blocks(path, blocks: dict, *, float_format: str = "%.10g") -> Non
     from isavar import __version__
 
     path = Path(path)
+    raw = path.with_name(f".{path.name}.{os.getpid()}.raw")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            starfile.write(blocks, tmp, float_format=float_format)
-        text = tmp.read_text()
-        first, sep, rest = text.partition("\n")
-        if first.startswith("# Created by the starfile"):
-            text = f"# Created by isavar {__version__}" + sep + rest
-        tmp.write_text(text)
+            starfile.write(blocks, raw, float_format=float_format)
+        with open(raw, "rb") as src, open(tmp, "wb") as dst:       # streamed: tables can be large
+            first = src.readline()
+            if first.startswith(b"# Created by the starfile"):
+                first = f"# Created by isavar {__version__}\n".encode()
+            dst.write(first)
+            shutil.copyfileobj(src, dst, 1 << 20)
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        for p in (raw, tmp):
+            if p.exists():
+                p.unlink()
 
 
 def _with_pixel_size(table: pd.DataFrame, pixel_size_A, path) -> pd.DataFrame:
