@@ -146,6 +146,10 @@ def test_accounted_columns_keep_a_previous_classification():
     assert table["align_alpha_deg"].tolist() == [30.0, 0.0]
     assert table["defocus_u_A"].tolist() == [1e4, 2e4]
     assert original["class_number"].tolist() == [4, 7]                    # the input table is not modified
+    # a table written by an earlier run (its 2D alignment in angle_psi_deg) keeps its first input's 3D pose
+    again = _accounted_columns(table, full, np.array([1, 0]), 1.5)
+    assert again["input_angle_psi_deg"].tolist() == [5.0, 6.0]
+    assert again["input_class_number"].tolist() == [4, 7]
 
 
 def test_particles_star_alignment_matches_truth(finished_run):

@@ -657,14 +657,15 @@ def _accounted_columns(original, full, class_number, apix):
     -------
     pandas.DataFrame
         Input columns that this table replaces are kept as ``input_<name>`` (the 3D pose, a previous class
-        or 2D alignment); ``angle_rot_deg`` is dropped, since a 2D alignment has no rotation about the
-        viewing axis other than psi.
+        or 2D alignment) unless the input already has that ``input_<name>`` (a table written by an earlier
+        run keeps its first input's values); ``angle_rot_deg`` is dropped, since a 2D alignment has no
+        rotation about the viewing axis other than psi.
     """
     from isavar.conventions import align2d_to_relion
 
     table = original.copy()
     for col in _REPLACED_COLUMNS:
-        if col in table.columns:
+        if col in table.columns and f"input_{col}" not in table.columns:     # an earlier run's are kept
             table[f"input_{col}"] = table[col]
     table = table.drop(columns=[col for col in ("angle_rot_deg",) if col in table.columns])
     mirror = np.clip(full[:, 3], 0, 1)
