@@ -191,7 +191,7 @@ def main(argv=None):
               "classes": c, "accounted": len(acc), "accounted_fraction": len(acc) / args.n,
               "purity15": pur, "purity15_oracle": pur_oracle,
               "purity_ratio": pur / pur_oracle if c else float("nan"), "noise_unaccounted": noise_unacc,
-              "timings_s": provenance.get("timings_s", summary.get("timings_s")), "generations": len(summary.get("generations", []))}
+              "timings_s": provenance.get("timings_s"), "generations": len(summary.get("generations", []))}
     if args.relion and shutil.which("relion_refine"):
         record.update(relion_record(star, out, args, max(c, 1), wall))
     (out / f"bench_{args.n}.json").write_text(json.dumps(record, indent=2))

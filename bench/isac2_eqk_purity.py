@@ -12,6 +12,7 @@ assignment against those near-ideal references is reported (greedy equal-size an
 then the ordinary EQK iterations continue from them.
 
 Options that differ from SPHIRE's defaults in the run being examined are given with ``--set OPTION=VALUE``
+(or ``--set FLAG``; parsed as ``isavar isac2`` parses them)
 (e.g. the test-suite size runs of bench/isac2.md, "Uniform views at test-suite size").
 
 Usage (after ``isac2_bench.py --n 10000``)::
@@ -33,7 +34,6 @@ import numpy as np
 
 from isavar.isac import generation as gen
 from isavar.isac.kmeans import assign_groups
-from isavar.isac.params import sphire_142
 from isavar.isac.run import make_grid, subset_images
 from isavar.parallel.partition import task_rngs
 from isavar.parallel.pool import PoolExecutor
@@ -62,20 +62,16 @@ class FixedThenGreedy:
         return out
 
 
-def option_values(pairs):
-    """``["name=value", ...]`` -> ``{name: int, float or str}``."""
-    out = {}
-    for pair in pairs:
-        name, sep, text = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects OPTION=VALUE, got {pair!r}")
-        for kind in (int, float, str):
-            try:
-                out[name] = kind(text)
-                break
-            except ValueError:
-                continue
-    return out
+def run_parameters(radius, seed, options):
+    """ISAC2 parameters of the run being examined: ``--radius``, ``--CTF``, the seed and ``options``
+    (``["name=value" or "name", ...]``), parsed by ``isavar isac2``'s own option parser."""
+    from isavar.cli.isac2 import add_arguments
+    from isavar.isac.params import from_sphire_options
+
+    parser = argparse.ArgumentParser(prog="isac2 options")
+    add_arguments(parser)
+    argv = ["stack", "outdir", f"--radius={radius}", "--CTF", f"--rand_seed={seed}"]
+    return from_sphire_options(parser.parse_args(argv + [f"--{o}" for o in options]))
 
 
 def main(argv=None):
@@ -88,14 +84,14 @@ def main(argv=None):
     ap.add_argument("--radius", type=int, default=50)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
-                    help="an ISAC2 option differing from SPHIRE's default, as in the run (repeatable), "
-                         "e.g. --set target_radius=18 --set img_per_grp=30")
+    ap.add_argument("--set", action="append", default=[], metavar="OPTION[=VALUE]",
+                    help="an isac2 option differing from SPHIRE's default, as in the run (repeatable), "
+                         "e.g. --set target_radius=18 --set img_per_grp=30 --set skip_prealignment")
     args = ap.parse_args(argv)
 
     dirs, noise = true_views(particle_table(args.star))
     real = ~noise
-    p = sphire_142(args.radius, CTF=True, rand_seed=args.seed, **option_values(args.set))
+    p = run_parameters(args.radius, args.seed, args.set)
     grid = make_grid(p)
     working = np.load(Path(args.run) / "stack_ali2d.npy", mmap_mode="r")
     images = subset_images(working, np.arange(len(working)), p)

@@ -691,24 +691,22 @@ def _write_particle_star(path, sub, stack, rows):
     path = Path(path)
     paths = sub["image_path"].astype(str).tolist() if "image_path" in sub.columns else []
     mrc_ok = paths and all(str(x).lower().endswith((".mrcs", ".mrc")) for x in paths)
-    if mrc_ok:
+    sidecar = path.with_suffix(".mrcs")
+    if mrc_ok or not len(sub):           # refer to the original images, or none: a header-only file
         blocks = build_star_blocks(sub, "x", stack.images.box)
-        names = []
-        for ip, ii in zip(paths, sub["image_index"].astype(int)):
-            rel = os.path.relpath(ip, path.parent)
-            names.append(format_image_name(int(ii), rel))
-        blocks["particles"]["rlnImageName"] = names
+        if mrc_ok:
+            blocks["particles"]["rlnImageName"] = [
+                format_image_name(int(ii), os.path.relpath(ip, path.parent))
+                for ip, ii in zip(paths, sub["image_index"].astype(int))]
+        else:
+            sidecar.unlink(missing_ok=True)
         _write_star_atomic(path, blocks)
-    elif not len(sub):                             # no particles: the header only, so the file always exists
-        _write_star_atomic(path, build_star_blocks(sub, "x", stack.images.box))
-        path.with_suffix(".mrcs").unlink(missing_ok=True)
-    else:
-        sidecar = path.with_suffix(".mrcs")
-        path.unlink(missing_ok=True)
-        sidecar.unlink(missing_ok=True)
-        rows = np.asarray(rows)
-        chunks = (stack.images[rows[s:s + CHUNK]] for s in range(0, len(rows), CHUNK))
-        write_particles(path, chunks, sub, pixel_size_A=stack.pixel_size_A)
+        return
+    path.unlink(missing_ok=True)
+    sidecar.unlink(missing_ok=True)
+    rows = np.asarray(rows)
+    chunks = (stack.images[rows[s:s + CHUNK]] for s in range(0, len(rows), CHUNK))
+    write_particles(path, chunks, sub, pixel_size_A=stack.pixel_size_A)
 
 
 def _write_star_atomic(path, blocks):
