@@ -112,10 +112,10 @@ def test_input_columns_are_kept(dataset, finished_run):
     acc = _star(out / "particles.star")
     una = _star(out / "unaccounted_particles.star")
     assert set(una.columns) == set(inp.columns)
-    by_name = inp.set_index("rlnImageName")
-    una_names = [n.split("@")[0] + "@" + Path(n.split("@")[1]).name for n in una["rlnImageName"]]
-    inp_names = [n.split("@")[0] + "@" + Path(n.split("@")[1]).name for n in by_name.index]
-    rows = pd.Series(range(len(inp_names)), index=inp_names)[una_names].to_numpy()
+    def short(names):                                  # "index@file name", whatever folder it is given from
+        return [n.split("@")[0] + "@" + Path(n.split("@")[1]).name for n in names]
+
+    rows = pd.Series(range(len(inp)), index=short(inp["rlnImageName"]))[short(una["rlnImageName"])].to_numpy()
     for col in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnDefocusU"):
         assert np.allclose(una[col].to_numpy(), inp[col].to_numpy()[rows]), col
     assert "rlnAngleRot" not in acc.columns

@@ -667,7 +667,7 @@ def _accounted_columns(original, full, class_number, apix):
     for col in _REPLACED_COLUMNS:
         if col in table.columns and f"input_{col}" not in table.columns:     # an earlier run's are kept
             table[f"input_{col}"] = table[col]
-    table = table.drop(columns=[col for col in ("angle_rot_deg",) if col in table.columns])
+    table = table.drop(columns="angle_rot_deg", errors="ignore")
     mirror = np.clip(full[:, 3], 0, 1)
     psi, tilt, ox, oy = align2d_to_relion(full[:, 0], full[:, 1], full[:, 2], mirror)
     table["class_number"] = class_number
