@@ -28,9 +28,13 @@ and shifting the image by ``+(ox, oy)`` re-centres it. The viewing direction in
 volume coordinates is the third row of ``A``.
 
 EMAN2 ``az, alt, phi`` relate to SPIDER as ``alt = theta``, ``az = phi + 90``,
-``phi_eman = psi - 90``. SPHIRE stores ``xform.projection`` as the 3x4 matrix
-``[A | t]`` with ``t = (origin_x_px, origin_y_px, 0)`` (as SPHIRE's own
-``sp_relion2sphire`` writes it); SPHIRE's projection shifts are ``s2x = -tx``.
+``phi_eman = psi - 90``. SPHIRE's projection shifts ``(s2x, s2y)`` are RELION's
+origin in pixels, same sign (``sp_relion2sphire`` passes ``rlnOriginX`` as
+``s2x``, and SPHIRE's reconstructors shift each image by ``+s2x`` before
+inserting it). SPHIRE stores ``xform.projection`` as the 3x4 matrix ``[A | t]``
+with ``t = (-s2x, -s2y, 0) = (-origin_x_px, -origin_y_px, 0)``:
+``sp_utilities.set_params_proj`` calls ``set_trans(-s2x, -s2y)`` and
+``get_params_proj`` returns ``-tx, -ty`` (see :func:`origin_to_sphire_trans`).
 
 2D alignment (ISAC / ``xform.align2d``)
 ---------------------------------------
@@ -50,8 +54,17 @@ CTF
 Canonical (RELION) parameters: defocus U/V in Å (positive = underfocus),
 astigmatism angle in degrees (from x to the U axis), voltage kV, Cs mm,
 amplitude contrast as a fraction, phase shift degrees, B-factor Å².
-EMAN2/SPHIRE: ``defocus = (U + V) / 2`` in µm, ``dfdiff = (V - U)`` in µm,
-``dfang = 45 - angle`` (mod 180), amplitude contrast in percent.
+EMAN2/SPHIRE HDF files (SPHIRE's convention, as ``sp_relion2sphire`` and
+``sp_cter`` write them): ``defocus = (U + V) / 2`` in µm, ``dfdiff = (V - U)``
+in µm, ``dfang = 45 - angle`` (mod 180), amplitude contrast in percent. In
+SPHIRE's model the defocus along the Fourier direction at angle ``a`` from x is
+``defocus - dfdiff / 2 * sin(2 (a + dfang))`` (``sp_morphology.rotavg_ctf``),
+which equals RELION's ``(U + V)/2 + (U - V)/2 cos(2 (a - angle))``. EMAN2's own
+programs (``e2ctf``) read the same two numbers differently: ``EMAN2Ctf::df(a) =
+defocus + dfdiff / 2 * cos(2 (a - dfang))`` (``dfang`` = major axis), i.e.
+``dfdiff = U - V`` and ``dfang = angle``. isavar reads and writes SPHIRE's
+convention (the one on every SPHIRE stack); an astigmatic CTF fitted by
+``e2ctf`` therefore comes in with its axes mislabelled (see docs/deviations.md).
 cryoSPARC: ``df1_A``, ``df2_A`` in Å, ``df_angle_rad``, ``phase_shift_rad`` in
 radians.
 """
@@ -339,6 +352,41 @@ def relion_to_align2d(psi, tilt, origin_x, origin_y):
     sy = -s * ox + c * oy
     mirror = (np.abs(_wrap180(tilt)) > 90.0).astype(np.int64)
     return alpha, sx, sy, mirror
+
+
+def origin_to_sphire_trans(origin_x_px, origin_y_px):
+    """RELION origin (pixels) to the translation SPHIRE stores in ``xform.projection``.
+
+    SPHIRE's projection shift ``s2x`` is RELION's origin (same sign) and
+    ``set_params_proj`` stores ``set_trans(-s2x, -s2y)``.
+
+    Parameters
+    ----------
+    origin_x_px, origin_y_px : array_like
+        RELION ``rlnOriginX/YAngst`` divided by the pixel size.
+
+    Returns
+    -------
+    tx, ty : numpy.ndarray
+        The ``Transform`` translation: ``(-origin_x_px, -origin_y_px)``.
+    """
+    return -np.asarray(origin_x_px, np.float64), -np.asarray(origin_y_px, np.float64)
+
+
+def sphire_trans_to_origin(tx, ty):
+    """Inverse of :func:`origin_to_sphire_trans` (SPHIRE's ``get_params_proj``: ``s2x = -tx``).
+
+    Parameters
+    ----------
+    tx, ty : array_like
+        Translation of an ``xform.projection`` ``Transform`` in pixels.
+
+    Returns
+    -------
+    origin_x_px, origin_y_px : numpy.ndarray
+        RELION origin in pixels.
+    """
+    return -np.asarray(tx, np.float64), -np.asarray(ty, np.float64)
 
 
 # --------------------------------------------------------------------------------------

@@ -72,6 +72,16 @@ def test_bool_int_float_string_array_encodings(tmp_path):
         assert [float(a["EMAN.xf"][0][n]) for n in ("00", "13", "23")] == [0.0, 7.0, 11.0]
 
 
+def _set_params_proj(phi, theta, psi, s2x, s2y):
+    """The 3x4 matrix SPHIRE's ``sp_utilities.set_params_proj(ima, [phi, theta, psi, s2x, s2y])`` stores:
+    ``Transform({"type": "spider", ...})`` (EMAN az = phi + 90, alt = theta, phi = psi - 90), then
+    ``set_trans(Vec2f(-s2x, -s2y))``. Built here from EMAN2's definitions, not from isavar's writer."""
+    m = np.zeros((3, 4))
+    m[:, :3] = _eman_rotation(phi + 90.0, theta, psi - 90.0)
+    m[0, 3], m[1, 3] = -s2x, -s2y
+    return m
+
+
 def _eman_style_file(path, rng):
     """An HDF file laid out the way EMAN2/SPHIRE write one, built directly with h5py."""
     n = 3
@@ -90,8 +100,7 @@ def _eman_style_file(path, rng):
             write_eman_attr(g, "ctf", "E2.5 0.2 30 50 10 300 2.7 1.25 0.2 3,1,2,3 2,0.5,0.4")
             write_eman_attr(g, "ctf_applied", False)
             phi, theta, psi, s2x, s2y = params[i]
-            # SPHIRE set_params_proj: Transform(spider phi/theta/psi), then set_trans(-s2x, -s2y)
-            write_eman_attr(g, "xform.projection", transform_value(projection_matrix(phi, theta, psi, -s2x, -s2y)[0]))
+            write_eman_attr(g, "xform.projection", transform_value(_set_params_proj(phi, theta, psi, s2x, s2y)))
             write_eman_attr(g, "xform.align2d", transform_value(align2d_matrix(30.0 * i, 1.0, -2.0, i % 2)[0]))
             write_eman_attr(g, "members", np.array([4, 5, 6 + i]))
             write_eman_attr(g, "n_objects", 3)
@@ -115,8 +124,9 @@ def test_reads_an_eman2_style_file(tmp_path, rng):
     for i, (phi, theta, psi, s2x, s2y) in enumerate(params):
         a = euler_to_matrix(t["angle_rot_deg"][i], t["angle_tilt_deg"][i], t["angle_psi_deg"][i])
         np.testing.assert_allclose(a, euler_to_matrix(phi, theta, psi), atol=1e-5)
-        assert t["origin_x_A"][i] == pytest.approx(-s2x * 1.25, abs=1e-5)
-        assert t["origin_y_A"][i] == pytest.approx(-s2y * 1.25, abs=1e-5)
+        # sp_relion2sphire passes RELION's rlnOriginX as s2x: SPHIRE's s2x is RELION's origin, same sign
+        assert t["origin_x_A"][i] == pytest.approx(s2x * 1.25, abs=1e-5)
+        assert t["origin_y_A"][i] == pytest.approx(s2y * 1.25, abs=1e-5)
         assert angle_diff(t["align_alpha_deg"][i], 30.0 * i) < 1e-4
     assert t["align_mirror"].tolist() == [0, 1, 0]
     np.testing.assert_allclose(t["align_sx_px"], 1.0, atol=1e-6)
@@ -150,10 +160,11 @@ def test_align2d_matrix_round_trip(alpha, sx, sy, mirror):
     assert got[3] == mirror
 
 
-def test_projection_matrix_is_a_and_origin():
+def test_projection_matrix_is_what_set_params_proj_stores():
+    # a RELION pose (rot, tilt, psi, origin) goes through sp_relion2sphire as s2x = origin
     m = projection_matrix(30.0, 40.0, 50.0, 1.5, -2.0)[0]
-    np.testing.assert_allclose(m[:, :3], euler_to_matrix(30.0, 40.0, 50.0))
-    np.testing.assert_allclose(m[:, 3], [1.5, -2.0, 0.0])
+    np.testing.assert_allclose(m, _set_params_proj(30.0, 40.0, 50.0, 1.5, -2.0), atol=1e-12)
+    np.testing.assert_allclose(m[:, 3], [-1.5, 2.0, 0.0])
 
 
 def test_volume_round_trip(tmp_path, rng):

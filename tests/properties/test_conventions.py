@@ -55,6 +55,7 @@ def test_eman_spider_round_trip(phi, theta, psi):
     np.testing.assert_allclose(cv.euler_to_matrix(*back), cv.euler_to_matrix(phi, theta, psi), atol=1e-9)
 
 
+@settings(deadline=None)  # the first call imports scipy.spatial
 @given(angle, tilt, angle)
 def test_axis_angle_round_trip(rot, t, psi):
     a = cv.euler_to_matrix(rot, t, psi)
@@ -113,7 +114,9 @@ def test_defocus_round_trip(u, v, ang):
 @given(st.floats(1000, 50000), st.floats(1000, 50000), st.floats(0, 180), st.floats(-np.pi, np.pi))
 @settings(max_examples=200)
 def test_defocus_same_astigmatism_profile(u, v, ang, phi):
-    """RELION's U cos^2 + V sin^2 equals EMAN2's defocus - dfdiff/2 sin(2(phi + dfang))."""
+    """RELION's U cos^2 + V sin^2 equals SPHIRE's defocus - dfdiff/2 sin(2(phi + dfang)), the defocus at
+    azimuth phi in SPHIRE's own code (sphire 1.4.2 ``sp_morphology.rotavg_ctf``: ``dfa = defc - astigmamp/2 *
+    sin(2 * (atan2(y, x) + angrad))``) for the values ``sp_relion2sphire`` writes (isavar's mapping)."""
     d, dd, dfang = cv.relion_to_eman_defocus(u, v, ang)
     relion = u * np.cos(phi - np.deg2rad(ang)) ** 2 + v * np.sin(phi - np.deg2rad(ang)) ** 2
     eman = (d - dd / 2 * np.sin(2 * (phi + np.deg2rad(dfang)))) * 1e4
@@ -148,3 +151,21 @@ def test_wavelength_300kv():
 
 def test_grid_centre():
     assert cv.grid_centre(64) == 32 and cv.grid_centre(65) == 32
+
+
+@given(st.floats(1000, 50000), st.floats(1000, 50000), st.floats(0, 180), st.floats(-np.pi, np.pi))
+@settings(max_examples=100)
+def test_eman2_own_astigmatism_definition_is_not_sphires(u, v, ang, phi):
+    """EMAN2's ``EMAN2Ctf::df(a) = defocus + dfdiff/2 cos(2 (a - dfang))`` (libEM/ctf.cpp: the astigmatism
+    correction ``-dfdiff/2*cos(2.0*a-2.0*M_PI/180.0*dfang)``; dfang = major axis, counter-clockwise from x)
+    matches RELION with ``dfdiff = U - V, dfang = angle`` (EMAN2's own EMX export writes U = defocus +
+    dfdiff/2 at dfang), not with SPHIRE's mapping: the two programs read the same header differently."""
+    relion = u * np.cos(phi - np.deg2rad(ang)) ** 2 + v * np.sin(phi - np.deg2rad(ang)) ** 2
+    d = (u + v) / 2
+    eman2_native = d + (u - v) / 2 * np.cos(2 * (phi - np.deg2rad(ang)))
+    assert relion == pytest.approx(eman2_native, rel=1e-9, abs=1e-6)
+    sd, sdd, sdfang = cv.relion_to_eman_defocus(u, v, ang)
+    eman2_of_sphire_values = (sd + sdd / 2 * np.cos(2 * (phi - np.deg2rad(sdfang)))) * 1e4
+    # same mean and amplitude, axes at -a - 45 degrees: equal only on a measure-zero set of azimuths
+    mirrored = u * np.cos(-phi - np.pi / 4 - np.deg2rad(ang)) ** 2 + v * np.sin(-phi - np.pi / 4 - np.deg2rad(ang)) ** 2
+    assert eman2_of_sphire_values == pytest.approx(mirrored, rel=1e-9, abs=1e-6)

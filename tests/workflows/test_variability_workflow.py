@@ -128,3 +128,54 @@ def test_same_result_from_every_input_format(star, tmp_path, ext):
     got = run_variability(other, tmp_path / "got", prm)
     # float32 storage of angles/defocus in these formats: agreement to ~1e-3 (a convention error is O(1))
     np.testing.assert_allclose(got.var3d, ref.var3d, atol=2e-3 * np.abs(ref.var3d).max())
+
+
+def _spider_matrix(phi, theta, psi):
+    """EMAN2 ``Transform({"type": "spider", "phi", "theta", "psi"})`` rotation: EMAN az = phi + 90,
+    alt = theta, phi_eman = psi - 90, matrix Rz(phi_eman) Rx(alt) Rz(az) (EMAN2 transform.cpp)."""
+    def rz(a):
+        c, s = np.cos(np.deg2rad(a)), np.sin(np.deg2rad(a))
+        return np.array([[c, s, 0], [-s, c, 0], [0, 0, 1]])
+
+    c, s = np.cos(np.deg2rad(theta)), np.sin(np.deg2rad(theta))
+    return rz(psi - 90.0) @ np.array([[1, 0, 0], [0, c, s], [0, -s, c]]) @ rz(phi + 90.0)
+
+
+def _write_like_sp_relion2sphire(star_path, out_path):
+    """Write the STAR's particles as an HDF stack the way SPHIRE's ``sp_relion2sphire`` does, with no isavar
+    pose or CTF writer involved: ``s2x = rlnOriginX`` (px), ``set_params_proj`` stores ``set_trans(-s2x, -s2y)``;
+    CTF ``defocus = (U + V) / 20000`` µm, ``dfdiff = (V - U) / 10000`` µm, ``dfang = 45 - angle`` (mod 180),
+    ``ampcont`` in percent, as ``generate_ctf`` serialises an EMAN2Ctf."""
+    import h5py
+
+    from isavar.io.eman_hdf import transform_value, write_eman_attr
+
+    src = read_particles(star_path)
+    t = src.table
+    images = src.images[:]
+    with h5py.File(out_path, "w") as fh:
+        grp = fh.create_group("MDF").create_group("images")
+        grp.attrs.create("imageid_max", np.array([len(t) - 1], np.int32))
+        for i in range(len(t)):
+            g = grp.create_group(str(i))
+            g.create_dataset("image", data=images[i])
+            for key, value in (("nx", BOX), ("ny", BOX), ("nz", 1), ("apix_x", PIX), ("ctf_applied", False)):
+                write_eman_attr(g, key, value)
+            m = np.zeros((3, 4))
+            m[:, :3] = _spider_matrix(t["angle_rot_deg"][i], t["angle_tilt_deg"][i], t["angle_psi_deg"][i])
+            m[0, 3], m[1, 3] = -t["origin_x_A"][i] / PIX, -t["origin_y_A"][i] / PIX
+            write_eman_attr(g, "xform.projection", transform_value(m))
+            u, v, ang = t["defocus_u_A"][i], t["defocus_v_A"][i], t["defocus_angle_deg"][i]
+            fields = ((u + v) / 20000, (v - u) / 10000, np.mod(45.0 - ang, 180.0), 0.0,
+                      100 * t["amplitude_contrast"][i], t["voltage_kV"][i], t["cs_mm"][i], PIX)
+            write_eman_attr(g, "ctf", "E" + " ".join(f"{x:.8g}" for x in fields) + " -1 0 0")
+
+
+def test_sphire_stack_written_like_sp_relion2sphire_reconstructs_like_the_star(star, tmp_path):
+    """A SPHIRE stack made from a RELION STAR (sp_relion2sphire's path) gives the STAR's reconstruction:
+    a wrong shift sign moves every particle by twice its origin (shift_sd 2 Å at 2.5 Å/px)."""
+    hdf = tmp_path / "sphire.hdf"
+    _write_like_sp_relion2sphire(star, hdf)
+    ref = run_reconstruct(star, tmp_path / "ref.mrc", ctf=True)
+    got = run_reconstruct(hdf, tmp_path / "got.mrc", ctf=True)
+    np.testing.assert_allclose(got, ref, atol=2e-3 * np.abs(ref).max())

@@ -22,7 +22,9 @@ EMAN key                   columns
 ``ctf`` (EMAN2Ctf string)  defocus_u_A, defocus_v_A, defocus_angle_deg, voltage_kV,
                            cs_mm, amplitude_contrast, ctf_bfactor_A2
 ``xform.projection``       angle_rot/tilt/psi_deg and origin_x/y_A: matrix ``[A | t]``,
-                           ``t = (origin_x_px, origin_y_px, 0)`` (see conventions)
+                           ``t = (-origin_x_px, -origin_y_px, 0)`` (SPHIRE's
+                           ``set_params_proj`` stores ``-s2x``, and ``s2x`` is
+                           RELION's origin; see conventions)
 ``xform.align2d``          align_alpha_deg, align_sx_px, align_sy_px, align_mirror:
                            matrix ``M**m [R(alpha) | (sx, sy)]``, mirror from the sign
                            of the determinant
@@ -52,8 +54,10 @@ from isavar.conventions import (
     euler_to_matrix,
     format_eman2_ctf,
     matrix_to_euler,
+    origin_to_sphire_trans,
     parse_eman2_ctf,
     relion_to_eman_defocus,
+    sphire_trans_to_origin,
 )
 from isavar.errors import InputError
 from isavar.io.mrc import check_writable
@@ -256,11 +260,20 @@ def read_eman_attr(attr_value):
 
 
 def projection_matrix(rot, tilt, psi, origin_x_px, origin_y_px) -> np.ndarray:
-    """SPHIRE ``xform.projection`` matrices ``[A | (origin_x_px, origin_y_px, 0)]``, shape ``(n, 3, 4)``."""
+    """SPHIRE ``xform.projection`` matrices for RELION poses, shape ``(n, 3, 4)``.
+
+    The matrix is ``[A | t]`` with ``A`` from :func:`~isavar.conventions.euler_to_matrix`
+    (EMAN2's ``Transform({"type": "spider", ...})``) and ``t = (-origin_x_px,
+    -origin_y_px, 0)``: SPHIRE's ``set_params_proj`` stores ``set_trans(-s2x, -s2y)``
+    and its projection shift ``s2x`` is RELION's origin (``sp_relion2sphire``
+    passes ``rlnOriginX`` as ``s2x``; SPHIRE's reconstructors shift each image by
+    ``-t`` before inserting it).
+    """
     a = euler_to_matrix(rot, tilt, psi).reshape(-1, 3, 3)
+    tx, ty = origin_to_sphire_trans(origin_x_px, origin_y_px)
     t = np.zeros((a.shape[0], 3, 1))
-    t[:, 0, 0] = origin_x_px
-    t[:, 1, 0] = origin_y_px
+    t[:, 0, 0] = tx
+    t[:, 1, 0] = ty
     return np.concatenate([a, t], axis=2)
 
 
@@ -268,7 +281,8 @@ def projection_params(matrix) -> tuple[float, float, float, float, float]:
     """Invert :func:`projection_matrix` for one matrix: ``(rot, tilt, psi, origin_x_px, origin_y_px)``."""
     m = np.asarray(matrix, dtype=np.float64).reshape(3, 4)
     rot, tilt, psi = matrix_to_euler(m[:, :3])
-    return float(rot), float(tilt), float(psi), float(m[0, 3]), float(m[1, 3])
+    ox, oy = sphire_trans_to_origin(m[0, 3], m[1, 3])
+    return float(rot), float(tilt), float(psi), float(ox), float(oy)
 
 
 def align2d_matrix(alpha, sx, sy, mirror) -> np.ndarray:
