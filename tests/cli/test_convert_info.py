@@ -157,3 +157,24 @@ def test_info_bare_stack_and_volume(tmp_path, rng, capsys):
 def test_info_missing_file(tmp_path, capsys):
     assert run_cli(info, [str(tmp_path / "none.hdf")]) == 2
     assert "none.hdf: file not found" in capsys.readouterr().out
+
+
+def test_info_into_a_closed_pipe_exits_quietly(tmp_path, rng):
+    """``isavar info FILE | head -0``: the reader is gone before isavar writes; no BrokenPipeError traceback."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _particles(tmp_path, rng)
+    src = Path(__file__).resolve().parents[2] / "src"
+    env = dict(os.environ, PYTHONPATH=f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the downstream program has already exited
+    try:
+        proc = subprocess.run([sys.executable, "-m", "isavar", "info", str(tmp_path / "in.star")], stdout=write_end,
+                              stderr=subprocess.PIPE, env=env, timeout=120)
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in proc.stderr.decode() and "BrokenPipeError" not in proc.stderr.decode()
+    assert proc.returncode == 141  # 128 + SIGPIPE, as a shell tool killed by the signal reports it

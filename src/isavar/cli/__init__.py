@@ -67,11 +67,28 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"isavar {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _stdout_closed()
     finally:
         from isavar._logging import close_log_files
 
         close_log_files()
 
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``isavar info FILE | head``): stop quietly, as shell tools do.
+
+    Python's own flush of ``sys.stdout`` at exit would raise again, so stdout is
+    pointed at ``/dev/null`` first. Returns 141 (128 + SIGPIPE).
+    """
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 141
 
 
 if __name__ == "__main__":  # pragma: no cover
