@@ -57,3 +57,28 @@ def make_progress(args: argparse.Namespace, *, is_root: bool = True):
     if not is_root or getattr(args, "quiet", False):
         return NullProgress()
     return TqdmProgress()
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def add_input_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--apix`` and ``--project-dir`` (how the input particle file is read and outputs name images)."""
+    parser.add_argument("--apix", type=_positive_float, default=None,
+                        help="pixel size in Å, for inputs that do not state it (or to replace the file's)")
+    parser.add_argument("--project-dir", dest="project_dir", default=None,
+                        help="RELION project directory: relative image names in STAR files are read from it "
+                             "(then from the STAR's folder and its parents), and written STAR files name "
+                             "images relative to it (default: the current directory, as RELION does)")
+
+
+def project_dir(args: argparse.Namespace):
+    """The RELION project directory of a command: ``--project-dir`` or the current directory."""
+    from pathlib import Path
+
+    value = getattr(args, "project_dir", None)
+    return Path(value) if value else Path.cwd()

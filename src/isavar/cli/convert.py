@@ -34,10 +34,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", metavar="SRC", help="input file (.star, .mrcs, .mrc, .hdf, .cs)")
     parser.add_argument("dst", metavar="DST", help="output file (.star, .mrcs, .hdf, .cs; .mrc/.hdf for volumes)")
     parser.add_argument("--force", action="store_true", help="replace existing output files")
-    parser.add_argument("--pixel-size", type=float, default=None, metavar="A",
+    parser.add_argument("--pixel-size", "--apix", dest="pixel_size", type=float, default=None, metavar="A",
                         help="pixel size in Å where the input does not state it")
     parser.add_argument("--chunk-size", type=int, default=1024, metavar="N",
                         help="images held in memory at once (default 1024)")
+    parser.add_argument("--project-dir", dest="project_dir", default=None,
+                        help="RELION project directory: relative image names are read from it (then from the "
+                             "STAR's folder and its parents) and a STAR output names its stack relative to it "
+                             "(default: the current directory, as RELION does)")
     add_verbosity_arguments(parser)
 
 
@@ -112,7 +116,9 @@ def run(args: argparse.Namespace) -> int:
         write_volume(dst, volume, voxel if voxel else args.pixel_size, overwrite=args.force)
         log.info("wrote volume %s (%s, voxel %s Å)", dst, "x".join(map(str, volume.shape)), voxel)
         return 0
-    stack = read_particles(src)
+    from isavar.cli._common import project_dir
+
+    stack = read_particles(src, pixel_size_A=args.pixel_size, project_dir=project_dir(args))
     try:
         _check_targets(src, dst, args.force, {s.path for s in stack.images.sources})
         lost = _lost_metadata(stack.table, dst_kind)
@@ -123,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         if args.pixel_size is not None:
             table = table.assign(pixel_size_A=float(args.pixel_size))
         write_particles(dst, stack.images, table, pixel_size_A=pixel, overwrite=args.force,
-                        chunk_size=args.chunk_size)
+                        chunk_size=args.chunk_size, project_dir=project_dir(args))
     finally:
         stack.close()
     log.info("wrote %d particles (box %d) to %s", len(stack.table), stack.images.box, dst)

@@ -23,7 +23,14 @@ from __future__ import annotations
 
 import argparse
 
-from isavar.cli._common import add_executor_arguments, add_verbosity_arguments, make_progress, setup_logging
+from isavar.cli._common import (
+    add_executor_arguments,
+    add_input_arguments,
+    add_verbosity_arguments,
+    make_progress,
+    project_dir,
+    setup_logging,
+)
 
 
 def _bool_flag(parser, name, help_):
@@ -80,6 +87,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--delta_good", type=int, default=0,
                         help="the first generation of a main iteration must yield more than this many "
                              "good classes (default 0)")
+    parser.add_argument("--write-aligned", dest="write_aligned", action="store_true",
+                        help="also write aligned_particles.star/.mrcs: each accounted particle rotated, shifted "
+                             "and mirrored into its class frame (RELION's 2D tools and cryoSPARC cannot apply "
+                             "ISAC2's mirror from pose columns)")
+    add_input_arguments(parser)
     add_executor_arguments(parser)
     add_verbosity_arguments(parser)
 
@@ -97,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(args, is_root=executor.is_root())
     progress = make_progress(args, is_root=executor.is_root())
     try:
-        result = run_isac2(Path(args.stack), Path(args.outdir), params, executor=executor, progress=progress)
+        result = run_isac2(Path(args.stack), Path(args.outdir), params, executor=executor, progress=progress,
+                           pixel_size_A=args.apix, project_dir=project_dir(args), write_aligned=args.write_aligned)
     finally:
         progress.close()
         close = getattr(executor, "close", None)

@@ -13,7 +13,14 @@ from __future__ import annotations
 
 import argparse
 
-from isavar.cli._common import add_executor_arguments, add_verbosity_arguments, make_progress, setup_logging
+from isavar.cli._common import (
+    add_executor_arguments,
+    add_input_arguments,
+    add_verbosity_arguments,
+    make_progress,
+    project_dir,
+    setup_logging,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="zero voxels beyond this radius in pixels (default: no mask)")
     parser.add_argument("--chunk-size", dest="chunk_size", type=int, default=512, help="images per task")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    add_input_arguments(parser)
     add_executor_arguments(parser)
     add_verbosity_arguments(parser)
 
@@ -47,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         run_reconstruct(args.stack, args.output, ctf=args.CTF, symmetry=args.sym, npad=args.npad,
                         interpolation=args.interpolation, mask_radius_px=args.radius if args.radius > 0 else None,
-                        chunk_size=args.chunk_size, executor=executor, progress=progress, overwrite=args.overwrite)
+                        chunk_size=args.chunk_size, executor=executor, progress=progress, overwrite=args.overwrite,
+                        pixel_size_A=args.apix, project_dir=project_dir(args))
     finally:
         progress.close()
         close = getattr(executor, "close", None)

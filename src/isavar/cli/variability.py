@@ -32,7 +32,14 @@ from __future__ import annotations
 import argparse
 import logging
 
-from isavar.cli._common import add_executor_arguments, add_verbosity_arguments, make_progress, setup_logging
+from isavar.cli._common import (
+    add_executor_arguments,
+    add_input_arguments,
+    add_verbosity_arguments,
+    make_progress,
+    project_dir,
+    setup_logging,
+)
 from isavar.errors import InputError
 
 log = logging.getLogger("isavar")
@@ -87,6 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     adv.add_argument("--no-auto-decimate", dest="auto_decimate", action="store_false",
                      help="with --fl, work on the full box instead of the smallest box holding the "
                           "frequencies the filter passes")
+    add_input_arguments(parser)
     add_executor_arguments(parser)
     add_verbosity_arguments(parser)
 
@@ -129,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
             log.info("--%s=%s: written as the fixed isavar output of that name", name, getattr(args, name))
     try:
         result = run_variability(Path(args.prj_stack), Path(outdir), params, executor=executor, progress=progress,
-                                 symmetrize_only=args.symmetrize)
+                                 symmetrize_only=args.symmetrize, pixel_size_A=args.apix,
+                                 project_dir=project_dir(args))
     finally:
         progress.close()
         close = getattr(executor, "close", None)

@@ -66,13 +66,21 @@ def particle_format(path) -> str:
     return _FORMATS[suffix]
 
 
-def read_particles(path) -> ParticleStack:
+def read_particles(path, *, project_dir=None, pixel_size_A: float | None = None) -> ParticleStack:
     """Read a particle file: table, lazily-read images and pixel size.
 
     Parameters
     ----------
     path : path
         ``.star``, ``.mrcs``/``.mrc``, ``.hdf`` or ``.cs``.
+    project_dir : path, optional
+        RELION project directory against which relative ``rlnImageName`` paths
+        of a STAR file are resolved first (default: the current directory, as
+        RELION does; the STAR file's folder and its parents are the fallbacks).
+    pixel_size_A : float, optional
+        Pixel size (Å) to use instead of the file's (``--apix``): it fills
+        ``pixel_size_A`` and converts origins a file gives only in pixels (a
+        SPHIRE HDF without ``apix_x``).
 
     Returns
     -------
@@ -92,18 +100,24 @@ def read_particles(path) -> ParticleStack:
     if kind == "star":
         from isavar.io.star import read_star
 
-        return read_star(path)
-    if kind == "mrcs":
+        stack = read_star(path, project_dir=project_dir)
+    elif kind == "mrcs":
         from isavar.io.mrc import read_mrc_stack
 
-        return read_mrc_stack(path)
-    if kind == "hdf":
+        stack = read_mrc_stack(path)
+    elif kind == "hdf":
         from isavar.io.eman_hdf import read_hdf
 
-        return read_hdf(path)
-    from isavar.io.cryosparc import read_cs
+        stack = read_hdf(path)
+    else:
+        from isavar.io.cryosparc import read_cs
 
-    return read_cs(path)
+        stack = read_cs(path)
+    if pixel_size_A is not None:
+        from isavar.io.particles import set_pixel_size
+
+        stack = set_pixel_size(stack, pixel_size_A)
+    return stack
 
 
 def iter_chunks(images, chunk_size: int = DEFAULT_CHUNK_SIZE):
@@ -133,7 +147,7 @@ def iter_chunks(images, chunk_size: int = DEFAULT_CHUNK_SIZE):
 
 
 def write_particles(path, images, table: pd.DataFrame, *, pixel_size_A: float | None = None,
-                    overwrite: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+                    overwrite: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE, project_dir=None) -> None:
     """Write particles in the format given by the suffix.
 
     Parameters
@@ -152,6 +166,11 @@ def write_particles(path, images, table: pd.DataFrame, *, pixel_size_A: float | 
         Replace existing outputs (never the default).
     chunk_size : int
         Images per block when streaming.
+    project_dir : path, optional
+        STAR output only: name the stack in ``rlnImageName`` relative to this
+        RELION project directory (RELION run from there opens it), or by its
+        absolute path when it lies outside. Default: relative to the STAR
+        file's folder (the pair can be moved together).
 
     Raises
     ------
@@ -166,7 +185,7 @@ def write_particles(path, images, table: pd.DataFrame, *, pixel_size_A: float | 
     if kind == "star":
         from isavar.io.star import write_star
 
-        write_star(path, chunks, table, pixel_size_A=pixel_size_A, overwrite=overwrite)
+        write_star(path, chunks, table, pixel_size_A=pixel_size_A, overwrite=overwrite, project_dir=project_dir)
     elif kind == "mrcs":
         from isavar.io.mrc import write_mrc_stack
 

@@ -425,8 +425,10 @@ def _header_columns(headers: list[dict], path) -> pd.DataFrame:
         if isinstance(proj, np.ndarray) and proj.shape == (3, 4):
             rot, tilt, psi, ox, oy = projection_params(proj)
             row.update(angle_rot_deg=rot, angle_tilt_deg=tilt, angle_psi_deg=psi)
-            scale = float(apix) if apix else np.nan
-            row.update(origin_x_A=ox * scale, origin_y_A=oy * scale)
+            if apix:
+                row.update(origin_x_A=ox * float(apix), origin_y_A=oy * float(apix))
+            else:  # shifts known in pixels only: kept so that a pixel size given later (--apix) converts them
+                row.update(origin_x_A=np.nan, origin_y_A=np.nan, origin_x_px=ox, origin_y_px=oy)
         a2d = h.get("xform.align2d")
         if isinstance(a2d, np.ndarray) and a2d.shape == (3, 4):
             alpha, sx, sy, mirror = align2d_params(a2d)
@@ -558,6 +560,10 @@ def _row_headers(table: pd.DataFrame) -> list[dict]:
         ox = table["origin_x_A"].to_numpy(np.float64) / apix if "origin_x_A" in table else np.zeros(n)
         oy = table["origin_y_A"].to_numpy(np.float64) / apix if "origin_y_A" in table else np.zeros(n)
         used.update(c for c in ("origin_x_A", "origin_y_A") if c in table)
+        if "origin_x_px" in table and "origin_y_px" in table:   # origins read in pixels, pixel size unknown
+            ox = np.where(np.isnan(ox), table["origin_x_px"].to_numpy(np.float64), ox)
+            oy = np.where(np.isnan(oy), table["origin_y_px"].to_numpy(np.float64), oy)
+            used.update(("origin_x_px", "origin_y_px"))
         mats = projection_matrix(table["angle_rot_deg"], table["angle_tilt_deg"], table["angle_psi_deg"],
                                  np.nan_to_num(ox), np.nan_to_num(oy))
         for i in range(n):

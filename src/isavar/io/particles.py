@@ -32,6 +32,8 @@ angle_tilt_deg          float
 angle_psi_deg           float
 origin_x_A              float   RELION origin, Å (shifting the image by +origin centres it)
 origin_y_A              float
+origin_x_px             float   only where a file gives origins in pixels without a pixel
+origin_y_px                     size (SPHIRE HDF without apix_x); --apix converts them
 align_alpha_deg         float   2D alignment (SPHIRE convention, see conventions.py), degrees
 align_sx_px             float   2D alignment shifts, pixels
 align_sy_px             float
@@ -307,3 +309,44 @@ def validate(table: pd.DataFrame, *, permissive: bool = False) -> list[str]:
     if problems and not permissive:
         raise ValueError("; ".join(problems))
     return problems
+
+
+def set_pixel_size(stack, pixel_size_A: float):
+    """Set the pixel size of a particle stack read from a file (the ``--apix`` option).
+
+    Parameters
+    ----------
+    stack : ParticleStack
+        As read by :func:`isavar.io.read_particles`; not modified.
+    pixel_size_A : float
+        Pixel size in Å (> 0).
+
+    Returns
+    -------
+    ParticleStack
+        A copy with ``pixel_size_A`` set for every row; origins the file gives
+        only in pixels (``origin_x_px``/``origin_y_px``) converted to
+        ``origin_x_A``/``origin_y_A`` and dropped. Origins already in Å are kept.
+    """
+    import dataclasses
+
+    from isavar.errors import InputError
+
+    apix = float(pixel_size_A)
+    if not np.isfinite(apix) or apix <= 0:
+        raise InputError(f"--apix must be a positive pixel size in Å (got {pixel_size_A})")
+    table = stack.table.copy()
+    given = table["pixel_size_A"].dropna().unique() if "pixel_size_A" in table.columns else []
+    if len(given) and not np.allclose(given, apix, rtol=1e-4):
+        import logging
+
+        logging.getLogger(__name__).warning("%s: pixel size %s Å in the file replaced by --apix %g Å",
+                                            stack.path, ", ".join(f"{g:g}" for g in given), apix)
+    table["pixel_size_A"] = apix
+    for axis in ("x", "y"):
+        px, a = f"origin_{axis}_px", f"origin_{axis}_A"
+        if px in table.columns:
+            values = table[a] if a in table.columns else pd.Series(np.nan, index=table.index)
+            table[a] = values.where(values.notna(), table[px] * apix)
+            table = table.drop(columns=px)
+    return dataclasses.replace(stack, table=table, pixel_size_A=apix)

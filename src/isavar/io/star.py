@@ -7,8 +7,13 @@ Reading
 * RELION 3.0: a single particle block; ``rlnOriginX/Y`` are in pixels and are
   converted to Å with the pixel size (``rlnImagePixelSize``, ``rlnPixelSize``,
   ``rlnDetectorPixelSize * 1e4 / rlnMagnification`` or the stack header).
-* ``rlnImageName`` = ``index@stack`` (1-based index); relative stack paths
-  are resolved against the STAR file's folder; any number of stacks.
+* ``rlnImageName`` = ``index@stack`` (1-based index); any number of stacks.
+  Relative stack paths are resolved as RELION does, from the project
+  directory (``project_dir``, default the current directory), then from the
+  STAR file's folder and each of its parents (so a STAR inside a RELION job,
+  ``Extract/job007/particles.star``, opens in place, and so does a STAR with
+  paths relative to its own folder). When two of these places hold different
+  files of that name, the first is used and a warning names both.
 * Labels ``rlnIsavar_<column>`` (written by isavar for columns RELION has no
   label for, e.g. ``true_angle_rot_deg`` or ``align_alpha_deg``) are restored
   to ``<column>``. Every other label is kept unchanged as a passthrough column.
@@ -19,7 +24,9 @@ RELION 3.1 layout: ``data_optics`` (one optics group per distinct combination
 of voltage, Cs, amplitude contrast, pixel size and box within each input
 optics group) and ``data_particles``; the images are written as
 ``<stem>.mrcs`` beside the STAR file and named relatively
-(``000001@<stem>.mrcs``), so the pair can be moved together.
+(``000001@<stem>.mrcs``), so the pair can be moved together; with
+``project_dir`` they are named relative to that RELION project directory
+(``000001@Isavar/run1/<stem>.mrcs``) so RELION run from there opens them.
 """
 
 from __future__ import annotations
@@ -100,7 +107,63 @@ def _merge_optics(particles: pd.DataFrame, optics: pd.DataFrame | None, path: Pa
     return merged
 
 
-def _stack_sources(names: pd.Series, folder: Path, star_path: Path):
+def search_folders(star_path, project_dir=None) -> list[Path]:
+    """Folders against which a relative ``rlnImageName`` path is tried, in order.
+
+    RELION opens image names relative to the directory it runs in (the project
+    directory); isavar tries that first (``project_dir``, default the current
+    directory), then the STAR file's folder and each of its parents.
+
+    Parameters
+    ----------
+    star_path : path
+        The STAR file.
+    project_dir : path, optional
+        RELION project directory (default: the current directory).
+
+    Returns
+    -------
+    list of pathlib.Path
+        Absolute folders, without repeats.
+    """
+    folder = Path(star_path).resolve().parent
+    first = Path(project_dir).resolve() if project_dir is not None else Path.cwd().resolve()
+    return list(dict.fromkeys([first, folder, *folder.parents]))
+
+
+def resolve_stack_path(name: str, folders: list[Path], star_path) -> Path:
+    """The file a relative (or absolute) ``rlnImageName`` stack path refers to.
+
+    Parameters
+    ----------
+    name : str
+        Stack path as written in the STAR file.
+    folders : list of pathlib.Path
+        From :func:`search_folders`.
+    star_path : path
+        The STAR file (for messages).
+
+    Returns
+    -------
+    pathlib.Path
+        The first existing candidate (resolved); the project-directory
+        candidate when none exists (the caller reports it).
+    """
+    p = Path(name)
+    if p.is_absolute():
+        return p.resolve()
+    found = [c for c in dict.fromkeys((f / p).resolve() for f in folders) if c.exists()]
+    if not found:
+        return (folders[0] / p).resolve()
+    others = [c for c in found[1:] if not c.samefile(found[0])]
+    if others:
+        log.warning("%s: image stack %s exists both as %s and as %s; reading %s (RELION's choice from the "
+                    "project directory %s; pass --project-dir to choose another)", star_path, name, found[0],
+                    others[0], found[0], folders[0])
+    return found[0]
+
+
+def _stack_sources(names: pd.Series, folders: list[Path], star_path: Path):
     """Parse rlnImageName into (sources, source ids, 0-based indices, absolute paths)."""
     try:
         parsed = [parse_image_name(str(n)) for n in names]
@@ -109,17 +172,16 @@ def _stack_sources(names: pd.Series, folder: Path, star_path: Path):
     indices = np.fromiter((p[0] for p in parsed), dtype=np.int64, count=len(parsed))
     raw = [p[1] for p in parsed]
     unique_raw = list(dict.fromkeys(raw))
-    resolved = {}
-    for r in unique_raw:
-        p = Path(r)
-        resolved[r] = (p if p.is_absolute() else folder / p).resolve()
+    resolved = {r: resolve_stack_path(r, folders, star_path) for r in unique_raw}
     sources, sid_of, sid_of_path = [], {}, {}
     for r in unique_raw:
         p = resolved[r]
         if p not in sid_of_path:
             if not p.exists():
-                raise InputError(f"image stack {r} referenced by rlnImageName not found (looked for {p})",
-                                 path=star_path)
+                tried = r if Path(r).is_absolute() else ", ".join(str(f / r) for f in folders[:3]) + ", ..."
+                raise InputError(f"image stack {r} referenced by rlnImageName not found (looked for {tried}; "
+                                 "RELION reads it relative to the project directory: run from there or pass "
+                                 "--project-dir)", path=star_path)
             sid_of_path[p] = len(sources)
             sources.append(MrcSource(p))
         sid_of[r] = sid_of_path[p]
@@ -137,13 +199,16 @@ def _pixel_size_column(df: pd.DataFrame) -> pd.Series | None:
     return None
 
 
-def read_star(path) -> ParticleStack:
+def read_star(path, *, project_dir=None) -> ParticleStack:
     """Read a RELION 3.0 or 3.1+ particle STAR file and its MRCS stacks.
 
     Parameters
     ----------
     path : path
         The ``.star`` file.
+    project_dir : path, optional
+        RELION project directory for relative image paths (default: the
+        current directory); see :func:`search_folders`.
 
     Returns
     -------
@@ -155,7 +220,8 @@ def read_star(path) -> ParticleStack:
     blocks = _read_blocks(path)
     particles, optics = _particle_block(blocks, path)
     df = _merge_optics(particles, optics, path)
-    sources, source_ids, indices, abs_paths = _stack_sources(df["rlnImageName"], path.parent, path)
+    folders = search_folders(path, project_dir)
+    sources, source_ids, indices, abs_paths = _stack_sources(df["rlnImageName"], folders, path)
     images = LazyImages(sources, source_ids, indices)
 
     table = pd.DataFrame({"image_path": abs_paths, "image_index": indices}, index=df.index)
@@ -333,7 +399,7 @@ def write_sidecar_stack(path, chunks, table, pixel_size_A, *, overwrite: bool):
 
 
 def write_star(path, chunks, table: pd.DataFrame, *, pixel_size_A: float | None = None,
-               overwrite: bool = False) -> None:
+               overwrite: bool = False, project_dir=None) -> None:
     """Write a RELION 3.1 STAR file and its ``<stem>.mrcs`` image stack.
 
     Parameters
@@ -348,10 +414,37 @@ def write_star(path, chunks, table: pd.DataFrame, *, pixel_size_A: float | None 
         Pixel size used where the table has no ``pixel_size_A``.
     overwrite : bool
         Replace existing files.
+    project_dir : path, optional
+        Name the stack relative to this RELION project directory (see
+        :func:`stack_name_for`); default: relative to the STAR file's folder.
     """
     path = Path(path)
     stack, table, box = write_sidecar_stack(path, chunks, table, pixel_size_A, overwrite=overwrite)
-    write_star_blocks(path, build_star_blocks(table, stack.name, box))
+    name = stack.name if project_dir is None else stack_name_for(stack, project_dir)
+    write_star_blocks(path, build_star_blocks(table, name, box))
+
+
+def stack_name_for(stack, project_dir) -> str:
+    """How a STAR file written for a RELION project names an image stack.
+
+    Parameters
+    ----------
+    stack : path
+        The image stack.
+    project_dir : path
+        RELION project directory (where RELION runs).
+
+    Returns
+    -------
+    str
+        The path relative to ``project_dir`` when the stack lies inside it
+        (RELION's own layout, ``Extract/job007/x.mrcs``), else the absolute path.
+    """
+    stack, project = Path(stack).resolve(), Path(project_dir).resolve()
+    try:
+        return stack.relative_to(project).as_posix()
+    except ValueError:
+        return stack.as_posix()
 
 
 def write_star_blocks(path, blocks: dict, *, float_format: str = "%.10g") -> None:

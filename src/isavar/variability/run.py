@@ -107,7 +107,13 @@ def particle_geometry(table: pd.DataFrame, pixel_size_A: float, *, need_ctf: boo
     origins = np.zeros((len(table), 2))
     for i, col in enumerate(("origin_x_A", "origin_y_A")):
         if col in table.columns:
-            origins[:, i] = table[col].fillna(0.0).to_numpy(np.float64) / pixel_size_A
+            values = table[col].to_numpy(np.float64)
+            unknown = int(np.isnan(values).sum())
+            if unknown:
+                hint = ("the file gives shifts in pixels but no pixel size: set it with --apix"
+                        if f"origin_{'xy'[i]}_px" in table.columns else "every particle needs its origin")
+                raise InputError(f"{col} is unknown for {unknown} of {len(table)} particles ({hint})", path=source)
+            origins[:, i] = values / pixel_size_A
     ctf = None
     if need_ctf:
         missing = missing_columns(table, CTF_COLUMNS)

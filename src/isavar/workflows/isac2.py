@@ -192,7 +192,8 @@ class _Run:
 
 
 def run_isac2(stack_path, outdir, params: Isac2Params, *, executor=None, progress=None,
-              _stop_after: int | None = None):
+              _stop_after: int | None = None, pixel_size_A: float | None = None, project_dir=None,
+              write_aligned: bool = False):
     """Run ISAC2 on a particle file into ``outdir`` (resumable).
 
     Parameters
@@ -208,6 +209,16 @@ def run_isac2(stack_path, outdir, params: Isac2Params, *, executor=None, progres
     progress : Progress, optional
     _stop_after : int, optional
         Test hook: raise :class:`StopForTest` after this many completed steps.
+    pixel_size_A : float, optional
+        Pixel size replacing the file's (``--apix``). Without one the STAR
+        outputs are written at 1.0 Å/px, with a warning.
+    project_dir : path, optional
+        RELION project directory: relative image names are read from it first,
+        and the STAR outputs name images relative to it (default: relative to
+        each STAR file's folder).
+    write_aligned : bool
+        Also write ``aligned_particles.star/.mrcs``: every accounted particle
+        rotated, shifted and mirrored into its class frame (``--write-aligned``).
 
     Returns
     -------
@@ -219,8 +230,11 @@ def run_isac2(stack_path, outdir, params: Isac2Params, *, executor=None, progres
     executor = executor or SerialExecutor()
     progress = progress or NullProgress()
     p = params.validate()
-    stack = read_particles(stack_path)
+    stack = read_particles(stack_path, pixel_size_A=pixel_size_A, project_dir=project_dir)
     validate_inputs(stack, p)
+    if not stack.pixel_size_A:
+        log.warning("%s states no pixel size: particles.star and the class-average files are written at "
+                    "1.0 Å/px (origins in Å are then in pixels); set the pixel size with --apix", stack_path)
     outdir = Path(outdir)
     if outdir.exists() and not outdir.is_dir():
         raise InputError("exists and is not a directory; choose a new or empty directory", path=outdir)
@@ -231,6 +245,7 @@ def run_isac2(stack_path, outdir, params: Isac2Params, *, executor=None, progres
     if fresh and p.restart > -1:
         raise InputError(f"--restart={p.restart} given but there is no run to restart", path=outdir)
     run = _Run(stack_path, outdir, p, executor, progress, _stop_after)
+    run.project_dir, run.write_aligned = project_dir, bool(write_aligned)
     fingerprint = _fingerprint(stack_path, stack)
     if not fresh:
         man = run.load_manifest()
@@ -552,6 +567,11 @@ def _finish(run: _Run, stack, state, shifts, shrink):
     fullres = fullres_averages(stack, result, full_ordered, p, chunk=CHUNK, executor=local) if c else None
     run.timings["fullres_s"] = time.time() - t
     _write_relion_outputs(run, stack, state, result, ordered, order, class_rank, full_ordered, fullres, work_apix)
+    if getattr(run, "write_aligned", False) and c:
+        t = time.time()
+        write_aligned_particles(run.outdir / "aligned_particles.star", stack, full_ordered, class_rank, cls_of,
+                                project_dir=getattr(run, "project_dir", None))
+        run.timings["aligned_s"] = time.time() - t
     if c:
         from isavar.report.montage import save_montage
 
@@ -561,8 +581,10 @@ def _finish(run: _Run, stack, state, shifts, shrink):
     summary = {
         "particles_in": int(state.n_total), "particles_accounted": int(len(state.processed)),
         "classes": int(c), "seed": int(p.rand_seed),
+        "working_pixel_size_A": work_apix, "shrink": float(shrink),
         "per_class": [{"class": i + 1, "source_index": int(k), "members": int(len(state.members[k])),
-                       "pixel_error": float(state.pixel_errors[k]),
+                       "pixel_error_working_px": float(state.pixel_errors[k]),
+                       "pixel_error_A": float(state.pixel_errors[k] * work_apix) if work_apix else None,
                        "main": int(state.origin[k][0]), "generation": int(state.origin[k][1])}
                       for i, k in enumerate(order)],
         "generations": state.history,
@@ -598,11 +620,21 @@ def original_image_params(params, shifts, shrink) -> np.ndarray:
     return compose(pre, isac)
 
 
+def _image_name_in(path: Path, image: Path, project_dir) -> str:
+    """How a STAR file at ``path`` names ``image``: relative to ``project_dir`` when given, else to its folder."""
+    from isavar.io.star import stack_name_for
+
+    if project_dir is None:
+        return os.path.relpath(image, path.parent)
+    return stack_name_for(image, project_dir)
+
+
 def _write_relion_outputs(run, stack, state, result, ordered, order, class_rank, full, fullres, work_apix):
     from isavar.conventions import format_image_name
     from isavar.io import write_image_stack
 
     outdir = run.outdir
+    project_dir = getattr(run, "project_dir", None)
     apix = stack.pixel_size_A or 1.0
     c = len(state.members)
     if c:
@@ -610,17 +642,29 @@ def _write_relion_outputs(run, stack, state, result, ordered, order, class_rank,
         if fullres is not None:
             write_image_stack(outdir / "class_averages_fullres.mrcs", fullres[order], apix, overwrite=True)
     else:
-        for name in ("class_averages.mrcs", "class_averages_fullres.mrcs"):
+        for name in ("class_averages.mrcs", "class_averages_fullres.mrcs", "class_averages_fullres.star"):
             (outdir / name).unlink(missing_ok=True)
     n_acc = max(len(state.processed), 1)
-    cls_df = pd.DataFrame({
-        "rlnReferenceImage": [format_image_name(i, "class_averages.mrcs") for i in range(c)],
-        "rlnClassNumber": np.arange(1, c + 1),
-        "rlnClassDistribution": [len(state.members[k]) / n_acc for k in order],
-        "isavarMemberCount": [len(state.members[k]) for k in order],
-        "isavarPixelError": [float(state.pixel_errors[k]) for k in order],
-    })
-    _write_star_atomic(outdir / "class_averages.star", {"model_classes": cls_df})
+    errors = np.array([float(state.pixel_errors[k]) for k in order])
+
+    def classes(stack_name, pixel):
+        return pd.DataFrame({
+            "rlnReferenceImage": [format_image_name(i, _image_name_in(outdir / "x.star", outdir / stack_name,
+                                                                      project_dir)) for i in range(c)],
+            "rlnClassNumber": np.arange(1, c + 1),
+            "rlnClassDistribution": [len(state.members[k]) / n_acc for k in order],
+            "isavarMemberCount": [len(state.members[k]) for k in order],
+            # ISAC2's stability measure lives on the working (shrunk) grid: both units, named
+            "isavarPixelErrorWorkingPx": errors,
+            "isavarPixelErrorAngst": errors * (work_apix if work_apix else np.nan),
+            "isavarImagePixelSize": np.full(c, float(pixel) if pixel else np.nan),
+        })
+
+    _write_star_atomic(outdir / "class_averages.star", {"model_classes": classes("class_averages.mrcs", work_apix)})
+    if c and fullres is not None:
+        # the full-size averages at the input pixel size: what relion_refine --ref needs
+        _write_star_atomic(outdir / "class_averages_fullres.star",
+                           {"model_classes": classes("class_averages_fullres.mrcs", apix)})
     original = stack.table.reset_index(drop=True).copy()
     if "pixel_size_A" not in original.columns or original["pixel_size_A"].isna().any():
         original["pixel_size_A"] = apix
@@ -629,8 +673,9 @@ def _write_relion_outputs(run, stack, state, result, ordered, order, class_rank,
     table = _accounted_columns(original, full, np.where(acc, class_rank[np.maximum(cls_of, 0)] + 1, 0)
                                if c else np.zeros(len(original), np.int64), apix)
     # accounted: the ISAC2 class and 2D alignment; unaccounted: the input rows unchanged
-    _write_particle_star(outdir / "particles.star", table[acc], stack, np.flatnonzero(acc))
-    _write_particle_star(outdir / "unaccounted_particles.star", original[~acc], stack, np.flatnonzero(~acc))
+    _write_particle_star(outdir / "particles.star", table[acc], stack, np.flatnonzero(acc), project_dir)
+    _write_particle_star(outdir / "unaccounted_particles.star", original[~acc], stack, np.flatnonzero(~acc),
+                         project_dir)
 
 
 #: Columns that the accounted particles' table replaces; input values are kept as ``input_<name>``.
@@ -682,8 +727,9 @@ def _accounted_columns(original, full, class_number, apix):
     return table
 
 
-def _write_particle_star(path, sub, stack, rows):
-    """A RELION 3.1 STAR referring to the original images when they are MRC stacks."""
+def _write_particle_star(path, sub, stack, rows, project_dir=None):
+    """A RELION 3.1 STAR referring to the original images when they are MRC stacks (named relative to
+    ``project_dir`` when given, else to the STAR's folder)."""
     from isavar.conventions import format_image_name
     from isavar.io import write_particles
     from isavar.io.star import build_star_blocks
@@ -696,7 +742,7 @@ def _write_particle_star(path, sub, stack, rows):
         blocks = build_star_blocks(sub, "x", stack.images.box)
         if mrc_ok:
             blocks["particles"]["rlnImageName"] = [
-                format_image_name(int(ii), os.path.relpath(ip, path.parent))
+                format_image_name(int(ii), _image_name_in(path, Path(ip), project_dir))
                 for ip, ii in zip(paths, sub["image_index"].astype(int))]
         else:
             sidecar.unlink(missing_ok=True)
@@ -706,7 +752,66 @@ def _write_particle_star(path, sub, stack, rows):
     sidecar.unlink(missing_ok=True)
     rows = np.asarray(rows)
     chunks = (stack.images[rows[s:s + CHUNK]] for s in range(0, len(rows), CHUNK))
-    write_particles(path, chunks, sub, pixel_size_A=stack.pixel_size_A)
+    write_particles(path, chunks, sub, pixel_size_A=stack.pixel_size_A, project_dir=project_dir)
+
+
+def write_aligned_particles(path, stack, params, class_rank, cls_of, *, project_dir=None) -> int:
+    """Write every accounted particle aligned into its class frame, mirror applied, with its STAR file.
+
+    RELION's 2D tools (``relion_stack_create --apply_transformation``, Class2D)
+    ignore ``rlnAngleTilt`` and cryoSPARC's ``alignments2D`` has no mirror, so
+    the mirrored half of an ISAC2 alignment cannot be reused through pose
+    columns; these images carry it in their pixels instead.
+
+    Parameters
+    ----------
+    path : path
+        Output ``.star``; the images go to ``<stem>.mrcs`` beside it.
+    stack : ParticleStack
+        The input particles.
+    params : ndarray, (N, 4)
+        ``(alpha, sx, sy, mirror)`` taking each original image into the frame of
+        its (ordered) class average, original pixels.
+    class_rank : ndarray of int, (C,)
+        Position of each class in the ordered averages.
+    cls_of : ndarray of int, (N,)
+        Class (acceptance order) of each particle, -1 when unaccounted.
+    project_dir : path, optional
+        Name the stack relative to this RELION project directory.
+
+    Returns
+    -------
+    int
+        Particles written. Each row keeps the input columns (the input pose as
+        ``input_*``), has ``rlnClassNumber``, zero ``rlnAnglePsi``/``Tilt`` and
+        origins, the applied alignment in ``rlnIsavar_align_*`` (mirror
+        included) and the source image in ``rlnImageOriginalName``.
+    """
+    from isavar.conventions import format_image_name
+    from isavar.io import write_particles
+    from isavar.isac._ops import transform
+
+    rows = np.flatnonzero(np.asarray(cls_of) >= 0)
+    original = stack.table.reset_index(drop=True)
+    table = _accounted_columns(original, np.asarray(params, np.float64), np.zeros(len(original), np.int64),
+                               stack.pixel_size_A or 1.0).iloc[rows].reset_index(drop=True)
+    table["class_number"] = class_rank[np.asarray(cls_of)[rows]] + 1
+    table["angle_psi_deg"], table["angle_tilt_deg"] = 0.0, 0.0
+    table["origin_x_A"], table["origin_y_A"] = 0.0, 0.0
+    if "image_path" in table.columns and "image_index" in table.columns:
+        table["rlnImageOriginalName"] = [format_image_name(int(i), _image_name_in(Path(path), Path(p), project_dir))
+                                         for p, i in zip(table["image_path"], table["image_index"])]
+    prm = np.asarray(params, np.float64)[rows]
+
+    def chunks():
+        for s in range(0, len(rows), CHUNK):
+            yield transform(stack.images[rows[s:s + CHUNK]], prm[s:s + CHUNK], interpolation="fourier")
+
+    path = Path(path)
+    path.unlink(missing_ok=True)
+    path.with_suffix(".mrcs").unlink(missing_ok=True)
+    write_particles(path, chunks(), table, pixel_size_A=stack.pixel_size_A or 1.0, project_dir=project_dir)
+    return len(rows)
 
 
 def _write_star_atomic(path, blocks):

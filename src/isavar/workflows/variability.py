@@ -62,14 +62,15 @@ class _MapStore:
         if "var2D" in self.maps and stat is not None:
             self.maps["var2D"][rows] = stat
 
-    def write(self, outdir: Path, table2d: pd.DataFrame, grid, pixel_size_A: float) -> list[str]:
+    def write(self, outdir: Path, table2d: pd.DataFrame, grid, pixel_size_A: float, project_dir=None) -> list[str]:
         from isavar.io import write_particles
 
         written = []
         for name, mm in self.maps.items():
             mm.flush()
             blocks = (vol.upsample_maps(np.asarray(mm[s:s + 256]), grid) for s in range(0, mm.shape[0], 256))
-            write_particles(outdir / f"{name}.star", blocks, table2d, pixel_size_A=pixel_size_A)
+            write_particles(outdir / f"{name}.star", blocks, table2d, pixel_size_A=pixel_size_A,
+                            project_dir=project_dir)
             written += [f"{name}.star", f"{name}.mrcs"]
         self.close()
         return written
@@ -105,12 +106,13 @@ def _table_2d(table: pd.DataFrame, box: int, pixel_size_A: float) -> pd.DataFram
 
 
 def write_symmetrized_table(path: Path, table: pd.DataFrame, rotations: np.ndarray, symmetry: str,
-                            pixel_size_A: float, box: int) -> int:
+                            pixel_size_A: float, box: int, project_dir=None) -> int:
     """Write the symmetry-expanded orientations as a RELION STAR (metadata only).
 
     Element-major like SPHIRE's ``--symmetrize`` (block k = every particle with
     orientation ``A S_k``; the identity block first); ``rlnImageName`` points at
-    the input images; ``rlnIsavar_symmetry_element`` = k and
+    the input images (relative to ``project_dir`` when given, else to the
+    STAR file's folder); ``rlnIsavar_symmetry_element`` = k and
     ``rlnIsavar_source_index`` = input row.
 
     Returns
@@ -134,7 +136,10 @@ def write_symmetrized_table(path: Path, table: pd.DataFrame, rotations: np.ndarr
         out["pixel_size_A"] = float(pixel_size_A)
     names = None
     if "image_path" in out.columns and "image_index" in out.columns:
-        names = [format_image_name(int(i), os.path.relpath(str(p), path.parent))
+        from isavar.io.star import stack_name_for
+
+        names = [format_image_name(int(i), os.path.relpath(str(p), path.parent) if project_dir is None
+                                   else stack_name_for(p, project_dir))
                  for i, p in zip(out["image_index"], out["image_path"])]
     blocks = build_star_blocks(out, "input.mrcs", box)
     if names is not None:
@@ -143,21 +148,23 @@ def write_symmetrized_table(path: Path, table: pd.DataFrame, rotations: np.ndarr
     return len(out)
 
 
-def _read_input(stack_path: Path):
+def _read_input(stack_path: Path, pixel_size_A=None, project_dir=None):
     from isavar.io import read_particles
 
-    stack = read_particles(stack_path)
+    stack = read_particles(stack_path, pixel_size_A=pixel_size_A, project_dir=project_dir)
     pixel = stack.pixel_size_A
     if pixel is None and "pixel_size_A" in stack.table.columns and not stack.table["pixel_size_A"].isna().all():
         pixel = float(stack.table["pixel_size_A"].dropna().iloc[0])
     if pixel is None:
-        log.warning("%s: pixel size unknown; using 1.0 Å", stack_path)
+        log.warning("%s: the file states no pixel size; the maps are written at 1.0 Å/px (set it with --apix)",
+                    stack_path)
         pixel = 1.0
     return stack, float(pixel)
 
 
 def run_variability(stack_path, outdir, params: VariabilityParams, *, executor=None, progress=None,
-                    symmetrize_only: bool = False) -> VariabilityResult | None:
+                    symmetrize_only: bool = False, pixel_size_A: float | None = None,
+                    project_dir=None) -> VariabilityResult | None:
     """Run the 3D variability analysis of a particle file and write the output directory.
 
     Parameters
@@ -174,6 +181,11 @@ def run_variability(stack_path, outdir, params: VariabilityParams, *, executor=N
         Progress reporter.
     symmetrize_only : bool
         SPHIRE ``--symmetrize``: only write ``symmetrized_particles.star`` and stop.
+    pixel_size_A : float, optional
+        Pixel size replacing the file's (``--apix``).
+    project_dir : path-like, optional
+        RELION project directory: relative image names are read from it first
+        and the output STAR files name their stacks relative to it.
 
     Returns
     -------
@@ -193,7 +205,7 @@ def run_variability(stack_path, outdir, params: VariabilityParams, *, executor=N
     stack_path, outdir = Path(stack_path), Path(outdir)
     if outdir.exists():
         raise InputError("output directory already exists (choose a new name)", path=outdir)
-    stack, pixel = _read_input(stack_path)
+    stack, pixel = _read_input(stack_path, pixel_size_A, project_dir)
     table, images = stack.table, stack.images
     n, box = len(images), int(images.shape[-1])
     if symmetrize_only and params.symmetry == "c1":
@@ -214,7 +226,8 @@ def run_variability(stack_path, outdir, params: VariabilityParams, *, executor=N
         handler = _open_log(outdir / "log.txt")
     executor.barrier()
     try:
-        return _run(stack, stack_path, outdir, params, executor, progress, symmetrize_only, geo, grid, pixel)
+        return _run(stack, stack_path, outdir, params, executor, progress, symmetrize_only, geo, grid, pixel,
+                    project_dir)
     finally:
         if handler is not None:
             logging.getLogger("isavar").removeHandler(handler)
@@ -235,7 +248,8 @@ def _open_log(path: Path):
     return handler
 
 
-def _run(stack, stack_path, outdir, params, executor, progress, symmetrize_only, geo, grid, pixel):
+def _run(stack, stack_path, outdir, params, executor, progress, symmetrize_only, geo, grid, pixel,
+         project_dir=None):
     table, images = stack.table, stack.images
     n, box = len(images), int(images.shape[-1])
     log.info("isavar 3dvariability: %s -> %s", stack_path, outdir)
@@ -243,7 +257,7 @@ def _run(stack, stack_path, outdir, params, executor, progress, symmetrize_only,
     files = []
     if params.symmetry != "c1" and not params.var_input and executor.is_root():
         rows = write_symmetrized_table(outdir / "symmetrized_particles.star", table, geo.rotations,
-                                       params.symmetry, pixel, box)
+                                       params.symmetry, pixel, box, project_dir)
         log.info("symmetry %s: %d expanded orientations written to symmetrized_particles.star",
                  params.symmetry, rows)
         files.append("symmetrized_particles.star")
@@ -264,7 +278,7 @@ def _run(stack, stack_path, outdir, params, executor, progress, symmetrize_only,
         if executor.is_root():
             t0 = time.perf_counter()
             if store is not None:
-                files += store.write(outdir, _table_2d(table, box, pixel), grid, pixel)
+                files += store.write(outdir, _table_2d(table, box, pixel), grid, pixel, project_dir)
             files += _write_volumes(outdir, result)
             result.timings_s["writing"] = time.perf_counter() - t0
     finally:
@@ -325,7 +339,8 @@ def _reconstruct_task(ctx: dict, rows: np.ndarray):
 
 def run_reconstruct(stack_path, out_path, *, ctf: bool = False, symmetry: str = "c1", npad: int = 2,
                     interpolation: str = "linear", mask_radius_px: float | None = None, chunk_size: int = 512,
-                    executor=None, progress=None, overwrite: bool = False) -> np.ndarray:
+                    executor=None, progress=None, overwrite: bool = False, pixel_size_A: float | None = None,
+                    project_dir=None) -> np.ndarray:
     """Plain 3D reconstruction of oriented particles (``isavar reconstruct``).
 
     Direct Fourier inversion (:class:`isavar.core.reconstruct.FourierAccumulator`)
@@ -355,6 +370,10 @@ def run_reconstruct(stack_path, out_path, *, ctf: bool = False, symmetry: str = 
         Execution and progress reporting.
     overwrite : bool
         Replace an existing output file.
+    pixel_size_A : float, optional
+        Pixel size replacing the file's (``--apix``).
+    project_dir : path-like, optional
+        RELION project directory for relative image names.
 
     Returns
     -------
@@ -372,7 +391,7 @@ def run_reconstruct(stack_path, out_path, *, ctf: bool = False, symmetry: str = 
     if out_path.exists() and not overwrite:
         raise InputError("output file exists (choose a new name)", path=out_path)
     symmetry = normalise_symmetry(symmetry)
-    stack, pixel = _read_input(Path(stack_path))
+    stack, pixel = _read_input(Path(stack_path), pixel_size_A, project_dir)
     n, box = len(stack.images), int(stack.images.shape[-1])
     geo = particle_geometry(stack.table, pixel, need_ctf=ctf, source=stack_path)
     ctx = {"geometry": geo, "box": box, "npad": int(npad), "symmetry": symmetry, "interpolation": interpolation,
