@@ -134,3 +134,95 @@ def test_object_arrays_and_bad_files(tmp_path):
         np.save(fh, cs)
     with pytest.raises(InputError, match="missing.cs: image stack none.mrcs referenced by blob/path not found"):
         read_particles(tmp_path / "missing.cs")
+
+
+# ------------------------------------------------------------------------------ issue 15
+
+#: The particle fields of a file written by cryoSPARC v2 itself (dtype of a cryoSPARC particles .cs, as printed
+#: in a cryoSPARC user's merge script): the slots cryoSPARC's importers expect whole.
+CRYOSPARC_PARTICLE_DTYPE = [
+    ("alignments3D/alpha", "<f4"), ("alignments3D/alpha_min", "<f4"), ("alignments3D/class_ess", "<f4"),
+    ("alignments3D/class_posterior", "<f4"), ("alignments3D/class", "<u4"), ("alignments3D/cross_cor", "<f4"),
+    ("alignments3D/error", "<f4"), ("alignments3D/error_min", "<f4"), ("alignments3D/image_pow", "<f4"),
+    ("alignments3D/pose_ess", "<f4"), ("alignments3D/pose", "<f4", (3,)), ("alignments3D/psize_A", "<f4"),
+    ("alignments3D/resid_pow", "<f4"), ("alignments3D/shift_ess", "<f4"), ("alignments3D/shift", "<f4", (2,)),
+    ("alignments3D/slice_pow", "<f4"), ("alignments3D/split", "<u4"), ("alignments3D/weight", "<f4"),
+    ("blob/idx", "<u4"), ("blob/import_sig", "<u8"), ("blob/path", "S60"), ("blob/psize_A", "<f4"),
+    ("blob/shape", "<u4", (2,)), ("blob/sign", "<f4"), ("ctf/accel_kv", "<f4"), ("ctf/amp_contrast", "<f4"),
+    ("ctf/anisomag", "<f4", (4,)), ("ctf/bfactor", "<f4"), ("ctf/cs_mm", "<f4"), ("ctf/df1_A", "<f4"),
+    ("ctf/df2_A", "<f4"), ("ctf/df_angle_rad", "<f4"), ("ctf/exp_group_id", "<u4"), ("ctf/phase_shift_rad", "<f4"),
+    ("ctf/scale_const", "<f4"), ("ctf/scale", "<f4"), ("ctf/shift_A", "<f4", (2,)), ("ctf/tetra_A", "<f4", (4,)),
+    ("ctf/tilt_A", "<f4", (2,)), ("ctf/trefoil_A", "<f4", (2,)), ("ctf/type", "S9"), ("uid", "<u8"),
+]
+
+
+def test_written_cs_has_every_field_of_cryosparcs_own_particle_slots(tmp_path, rng):
+    table = full_table(rng, 6)
+    write_particles(tmp_path / "out.cs", random_images(rng, 6, 10), table, pixel_size_A=1.3)
+    cs = np.load(tmp_path / "out.cs")
+    for entry in CRYOSPARC_PARTICLE_DTYPE:
+        name, dtype = entry[0], np.dtype(entry[1])
+        shape = entry[2] if len(entry) > 2 else ()
+        assert name in cs.dtype.names, name
+        assert cs.dtype[name].base.kind == dtype.kind and cs.dtype[name].shape == shape, name
+    # values isavar knows: half-sets from rlnRandomSubset, unit scale, unit-weight alignments
+    np.testing.assert_array_equal(cs["alignments3D/split"], table["rlnRandomSubset"] - 1)
+    assert (cs["ctf/scale"] == 1).all() and (cs["alignments3D/weight"] == 1).all()
+    assert (cs["ctf/type"] == b"imported").all() and (cs["blob/sign"] == 1).all()
+    np.testing.assert_array_equal(cs["ctf/anisomag"], np.tile([1, 0, 0, 1], (6, 1)))
+
+
+def test_written_cs_loads_in_cryosparc_tools(tmp_path, rng):
+    dataset = pytest.importorskip("cryosparc.dataset")
+    write_particles(tmp_path / "out.cs", random_images(rng, 4, 10), full_table(rng, 4), pixel_size_A=1.3)
+    d = dataset.Dataset.load(str(tmp_path / "out.cs"))
+    assert len(d) == 4 and {"ctf", "blob", "alignments3D", "alignments2D"} <= set(d.prefixes())
+
+
+def test_compressed_cs_format_is_read_through_cryosparc_tools(tmp_path, rng):
+    dataset = pytest.importorskip("cryosparc.dataset")
+    path, _, _ = _cs_file(tmp_path, rng)
+    plain = read_particles(path)
+    packed = path.with_name("packed.cs")
+    dataset.Dataset.load(str(path)).save(str(packed), format=dataset.CSDAT_FORMAT)
+    assert packed.read_bytes()[:6] == b"\x95CSDAT"
+    got = read_particles(packed)
+    np.testing.assert_array_equal(got.images[:], plain.images[:])
+    for col in ("defocus_u_A", "angle_rot_deg", "origin_x_A", "class_number", "uid"):
+        np.testing.assert_array_equal(got.table[col], plain.table[col])
+
+
+def test_compressed_cs_without_cryosparc_tools_names_the_fix(tmp_path, monkeypatch):
+    import sys
+
+    path = tmp_path / "packed.cs"
+    path.write_bytes(b"\x95CSDAT" + b"\0" * 64)
+    monkeypatch.setitem(sys.modules, "cryosparc.dataset", None)
+    with pytest.raises(InputError, match=r"isavar\[cryosparc\]"):
+        read_particles(path)
+
+
+def test_2d_alignments_become_relion_pose_columns_as_isac2_writes_them(tmp_path, rng):
+    """A cryoSPARC 2D classification (alignments2D only, no isavar fields) reads as RELION psi/origin columns
+    equal to what ``isavar isac2`` writes for the same alignment."""
+    from isavar.workflows.isac2 import _accounted_columns
+
+    path, cs, _ = _cs_file(tmp_path, rng)
+    names = [n for n in cs.dtype.names if not n.startswith("alignments3D")]
+    only2d = tmp_path / "P1" / "J2" / "class2d.cs"
+    with open(only2d, "wb") as fh:
+        np.save(fh, cs[names])
+    t = read_particles(only2d).table
+    assert "angle_rot_deg" not in t.columns                            # not a 3D pose
+    np.testing.assert_allclose(np.deg2rad(t["angle_psi_deg"]), np.arctan2(np.sin(cs["alignments2D/pose"]),
+                                                                          np.cos(cs["alignments2D/pose"])),
+                               atol=1e-5)
+    np.testing.assert_allclose(t["origin_x_A"], cs["alignments2D/shift"][:, 0] * 1.1, rtol=1e-5)
+    full = t[["align_alpha_deg", "align_sx_px", "align_sy_px", "align_mirror"]].to_numpy(np.float64)
+    isac2 = _accounted_columns(t.drop(columns=["angle_psi_deg", "angle_tilt_deg", "origin_x_A", "origin_y_A"]),
+                               full, t["class_number"].to_numpy(), 1.1)
+    for col in ("angle_psi_deg", "angle_tilt_deg", "origin_x_A", "origin_y_A"):
+        np.testing.assert_allclose(t[col], isac2[col], atol=1e-6)
+    write_particles(tmp_path / "c2d.star", read_particles(only2d).images, t, pixel_size_A=1.1)
+    text = (tmp_path / "c2d.star").read_text()
+    assert "_rlnAnglePsi" in text and "_rlnOriginXAngst" in text

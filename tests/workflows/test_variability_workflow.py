@@ -141,7 +141,7 @@ def _spider_matrix(phi, theta, psi):
     return rz(psi - 90.0) @ np.array([[1, 0, 0], [0, c, s], [0, -s, c]]) @ rz(phi + 90.0)
 
 
-def _write_like_sp_relion2sphire(star_path, out_path):
+def _write_like_sp_relion2sphire(star_path, out_path, *, apix=True, ctf=True):
     """Write the STAR's particles as an HDF stack the way SPHIRE's ``sp_relion2sphire`` does, with no isavar
     pose or CTF writer involved: ``s2x = rlnOriginX`` (px), ``set_params_proj`` stores ``set_trans(-s2x, -s2y)``;
     CTF ``defocus = (U + V) / 20000`` µm, ``dfdiff = (V - U) / 10000`` µm, ``dfang = 45 - angle`` (mod 180),
@@ -159,12 +159,16 @@ def _write_like_sp_relion2sphire(star_path, out_path):
         for i in range(len(t)):
             g = grp.create_group(str(i))
             g.create_dataset("image", data=images[i])
-            for key, value in (("nx", BOX), ("ny", BOX), ("nz", 1), ("apix_x", PIX), ("ctf_applied", False)):
+            for key, value in (("nx", BOX), ("ny", BOX), ("nz", 1), ("ctf_applied", False)):
                 write_eman_attr(g, key, value)
+            if apix:
+                write_eman_attr(g, "apix_x", PIX)
             m = np.zeros((3, 4))
             m[:, :3] = _spider_matrix(t["angle_rot_deg"][i], t["angle_tilt_deg"][i], t["angle_psi_deg"][i])
             m[0, 3], m[1, 3] = -t["origin_x_A"][i] / PIX, -t["origin_y_A"][i] / PIX
             write_eman_attr(g, "xform.projection", transform_value(m))
+            if not ctf:
+                continue
             u, v, ang = t["defocus_u_A"][i], t["defocus_v_A"][i], t["defocus_angle_deg"][i]
             fields = ((u + v) / 20000, (v - u) / 10000, np.mod(45.0 - ang, 180.0), 0.0,
                       100 * t["amplitude_contrast"][i], t["voltage_kV"][i], t["cs_mm"][i], PIX)
@@ -178,4 +182,17 @@ def test_sphire_stack_written_like_sp_relion2sphire_reconstructs_like_the_star(s
     _write_like_sp_relion2sphire(star, hdf)
     ref = run_reconstruct(star, tmp_path / "ref.mrc", ctf=True)
     got = run_reconstruct(hdf, tmp_path / "got.mrc", ctf=True)
+    np.testing.assert_allclose(got, ref, atol=2e-3 * np.abs(ref).max())
+
+
+def test_hdf_without_pixel_size_refuses_unknown_origins_and_apix_sets_them(star, tmp_path):
+    """SPHIRE shifts are in pixels: without a pixel size the origins in Å are unknown, and 3D reconstruction
+    says so instead of using 0; with --apix they are converted and the map equals the STAR's."""
+    hdf = tmp_path / "noapix.hdf"
+    _write_like_sp_relion2sphire(star, hdf, apix=False, ctf=False)
+    with pytest.raises(InputError, match="--apix"):
+        run_reconstruct(hdf, tmp_path / "a.mrc")
+    assert not (tmp_path / "a.mrc").exists()
+    ref = run_reconstruct(star, tmp_path / "ref.mrc")
+    got = run_reconstruct(hdf, tmp_path / "b.mrc", pixel_size_A=PIX)
     np.testing.assert_allclose(got, ref, atol=2e-3 * np.abs(ref).max())

@@ -18,7 +18,9 @@ cryoSPARC field                column
 ``alignments3D/pose``          ``angle_rot/tilt/psi_deg`` via ``axis_angle_to_matrix``
 ``alignments3D/shift``         ``origin_x/y_A`` = shift (px, same sign as RELION's
                                origin) x ``alignments3D/psize_A`` (or ``blob/psize_A``)
-``alignments2D/pose``, shift   ``align_*`` via RELION psi = pose (deg), origin = shift
+``alignments2D/pose``, shift   ``align_*`` via RELION psi = pose (deg), origin = shift; without
+                               a 3D pose also ``angle_psi_deg``, ``angle_tilt_deg`` (0, or 180
+                               for an isavar mirror) and ``origin_x/y_A``, as isac2 writes them
 ``alignments2D/class``         ``class_number`` (+1)
 ``isavar/<column>``            ``<column>`` (isavar's own fields for columns cryoSPARC
                                has no field for, e.g. ``true_*``, ``align_mirror``)
@@ -29,6 +31,17 @@ anything else                  kept under its field name; a vector field ``f`` o
 Relative ``blob/path`` values are resolved against the ``.cs`` folder and up to
 three of its parents (cryoSPARC stores them relative to the project folder).
 Written files name their stack relative to the ``.cs`` file's folder.
+
+Formats: the numpy ``.npy`` layout is read and written with numpy (it is what
+cryoSPARC and cryosparc-tools write by default); cryosparc-tools' compressed
+stream format (``\x95CSDAT``) is read through cryosparc-tools when it is
+installed (the optional extra ``isavar[cryosparc]``). Written files complete
+every slot they use (``blob``, ``ctf``, ``alignments3D``, ``alignments2D``) with
+all the fields cryoSPARC's own particle files have (:data:`SLOT_FIELDS`):
+``blob/sign`` = +1 (isavar images are in RELION's contrast, protein density
+positive), ``ctf/type`` = ``imported``, ``ctf/scale`` = 1 (or ``ctf_scale``),
+``alignments*/split`` = ``rlnRandomSubset`` - 1 (or alternating 0/1), unit
+weights and posteriors, zeros for the higher-order aberrations.
 """
 
 from __future__ import annotations
@@ -72,9 +85,30 @@ _HANDLED = set(_SIMPLE_FIELDS) | {
 _VECTOR_COLUMN = re.compile(r"^(.*)/(\d+)$")
 
 
+#: First bytes of cryosparc-tools' compressed stream format (``Dataset.save(format=CSDAT_FORMAT)``).
+CSDAT_MAGIC = b"\x95CSDAT"
+
+
+def _load_compressed(path: Path) -> np.ndarray:
+    """Read cryosparc-tools' compressed ``.cs`` format through cryosparc-tools itself (the format's owner)."""
+    try:
+        from cryosparc.dataset import Dataset
+    except ImportError:
+        raise InputError("saved in cryosparc-tools' compressed .cs format, which needs cryosparc-tools to read: "
+                         "pip install 'isavar[cryosparc]' (or cryosparc-tools)", path=path) from None
+    try:
+        records = Dataset.load(str(path)).to_records(fixed=True)
+    except Exception as exc:
+        raise InputError(f"cryosparc-tools cannot read it ({type(exc).__name__}: {exc})", path=path) from None
+    return np.asarray(records).view(np.ndarray).reshape(-1)
+
+
 def _load(path: Path) -> np.ndarray:
     if not path.exists():
         raise InputError("file not found", path=path)
+    with open(path, "rb") as fh:
+        if fh.read(len(CSDAT_MAGIC)) == CSDAT_MAGIC:
+            return _load_compressed(path)
     try:
         with open(path, "rb") as fh:
             data = np.load(fh, allow_pickle=False)
@@ -150,6 +184,7 @@ def read_cs(path) -> ParticleStack:
     if "ctf/exp_group_id" in names:
         cols["optics_group"] = cs["ctf/exp_group_id"].astype(np.int64) + 1
     _read_alignments(cs, cols)
+    has_3d = "alignments3D/pose" in names
     for field in names:
         if field in _HANDLED or field == "uid":
             continue
@@ -163,6 +198,8 @@ def read_cs(path) -> ParticleStack:
                 cols[f"{field}/{k}"] = flat[:, k]
         else:
             cols[field] = _text(values) if values.dtype.kind in "SOU" else values
+    if not has_3d and all(c in cols for c in ALIGN2D_COLUMNS) and "pixel_size_A" in cols:
+        _relion_2d_pose(cols)
     for column in ("pixel_size_A", "alignments3D/psize_A", "alignments2D/psize_A"):
         if column in cols and np.asarray(cols[column]).dtype == np.float32 or column == "pixel_size_A" and column in cols:
             values = np.asarray(cols[column], dtype=np.float32)
@@ -173,6 +210,19 @@ def read_cs(path) -> ParticleStack:
     if pixel is None and sources[0].pixel_size_A:
         pixel = sources[0].pixel_size_A
     return ParticleStack(table=table, images=images, pixel_size_A=pixel, path=str(path))
+
+
+def _relion_2d_pose(cols: dict) -> None:
+    """RELION 2D pose columns from the 2D alignment, as ``isavar isac2`` writes them.
+
+    ``angle_psi_deg``, ``angle_tilt_deg`` (180 for a mirror, from ``isavar/align_mirror``
+    when present; cryoSPARC itself has no mirror) and ``origin_x/y_A``; no
+    ``angle_rot_deg``, so the particles are not mistaken for 3D-oriented ones.
+    """
+    psi, tilt, ox, oy = align2d_to_relion(cols["align_alpha_deg"], cols["align_sx_px"], cols["align_sy_px"],
+                                          np.asarray(cols["align_mirror"]).astype(np.int64))
+    apix = np.asarray(cols["pixel_size_A"], np.float64)
+    cols.update(angle_psi_deg=psi, angle_tilt_deg=tilt, origin_x_A=ox * apix, origin_y_A=oy * apix)
 
 
 def _read_alignments(cs: np.ndarray, cols: dict) -> None:
@@ -287,11 +337,70 @@ def build_cs_array(table: pd.DataFrame, stack_name: str, box: int, *, rng=None) 
         fields["alignments2D/class"] = (table["class_number"].to_numpy(np.int64) - 1).astype(np.uint32)
         used.add("class_number")
     _add_other_fields(table, used, fields)
+    _complete_slots(table, fields)
     dtype = [(name, values.dtype, values.shape[1:]) for name, values in fields.items()]
     out = np.zeros(n, dtype=dtype)
     for name, values in fields.items():
         out[name] = values
     return out
+
+
+#: Every field of the result slots cryoSPARC writes for particles (the dtype of a cryoSPARC particle .cs):
+#: (field, dtype, shape). A slot present in a written file is completed with these so that cryoSPARC's
+#: importers, which expect whole slots, accept it.
+SLOT_FIELDS: dict[str, list[tuple[str, str, tuple]]] = {
+    "blob": [("path", "S", ()), ("idx", "<u4", ()), ("shape", "<u4", (2,)), ("psize_A", "<f4", ()),
+             ("sign", "<f4", ()), ("import_sig", "<u8", ())],
+    "ctf": [("type", "S", ()), ("exp_group_id", "<u4", ()), ("accel_kv", "<f4", ()), ("cs_mm", "<f4", ()),
+            ("amp_contrast", "<f4", ()), ("df1_A", "<f4", ()), ("df2_A", "<f4", ()), ("df_angle_rad", "<f4", ()),
+            ("phase_shift_rad", "<f4", ()), ("scale", "<f4", ()), ("scale_const", "<f4", ()),
+            ("shift_A", "<f4", (2,)), ("tilt_A", "<f4", (2,)), ("trefoil_A", "<f4", (2,)),
+            ("tetra_A", "<f4", (4,)), ("anisomag", "<f4", (4,)), ("bfactor", "<f4", ())],
+    "alignments3D": [("split", "<u4", ()), ("shift", "<f4", (2,)), ("pose", "<f4", (3,)), ("psize_A", "<f4", ()),
+                     ("error", "<f4", ()), ("error_min", "<f4", ()), ("resid_pow", "<f4", ()),
+                     ("slice_pow", "<f4", ()), ("image_pow", "<f4", ()), ("cross_cor", "<f4", ()),
+                     ("alpha", "<f4", ()), ("alpha_min", "<f4", ()), ("weight", "<f4", ()), ("pose_ess", "<f4", ()),
+                     ("shift_ess", "<f4", ()), ("class_posterior", "<f4", ()), ("class", "<u4", ()),
+                     ("class_ess", "<f4", ())],
+}
+SLOT_FIELDS["alignments2D"] = list(SLOT_FIELDS["alignments3D"])
+
+#: Values of slot fields that isavar has no data for (anything else is 0).
+_SLOT_DEFAULTS = {"blob/sign": 1.0, "ctf/type": b"imported", "ctf/scale": 1.0, "ctf/anisomag": [1.0, 0.0, 0.0, 1.0],
+                  "alignments3D/alpha": 1.0, "alignments3D/alpha_min": 1.0, "alignments3D/weight": 1.0,
+                  "alignments3D/class_posterior": 1.0, "alignments3D/class_ess": 1.0,
+                  "alignments3D/pose_ess": 1.0, "alignments3D/shift_ess": 1.0,
+                  "alignments2D/alpha": 1.0, "alignments2D/alpha_min": 1.0, "alignments2D/weight": 1.0,
+                  "alignments2D/class_posterior": 1.0, "alignments2D/class_ess": 1.0,
+                  "alignments2D/pose_ess": 1.0, "alignments2D/shift_ess": 1.0}
+
+
+def _complete_slots(table: pd.DataFrame, fields: dict) -> None:
+    """Add the missing fields of every slot present (``ctf/scale`` from ``ctf_scale``, ``ctf/bfactor``
+    from ``ctf_bfactor_A2``, ``alignments*/split`` from RELION's ``rlnRandomSubset`` or alternating 0/1)."""
+    n = len(table)
+    derived = {}
+    if "ctf_scale" in table and not table["ctf_scale"].isna().any():
+        derived["ctf/scale"] = table["ctf_scale"].to_numpy(np.float64)
+    if "ctf_bfactor_A2" in table:
+        derived["ctf/bfactor"] = table["ctf_bfactor_A2"].fillna(0.0).to_numpy(np.float64)
+    if "rlnRandomSubset" in table and not table["rlnRandomSubset"].isna().any():
+        split = np.clip(table["rlnRandomSubset"].to_numpy(np.int64) - 1, 0, 1)
+    else:
+        split = np.arange(n) % 2                                      # gold-standard halves, deterministic
+    derived["alignments3D/split"] = derived["alignments2D/split"] = split
+    for slot, spec in SLOT_FIELDS.items():
+        if not any(name.startswith(slot + "/") for name in fields):
+            continue
+        for field, dtype, shape in spec:
+            name = f"{slot}/{field}"
+            if name in fields:
+                continue
+            if name in derived:
+                values = np.asarray(derived[name])
+            else:
+                values = np.broadcast_to(np.asarray(_SLOT_DEFAULTS.get(name, 0)), (n, *shape))
+            fields[name] = np.array(values, dtype=dtype if dtype != "S" else "S16").reshape((n, *shape))
 
 
 def _add_other_fields(table: pd.DataFrame, used: set, fields: dict) -> None:
