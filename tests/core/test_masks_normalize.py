@@ -103,3 +103,20 @@ def test_per_image_masks_match_shared_mask(rng):
         sel = different[i] > 0.5
         assert mean[i] == pytest.approx(img[i][sel].mean(), rel=1e-5)
         assert std[i] == pytest.approx(img[i][sel].std(ddof=1), rel=1e-5)
+
+
+def test_soft_mask_outside_sphere_keeps_inside_and_flattens_corners():
+    from isavar.core.masks import soft_mask_outside_sphere
+
+    rng = np.random.default_rng(3)
+    n = 24
+    vol = rng.normal(size=(n, n, n)).astype(np.float32)
+    out = soft_mask_outside_sphere(vol, radius=8.0, width=3.0)
+    z, y, x = np.mgrid[:n, :n, :n] - n // 2
+    r = np.sqrt(x * x + y * y + z * z)
+    np.testing.assert_array_equal(out[r <= 8.0], vol[r <= 8.0])
+    far = out[r >= 11.0]
+    assert np.ptp(far) < 1e-6                                   # one background level beyond the edge
+    # a map already flat outside the sphere is unchanged
+    flat = np.where(r <= 8.0, vol, np.float32(0.7))
+    np.testing.assert_allclose(soft_mask_outside_sphere(flat, radius=8.0, width=3.0), flat, atol=1e-6)

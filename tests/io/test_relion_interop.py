@@ -116,3 +116,34 @@ def test_relion_reconstructs_from_isavar_files(tmp_path):
     handled = read_particles(tmp_path / "handled.star")
     np.testing.assert_allclose(handled.table["true_angle_rot_deg"], table["true_angle_rot_deg"], atol=1e-4)
     np.testing.assert_allclose(handled.table["angle_tilt_deg"], table["angle_tilt_deg"], atol=1e-4)
+
+
+def _fsc(a, b):
+    n = a.shape[0]
+    fa, fb = np.fft.fftshift(np.fft.fftn(a)), np.fft.fftshift(np.fft.fftn(b))
+    z, y, x = np.mgrid[:n, :n, :n] - n // 2
+    r = np.rint(np.sqrt(x * x + y * y + z * z)).astype(int).ravel()
+    num = np.bincount(r, (fa * np.conj(fb)).real.ravel())
+    den = np.sqrt(np.bincount(r, (np.abs(fa) ** 2).ravel()) * np.bincount(r, (np.abs(fb) ** 2).ravel()))
+    return (num / den)[: n // 2]
+
+
+def test_ctf_reconstruction_is_as_good_as_relion_reconstruct(tmp_path):
+    """``isavar reconstruct --CTF`` against ``relion_reconstruct --ctf`` on the same noisy CTF-modulated
+    particles: FSC with the true map in every shell from 1/8 to 7/8 of Nyquist within 0.03 of RELION's
+    (measured: at worst 0.006 below).
+    (Before RELION's soft flattening of the box corners was matched, isavar trailed by up to 0.10 in these
+    shells: the corner noise spreads into every shell.)"""
+    from isavar.synthetic import phantom_volume, simulate_particles
+    from isavar.workflows.variability import run_reconstruct
+
+    box, apix = 48, 2.0
+    truth = phantom_volume("blob", box, apix)
+    imgs, table = simulate_particles(truth, 1500, pixel_size_A=apix, snr=0.05, ctf=True, shift_sd_A=2.0, rng=17)
+    write_particles(tmp_path / "p.star", imgs, table, pixel_size_A=apix)
+    _run(["relion_reconstruct", "--i", "p.star", "--o", "relion.mrc", "--ctf", "--angpix", str(apix)], tmp_path)
+    relion, _ = read_volume(tmp_path / "relion.mrc")
+    ours = run_reconstruct(tmp_path / "p.star", tmp_path / "isavar.mrc", ctf=True)
+    f_relion, f_ours = _fsc(relion, truth), _fsc(ours, truth)
+    shells = np.arange(box // 16, 7 * box // 16 + 1)
+    assert np.all(f_ours[shells] >= f_relion[shells] - 0.03), np.round(np.c_[f_relion, f_ours][shells], 3)

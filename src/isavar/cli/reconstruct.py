@@ -35,6 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--radius", type=float, default=-1.0,
                         help="zero voxels beyond this radius in pixels (default: no mask)")
     parser.add_argument("--chunk-size", dest="chunk_size", type=int, default=512, help="images per task")
+    parser.add_argument("--no-soft-mask", dest="soft_mask", action="store_false",
+                        help="keep the box corners as reconstructed (default: flatten the map outside the "
+                             "sphere of radius N/2 to its background with a 3-voxel cosine edge, as "
+                             "relion_reconstruct does)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     add_input_arguments(parser)
     add_executor_arguments(parser)
@@ -56,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         run_reconstruct(args.stack, args.output, ctf=args.CTF, symmetry=args.sym, npad=args.npad,
                         interpolation=args.interpolation, mask_radius_px=args.radius if args.radius > 0 else None,
                         chunk_size=args.chunk_size, executor=executor, progress=progress, overwrite=args.overwrite,
-                        pixel_size_A=args.apix, project_dir=project_dir(args))
+                        pixel_size_A=args.apix, project_dir=project_dir(args), soft_mask=args.soft_mask)
     finally:
         progress.close()
         close = getattr(executor, "close", None)

@@ -112,3 +112,43 @@ def rectangle_mask(size, half_width: float, half_length: float, angle_deg: float
     v = -x * uy + y * ux
     eps = 1e-9
     return ((np.abs(u) <= half_length + eps) & (np.abs(v) <= half_width + eps)).astype(np.float32)
+
+
+def soft_mask_outside_sphere(volume: np.ndarray, radius: float | None = None, width: float = 3.0) -> np.ndarray:
+    """Flatten a volume outside a sphere to its background level with a raised-cosine edge.
+
+    Inside ``radius`` the voxels are kept; beyond ``radius + width`` they are
+    replaced by the background level (the edge-weighted mean of the voxels
+    outside ``radius``); in between, a raised cosine blends the two. This is
+    what ``relion_reconstruct`` does to every map it writes (radius ``N / 2``,
+    width 3 voxels): it removes the noise that Fourier inversion leaves in the
+    corners of the box, where no particle density is.
+
+    Parameters
+    ----------
+    volume : numpy.ndarray
+        ``(N, N, N)`` map, centre ``N // 2``.
+    radius : float, optional
+        Inner radius in voxels (default ``N / 2``).
+    width : float
+        Width of the cosine edge in voxels.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 map, same shape.
+    """
+    vol = np.asarray(volume, dtype=np.float32)
+    n = vol.shape[0]
+    radius = n / 2.0 if radius is None else float(radius)
+    z, y, x = np.ogrid[:n, :n, :n]
+    c = n // 2
+    r = np.sqrt((z - c) ** 2 + (y - c) ** 2 + (x - c) ** 2)
+    # weight of the background: 0 inside, 1 beyond radius + width, raised cosine between
+    t = np.clip((r - radius) / width, 0.0, 1.0) if width > 0 else (r > radius).astype(np.float64)
+    background_weight = 0.5 - 0.5 * np.cos(np.pi * t)
+    total = float(background_weight.sum())
+    if total == 0.0:
+        return vol.copy()
+    level = float((background_weight * vol).sum() / total)
+    return ((1.0 - background_weight) * vol + background_weight * level).astype(np.float32)

@@ -340,7 +340,7 @@ def _reconstruct_task(ctx: dict, rows: np.ndarray):
 def run_reconstruct(stack_path, out_path, *, ctf: bool = False, symmetry: str = "c1", npad: int = 2,
                     interpolation: str = "linear", mask_radius_px: float | None = None, chunk_size: int = 512,
                     executor=None, progress=None, overwrite: bool = False, pixel_size_A: float | None = None,
-                    project_dir=None) -> np.ndarray:
+                    project_dir=None, soft_mask: bool = True) -> np.ndarray:
     """Plain 3D reconstruction of oriented particles (``isavar reconstruct``).
 
     Direct Fourier inversion (:class:`isavar.core.reconstruct.FourierAccumulator`)
@@ -374,6 +374,11 @@ def run_reconstruct(stack_path, out_path, *, ctf: bool = False, symmetry: str = 
         Pixel size replacing the file's (``--apix``).
     project_dir : path-like, optional
         RELION project directory for relative image names.
+    soft_mask : bool
+        Flatten the map outside the sphere of radius ``N / 2`` to its background
+        level with a 3-voxel raised-cosine edge, as ``relion_reconstruct`` does
+        (:func:`isavar.core.masks.soft_mask_outside_sphere`); ignored when
+        ``mask_radius_px`` is given.
 
     Returns
     -------
@@ -412,6 +417,10 @@ def run_reconstruct(stack_path, out_path, *, ctf: bool = False, symmetry: str = 
     volume = acc.finish()
     if mask_radius_px is not None and mask_radius_px > 0:
         volume = np.where(vol.spherical_mask(box, mask_radius_px), volume, np.float32(0)).astype(np.float32)
+    elif soft_mask:
+        from isavar.core.masks import soft_mask_outside_sphere
+
+        volume = soft_mask_outside_sphere(volume)
     if executor.is_root():
         write_volume(out_path, volume, pixel, overwrite=overwrite)
         log.info("reconstructed %d particles (box %d, %s, symmetry %s) -> %s", n, box,
