@@ -23,8 +23,10 @@ def test_demo_runs_and_round_trip_is_lossless(tmp_path):
     isac2 = summary["isac2"]
     assert isac2["particles"] == 300 and isac2["classes"] >= 1 and isac2["accounted"] >= 40
     assert (out / "4_isac2" / "class_averages.png").exists()
-    # The variability map finds the planted domain (r = 0.58 at 1200 particles, SNR 0.2, seeded; 0.79 at the default 3000).
-    assert summary["variability"]["pearson_r"] > 0.5
+    # The variability map finds the planted domain. Measured at 1200 particles, SNR 0.2: r = 0.577-0.593 over
+    # five simulation seeds (sd 0.007; 0.579 for this one), 0.27 for the same set without the planted
+    # variability (one state only). 0.45 sits 18 sd below the seeds and well above the null.
+    assert summary["variability"]["pearson_r"] > 0.45
     assert (out / "6_3dvariability" / "var3D_slices.png").exists()
     # Running again into the same folder replaces the previous demo.
     assert main(["demo", str(out), "--n", "200", "--n-variability", "200", "--workers", "1", "-q"]) == 0

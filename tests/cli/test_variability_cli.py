@@ -98,4 +98,11 @@ def test_reconstruct_command(main, star, tmp_path):
 
     vol = mrcfile.read(out)
     assert vol.shape == (BOX,) * 3 and np.isfinite(vol).all()
+    # planted truth: the population mean map 0.3 a + 0.7 b, recovered with its amplitude once the CTF is
+    # divided out (measured: r 0.88, slope 1.04; without --CTF r 0.71, slope 0.36)
+    a, b = phantom_volume("two_state", BOX, PIX)
+    truth = 0.3 * a + 0.7 * b
+    inside = truth > 0.05 * truth.max()
+    assert np.corrcoef(vol.ravel(), truth.ravel())[0, 1] > 0.8
+    assert 0.85 < np.polyfit(truth[inside], vol[inside], 1)[0] < 1.2
     assert main(["reconstruct", str(star), str(out), "-q"]) == 2  # exists
