@@ -99,6 +99,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="particle format: star (+ .mrcs), hdf (EMAN2/SPHIRE) or cs (cryoSPARC + .mrcs)")
     parser.add_argument("--chunk-size", type=int, default=512, help="images rendered at a time (memory bound)")
     parser.add_argument("--force", action="store_true", help="write into an existing non-empty OUT")
+    parser.add_argument("--project-dir", dest="project_dir", default=None,
+                        help="RELION project directory: particles.star names its stack relative to it, so RELION "
+                             "run from there opens it (default: the current directory)")
     add_verbosity_arguments(parser)
 
 
@@ -280,8 +283,10 @@ def run(args: argparse.Namespace) -> int:
     progress = make_progress(args)
     progress.stage("simulate", total=plan.n)
     try:
+        from isavar.cli._common import project_dir
+
         write_particles(particles, plan.image_chunks(args.chunk_size, progress=progress), plan.table,
-                        pixel_size_A=apix, overwrite=True)
+                        pixel_size_A=apix, overwrite=True, project_dir=project_dir(args))
     finally:
         progress.close()
 
