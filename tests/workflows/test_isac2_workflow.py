@@ -312,6 +312,18 @@ def test_cli_run_in_process(dataset, tmp_path):
     assert (out / "finished").exists() and (out / "provenance.json").exists()
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["seed"] == 3 and prov["parameters"]["img_per_grp"] == 50
+    if shutil.which("relion_stack_create"):
+        # RELION run from the project directory (here: where the command ran) opens particles.star
+        import subprocess
+
+        import mrcfile
+
+        for name in ("particles.star", "unaccounted_particles.star"):
+            if len(_star(out / name)):
+                subprocess.run(["relion_stack_create", "--i", str(out / name), "--o", str(tmp_path / "r")],
+                               check=True, capture_output=True, timeout=300, cwd=Path.cwd())
+                mine = read_particles(out / name).images[:]
+                np.testing.assert_array_equal(mrcfile.read(tmp_path / "r.mrcs"), mine)
 
 
 def test_purity15_against_oracle(finished_run):
