@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
 import os
 import platform
+import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from isavar._version import __version__
@@ -132,3 +136,178 @@ def write_text_atomic(path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------- checks before the work
+
+def format_bytes(n: float) -> str:
+    """``1536`` -> ``"1.5 KiB"`` (binary units, 2 significant decimals)."""
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024.0
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def _existing_ancestor(path: Path) -> Path:
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_can_write(path) -> None:
+    """Refuse an output location (file or directory, existing or not) that cannot be written.
+
+    The nearest existing folder is probed by creating and removing a temporary file, which also
+    catches read-only file systems and works for the superuser (for whom permission bits say
+    nothing).
+
+    Parameters
+    ----------
+    path : path-like
+        Output file or directory.
+
+    Raises
+    ------
+    InputError
+        Naming ``path`` and the cause (not a directory, permission denied, read-only, ...).
+    """
+    path = Path(path)
+    folder = path if path.is_dir() else _existing_ancestor(path.parent)
+    if not folder.is_dir():
+        raise InputError(f"cannot be created: {folder} is not a directory", path=path)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".isavar-write-test-", dir=folder)
+    except OSError as exc:
+        raise InputError(f"cannot write in {folder} ({exc.strerror or exc})", path=path) from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process may still use (``MemAvailable`` and any cgroup limit), or None."""
+    values = []
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    values.append(int(line.split()[1]) * 1024)
+                    break
+    except OSError:
+        try:
+            values.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+            values.append(max(int(limit) - used, 0))
+    except (OSError, ValueError):
+        pass
+    return min(values) if values else None
+
+
+def check_memory(need_bytes: float, what: str, hint: str) -> None:
+    """Refuse up front a run whose estimated memory exceeds what is available.
+
+    Parameters
+    ----------
+    need_bytes : float
+        Estimated peak memory.
+    what : str
+        What needs it (e.g. ``"--xr 1000 (2001 x 2001 trial shifts)"``).
+    hint : str
+        What the user can change.
+    """
+    avail = available_memory()
+    if avail is not None and need_bytes > avail:
+        raise InputError(f"{what} needs about {format_bytes(need_bytes)} of memory but "
+                         f"{format_bytes(avail)} is available; {hint}")
+
+
+def check_disk_space(path, need_bytes: float, what: str) -> None:
+    """Refuse up front to write ``need_bytes`` where the file system has less free space.
+
+    Parameters
+    ----------
+    path : path-like
+        Output file or directory (need not exist yet).
+    need_bytes : float
+        Estimated size of what will be written.
+    what : str
+        What is written (for the message).
+    """
+    folder = _existing_ancestor(Path(path))
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if need_bytes > free:
+        raise InputError(f"{what} needs about {format_bytes(need_bytes)} of disk space but {folder} has "
+                         f"{format_bytes(free)} free", path=path)
+
+
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.(?:tmp|raw|tmp\.hdr)$")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder, names=None) -> list[Path]:
+    """Remove the temporary files (``.NAME.PID.tmp`` and kin) that killed isavar processes left behind.
+
+    Only files whose process no longer exists on this machine are removed.
+
+    Parameters
+    ----------
+    folder : path-like
+        Folder to clean.
+    names : iterable of str, optional
+        Only temporaries of these final file names (default: any).
+
+    Returns
+    -------
+    list of pathlib.Path
+        The files removed.
+    """
+    folder = Path(folder)
+    wanted = None if names is None else set(names)
+    removed = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TEMP_NAME.match(entry.name)
+        if not m or (wanted is not None and m.group("name") not in wanted) or not entry.is_file():
+            continue
+        if _pid_alive(int(m.group("pid"))):
+            continue
+        try:
+            entry.unlink()
+            removed.append(entry)
+        except OSError:
+            pass
+    return removed
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for an operating-system error: the file, the cause and, for a full disk, what to do."""
+    name = exc.filename or getattr(exc, "filename2", None)
+    cause = exc.strerror or str(exc) or type(exc).__name__
+    text = str(exc)
+    if exc.errno == errno.ENOSPC or "errno = 28" in text or "No space left" in text:
+        cause = "no space left on device; free some space (or choose another output location) and run again"
+    return f"{name}: {cause}" if name else cause
