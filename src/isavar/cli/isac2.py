@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 
-from isavar.cli._common import add_executor_arguments, add_verbosity_arguments, make_progress, setup_logging
+from isavar.cli._common import add_executor_arguments, add_verbosity_arguments, executor_from_args, make_progress
 
 
 def _bool_flag(parser, name, help_):
@@ -89,20 +89,15 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from isavar.isac.params import from_sphire_options
-    from isavar.parallel import make_executor
     from isavar.workflows.isac2 import run_isac2
 
     params = from_sphire_options(args)
-    executor = make_executor(args.executor, args.workers)
-    setup_logging(args, is_root=executor.is_root())
-    progress = make_progress(args, is_root=executor.is_root())
-    try:
-        result = run_isac2(Path(args.stack), Path(args.outdir), params, executor=executor, progress=progress)
-    finally:
-        progress.close()
-        close = getattr(executor, "close", None)
-        if close is not None:
-            close()
+    with executor_from_args(args) as executor:
+        progress = make_progress(args, is_root=executor.is_root())
+        try:
+            result = run_isac2(Path(args.stack), Path(args.outdir), params, executor=executor, progress=progress)
+        finally:
+            progress.close()
     import logging
 
     logging.getLogger("isavar").info("ISAC2 finished: %d classes, %d of %d particles accounted -> %s",

@@ -32,7 +32,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from isavar.cli._common import add_executor_arguments, add_verbosity_arguments, make_progress, setup_logging
+from isavar.cli._common import add_executor_arguments, add_verbosity_arguments, executor_from_args, make_progress, \
+    positive_int
 from isavar.errors import InputError
 
 log = logging.getLogger("isavar")
@@ -59,8 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="SPHIRE 1.4.2: only write symmetrized_particles.star and stop")
     parser.add_argument("--no_norm", action="store_true", help="skip the background normalisation")
     parser.add_argument("--radius", type=float, default=-1.0,
-                        help="radius (pixels) of the spherical mask of the 3D outputs (default: box/2 - 2)")
-    parser.add_argument("--npad", type=int, default=2, help="reconstruction padding factor (default 2)")
+                        help="radius (pixels) of the spherical mask of the 3D outputs, in (0, box/2] "
+                             "(default -1: box/2 - 2)")
+    parser.add_argument("--npad", type=positive_int, default=2, help="reconstruction padding factor (default 2)")
     parser.add_argument("--no_ave2D_save", action="store_true", help="do not write ave2D.star/.mrcs")
     parser.add_argument("--no_var2D_save", action="store_true", help="do not write var2D.star/.mrcs")
     parser.add_argument("--VAR", action="store_true",
@@ -82,8 +84,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sphire.add_argument("--window", type=int, default=0, help="central crop (input pixels) before decimation")
     sphire.add_argument("--overhead", type=float, default=None, help="ignored (SPHIRE memory estimate)")
     adv = parser.add_argument_group("isavar")
-    adv.add_argument("--chunk-size", dest="chunk_size", type=int, default=1024,
-                     help="group centres per task (memory bound; default 1024)")
+    adv.add_argument("--chunk-size", dest="chunk_size", type=positive_int, default=1024,
+                     help="group centres processed at once (a memory bound; the results do not depend on "
+                          "it; default 1024)")
     adv.add_argument("--no-auto-decimate", dest="auto_decimate", action="store_false",
                      help="with --fl, work on the full box instead of the smallest box holding the "
                           "frequencies the filter passes")
@@ -110,7 +113,6 @@ def run(args: argparse.Namespace) -> int:
     """Run ``isavar 3dvariability``."""
     from pathlib import Path
 
-    from isavar.parallel import make_executor
     from isavar.workflows.variability import run_variability
 
     outdir = args.output_directory or args.output_dir
@@ -121,20 +123,16 @@ def run(args: argparse.Namespace) -> int:
     if args.VAR and (args.ave2D or args.ave3D or args.var2D):
         raise InputError("--VAR cannot be combined with --ave2D, --ave3D or --var2D")
     params = params_from_args(args)
-    executor = make_executor(args.executor, args.workers)
-    setup_logging(args, is_root=executor.is_root())
-    progress = make_progress(args, is_root=executor.is_root())
-    for name in ("ave2D", "var2D", "ave3D", "var3D"):
-        if getattr(args, name):
-            log.info("--%s=%s: written as the fixed isavar output of that name", name, getattr(args, name))
-    try:
-        result = run_variability(Path(args.prj_stack), Path(outdir), params, executor=executor, progress=progress,
-                                 symmetrize_only=args.symmetrize)
-    finally:
-        progress.close()
-        close = getattr(executor, "close", None)
-        if close is not None:
-            close()
+    with executor_from_args(args) as executor:
+        progress = make_progress(args, is_root=executor.is_root())
+        for name in ("ave2D", "var2D", "ave3D", "var3D"):
+            if getattr(args, name):
+                log.info("--%s=%s: written as the fixed isavar output of that name", name, getattr(args, name))
+        try:
+            result = run_variability(Path(args.prj_stack), Path(outdir), params, executor=executor,
+                                     progress=progress, symmetrize_only=args.symmetrize)
+        finally:
+            progress.close()
     if result is not None:
         log.info("3D variability finished: %d particles, var3D and %s in %s", result.n_particles,
                  "ave3D" if result.ave3d is not None else "no ave3D", outdir)

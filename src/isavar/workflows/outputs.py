@@ -311,3 +311,135 @@ def describe_os_error(exc: OSError) -> str:
     if exc.errno == errno.ENOSPC or "errno = 28" in text or "No space left" in text:
         cause = "no space left on device; free some space (or choose another output location) and run again"
     return f"{name}: {cause}" if name else cause
+
+
+# ------------------------------------------------------------------------------------- input fingerprints
+
+#: Images whose pixels are hashed into an input fingerprint (evenly spaced, first and last included).
+FINGERPRINT_SAMPLES = 32
+
+
+def _scalar_columns(table) -> list[str]:
+    cols = []
+    for c in table.columns:
+        s = table[c]
+        if s.dtype != object or s.map(lambda v: v is None or isinstance(v, (str, bytes, int, float))).all():
+            cols.append(c)
+    return cols
+
+
+def input_fingerprint(stack_path, stack, *, samples: int = FINGERPRINT_SAMPLES) -> dict:
+    """A cheap fingerprint of a particle file's content, to recognise it when a run is resumed.
+
+    Records the path, image count and box, the size and modification time of the metadata file and of
+    every image stack, a SHA-256 of the pixels of ``samples`` evenly spaced images and a SHA-256 of the
+    particle table (every scalar column). A stack re-extracted in place (same path, count and box) thus
+    changes the fingerprint, at the cost of reading ``samples`` images.
+
+    Parameters
+    ----------
+    stack_path : path-like
+        The particle file given by the user.
+    stack : ParticleStack
+        Its contents (:func:`isavar.io.read_particles`).
+    samples : int
+        Images whose pixels are hashed.
+
+    Returns
+    -------
+    dict
+        JSON-serialisable; compare two with :func:`fingerprint_changes`.
+    """
+    import hashlib
+
+    import numpy as np
+    import pandas as pd
+
+    stack_path = Path(stack_path)
+    paths = [stack_path.resolve()]
+    for src in stack.images.sources:
+        p = Path(src.path).resolve()
+        if p not in paths:
+            paths.append(p)
+    files = []
+    for p in paths:
+        try:
+            st = p.stat()
+            files.append({"path": str(p), "size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)})
+        except OSError:
+            files.append({"path": str(p), "size": None, "mtime_ns": None})
+    n = len(stack.images)
+    rows = np.unique(np.linspace(0, n - 1, min(n, samples)).round().astype(np.int64)) if n else np.zeros(0, int)
+    pixels = hashlib.sha256(np.ascontiguousarray(stack.images[rows], dtype="<f4").tobytes()).hexdigest()
+    table = stack.table.reset_index(drop=True)
+    cols = _scalar_columns(table)
+    hashed = pd.util.hash_pandas_object(table[cols], index=False).to_numpy() if cols else np.zeros(0, np.uint64)
+    meta = hashlib.sha256(("\t".join(cols)).encode() + np.ascontiguousarray(hashed).tobytes()).hexdigest()
+    return {"path": str(stack_path.resolve()), "n_images": int(n), "box": int(stack.images.box), "files": files,
+            "pixel_sample": pixels, "sample_rows": int(rows.size), "metadata": meta}
+
+
+def fingerprint_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
+    """Compare a recorded input fingerprint with the current one.
+
+    Returns
+    -------
+    problems : list of str
+        Differences that make the two inputs different (path, count, box, file size, sampled pixels,
+        metadata).
+    notes : list of str
+        Differences that do not by themselves (a file touched or copied with a new modification time
+        but the same size, sampled pixels and metadata), or why the content could not be compared.
+    """
+    problems, notes = [], []
+    old = old or {}
+    if old.get("path") != new["path"]:
+        problems.append(f"the run's input was {old.get('path')}")
+    for key, what in (("n_images", "images"), ("box", "box size")):
+        if old.get(key) != new[key]:
+            problems.append(f"{what} {old.get(key)} then, {new[key]} now")
+    if problems:
+        return problems, notes
+    if "pixel_sample" not in old:
+        notes.append("the run was started by an older isavar that recorded no content fingerprint, so only the "
+                     "path, image count and box were compared")
+        return problems, notes
+    before = {f["path"]: f for f in old.get("files", [])}
+    for f in new["files"]:
+        name = Path(f["path"]).name
+        b = before.get(f["path"])
+        if b is None:
+            problems.append(f"{name} was not part of the run's input")
+        elif b.get("size") != f["size"]:
+            problems.append(f"{name} changed size ({b.get('size')} -> {f['size']} bytes)")
+        elif b.get("mtime_ns") != f["mtime_ns"]:
+            notes.append(f"{name} has a new modification time")
+    if old.get("pixel_sample") != new["pixel_sample"]:
+        problems.append(f"the pixels of a sample of {new['sample_rows']} images differ")
+    if old.get("metadata") != new["metadata"]:
+        problems.append("the particle metadata differ")
+    return problems, notes
+
+
+def remove_run_directory(outdir, *, created: bool) -> None:
+    """Remove what a failed new run wrote: the directory itself when the run created it, else its contents.
+
+    Log files inside it are closed first.
+    """
+    import logging
+
+    outdir = Path(outdir)
+    logger = logging.getLogger("isavar")
+    for handler in list(logger.handlers):
+        name = getattr(handler, "baseFilename", None)
+        if name and Path(name).resolve().parent == outdir.resolve():
+            logger.removeHandler(handler)
+            handler.close()
+    if created:
+        shutil.rmtree(outdir, ignore_errors=True)
+    else:
+        for entry in list(outdir.iterdir()):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
