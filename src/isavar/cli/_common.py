@@ -56,6 +56,17 @@ _positive_int = positive_int
 
 
 @contextlib.contextmanager
+def naming_os_errors(path):
+    """Give operating-system errors that name no file (a full disk while writing) the output's name."""
+    try:
+        yield
+    except OSError as exc:
+        if not exc.filename:
+            exc.filename = str(path)
+        raise
+
+
+@contextlib.contextmanager
 def executor_from_args(args: argparse.Namespace):
     """The executor of ``--executor``/``--workers``, with logging configured; stopped at the end.
 

@@ -29,7 +29,13 @@ import argparse
 import logging
 from pathlib import Path
 
-from isavar.cli._common import add_verbosity_arguments, positive_float, positive_int, setup_logging
+from isavar.cli._common import (
+    add_verbosity_arguments,
+    naming_os_errors,
+    positive_float,
+    positive_int,
+    setup_logging,
+)
 from isavar.errors import InputError
 
 log = logging.getLogger("isavar.cli.convert")
@@ -176,7 +182,8 @@ def run(args: argparse.Namespace) -> int:
         volume, voxel = read_volume(src)
         voxel, replaced = _pixel_size(args, voxel, src)
         check_disk_space(dst, volume.nbytes * 1.02 + (1 << 20), f"writing {dst.name}")
-        write_volume(dst, volume, voxel, overwrite=force)
+        with naming_os_errors(dst):
+            write_volume(dst, volume, voxel, overwrite=force)
         log.info("wrote volume %s (%s, voxel %s Å%s)", dst, "x".join(map(str, volume.shape)), voxel,
                  ", replacing the stated one" if replaced else "")
         return 0
@@ -201,8 +208,9 @@ def run(args: argparse.Namespace) -> int:
             log.warning("pixel size %g Å stated by %s replaced by --pixel-size %g Å", stack.pixel_size_A, src,
                         pixel)
         check_disk_space(dst, _disk_need(len(table), stack.images.box, dst_kind), f"writing {dst.name}")
-        write_particles(dst, stack.images, table, pixel_size_A=pixel, overwrite=force,
-                        chunk_size=args.chunk_size)
+        with naming_os_errors(dst):
+            write_particles(dst, stack.images, table, pixel_size_A=pixel, overwrite=force,
+                            chunk_size=args.chunk_size)
     finally:
         stack.close()
     log.info("wrote %d particles (box %d) to %s", len(stack.table), stack.images.box, dst)

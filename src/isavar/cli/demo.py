@@ -64,6 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _prepare_out(out: Path) -> None:
     from isavar.workflows.outputs import create_output_dir
 
+    from isavar.workflows.outputs import check_can_write
+
+    check_can_write(out)
     create_output_dir(out, marker=MARKER)
     for name in STEPS:
         if (out / name).exists():

@@ -23,7 +23,13 @@ from __future__ import annotations
 
 import argparse
 
-from isavar.cli._common import add_executor_arguments, add_verbosity_arguments, executor_from_args, make_progress
+from isavar.cli._common import (
+    add_executor_arguments,
+    add_verbosity_arguments,
+    executor_from_args,
+    make_progress,
+    naming_os_errors,
+)
 
 
 def _bool_flag(parser, name, help_):
@@ -92,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     from isavar.workflows.isac2 import run_isac2
 
     params = from_sphire_options(args)
-    with executor_from_args(args) as executor:
+    with naming_os_errors(args.outdir), executor_from_args(args) as executor:
         progress = make_progress(args, is_root=executor.is_root())
         try:
             result = run_isac2(Path(args.stack), Path(args.outdir), params, executor=executor, progress=progress)

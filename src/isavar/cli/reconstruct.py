@@ -18,6 +18,7 @@ from isavar.cli._common import (
     add_verbosity_arguments,
     executor_from_args,
     make_progress,
+    naming_os_errors,
     positive_int,
 )
 
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.radius != -1 and not args.radius > 0:
         raise InputError(f"--radius must be > 0 (or -1 for no mask), got {args.radius:g}")
-    with executor_from_args(args) as executor:
+    with naming_os_errors(args.output), executor_from_args(args) as executor:
         progress = make_progress(args, is_root=executor.is_root())
         try:
             run_reconstruct(args.stack, args.output, ctf=args.CTF, symmetry=args.sym, npad=args.npad,

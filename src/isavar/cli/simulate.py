@@ -103,11 +103,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_out(out: Path, force: bool) -> None:
+    from isavar.workflows.outputs import check_can_write
+
     if out.exists():
         if not out.is_dir():
             raise InputError("exists and is not a directory", path=out)
         if any(out.iterdir()) and not force:
             raise InputError("output directory exists and is not empty (use --force to write into it)", path=out)
+    check_can_write(out)
 
 
 def _check_options(args) -> None:

@@ -32,8 +32,14 @@ from __future__ import annotations
 import argparse
 import logging
 
-from isavar.cli._common import add_executor_arguments, add_verbosity_arguments, executor_from_args, make_progress, \
-    positive_int
+from isavar.cli._common import (
+    add_executor_arguments,
+    add_verbosity_arguments,
+    executor_from_args,
+    make_progress,
+    naming_os_errors,
+    positive_int,
+)
 from isavar.errors import InputError
 
 log = logging.getLogger("isavar")
@@ -123,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     if args.VAR and (args.ave2D or args.ave3D or args.var2D):
         raise InputError("--VAR cannot be combined with --ave2D, --ave3D or --var2D")
     params = params_from_args(args)
-    with executor_from_args(args) as executor:
+    with naming_os_errors(outdir), executor_from_args(args) as executor:
         progress = make_progress(args, is_root=executor.is_root())
         for name in ("ave2D", "var2D", "ave3D", "var3D"):
             if getattr(args, name):

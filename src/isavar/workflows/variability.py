@@ -575,12 +575,31 @@ def run_reconstruct(stack_path, out_path, *, ctf: bool = False, symmetry: str = 
 
     executor = executor or SerialExecutor()
     progress = progress or NullProgress()
+    from isavar.io import particle_format
+    from isavar.io.particles import ORIENTATION_COLUMNS, ORIGIN_COLUMNS, describe_duplicates, duplicated_rows
+
     out_path = Path(out_path)
+    if particle_format(out_path) not in ("mrcs", "hdf"):
+        raise InputError("a map is written as .mrc or .hdf", path=out_path)
     if out_path.exists() and not overwrite:
         raise InputError("output file exists (choose a new name)", path=out_path)
+    if out_path.is_dir():
+        raise InputError("is a directory", path=out_path)
+    if int(chunk_size) < 1 or int(npad) < 1:
+        raise InputError(f"chunk_size and npad must be >= 1 (got {chunk_size}, {npad})")
+    check_can_write(out_path)
     symmetry = normalise_symmetry(symmetry)
     stack, pixel = _read_input(Path(stack_path))
     n, box = len(stack.images), int(stack.images.shape[-1])
+    if mask_radius_px is not None and mask_radius_px > box / 2:
+        stack.close()
+        raise InputError(f"--radius {mask_radius_px:g} is larger than half the {box}-pixel box", path=stack_path)
+    dup = duplicated_rows(stack.table, columns=ORIENTATION_COLUMNS + ORIGIN_COLUMNS)
+    if dup.any():
+        stack.close()
+        raise InputError(describe_duplicates(stack.table, dup) + ", with the same orientation: such a particle "
+                         "would count twice; remove the duplicated rows", path=stack_path)
+    check_disk_space(out_path, 4.0 * box ** 3 + (1 << 20), f"a {box}^3 map")
     geo = particle_geometry(stack.table, pixel, need_ctf=ctf, source=stack_path)
     ctx = {"geometry": geo, "box": box, "npad": int(npad), "symmetry": symmetry, "interpolation": interpolation,
            "pixel_size_A": pixel, "images": stack.images}
@@ -597,6 +616,7 @@ def run_reconstruct(stack_path, out_path, *, ctf: bool = False, symmetry: str = 
             acc.weights += weights
             progress.advance(k)
     progress.close()
+    stack.close()
     volume = acc.finish()
     if mask_radius_px is not None and mask_radius_px > 0:
         volume = np.where(vol.spherical_mask(box, mask_radius_px), volume, np.float32(0)).astype(np.float32)
