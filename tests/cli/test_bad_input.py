@@ -80,6 +80,16 @@ def _no_space(monkeypatch):
     monkeypatch.setattr(outputs.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
 
 
+def _read_only(monkeypatch):
+    """Every folder refuses new files, as a folder without write permission (root ignores chmod) would."""
+    import isavar.workflows.outputs as outputs
+
+    def mkstemp(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(outputs.tempfile, "mkstemp", mkstemp)
+
+
 def _write_fails_enospc(monkeypatch):
     import isavar.io as io
 
@@ -101,6 +111,8 @@ CASES = [
     Case("isac2-xr-1000", lambda d: ["isac2", d / "good.star", d / "out", *ISAC, "--xr", "1000"], "of memory"),
     Case("isac2-outdir-under-a-file", lambda d: ["isac2", d / "good.star", d / "a_file" / "out", *ISAC],
          "is not a directory"),
+    Case("isac2-outdir-not-writable", lambda d: ["isac2", d / "good.star", d / "out", *ISAC],
+         "cannot write in", patch=_read_only),
     Case("isac2-workers-0", lambda d: ["isac2", d / "good.star", d / "out", *ISAC, "--workers", "0"],
          "--workers: must be at least 1"),
     Case("isac2-radius-negative", lambda d: ["isac2", d / "good.star", d / "out", *ISAC, "--radius", "-3"],
@@ -118,6 +130,8 @@ CASES = [
     Case("3dvar-volume", lambda d: ["3dvariability", d / "map.mrc", d / "out", *VAR], "3D volume"),
     Case("3dvar-outdir-under-a-file", lambda d: ["3dvariability", d / "good.star", d / "a_file" / "o", *VAR],
          "is not a directory"),
+    Case("3dvar-outdir-not-writable", lambda d: ["3dvariability", d / "good.star", d / "out", *VAR],
+         "Permission denied", patch=_read_only),
     Case("3dvar-no-disk-space", lambda d: ["3dvariability", d / "good.star", d / "out", *VAR], "of disk space",
          patch=_no_space),
     # reconstruct
@@ -133,6 +147,8 @@ CASES = [
                                                     "-q"], "larger than half"),
     Case("reconstruct-output-under-a-file", lambda d: ["reconstruct", d / "good.star", d / "a_file" / "m.mrc", "-q"],
          "is not a directory"),
+    Case("reconstruct-output-not-writable", lambda d: ["reconstruct", d / "good.star", d / "m.mrc", "-q"],
+         "Permission denied", patch=_read_only),
     Case("reconstruct-output-not-a-map-format", lambda d: ["reconstruct", d / "good.star", d / "m.star", "-q"],
          ".mrc or .hdf"),
     Case("reconstruct-duplicated-rows", lambda d: ["reconstruct", d / "dup.star", d / "m.mrc", "-q"],
@@ -157,6 +173,8 @@ CASES = [
     Case("convert-cs-text-defocus", lambda d: ["convert", d / "text_defocus.cs", d / "o.star", "-q"], "ctf/df1_A"),
     Case("convert-output-under-a-file", lambda d: ["convert", d / "good.star", d / "a_file" / "o.hdf", "-q"],
          "is not a directory"),
+    Case("convert-output-not-writable", lambda d: ["convert", d / "good.star", d / "o.hdf", "-q"],
+         "Permission denied", patch=_read_only),
     Case("convert-existing-output", lambda d: ["convert", d / "good.star", d / "good_cs.cs", "-q"], "already exists",
          existing=("good_cs.cs",)),
     Case("convert-no-disk-space", lambda d: ["convert", d / "good.star", d / "o.hdf", "-q"], "of disk space",
@@ -170,8 +188,11 @@ CASES = [
     Case("simulate-n-0", lambda d: ["simulate", d / "sim", "--phantom", "blob", "--n", "0", "-q"], "--n must be"),
     Case("simulate-out-under-a-file", lambda d: ["simulate", d / "a_file" / "sim", "--phantom", "blob", "--n", "5",
                                                  "--box", "16", "-q"], "is not a directory"),
+    Case("simulate-out-not-writable", lambda d: ["simulate", d / "sim", "--phantom", "blob", "--n", "5", "--box",
+                                                 "16", "-q"], "Permission denied", patch=_read_only),
     Case("demo-n-0", lambda d: ["demo", d / "demo", "--n", "0"], "--n: must be at least 1"),
     Case("demo-out-under-a-file", lambda d: ["demo", d / "a_file" / "demo", "-q"], "is not a directory"),
+    Case("demo-out-not-writable", lambda d: ["demo", d / "demo", "-q"], "Permission denied", patch=_read_only),
 ]
 
 

@@ -134,33 +134,66 @@ def test_mask_radius_must_fit_the_box(star, tmp_path, radius):
     assert not (tmp_path / "run").exists()
 
 
-def test_kill_9_then_the_same_command_continues(tmp_path):
-    """A real process killed with SIGKILL after its first checkpoint; the re-run equals an uninterrupted run."""
-    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    isavar = [sys.executable, "-m", "isavar"]
-    subprocess.run(isavar + ["simulate", str(tmp_path / "in"), "--phantom", "two_state", "--n", "3100", "--box",
-                             "32", "--apix", "3", "--snr", "2", "--seed", "3", "-q"], check=True, env=env)
-    star = tmp_path / "in" / "particles.star"
-    args = ["3dvariability", str(star), None, "--img_per_grp", "20", "--CTF", "--workers", "1", "-q"]
+ENV = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+ISAVAR = [sys.executable, "-m", "isavar"]
 
-    def argv(out):
-        return isavar + [str(out) if a is None else a for a in args]
 
-    subprocess.run(argv(tmp_path / "ref"), check=True, env=env)
-    out = tmp_path / "killed"
-    proc = subprocess.Popen(argv(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _argv(star, out, workers):
+    return ISAVAR + ["3dvariability", str(star), str(out), "--img_per_grp", "10", "--CTF", "--workers",
+                     str(workers), "-q"]
+
+
+@pytest.fixture(scope="module")
+def big_run(tmp_path_factory):
+    """3100 particles (4 blocks of 1024 centres, about a second each) and their uninterrupted result."""
+    d = tmp_path_factory.mktemp("var_kill")
+    subprocess.run(ISAVAR + ["simulate", str(d / "in"), "--phantom", "two_state", "--n", "3100", "--box", "24",
+                             "--apix", "3", "--snr", "2", "--seed", "3", "-q"], check=True, env=ENV)
+    star = d / "in" / "particles.star"
+    subprocess.run(_argv(star, d / "ref", 1), check=True, env=ENV)
+    return star, d / "ref"
+
+
+def _start_and_stop(argv, out, sig, **popen):
+    """Start a run, and send ``sig`` once its first checkpoint is on disk; returns (process, stderr)."""
+    proc = subprocess.Popen(argv, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
     ck = out / "checkpoints" / "groups.npz"
     deadline = time.monotonic() + 120
     while not ck.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    manifest = json.loads((out / "manifest.json").read_text())
-    if manifest["stage"] == "finished":                                  # pragma: no cover - machine too fast
-        pytest.skip("the run finished before it could be killed")
+    if popen.get("start_new_session"):
+        os.killpg(proc.pid, sig)                                      # as a terminal's Ctrl-C: the whole group
+    else:
+        proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    if json.loads((out / "manifest.json").read_text())["stage"] == "finished":   # pragma: no cover
+        pytest.skip("the run finished before it could be stopped (machine too fast)")
+    return proc, err
+
+
+def _continue_and_compare(argv, out, ref):
     assert (out / ".var2D.scratch").exists()
-    res = subprocess.run(argv(out), env=env, capture_output=True, text=True)
+    res = subprocess.run(argv, env=ENV, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    _same_files(tmp_path / "ref", out)
+    _same_files(ref, out)
     assert "continuing an interrupted run" in (out / "log.txt").read_text()
-    assert not list(out.glob(".*"))[1:] and [p.name for p in out.glob(".*")] == [".isavar_3dvariability"]
+    assert [p.name for p in out.glob(".*")] == [".isavar_3dvariability"]      # scratch files removed
+
+
+def test_kill_9_then_the_same_command_continues(big_run, tmp_path):
+    """A real process killed with SIGKILL after its first checkpoint; the re-run equals an uninterrupted run."""
+    star, ref = big_run
+    out = tmp_path / "killed"
+    proc, _ = _start_and_stop(_argv(star, out, 1), out, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    _continue_and_compare(_argv(star, out, 1), out, ref)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="process groups")
+def test_ctrl_c_prints_one_line_and_the_same_command_continues(big_run, tmp_path):
+    star, ref = big_run
+    out = tmp_path / "interrupted"
+    proc, err = _start_and_stop(_argv(star, out, 2), out, signal.SIGINT, start_new_session=True)
+    assert proc.returncode == 130
+    assert err.strip() == "isavar 3dvariability: interrupted; run the same command again to continue", err
+    _continue_and_compare(_argv(star, out, 2), out, ref)

@@ -28,6 +28,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+#: Commands whose interrupted runs continue when the same command is run again.
+RESUMABLE = ("isac2", "3dvariability")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the top-level parser with one subparser per command."""
     parser = _Parser(
@@ -73,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"isavar {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"isavar {args.command}: interrupted", file=sys.stderr)
+        hint = "; run the same command again to continue" if args.command in RESUMABLE else ""
+        print(f"isavar {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     except MemoryError as exc:
         detail = str(exc).split(";")[0] or "memory exhausted"

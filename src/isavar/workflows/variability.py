@@ -375,9 +375,9 @@ def run_variability(stack_path, outdir, params: VariabilityParams, *, executor=N
                 raise InputError(f"{exc} (nothing was kept in {outdir})") from None
             raise
         except (KeyboardInterrupt, OSError, MemoryError, StopForTest):
-            if executor.is_root():
-                log.error("3dvariability interrupted; run the same command again to continue from the last "
-                          "checkpoint (%s)", outdir)
+            if executor.is_root():                    # the log file only: the CLI prints the one line
+                log.debug("3dvariability stopped; the same command continues from the last checkpoint (%s)",
+                          outdir)
             raise
         finally:
             if handler is not None:
