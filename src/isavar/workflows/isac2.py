@@ -45,6 +45,7 @@ from isavar.workflows.outputs import (
     fingerprint_changes,
     input_fingerprint,
     remove_run_directory,
+    remove_stale_temporaries,
     write_json,
     write_provenance,
     write_text_atomic,
@@ -299,6 +300,9 @@ def _start(stack_path, stack, outdir: Path, p: Isac2Params, executor, progress, 
                              "directory (or restore the original input)", path=outdir)
         for note in notes:
             log.warning("resuming %s: %s (the sampled content is unchanged)", outdir, note)
+        if executor.is_root():
+            for path in remove_stale_temporaries(outdir):
+                log.info("removed %s, left behind by the interrupted run", path.name)
         old = Isac2Params.from_dict(man["params"])
         seed = old.rand_seed
         mine = dataclasses.replace(p, rand_seed=seed if p.rand_seed is None else p.rand_seed)
