@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from isavar.cli._common import add_verbosity_arguments, positive_int, setup_logging
+from isavar.cli._common import add_verbosity_arguments, non_negative_int, positive_int, setup_logging
 from isavar.errors import InputError
 
 log = logging.getLogger("isavar.cli.demo")
@@ -52,7 +52,7 @@ STEPS = ("1_simulate", "2_convert", "3_info", "4_isac2", "5_simulate_two_state",
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``demo`` options."""
     parser.add_argument("out", metavar="OUT", help="output folder (created; a previous demo output is replaced)")
-    parser.add_argument("--seed", type=int, default=2026, help="random seed of the simulation (default 2026)")
+    parser.add_argument("--seed", type=non_negative_int, default=2026, help="random seed of the simulation (default 2026)")
     parser.add_argument("--n", type=positive_int, default=600, help="particles of the first data set (default 600)")
     parser.add_argument("--n-variability", type=positive_int, default=3000,
                         help="particles of the two-state data set (default 3000)")

@@ -17,6 +17,7 @@ from isavar.cli._common import (
     add_executor_arguments,
     add_verbosity_arguments,
     executor_from_args,
+    finite_float,
     make_progress,
     naming_os_errors,
     positive_int,
@@ -32,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--npad", type=positive_int, default=2, help="padding factor (default 2)")
     parser.add_argument("--interpolation", choices=["linear", "nearest"], default="linear",
                         help="Fourier gridding: trilinear (default) or nearest voxel (SPHIRE nn4, faster)")
-    parser.add_argument("--radius", type=float, default=-1.0,
+    parser.add_argument("--radius", type=finite_float, default=-1.0,
                         help="zero voxels beyond this radius in pixels, at most half the box (default -1: "
                              "no mask)")
     parser.add_argument("--chunk-size", dest="chunk_size", type=positive_int, default=512,

@@ -36,6 +36,7 @@ from isavar.cli._common import (
     add_executor_arguments,
     add_verbosity_arguments,
     executor_from_args,
+    finite_float,
     make_progress,
     naming_os_errors,
     positive_int,
@@ -55,9 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default 10; SPHIRE 1.4.2 used 100)")
     parser.add_argument("--sym", default="c1", help="point group c<n>, d<n>, tet, oct, icos (default c1)")
     parser.add_argument("--CTF", action="store_true", help="Wiener group means and CTF-corrected variances")
-    parser.add_argument("--fl", type=float, default=0.0,
+    parser.add_argument("--fl", type=finite_float, default=0.0,
                         help="tanh low-pass stop-band, cycles/pixel of the input (0 = off; default 0)")
-    parser.add_argument("--aa", type=float, default=0.0,
+    parser.add_argument("--aa", type=finite_float, default=0.0,
                         help="tanh low-pass fall-off; must be > 0 when --fl > 0 (default 0)")
     parser.add_argument("--force_symmetrize", action="store_true",
                         help="symmetry-expand the orientations (always done when --sym is not c1; "
@@ -65,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--symmetrize", action="store_true",
                         help="SPHIRE 1.4.2: only write symmetrized_particles.star and stop")
     parser.add_argument("--no_norm", action="store_true", help="skip the background normalisation")
-    parser.add_argument("--radius", type=float, default=-1.0,
+    parser.add_argument("--radius", type=finite_float, default=-1.0,
                         help="radius (pixels) of the spherical mask of the 3D outputs, in (0, box/2] "
                              "(default -1: box/2 - 2)")
     parser.add_argument("--npad", type=positive_int, default=2, help="reconstruction padding factor (default 2)")
@@ -84,11 +85,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name in ("ave2D", "var2D", "ave3D", "var3D"):
         sphire.add_argument(f"--{name}", default=None, metavar="FILE",
                             help=f"accepted; {name} is always written under its fixed name")
-    sphire.add_argument("--decimate", type=float, default=1.0,
+    sphire.add_argument("--decimate", type=finite_float, default=1.0,
                         help="Fourier down-sampling of the analysis, (0, 1] (default 1 = none; the outputs "
                              "are always on the input grid)")
     sphire.add_argument("--window", type=int, default=0, help="central crop (input pixels) before decimation")
-    sphire.add_argument("--overhead", type=float, default=None, help="ignored (SPHIRE memory estimate)")
+    sphire.add_argument("--overhead", type=finite_float, default=None, help="ignored (SPHIRE memory estimate)")
     adv = parser.add_argument_group("isavar")
     adv.add_argument("--chunk-size", dest="chunk_size", type=positive_int, default=1024,
                      help="group centres processed at once (a memory bound; the results do not depend on "
