@@ -269,7 +269,7 @@ def _check_options(params: VariabilityParams, box: int, table, stack_path) -> No
 
 
 def _disk_need(params: VariabilityParams, n: int, box: int, nx: int, symmetrize_only: bool) -> float:
-    """Bytes written: scratch 2D maps, their final stacks, the symmetrized table and the volumes."""
+    """Bytes written: scratch 2D maps, their final stacks, the checkpoint, the symmetrized table, the volumes."""
     from isavar.core.geometry import symmetry_matrices
 
     n2d = int(params.save_ave2d) + int(params.save_var2d)
@@ -279,6 +279,7 @@ def _disk_need(params: VariabilityParams, n: int, box: int, nx: int, symmetrize_
         need += 400.0 * n * symmetry_matrices(params.symmetry).shape[0]
     if mode_2d and not symmetrize_only:
         need += n2d * 4.0 * n * (nx ** 2 + box ** 2)
+        need += 12.0 * (params.npad * nx) ** 3                 # the checkpoint: two Fourier accumulators
     return need
 
 
