@@ -285,7 +285,9 @@ def _start(stack_path, stack, outdir: Path, p: Isac2Params, executor, progress, 
     fresh = executor.bcast(not (outdir / "manifest.json").exists())
     if fresh and p.restart > -1:
         raise InputError(f"--restart={p.restart} given but there is no run to restart", path=outdir)
-    check_resources(stack, p, outdir, int(getattr(executor, "workers", 1)))
+    # a pool's workers share this machine's memory; an MPI rank is counted alone (ranks may be on other nodes)
+    check_resources(stack, p, outdir, int(getattr(executor, "workers", 1)) if getattr(executor, "size", 1) == 1
+                    else 1)
     run = _Run(stack_path, outdir, p, executor, progress, _stop_after)
     fingerprint = input_fingerprint(stack_path, stack)
     if not fresh:

@@ -217,8 +217,12 @@ def _load_manifest(outdir: Path) -> dict:
         return {}
 
 
-def _check_existing(outdir: Path, fingerprint: dict, params: VariabilityParams, symmetrize_only: bool) -> bool:
-    """Decide what an existing output directory means; returns True when an interrupted run is continued."""
+def _check_existing(outdir: Path, fingerprint: dict, params: VariabilityParams, symmetrize_only: bool,
+                    root: bool = True) -> bool:
+    """Decide what an existing output directory means; returns True when an interrupted run is continued.
+
+    Every process decides alike (an error is raised on every MPI rank); only ``root`` removes files.
+    """
     if not outdir.exists():
         return False
     if not outdir.is_dir():
@@ -227,7 +231,8 @@ def _check_existing(outdir: Path, fingerprint: dict, params: VariabilityParams, 
         raise InputError("output directory already exists (choose a new name)", path=outdir)
     man = _load_manifest(outdir)
     if man.get("stage") == "finished":
-        _remove_scratch(outdir)
+        if root:
+            _remove_scratch(outdir)
         raise InputError("output directory already exists and holds a finished 3dvariability run "
                          "(choose a new name)", path=outdir)
     problems, notes = fingerprint_changes(man.get("input"), fingerprint)
@@ -343,8 +348,8 @@ def run_variability(stack_path, outdir, params: VariabilityParams, *, executor=N
         _check_options(params, box, table, stack_path)
         grid = choose_grid(box, pixel, params)
         fingerprint = input_fingerprint(stack_path, stack)
-        resume = executor.bcast(_check_existing(outdir, fingerprint, params, symmetrize_only)
-                                if executor.is_root() else None)
+        resume = _check_existing(outdir, fingerprint, params, symmetrize_only, root=executor.is_root())
+        executor.barrier()
         check_can_write(outdir)
         if not resume:
             check_disk_space(outdir, _disk_need(params, n, box, grid.nx, symmetrize_only),
