@@ -52,7 +52,8 @@ STEPS = ("1_simulate", "2_convert", "3_info", "4_isac2", "5_simulate_two_state",
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``demo`` options."""
     parser.add_argument("out", metavar="OUT", help="output folder (created; a previous demo output is replaced)")
-    parser.add_argument("--seed", type=non_negative_int, default=2026, help="random seed of the simulation (default 2026)")
+    parser.add_argument("--seed", type=non_negative_int, default=2026,
+                        help="random seed of the simulation (default 2026)")
     parser.add_argument("--n", type=positive_int, default=600, help="particles of the first data set (default 600)")
     parser.add_argument("--n-variability", type=positive_int, default=3000,
                         help="particles of the two-state data set (default 3000)")

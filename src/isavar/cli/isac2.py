@@ -65,8 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default -1)")
     parser.add_argument("--dst", type=finite_float, default=90.0,
                         help="discrete angle (degrees) of the periodic coarse passes; 0 disables (default 90)")
-    parser.add_argument("--FL", type=finite_float, default=0.2, help="first EQK low-pass cut-off, 1/pixel (default 0.2)")
-    parser.add_argument("--FH", type=finite_float, default=0.45, help="last EQK low-pass cut-off, 1/pixel (default 0.45)")
+    parser.add_argument("--FL", type=finite_float, default=0.2,
+                        help="first EQK low-pass cut-off, 1/pixel (default 0.2)")
+    parser.add_argument("--FH", type=finite_float, default=0.45,
+                        help="last EQK low-pass cut-off, 1/pixel (default 0.45)")
     parser.add_argument("--FF", type=finite_float, default=0.2, help="tanh filter fall-off (default 0.2)")
     parser.add_argument("--init_iter", type=int, default=7, help="maximum SAC rounds per generation (default 7)")
     parser.add_argument("--iter_reali", type=int, default=1,

@@ -94,7 +94,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "else c1); orientations cover all of SO(3) either way")
     parser.add_argument("--mask-radius", type=finite_float, default=None,
                         help="radius in pixels of the disc where the signal variance of the SNR is measured")
-    parser.add_argument("--seed", type=non_negative_int, default=None, help="random seed (default: fresh, recorded in provenance)")
+    parser.add_argument("--seed", type=non_negative_int, default=None,
+                        help="random seed (default: fresh, recorded in provenance)")
     parser.add_argument("--format", choices=sorted(_SUFFIX), default="star",
                         help="particle format: star (+ .mrcs), hdf (EMAN2/SPHIRE) or cs (cryoSPARC + .mrcs)")
     parser.add_argument("--chunk-size", type=int, default=512, help="images rendered at a time (memory bound)")
