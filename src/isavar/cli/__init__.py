@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 
 from isavar._version import __version__
@@ -21,9 +20,20 @@ COMMANDS: list[tuple[str, str]] = [
 ]
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (the usage of isac2 alone fills a screen)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+#: Commands whose interrupted runs continue when the same command is run again.
+RESUMABLE = ("isac2", "3dvariability")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the top-level parser with one subparser per command."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="isavar",
         description="ISAC2 2D classification and 3D variability for cryo-EM single-particle analysis.",
     )
@@ -50,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     Returns
     -------
     int
-        Exit status: 0 success, 1 failure, 2 bad input or usage.
+        Exit status: 0 success, 1 failure (out of memory or disk space, I/O error), 2 bad input or usage,
+        130 interrupted.
     """
     from isavar.errors import InputError
 
@@ -65,10 +76,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"isavar {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"isavar {args.command}: interrupted", file=sys.stderr)
+        hint = "; run the same command again to continue" if args.command in RESUMABLE else ""
+        print(f"isavar {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return _stdout_closed()
+    except MemoryError as exc:
+        detail = str(exc).split(";")[0] or "memory exhausted"
+        print(f"isavar {args.command}: error: out of memory ({detail}); use fewer --workers or a smaller "
+              "--chunk-size, or a machine with more memory", file=sys.stderr)
+        return 1
+    except OSError as exc:                                 # full disk, permissions, I/O errors: one line
+        from isavar.workflows.outputs import describe_os_error
+
+        print(f"isavar {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 1
     finally:
         from isavar._logging import close_log_files
 

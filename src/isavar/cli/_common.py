@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 
 from isavar._logging import configure_logging
@@ -28,11 +30,87 @@ def default_workers() -> int:
     return max(1, min(cores, MAX_DEFAULT_WORKERS))
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (``--workers``, ``--chunk-size``, ...)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (pixel sizes, ...)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (random seeds)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (NaN and infinity refused; ranges are checked by each command)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+_positive_int = positive_int
+
+
+@contextlib.contextmanager
+def naming_os_errors(path):
+    """Give operating-system errors that name no file (a full disk while writing) the output's name."""
+    try:
+        yield
+    except OSError as exc:
+        if not exc.filename:
+            exc.filename = str(path)
+        raise
+
+
+@contextlib.contextmanager
+def executor_from_args(args: argparse.Namespace):
+    """The executor of ``--executor``/``--workers``, with logging configured; stopped at the end.
+
+    ``--workers`` beyond the cores available is capped (with a warning). On success the executor is
+    closed normally; after an error or Ctrl-C its workers are stopped at once.
+    """
+    from isavar.parallel import make_executor
+
+    executor = make_executor(args.executor, args.workers)
+    setup_logging(args, is_root=executor.is_root())
+    requested = getattr(executor, "requested_workers", None)
+    if requested is not None and requested > executor.workers:
+        logging.getLogger("isavar").warning("--workers %d is more than the %d cores available; using %d",
+                                            requested, executor.workers, executor.workers)
+    ok = False
+    try:
+        yield executor
+        ok = True
+    finally:
+        stop = getattr(executor, "close" if ok else "terminate", None) or getattr(executor, "close", None)
+        if stop is not None:
+            stop()
 
 
 def add_executor_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,16 +137,9 @@ def make_progress(args: argparse.Namespace, *, is_root: bool = True):
     return TqdmProgress()
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
 def add_input_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--apix`` and ``--project-dir`` (how the input particle file is read and outputs name images)."""
-    parser.add_argument("--apix", type=_positive_float, default=None,
+    parser.add_argument("--apix", type=positive_float, default=None,
                         help="pixel size in Å, for inputs that do not state it (or to replace the file's)")
     parser.add_argument("--project-dir", dest="project_dir", default=None,
                         help="RELION project directory: relative image names in STAR files are read from it "

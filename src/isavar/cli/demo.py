@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from isavar.cli._common import add_verbosity_arguments, setup_logging
+from isavar.cli._common import add_verbosity_arguments, non_negative_int, positive_int, setup_logging
 from isavar.errors import InputError
 
 log = logging.getLogger("isavar.cli.demo")
@@ -52,17 +52,22 @@ STEPS = ("1_simulate", "2_convert", "3_info", "4_isac2", "5_simulate_two_state",
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``demo`` options."""
     parser.add_argument("out", metavar="OUT", help="output folder (created; a previous demo output is replaced)")
-    parser.add_argument("--seed", type=int, default=2026, help="random seed of the simulation (default 2026)")
-    parser.add_argument("--n", type=int, default=600, help="particles of the first data set (default 600)")
-    parser.add_argument("--n-variability", type=int, default=3000,
+    parser.add_argument("--seed", type=non_negative_int, default=2026,
+                        help="random seed of the simulation (default 2026)")
+    parser.add_argument("--n", type=positive_int, default=600, help="particles of the first data set (default 600)")
+    parser.add_argument("--n-variability", type=positive_int, default=3000,
                         help="particles of the two-state data set (default 3000)")
-    parser.add_argument("--workers", type=int, default=2, help="processes for ISAC2 and 3D variability (default 2)")
+    parser.add_argument("--workers", type=positive_int, default=2,
+                        help="processes for ISAC2 and 3D variability (default 2)")
     add_verbosity_arguments(parser)
 
 
 def _prepare_out(out: Path) -> None:
     from isavar.workflows.outputs import create_output_dir
 
+    from isavar.workflows.outputs import check_can_write
+
+    check_can_write(out)
     create_output_dir(out, marker=MARKER)
     for name in STEPS:
         if (out / name).exists():

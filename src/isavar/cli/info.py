@@ -69,6 +69,9 @@ def particle_summary(path) -> dict:
         }
         if "optics_group" in table:
             summary["optics_groups"] = int(table["optics_group"].nunique())
+        from isavar.io.particles import duplicated_rows
+
+        summary["duplicated_rows"] = int(duplicated_rows(table).sum())
     finally:
         stack.close()
     return summary
@@ -111,11 +114,13 @@ def _format(summary: dict) -> str:
         f"2D alignment  {summary['alignment_2d']}",
         f"classes       {summary['classes'] if summary['classes'] else 'no'}",
         f"ground truth  {', '.join(summary['ground_truth']) if summary['ground_truth'] else 'no'}",
+        f"duplicates    {summary['duplicated_rows']} rows repeat an earlier row"
+        if summary.get("duplicated_rows") else None,
         f"passthrough   {len(summary['passthrough'])} columns"
         + (f" ({', '.join(summary['passthrough'][:8])}{', ...' if len(summary['passthrough']) > 8 else ''})"
            if summary["passthrough"] else ""),
     ]
-    return "\n".join(lines)
+    return "\n".join(line for line in lines if line is not None)
 
 
 def run(args: argparse.Namespace) -> int:

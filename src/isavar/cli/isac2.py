@@ -27,9 +27,12 @@ from isavar.cli._common import (
     add_executor_arguments,
     add_input_arguments,
     add_verbosity_arguments,
+    executor_from_args,
+    finite_float,
     make_progress,
+    naming_os_errors,
+    non_negative_int,
     project_dir,
-    setup_logging,
 )
 
 
@@ -47,8 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _bool_flag(parser, "VPP", "phase-plate data: amplitude whitening + phase flip (not with --CTF)")
     parser.add_argument("--xr", type=int, default=1, help="x search range, working pixels (default 1)")
     parser.add_argument("--yr", type=int, default=-1, help="y search range; -1 = same as --xr (default -1)")
-    parser.add_argument("--ts", type=float, default=1.0, help="translational search step (default 1.0)")
-    parser.add_argument("--thld_err", type=float, default=0.7,
+    parser.add_argument("--ts", type=finite_float, default=1.0, help="translational search step (default 1.0)")
+    parser.add_argument("--thld_err", type=finite_float, default=0.7,
                         help="pixel-error threshold of stable membership, working pixels (default 0.7)")
     parser.add_argument("--target_radius", type=int, default=29,
                         help="particle radius after shrinking (default 29)")
@@ -62,11 +65,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "2 CCF Gaussian, 3 CCF difference of Gaussians, 4 CCF with the mask, "
                              "5 CCF with the rotational average, 6 thresholded phase CoG, 7 binarised CCF "
                              "(default -1)")
-    parser.add_argument("--dst", type=float, default=90.0,
+    parser.add_argument("--dst", type=finite_float, default=90.0,
                         help="discrete angle (degrees) of the periodic coarse passes; 0 disables (default 90)")
-    parser.add_argument("--FL", type=float, default=0.2, help="first EQK low-pass cut-off, 1/pixel (default 0.2)")
-    parser.add_argument("--FH", type=float, default=0.45, help="last EQK low-pass cut-off, 1/pixel (default 0.45)")
-    parser.add_argument("--FF", type=float, default=0.2, help="tanh filter fall-off (default 0.2)")
+    parser.add_argument("--FL", type=finite_float, default=0.2,
+                        help="first EQK low-pass cut-off, 1/pixel (default 0.2)")
+    parser.add_argument("--FH", type=finite_float, default=0.45,
+                        help="last EQK low-pass cut-off, 1/pixel (default 0.45)")
+    parser.add_argument("--FF", type=finite_float, default=0.2, help="tanh filter fall-off (default 0.2)")
     parser.add_argument("--init_iter", type=int, default=7, help="maximum SAC rounds per generation (default 7)")
     parser.add_argument("--iter_reali", type=int, default=1,
                         help="check stability every iter_reali SAC rounds (default 1)")
@@ -74,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="randomised alignments per stability test (default 5)")
     parser.add_argument("--minimum_grp_size", type=int, default=60,
                         help="a class is accepted with more than this many stable members (default 60)")
-    parser.add_argument("--rand_seed", type=int, default=None,
+    parser.add_argument("--rand_seed", type=non_negative_int, default=None,
                         help="seed of every random choice (default: drawn and recorded in provenance.json)")
     _bool_flag(parser, "skip_prealignment", "do not pre-align (centre) the particles")
     parser.add_argument("--restart", type=int, default=-1,
@@ -101,21 +106,17 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from isavar.isac.params import from_sphire_options
-    from isavar.parallel import make_executor
     from isavar.workflows.isac2 import run_isac2
 
     params = from_sphire_options(args)
-    executor = make_executor(args.executor, args.workers)
-    setup_logging(args, is_root=executor.is_root())
-    progress = make_progress(args, is_root=executor.is_root())
-    try:
-        result = run_isac2(Path(args.stack), Path(args.outdir), params, executor=executor, progress=progress,
-                           pixel_size_A=args.apix, project_dir=project_dir(args), write_aligned=args.write_aligned)
-    finally:
-        progress.close()
-        close = getattr(executor, "close", None)
-        if close is not None:
-            close()
+    with naming_os_errors(args.outdir), executor_from_args(args) as executor:
+        progress = make_progress(args, is_root=executor.is_root())
+        try:
+            result = run_isac2(Path(args.stack), Path(args.outdir), params, executor=executor, progress=progress,
+                               pixel_size_A=args.apix, project_dir=project_dir(args),
+                               write_aligned=args.write_aligned)
+        finally:
+            progress.close()
     import logging
 
     logging.getLogger("isavar").info("ISAC2 finished: %d classes, %d of %d particles accounted -> %s",

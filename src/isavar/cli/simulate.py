@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from isavar.cli._common import add_verbosity_arguments, make_progress, setup_logging
+from isavar.cli._common import add_verbosity_arguments, finite_float, make_progress, non_negative_int, setup_logging
 from isavar.errors import InputError
 
 log = logging.getLogger("isavar.cli.simulate")
@@ -63,38 +63,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--box", type=int, default=None,
                         help="box size in pixels for --pdb/--phantom (default 64); with --volume it must match "
                              "the map")
-    parser.add_argument("--apix", type=float, default=None,
+    parser.add_argument("--apix", type=finite_float, default=None,
                         help="pixel size in Å/pixel (default 2.0 for --pdb/--phantom, the map's voxel size "
                              "for --volume)")
-    parser.add_argument("--resolution", type=float, default=None,
+    parser.add_argument("--resolution", type=finite_float, default=None,
                         help="resolution of the --pdb map in Å (default 3 x apix)")
     parser.add_argument("--snr", type=float, default=0.1, help="signal-to-noise ratio (default 0.1; inf = no noise)")
-    parser.add_argument("--defocus", type=float, nargs=2, default=(0.8, 2.5), metavar=("MIN", "MAX"),
+    parser.add_argument("--defocus", type=finite_float, nargs=2, default=(0.8, 2.5), metavar=("MIN", "MAX"),
                         help="defocus range in µm, uniform (default 0.8 2.5)")
-    parser.add_argument("--astigmatism", type=float, default=0.02,
+    parser.add_argument("--astigmatism", type=finite_float, default=0.02,
                         help="largest |defocus U - V| in µm (default 0.02)")
     parser.add_argument("--no-ctf", action="store_true", help="no CTF (and no CTF columns in the table)")
-    parser.add_argument("--voltage", type=float, default=300.0, help="acceleration voltage in kV (default 300)")
-    parser.add_argument("--cs", type=float, default=2.7, help="spherical aberration in mm (default 2.7)")
-    parser.add_argument("--amplitude-contrast", type=float, default=0.1,
+    parser.add_argument("--voltage", type=finite_float, default=300.0, help="acceleration voltage in kV (default 300)")
+    parser.add_argument("--cs", type=finite_float, default=2.7, help="spherical aberration in mm (default 2.7)")
+    parser.add_argument("--amplitude-contrast", type=finite_float, default=0.1,
                         help="amplitude contrast as a fraction (default 0.1)")
-    parser.add_argument("--shift-sd", type=float, default=0.0,
+    parser.add_argument("--shift-sd", type=finite_float, default=0.0,
                         help="standard deviation of the particle shifts (each axis) in Å (default 0)")
     parser.add_argument("--orientations", default="random",
                         help="random (uniform on SO(3), default) or views:K (K fixed views, random in-plane angle)")
     parser.add_argument("--mix", action="append", default=[], metavar="MAP:WEIGHT",
                         help="add a second state: MAP (same box) makes up WEIGHT (0-1) of the particles; repeatable")
-    parser.add_argument("--weights", type=float, nargs="+", default=None, metavar="W",
+    parser.add_argument("--weights", type=finite_float, nargs="+", default=None, metavar="W",
                         help="relative frequency of volume_0, volume_1, ... (overrides the --mix weights; "
                              "default: --mix weights, the rest shared equally by the main volumes)")
-    parser.add_argument("--noise-fraction", type=float, default=0.0,
+    parser.add_argument("--noise-fraction", type=finite_float, default=0.0,
                         help="fraction of images that are pure noise (true_is_noise = 1; default 0)")
     parser.add_argument("--symmetry", default=None,
                         help="point group of the volume, recorded in provenance (default: the phantom's group, "
                              "else c1); orientations cover all of SO(3) either way")
-    parser.add_argument("--mask-radius", type=float, default=None,
+    parser.add_argument("--mask-radius", type=finite_float, default=None,
                         help="radius in pixels of the disc where the signal variance of the SNR is measured")
-    parser.add_argument("--seed", type=int, default=None, help="random seed (default: fresh, recorded in provenance)")
+    parser.add_argument("--seed", type=non_negative_int, default=None,
+                        help="random seed (default: fresh, recorded in provenance)")
     parser.add_argument("--format", choices=sorted(_SUFFIX), default="star",
                         help="particle format: star (+ .mrcs), hdf (EMAN2/SPHIRE) or cs (cryoSPARC + .mrcs)")
     parser.add_argument("--chunk-size", type=int, default=512, help="images rendered at a time (memory bound)")
@@ -106,11 +107,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_out(out: Path, force: bool) -> None:
+    from isavar.workflows.outputs import check_can_write
+
     if out.exists():
         if not out.is_dir():
             raise InputError("exists and is not a directory", path=out)
         if any(out.iterdir()) and not force:
             raise InputError("output directory exists and is not empty (use --force to write into it)", path=out)
+    check_can_write(out)
 
 
 def _check_options(args) -> None:
@@ -135,6 +139,13 @@ def _check_options(args) -> None:
         raise InputError(f"--noise-fraction must be in [0, 1], got {args.noise_fraction}")
     if args.chunk_size < 1:
         raise InputError(f"--chunk-size must be >= 1, got {args.chunk_size}")
+    if not args.voltage > 0 or args.cs < 0 or not 0 <= args.amplitude_contrast < 1:
+        raise InputError(f"need --voltage > 0, --cs >= 0 and 0 <= --amplitude-contrast < 1, got {args.voltage:g}, "
+                         f"{args.cs:g}, {args.amplitude_contrast:g}")
+    for name in ("resolution", "mask_radius"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise InputError(f"--{name.replace('_', '-')} must be positive, got {value:g}")
     try:
         parse_orientations(args.orientations)
         if args.symmetry is not None:

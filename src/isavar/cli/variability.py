@@ -36,9 +36,12 @@ from isavar.cli._common import (
     add_executor_arguments,
     add_input_arguments,
     add_verbosity_arguments,
+    executor_from_args,
+    finite_float,
     make_progress,
+    naming_os_errors,
+    positive_int,
     project_dir,
-    setup_logging,
 )
 from isavar.errors import InputError
 
@@ -55,9 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default 10; SPHIRE 1.4.2 used 100)")
     parser.add_argument("--sym", default="c1", help="point group c<n>, d<n>, tet, oct, icos (default c1)")
     parser.add_argument("--CTF", action="store_true", help="Wiener group means and CTF-corrected variances")
-    parser.add_argument("--fl", type=float, default=0.0,
+    parser.add_argument("--fl", type=finite_float, default=0.0,
                         help="tanh low-pass stop-band, cycles/pixel of the input (0 = off; default 0)")
-    parser.add_argument("--aa", type=float, default=0.0,
+    parser.add_argument("--aa", type=finite_float, default=0.0,
                         help="tanh low-pass fall-off; must be > 0 when --fl > 0 (default 0)")
     parser.add_argument("--force_symmetrize", action="store_true",
                         help="symmetry-expand the orientations (always done when --sym is not c1; "
@@ -65,9 +68,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--symmetrize", action="store_true",
                         help="SPHIRE 1.4.2: only write symmetrized_particles.star and stop")
     parser.add_argument("--no_norm", action="store_true", help="skip the background normalisation")
-    parser.add_argument("--radius", type=float, default=-1.0,
-                        help="radius (pixels) of the spherical mask of the 3D outputs (default: box/2 - 2)")
-    parser.add_argument("--npad", type=int, default=2, help="reconstruction padding factor (default 2)")
+    parser.add_argument("--radius", type=finite_float, default=-1.0,
+                        help="radius (pixels) of the spherical mask of the 3D outputs, in (0, box/2] "
+                             "(default -1: box/2 - 2)")
+    parser.add_argument("--npad", type=positive_int, default=2, help="reconstruction padding factor (default 2)")
     parser.add_argument("--no_ave2D_save", action="store_true", help="do not write ave2D.star/.mrcs")
     parser.add_argument("--no_var2D_save", action="store_true", help="do not write var2D.star/.mrcs")
     parser.add_argument("--VAR", action="store_true",
@@ -83,14 +87,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name in ("ave2D", "var2D", "ave3D", "var3D"):
         sphire.add_argument(f"--{name}", default=None, metavar="FILE",
                             help=f"accepted; {name} is always written under its fixed name")
-    sphire.add_argument("--decimate", type=float, default=1.0,
+    sphire.add_argument("--decimate", type=finite_float, default=1.0,
                         help="Fourier down-sampling of the analysis, (0, 1] (default 1 = none; the outputs "
                              "are always on the input grid)")
     sphire.add_argument("--window", type=int, default=0, help="central crop (input pixels) before decimation")
-    sphire.add_argument("--overhead", type=float, default=None, help="ignored (SPHIRE memory estimate)")
+    sphire.add_argument("--overhead", type=finite_float, default=None, help="ignored (SPHIRE memory estimate)")
     adv = parser.add_argument_group("isavar")
-    adv.add_argument("--chunk-size", dest="chunk_size", type=int, default=1024,
-                     help="group centres per task (memory bound; default 1024)")
+    adv.add_argument("--chunk-size", dest="chunk_size", type=positive_int, default=1024,
+                     help="group centres processed at once (a memory bound; the results do not depend on "
+                          "it; default 1024)")
     adv.add_argument("--no-auto-decimate", dest="auto_decimate", action="store_false",
                      help="with --fl, work on the full box instead of the smallest box holding the "
                           "frequencies the filter passes")
@@ -118,7 +123,6 @@ def run(args: argparse.Namespace) -> int:
     """Run ``isavar 3dvariability``."""
     from pathlib import Path
 
-    from isavar.parallel import make_executor
     from isavar.workflows.variability import run_variability
 
     outdir = args.output_directory or args.output_dir
@@ -129,21 +133,17 @@ def run(args: argparse.Namespace) -> int:
     if args.VAR and (args.ave2D or args.ave3D or args.var2D):
         raise InputError("--VAR cannot be combined with --ave2D, --ave3D or --var2D")
     params = params_from_args(args)
-    executor = make_executor(args.executor, args.workers)
-    setup_logging(args, is_root=executor.is_root())
-    progress = make_progress(args, is_root=executor.is_root())
-    for name in ("ave2D", "var2D", "ave3D", "var3D"):
-        if getattr(args, name):
-            log.info("--%s=%s: written as the fixed isavar output of that name", name, getattr(args, name))
-    try:
-        result = run_variability(Path(args.prj_stack), Path(outdir), params, executor=executor, progress=progress,
-                                 symmetrize_only=args.symmetrize, pixel_size_A=args.apix,
-                                 project_dir=project_dir(args))
-    finally:
-        progress.close()
-        close = getattr(executor, "close", None)
-        if close is not None:
-            close()
+    with naming_os_errors(outdir), executor_from_args(args) as executor:
+        progress = make_progress(args, is_root=executor.is_root())
+        for name in ("ave2D", "var2D", "ave3D", "var3D"):
+            if getattr(args, name):
+                log.info("--%s=%s: written as the fixed isavar output of that name", name, getattr(args, name))
+        try:
+            result = run_variability(Path(args.prj_stack), Path(outdir), params, executor=executor,
+                                     progress=progress, symmetrize_only=args.symmetrize, pixel_size_A=args.apix,
+                                     project_dir=project_dir(args))
+        finally:
+            progress.close()
     if result is not None:
         log.info("3D variability finished: %d particles, var3D and %s in %s", result.n_particles,
                  "ave3D" if result.ave3d is not None else "no ave3D", outdir)

@@ -138,6 +138,31 @@ def _resolve_blob(raw: str, folder: Path) -> Path:
     return (folder / p).resolve()
 
 
+#: Fields holding text; every other field isavar interprets must hold numbers.
+_TEXT_FIELDS = ("blob/path", "location/micrograph_path")
+
+
+def _check_field_types(cs: np.ndarray, path: Path) -> None:
+    """Refuse fields isavar interprets whose values have the wrong type (text defocus, float indices)."""
+    for field in sorted(_HANDLED - set(_TEXT_FIELDS)):
+        if field in cs.dtype.names and cs[field].dtype.kind not in "iufb":
+            raise InputError(f"field {field} holds {cs[field].dtype} values, not numbers", path=path)
+    if cs["blob/idx"].dtype.kind not in "iu":
+        raise InputError(f"field blob/idx holds {cs['blob/idx'].dtype} values; image indices must be integers",
+                         path=path)
+
+
+def _check_blob_shape(cs: np.ndarray, images: LazyImages, path: Path) -> None:
+    if "blob/shape" not in cs.dtype.names or not len(cs):
+        return
+    shape = np.asarray(cs["blob/shape"]).reshape(len(cs), -1)
+    bad = np.flatnonzero((shape != images.box).any(axis=1))
+    if shape.shape[1] != 2 or bad.size:
+        row = int(bad[0]) if bad.size else 0
+        raise InputError(f"blob/shape of particle {row + 1} is {' x '.join(map(str, shape[row]))} but its stack "
+                         f"holds {images.box} x {images.box} images", path=path)
+
+
 def read_cs(path) -> ParticleStack:
     """Read a cryoSPARC particle ``.cs`` file and its image stacks.
 
@@ -155,6 +180,7 @@ def read_cs(path) -> ParticleStack:
     names = cs.dtype.names
     if "blob/path" not in names or "blob/idx" not in names:
         raise InputError("no blob/path and blob/idx fields (not a particle .cs file)", path=path)
+    _check_field_types(cs, path)
     raw = _text(cs["blob/path"])
     unique = list(dict.fromkeys(raw))
     resolved = {r: _resolve_blob(r, path.parent) for r in unique}
@@ -167,6 +193,7 @@ def read_cs(path) -> ParticleStack:
         sources.append(MrcSource(resolved[r]))
     indices = cs["blob/idx"].astype(np.int64)
     images = LazyImages(sources, np.array([sid[r] for r in raw], dtype=np.int64), indices)
+    _check_blob_shape(cs, images, path)
 
     cols: dict[str, np.ndarray] = {"image_path": np.array([str(resolved[r]) for r in raw], dtype=object),
                                    "image_index": indices}

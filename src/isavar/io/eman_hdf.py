@@ -668,6 +668,7 @@ def write_hdf(path, chunks, table: pd.DataFrame, *, pixel_size_A: float | None =
                     block = block[None]
                 if not np.isfinite(block).all():
                     raise InputError(f"image block starting at image {n + 1} has NaN or Inf pixels", path=path)
+                _ensure_space(tmp, path, block.nbytes)
                 for image in block:
                     if n >= len(table):
                         raise ValueError(f"more images than the table's {len(table)} rows")
@@ -680,6 +681,19 @@ def write_hdf(path, chunks, table: pd.DataFrame, *, pixel_size_A: float | None =
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _ensure_space(tmp: Path, path: Path, nbytes: int) -> None:
+    """Stop with ENOSPC before HDF5 runs out of disk space (the HDF5 library crashes when a write fails)."""
+    import errno
+    import shutil
+
+    try:
+        free = shutil.disk_usage(tmp.parent).free
+    except OSError:
+        return
+    if free < 2 * nbytes + (1 << 20):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
 
 def _write_image(images: h5py.Group, i: int, data: np.ndarray, apix: float, extra: dict) -> None:

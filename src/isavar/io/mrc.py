@@ -196,6 +196,12 @@ def read_mrc_stack(path) -> ParticleStack:
         Table with only ``image_path`` (absolute), ``image_index`` and, when
         the header has a voxel size, ``pixel_size_A``.
     """
+    if Path(path).suffix.lower() != ".mrcs":
+        header = read_mrc_header(path)
+        if header["is_volume"]:
+            raise InputError(f"is a 3D volume ({' x '.join(map(str, header['shape']))}, flagged as a volume in "
+                             "its header), not a stack of particle images; a stack is an .mrcs file (or an "
+                             ".mrc with image-stack header flags, ispg = 0)", path=path)
     src = MrcSource(path)
     table = new_table(src.n, image_path=str(Path(path).resolve()), pixel_size_A=src.pixel_size_A)
     images = LazyImages([src], np.zeros(src.n, np.int64), np.arange(src.n))

@@ -350,3 +350,48 @@ def set_pixel_size(stack, pixel_size_A: float):
             table[a] = values.where(values.notna(), table[px] * apix)
             table = table.drop(columns=px)
     return dataclasses.replace(stack, table=table, pixel_size_A=apix)
+#: Columns that name an image.
+IMAGE_COLUMNS = ("image_path", "image_index")
+
+
+def duplicated_rows(table: pd.DataFrame, columns=None) -> np.ndarray:
+    """Rows that repeat an earlier row: the same image and the same values in ``columns``.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        Particle table.
+    columns : iterable of str, optional
+        Columns that must also agree (those absent from the table are ignored); default every column
+        holding scalar values (an exact copy of the row). ``()`` compares the image only.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n,)`` bool, True for every repetition (the first occurrence is False); all False when the
+        table does not name its images (``image_path``, ``image_index``).
+    """
+    if any(c not in table.columns for c in IMAGE_COLUMNS) or len(table) < 2:
+        return np.zeros(len(table), bool)
+    if columns is None:
+        columns = [c for c in table.columns if table[c].dtype != object
+                   or table[c].map(lambda v: isinstance(v, (str, bytes, int, float))).all()]
+    keys = list(IMAGE_COLUMNS) + [c for c in columns if c in table.columns and c not in IMAGE_COLUMNS]
+    return table.duplicated(subset=keys, keep="first").to_numpy()
+
+
+def describe_duplicates(table: pd.DataFrame, duplicated: np.ndarray) -> str:
+    """``"12 rows repeat an earlier one (first: row 40 repeats row 3, image 3 of particles.mrcs)"``.
+
+    Rows are 1-based, as in the data block of a STAR file.
+    """
+    rows = np.flatnonzero(duplicated)
+    if rows.size == 0:
+        return "no row repeats an earlier one"
+    r = int(rows[0])
+    path, index = table["image_path"].iloc[r], int(table["image_index"].iloc[r])
+    same = (table["image_path"] == path) & (table["image_index"] == index)
+    first = int(np.flatnonzero(same.to_numpy())[0])
+    name = str(path).replace("\\", "/").rsplit("/", 1)[-1]
+    return (f"{rows.size} row{'s' if rows.size > 1 else ''} repeat an earlier one (first: row {r + 1} repeats "
+            f"row {first + 1}, image {index + 1} of {name})")

@@ -1,13 +1,49 @@
-"""A process-pool executor for one machine (``concurrent.futures``)."""
+"""A process-pool executor for one machine (``concurrent.futures``).
+
+Workers never outlive their parent: each runs a watchdog thread that ends the worker as soon as its
+parent process is gone (killed by ``kill -9`` or the out-of-memory killer, for instance), so no orphaned
+worker holds memory. Workers ignore SIGINT: a Ctrl-C in the terminal reaches the controlling process
+alone, which stops the workers (:meth:`PoolExecutor.terminate`) and reports one line.
+"""
 
 from __future__ import annotations
 
 import os
+import signal
+import threading
+import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Callable, Iterable
 
 import numpy as np
+
+#: Seconds between two checks of a worker's parent.
+PARENT_CHECK_INTERVAL = 0.5
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:                                   # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _watch_parent(parent_pid: int, interval: float) -> None:
+    while True:
+        if os.getppid() != parent_pid:
+            os._exit(1)                                      # the parent died: the worker has nobody to serve
+        time.sleep(interval)
+
+
+def _worker_init(parent_pid: int, interval: float) -> None:
+    """Set up a worker: ignore SIGINT and exit when the parent process dies."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent_pid, interval), daemon=True,
+                     name="isavar-parent-watch").start()
 
 
 class PoolExecutor:
@@ -20,15 +56,22 @@ class PoolExecutor:
     Parameters
     ----------
     workers : int, optional
-        Number of processes; default: the CPUs available to this process.
+        Number of processes; default: the CPUs available to this process. More
+        than that are capped at the cores available (:attr:`requested_workers`
+        keeps the number asked for, so the caller can warn).
     """
 
     rank = 0
     size = 1
 
     def __init__(self, workers: int | None = None):
-        self.workers = workers or len(os.sched_getaffinity(0))
-        self._pool = ProcessPoolExecutor(max_workers=self.workers)
+        cores = available_cores()
+        self.requested_workers = int(workers or cores)
+        if self.requested_workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.requested_workers}")
+        self.workers = min(self.requested_workers, cores)
+        self._pool = ProcessPoolExecutor(max_workers=self.workers, initializer=_worker_init,
+                                         initargs=(os.getpid(), PARENT_CHECK_INTERVAL))
 
     def is_root(self) -> bool:
         """Always True (one controlling process)."""
@@ -63,5 +106,15 @@ class PoolExecutor:
         """Nothing to wait for."""
 
     def close(self) -> None:
-        """Shut the pool down."""
+        """Shut the pool down (waits for running tasks)."""
         self._pool.shutdown()
+
+    def terminate(self) -> None:
+        """Stop at once: cancel pending tasks and end the worker processes (after an error or Ctrl-C)."""
+        processes = list((getattr(self._pool, "_processes", None) or {}).values())
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for proc in processes:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in processes:
+            proc.join(timeout=5)

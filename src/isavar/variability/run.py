@@ -6,13 +6,18 @@ frame, group mean and variance (:mod:`~isavar.variability.local_stats`) -> both
 reconstructed into volumes (:mod:`~isavar.variability.volume`).
 
 Memory and parallelism: centres are ordered so that consecutive ones are
-angular neighbours and cut into chunks of ``params.chunk_size``; one task =
-one chunk. A task reads only the images its groups need (indexed reads of the
-lazy stack), preprocesses each once, computes its groups' 2D maps and inserts
-them at once into its own Fourier accumulators, which it returns. Tasks are
-spread by ``executor.map`` in waves of ``executor.workers`` tasks and their
-accumulators summed in task order, so the result does not depend on the
-executor or the number of workers. Cost is linear in ``N * img_per_grp``.
+angular neighbours and cut into fixed blocks of :data:`BLOCK` centres; one task
+= one block. A task works through its block ``params.chunk_size`` centres at a
+time (the memory bound): it reads only the images those groups need (indexed
+reads of the lazy stack), preprocesses each once and computes the groups' 2D
+maps; it then inserts the whole block's maps at once into its own Fourier
+accumulators, which it returns. Tasks are spread by ``executor.map`` in waves of
+``executor.workers`` tasks and their accumulators summed in block order. Since
+neither the blocks nor the order of any sum depend on ``chunk_size``, the
+executor or the number of workers, the maps are bit-identical whatever they are.
+A run can be checkpointed after every wave (``checkpoint``) and resumed from the
+last checkpoint (``resume``) with the same result. Cost is linear in
+``N * img_per_grp``.
 """
 
 from __future__ import annotations
@@ -41,6 +46,10 @@ log = logging.getLogger(__name__)
 
 #: Images read and preprocessed at a time inside a task.
 _READ_BLOCK = 256
+
+#: Group centres (or images, in the --VAR and --SND modes) per task. Fixed: the sums over the blocks, and so
+#: the results, do not depend on ``chunk_size``, the executor or the number of processes.
+BLOCK = 1024
 
 #: Callback receiving 2D maps on the root process: (input rows, ave maps or None, stat maps or None).
 MapSink = Callable[[np.ndarray, "np.ndarray | None", "np.ndarray | None"], None]
@@ -181,8 +190,8 @@ def _levelled(maps: np.ndarray, p) -> np.ndarray:
     return vol.subtract_edge_level(maps) if p.subtract_edge_level else maps
 
 
-def _group_task(ctx: _Context, centres: np.ndarray) -> _TaskResult:
-    """Process one chunk of centres: groups, 2D statistics, insertion."""
+def _group_maps(ctx: _Context, centres: np.ndarray):
+    """2D group maps of some centres: (ave, var, max group angle, mean 2D variance, images read)."""
     p, geo, grid = ctx.params, ctx.geometry, ctx.grid
     search = NeighbourSearch(geo.rotations, ctx.sym)
     groups = search.groups(centres, p.img_per_grp)
@@ -203,16 +212,28 @@ def _group_task(ctx: _Context, centres: np.ndarray) -> _TaskResult:
                                    pixel_size_A=grid.working_pixel_size_A, wiener_snr=p.wiener_snr)
     del prepared
     np.maximum(var, 0.0, out=var)
-    stat = np.sqrt(var) if p.var3d_stat == "std" else var
     disc = rotator.flat_index
     mean_var = var.reshape(len(centres), -1)[:, disc].mean(axis=1)
+    return ave, var, groups.angle_deg.max(axis=1), mean_var, int(uniq.size)
+
+
+def _group_task(ctx: _Context, centres: np.ndarray) -> _TaskResult:
+    """Process one block of centres: groups and 2D statistics (``chunk_size`` at a time), insertion."""
+    p, geo, grid = ctx.params, ctx.geometry, ctx.grid
+    step = max(1, int(p.chunk_size))
+    parts = [_group_maps(ctx, centres[s:s + step]) for s in range(0, len(centres), step)]
+    ave = np.concatenate([x[0] for x in parts]) if len(parts) > 1 else parts[0][0]
+    var = np.concatenate([x[1] for x in parts]) if len(parts) > 1 else parts[0][1]
+    stat = np.sqrt(var) if p.var3d_stat == "std" else var
+    frames = ls.centre_frames(geo.rot_deg[centres], geo.tilt_deg[centres])
     acc_ave = vol.new_accumulator(grid.nx, p.npad, p.symmetry)
     acc_var = vol.new_accumulator(grid.nx, p.npad, p.symmetry)
-    acc_ave.insert(_levelled(ave, p), frames)
+    acc_ave.insert(_levelled(ave, p), frames)             # the whole block at once: the same sums for any step
     acc_var.insert(_levelled(stat, p), frames)
     return _TaskResult(centres, acc_ave.data, acc_ave.weights, acc_var.data, acc_var.weights,
                        ave if ctx.keep_maps else None, stat if ctx.keep_maps else None,
-                       groups.angle_deg.max(axis=1), mean_var, int(uniq.size))
+                       np.concatenate([x[2] for x in parts]), np.concatenate([x[3] for x in parts]),
+                       sum(x[4] for x in parts))
 
 
 def _waves(items: list, size: int):
@@ -228,7 +249,7 @@ def _waves(items: list, size: int):
 
 def variability(table: pd.DataFrame, images, params: VariabilityParams, *, pixel_size_A: float,
                 executor=None, progress=None, map_sink: MapSink | None = None,
-                source=None) -> VariabilityResult:
+                source=None, resume: dict | None = None, checkpoint=None) -> VariabilityResult:
     """3D variability of a particle set with known orientations.
 
     Parameters
@@ -246,10 +267,18 @@ def variability(table: pd.DataFrame, images, params: VariabilityParams, *, pixel
     progress : Progress, optional
         Progress reporter.
     map_sink : callable, optional
-        Receives ``(input_rows, ave_maps, stat_maps)`` per chunk on the root
+        Receives ``(input_rows, ave_maps, stat_maps)`` per block on the root
         (working-grid maps); without it the 2D maps are discarded.
     source : path-like, optional
         Input file name for error messages.
+    resume : dict, optional
+        A state passed to ``checkpoint`` by an interrupted run with the same
+        input and parameters: the blocks it lists as done are not computed again
+        (their 2D maps must already be in the sink's storage).
+    checkpoint : callable, optional
+        Called after every wave of blocks with the state to resume from
+        (``blocks_done``, the accumulators' arrays, ``angle``, ``mean_var``,
+        ``n_read``); only in the group-statistics mode.
 
     Returns
     -------
@@ -278,8 +307,8 @@ def variability(table: pd.DataFrame, images, params: VariabilityParams, *, pixel
     log.info("3D variability: %d particles, box %d, working box %d (%.3f Å/px), G = %d, symmetry %s, %s",
              n, box, grid.nx, grid.working_pixel_size_A, params.img_per_grp, params.symmetry,
              "CTF (Wiener mean, CTF-corrected variance)" if params.ctf else "no CTF")
-    order = centre_order(geo.rotations, params.chunk_size)
-    chunks = [order[s:s + params.chunk_size] for s in range(0, n, params.chunk_size)]
+    order = centre_order(geo.rotations, BLOCK)
+    blocks = [order[s:s + BLOCK] for s in range(0, n, BLOCK)]
     ctx = _Context(images, geo, params, grid, sym, keep_maps=map_sink is not None)
     task = functools.partial(_group_task, ctx)
     acc_ave = vol.new_accumulator(grid.nx, params.npad, params.symmetry)
@@ -287,8 +316,16 @@ def variability(table: pd.DataFrame, images, params: VariabilityParams, *, pixel
     angle = np.zeros(n)
     mean_var = np.zeros(n)
     n_read = 0
+    done = 0
+    if resume is not None:
+        done = int(resume["blocks_done"])
+        acc_ave.data[...], acc_ave.weights[...] = resume["ave_data"], resume["ave_weights"]
+        acc_var.data[...], acc_var.weights[...] = resume["var_data"], resume["var_weights"]
+        angle[:], mean_var[:], n_read = resume["angle"], resume["mean_var"], int(resume["n_read"])
+        log.info("continuing an interrupted run: %d of %d blocks of groups were done", done, len(blocks))
     progress.stage("groups", total=n)
-    for wave in _waves(chunks, getattr(executor, "workers", 1)):
+    progress.advance(sum(len(b) for b in blocks[:done]))
+    for wave in _waves(blocks[done:], getattr(executor, "workers", 1)):
         for res in executor.map(task, wave):
             acc_ave.data += res.ave_data
             acc_ave.weights += res.ave_weights
@@ -302,6 +339,11 @@ def variability(table: pd.DataFrame, images, params: VariabilityParams, *, pixel
             progress.advance(len(res.centres))
             if params.verbose:
                 _log_groups(res)
+        done += len(wave)
+        if checkpoint is not None:
+            checkpoint({"blocks_done": done, "n_blocks": len(blocks), "ave_data": acc_ave.data,
+                        "ave_weights": acc_ave.weights, "var_data": acc_var.data, "var_weights": acc_var.weights,
+                        "angle": angle, "mean_var": mean_var, "n_read": n_read})
     progress.close()
     t1 = time.perf_counter()
     log.info("groups done in %.1f s (%.2f image reads per particle)", t1 - t0, n_read / max(n, 1))
@@ -324,7 +366,9 @@ def _log_groups(res: _TaskResult) -> None:
 
 def _insert_task(ctx: _Context, rows: np.ndarray):
     p, geo, grid = ctx.params, ctx.geometry, ctx.grid
-    maps = ls.prepare_images(ctx.images[rows], geo.origins_px[rows], grid, normalize=False)
+    step = max(1, int(p.chunk_size))
+    maps = np.concatenate([ls.prepare_images(ctx.images[rows[s:s + step]], geo.origins_px[rows[s:s + step]], grid,
+                                             normalize=False) for s in range(0, rows.size, step)])
     acc = vol.new_accumulator(grid.nx, p.npad, p.symmetry)
     acc.insert(_levelled(maps, p), geo.rotations[rows])
     return rows.size, acc.data, acc.weights
@@ -356,7 +400,7 @@ def reconstruct_maps(table: pd.DataFrame, images, params: VariabilityParams, *, 
     geo = particle_geometry(table, pixel_size_A, need_ctf=False, source=source)
     grid = choose_grid(box, pixel_size_A, params.replace(lowpass_fl=0.0, lowpass_aa=0.0))
     ctx = _Context(images, geo, params, grid, symmetry_matrices(params.symmetry), keep_maps=False)
-    chunks = [np.arange(s, min(n, s + params.chunk_size)) for s in range(0, n, params.chunk_size)]
+    chunks = [np.arange(s, min(n, s + BLOCK)) for s in range(0, n, BLOCK)]
     acc = vol.new_accumulator(grid.nx, params.npad, params.symmetry)
     progress.stage("reconstruction", total=n)
     for wave in _waves(chunks, getattr(executor, "workers", 1)):

@@ -106,7 +106,9 @@ def squared_normalised_differences(table: pd.DataFrame, images, params: Variabil
     geo = particle_geometry(table, pixel_size_A, need_ctf=params.ctf, source=source)
     grid = choose_grid(box, pixel_size_A, params)
     ctx = {"params": params, "geometry": geo, "grid": grid, "images": images}
-    chunks = [np.arange(s, min(n, s + params.chunk_size)) for s in range(0, n, params.chunk_size)]
+    from isavar.variability.run import BLOCK          # fixed blocks: the sums do not depend on chunk_size
+
+    chunks = [np.arange(s, min(n, s + BLOCK)) for s in range(0, n, BLOCK)]
     acc = _accumulate(executor, functools.partial(_reference_task, ctx), chunks,
                       vol.new_accumulator(grid.nx, params.npad, params.symmetry), progress, "reference")
     reference = acc.finish()

@@ -37,7 +37,19 @@ from isavar.errors import InputError
 from isavar.isac import run as isac_run
 from isavar.isac.params import Isac2Params
 from isavar.parallel import map_in_windows
-from isavar.workflows.outputs import create_output_dir, write_json, write_provenance, write_text_atomic
+from isavar.workflows.outputs import (
+    check_can_write,
+    check_disk_space,
+    check_memory,
+    create_output_dir,
+    fingerprint_changes,
+    input_fingerprint,
+    remove_run_directory,
+    remove_stale_temporaries,
+    write_json,
+    write_provenance,
+    write_text_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -146,11 +158,47 @@ def validate_inputs(stack, p: Isac2Params) -> None:
         isac_run.check_enough_images(n, p)
     except InputError as exc:
         raise InputError(str(exc), path=path) from None
+    from isavar.io.particles import describe_duplicates, duplicated_rows
+
+    dup = duplicated_rows(stack.table, columns=())
+    if dup.any():
+        raise InputError(describe_duplicates(stack.table, dup) + "; the same image twice would be classified "
+                         "twice: remove the duplicated rows", path=path)
 
 
-def _fingerprint(stack_path, stack) -> dict:
-    return {"path": str(Path(stack_path).resolve()), "n_images": int(len(stack.table)),
-            "box": int(stack.images.box)}
+def estimate_memory(n: int, box: int, p: Isac2Params, workers: int = 1) -> float:
+    """Peak memory (bytes) of an ISAC2 run, from its largest arrays.
+
+    The working stack ``(n, B, B)`` with ``B = target_nx + xr - 1`` and the shrunken stack before it,
+    and per worker, for one image: the polar samples at every trial shift, ``(2 xr / ts + 1) x
+    (2 yr / ts + 1)`` shifts x the ring samples, held about three times over (samples and their ring
+    spectra), and the shift lattice of the image padded by the search range, ``(B + 2 r + 4)**2 x
+    (2 xr + 2)`` values (``r = max(xr, yr)``).
+    """
+    from isavar.isac.preprocess import shrunk_size
+
+    grid = isac_run.make_grid(p)
+    shifts = (2 * int(p.xr / p.ts) + 1) * (2 * int(p.yr_eff / p.ts) + 1)
+    nd = shrunk_size(box, p.shrink)
+    stacks = 4.0 * n * (p.box ** 2 + nd ** 2)
+    reach = max(p.xr, p.yr_eff) + 2
+    lattice = 4.0 * (p.box + 2 * reach) ** 2 * (2 * p.xr + 2)
+    per_worker = 3 * 4.0 * shifts * grid.lcirc + lattice
+    return stacks + workers * per_worker
+
+
+def check_resources(stack, p: Isac2Params, outdir, workers: int) -> None:
+    """Refuse up front a run the machine cannot hold: memory (search ranges) and disk (working stack)."""
+    n, box = len(stack.table), stack.images.box
+    shifts = f"{2 * int(p.xr / p.ts) + 1} x {2 * int(p.yr_eff / p.ts) + 1} trial shifts"
+    check_memory(estimate_memory(n, box, p, workers), f"--xr {p.xr} --yr {p.yr_eff} --ts {p.ts:g} ({shifts} per "
+                 f"image, {workers} worker{'s' if workers > 1 else ''}, {n} images)",
+                 "use a smaller --xr/--yr (in working pixels), a larger --ts or fewer --workers")
+    need = 4.0 * n * p.box ** 2 + (1 << 24)
+    if not all(str(src.path).lower().endswith((".mrcs", ".mrc")) for src in stack.images.sources):
+        need += 4.0 * n * box ** 2                      # particles.star then gets its own image stack
+    if not (Path(outdir) / "stack_ali2d.npy").exists():
+        check_disk_space(outdir, need, f"ISAC2 on {n} images (working stack of {p.box} px)")
 
 
 # ------------------------------------------------------------------------------------- the workflow
@@ -231,27 +279,49 @@ def run_isac2(stack_path, outdir, params: Isac2Params, *, executor=None, progres
     progress = progress or NullProgress()
     p = params.validate()
     stack = read_particles(stack_path, pixel_size_A=pixel_size_A, project_dir=project_dir)
+    try:
+        return _start(stack_path, stack, Path(outdir), p, executor, progress, _stop_after,
+                      project_dir=project_dir, write_aligned=write_aligned)
+    finally:
+        stack.close()
+
+
+def _start(stack_path, stack, outdir: Path, p: Isac2Params, executor, progress, _stop_after, *,
+           project_dir=None, write_aligned=False):
     validate_inputs(stack, p)
     if not stack.pixel_size_A:
         log.warning("%s states no pixel size: particles.star and the class-average files are written at "
                     "1.0 Å/px (origins in Å are then in pixels); set the pixel size with --apix", stack_path)
-    outdir = Path(outdir)
     if outdir.exists() and not outdir.is_dir():
         raise InputError("exists and is not a directory; choose a new or empty directory", path=outdir)
     if outdir.exists() and any(outdir.iterdir()) and not (outdir / MARKER).exists():
         raise InputError(f"exists but is not an isavar ISAC2 output directory (no {MARKER}); "
                          "choose a new or empty directory", path=outdir)
+    check_can_write(outdir)
     fresh = executor.bcast(not (outdir / "manifest.json").exists())
     if fresh and p.restart > -1:
         raise InputError(f"--restart={p.restart} given but there is no run to restart", path=outdir)
+    # a pool's workers share this machine's memory; an MPI rank is counted alone (ranks may be on other nodes)
+    check_resources(stack, p, outdir, int(getattr(executor, "workers", 1)) if getattr(executor, "size", 1) == 1
+                    else 1)
     run = _Run(stack_path, outdir, p, executor, progress, _stop_after)
     run.project_dir, run.write_aligned = project_dir, bool(write_aligned)
-    fingerprint = _fingerprint(stack_path, stack)
+    fingerprint = input_fingerprint(stack_path, stack)
     if not fresh:
         man = run.load_manifest()
-        if man.get("input") != fingerprint:
+        problems, notes = fingerprint_changes(man.get("input"), fingerprint)
+        if (man.get("input") or {}).get("path") != fingerprint["path"]:
             raise InputError("this output directory belongs to a run on a different input "
                              f"({man.get('input', {}).get('path')}); choose a new directory", path=outdir)
+        if problems:
+            raise InputError(f"holds a run on {man.get('input', {}).get('path')} whose input has changed since "
+                             f"({'; '.join(problems)}); continuing would mix the two: choose a new output "
+                             "directory (or restore the original input)", path=outdir)
+        for note in notes:
+            log.warning("resuming %s: %s (the sampled content is unchanged)", outdir, note)
+        if executor.is_root():
+            for path in remove_stale_temporaries(outdir):
+                log.info("removed %s, left behind by the interrupted run", path.name)
         old = Isac2Params.from_dict(man["params"])
         seed = old.rand_seed
         mine = dataclasses.replace(p, rand_seed=seed if p.rand_seed is None else p.rand_seed)
@@ -264,6 +334,7 @@ def run_isac2(stack_path, outdir, params: Isac2Params, *, executor=None, progres
         seed = executor.bcast(p.rand_seed if p.rand_seed is not None else secrets.randbits(32))
         p = dataclasses.replace(p, rand_seed=int(seed))
     run.p = p
+    created = not outdir.exists()
     if executor.is_root():
         create_output_dir(outdir, marker=MARKER)
         _touch(outdir / MARKER)
@@ -276,10 +347,14 @@ def run_isac2(stack_path, outdir, params: Isac2Params, *, executor=None, progres
             add_log_file(outdir / "log.txt")
     executor.barrier()
     try:
-        result = _run(run, stack)
-    finally:
-        stack.close()
-    return result
+        return _run(run, stack)
+    except InputError as exc:
+        # A new run rejected while reading the images (e.g. NaN pixels) leaves nothing behind, so that the
+        # corrected run is not refused as "a run on a different input".
+        if fresh and executor.is_root() and (run.load_manifest() or {}).get("stage") == "start":
+            remove_run_directory(outdir, created=created)
+            raise InputError(f"{exc} (nothing was kept in {outdir})") from None
+        raise
 
 
 def _run(run: _Run, stack):
@@ -592,7 +667,7 @@ def _finish(run: _Run, stack, state, shifts, shrink):
     write_json(outdir / "summary.json", summary)
     # run times go with the other facts of this particular run, so that summary.json depends on the data only
     write_provenance(outdir, command="isac2", parameters=p.to_dict(), seed=p.rand_seed, executor=run.executor,
-                     extra={"input": _fingerprint(run.stack_path, stack), "timings_s": run.timings})
+                     extra={"input": input_fingerprint(run.stack_path, stack), "timings_s": run.timings})
     _touch(outdir / "finished")
     run.save_manifest(stage="finished")
     return result

@@ -1,7 +1,7 @@
 """3D variability workflow: particle file in, output directory out.
 
-Output directory (must not exist; nothing is created when the input is rejected)
-------------------------------------------------------------------------------
+Output directory (must not exist for a new run; nothing is left when the input is rejected)
+----------------------------------------------------------------------------------------------
 ============================  ==========================================================
 ``var3D.mrc``                 reconstruction of the per-group 2D standard deviation maps
                               (``--var3D-stat var``: variances); input box and pixel size
@@ -15,11 +15,22 @@ Output directory (must not exist; nothing is created when the input is rejected)
 ``var3D_slices.png``          central orthogonal slices of var3D beside ave3D
 ``summary.json``              sizes, timings, volume statistics
 ``log.txt``, ``provenance.json``
+``.isavar_3dvariability``     marker: the directory belongs to an isavar 3dvariability run
+``manifest.json``             input fingerprint, parameters, stage (``running``/``finished``)
 ============================  ==========================================================
+
+Resuming: while a run is in progress the directory also holds ``.ave2D.scratch`` and
+``.var2D.scratch`` (the 2D maps computed so far, ``N x nx**2 x 4`` bytes each) and
+``checkpoints/groups.npz`` (the sums after the last wave of blocks). Running the same
+command again on the same input with the same parameters continues an interrupted run
+from its last checkpoint, with a bit-identical result; a finished run, another
+input or other parameters are refused with the reason. The scratch files and the
+checkpoint are removed when the run finishes.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -35,9 +46,28 @@ from isavar.variability import volume as vol
 from isavar.variability.params import VariabilityParams
 from isavar.variability.result import VariabilityResult
 from isavar.variability.run import choose_grid, particle_geometry, variability
-from isavar.workflows.outputs import create_output_dir, write_json, write_provenance
+from isavar.workflows.outputs import (
+    check_can_write,
+    check_disk_space,
+    fingerprint_changes,
+    input_fingerprint,
+    remove_run_directory,
+    remove_stale_temporaries,
+    write_json,
+    write_provenance,
+)
 
 log = logging.getLogger(__name__)
+
+#: Marker file of a 3dvariability output directory.
+MARKER = ".isavar_3dvariability"
+
+#: Parameters that do not change the result (a run may be continued with other values).
+_NOT_SCIENCE = ("chunk_size", "verbose")
+
+
+class StopForTest(RuntimeError):
+    """Raised by the test hook that interrupts a run after a given number of checkpoints."""
 
 #: Columns copied from the input table into the 2D-map tables (when present).
 _KEEP_2D = ("micrograph_name", "coordinate_x_px", "coordinate_y_px", "optics_group", "voltage_kV", "cs_mm",
@@ -45,16 +75,37 @@ _KEEP_2D = ("micrograph_name", "coordinate_x_px", "coordinate_y_px", "optics_gro
 
 
 class _MapStore:
-    """2D maps written into scratch memory-maps in input order, then streamed to STAR + MRCS."""
+    """2D maps written into scratch memory-maps in input order, then streamed to STAR + MRCS.
 
-    def __init__(self, outdir: Path, n: int, nx: int, *, ave: bool, var: bool):
+    With ``resume`` the scratch files of an interrupted run are reopened (their maps are kept) when they
+    have the expected shape; otherwise they are created afresh. ``resumed`` says which happened.
+    """
+
+    def __init__(self, outdir: Path, n: int, nx: int, *, ave: bool, var: bool, resume: bool = False):
         self.files = {}
         self.maps = {}
+        self.resumed = resume
         for name, wanted in (("ave2D", ave), ("var2D", var)):
             if wanted:
-                path = outdir / f".{name}.scratch"
-                self.files[name] = path
+                self.files[name] = outdir / f".{name}.scratch"
+        if resume:
+            for name, path in self.files.items():
+                try:
+                    mm = np.lib.format.open_memmap(path, mode="r+")
+                except (OSError, ValueError):
+                    mm = None
+                if mm is None or mm.shape != (n, nx, nx) or mm.dtype != np.float32:
+                    self.resumed = False
+                    break
+                self.maps[name] = mm
+        if not self.resumed:
+            self.maps = {}
+            for name, path in self.files.items():
                 self.maps[name] = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, nx, nx))
+
+    def flush(self) -> None:
+        for mm in self.maps.values():
+            mm.flush()
 
     def __call__(self, rows, ave, stat):
         if "ave2D" in self.maps and ave is not None:
@@ -69,10 +120,9 @@ class _MapStore:
         for name, mm in self.maps.items():
             mm.flush()
             blocks = (vol.upsample_maps(np.asarray(mm[s:s + 256]), grid) for s in range(0, mm.shape[0], 256))
-            write_particles(outdir / f"{name}.star", blocks, table2d, pixel_size_A=pixel_size_A,
+            write_particles(outdir / f"{name}.star", blocks, table2d, pixel_size_A=pixel_size_A, overwrite=True,
                             project_dir=project_dir)
             written += [f"{name}.star", f"{name}.mrcs"]
-        self.close()
         return written
 
     def close(self) -> None:
@@ -162,9 +212,91 @@ def _read_input(stack_path: Path, pixel_size_A=None, project_dir=None):
     return stack, float(pixel)
 
 
+def _science(params: VariabilityParams) -> dict:
+    return {k: v for k, v in params.to_dict().items() if k not in _NOT_SCIENCE}
+
+
+def _load_manifest(outdir: Path) -> dict:
+    try:
+        return json.loads((outdir / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _check_existing(outdir: Path, fingerprint: dict, params: VariabilityParams, symmetrize_only: bool,
+                    root: bool = True) -> bool:
+    """Decide what an existing output directory means; returns True when an interrupted run is continued.
+
+    Every process decides alike (an error is raised on every MPI rank); only ``root`` removes files.
+    """
+    if not outdir.exists():
+        return False
+    if not outdir.is_dir():
+        raise InputError("exists and is not a directory (choose a new name)", path=outdir)
+    if not (outdir / MARKER).exists():
+        raise InputError("output directory already exists (choose a new name)", path=outdir)
+    man = _load_manifest(outdir)
+    if man.get("stage") == "finished":
+        if root:
+            _remove_scratch(outdir)
+        raise InputError("output directory already exists and holds a finished 3dvariability run "
+                         "(choose a new name)", path=outdir)
+    problems, notes = fingerprint_changes(man.get("input"), fingerprint)
+    if problems:
+        raise InputError(f"holds an unfinished 3dvariability run on another input ({'; '.join(problems)}); "
+                         "choose a new name", path=outdir)
+    old = man.get("parameters", {})
+    mine = dict(_science(params), symmetrize_only=bool(symmetrize_only))
+    diff = sorted(k for k in set(old) | set(mine) if old.get(k) != mine.get(k))
+    if diff:
+        raise InputError(f"holds an unfinished 3dvariability run with other parameters ({', '.join(diff)}); "
+                         "run the same command to continue it, or choose a new name", path=outdir)
+    for note in notes:
+        log.warning("continuing %s: %s (the sampled content is unchanged)", outdir, note)
+    return True
+
+
+def _remove_scratch(outdir: Path) -> None:
+    for name in (".ave2D.scratch", ".var2D.scratch"):
+        (outdir / name).unlink(missing_ok=True)
+    ck = outdir / "checkpoints"
+    if ck.is_dir():
+        for f in ck.iterdir():
+            f.unlink(missing_ok=True)
+        ck.rmdir()
+
+
+def _check_options(params: VariabilityParams, box: int, table, stack_path) -> None:
+    from isavar.io.particles import ORIENTATION_COLUMNS, ORIGIN_COLUMNS, describe_duplicates, duplicated_rows
+
+    r = params.mask_radius_px
+    if r != -1 and not 0 < r <= box / 2:
+        raise InputError(f"--radius {r:g} is outside (0, {box / 2:g}] for the {box}-pixel box (or -1 for the "
+                         f"default, box/2 - 2)", path=stack_path)
+    dup = duplicated_rows(table, columns=ORIENTATION_COLUMNS + ORIGIN_COLUMNS)
+    if dup.any():
+        raise InputError(describe_duplicates(table, dup) + ", with the same orientation: such a particle would "
+                         "count twice in every group and map; remove the duplicated rows", path=stack_path)
+
+
+def _disk_need(params: VariabilityParams, n: int, box: int, nx: int, symmetrize_only: bool) -> float:
+    """Bytes written: scratch 2D maps, their final stacks, the checkpoint, the symmetrized table, the volumes."""
+    from isavar.core.geometry import symmetry_matrices
+
+    n2d = int(params.save_ave2d) + int(params.save_var2d)
+    mode_2d = not (params.var_input or params.snd)
+    need = 2.0 * 4 * box ** 3 + (1 << 22)
+    if params.symmetry != "c1" and not params.var_input:
+        need += 400.0 * n * symmetry_matrices(params.symmetry).shape[0]
+    if mode_2d and not symmetrize_only:
+        need += n2d * 4.0 * n * (nx ** 2 + box ** 2)
+        need += 12.0 * (params.npad * nx) ** 3                 # the checkpoint: two Fourier accumulators
+    return need
+
+
 def run_variability(stack_path, outdir, params: VariabilityParams, *, executor=None, progress=None,
-                    symmetrize_only: bool = False, pixel_size_A: float | None = None,
-                    project_dir=None) -> VariabilityResult | None:
+                    symmetrize_only: bool = False, pixel_size_A: float | None = None, project_dir=None,
+                    _stop_after: int | None = None) -> VariabilityResult | None:
     """Run the 3D variability analysis of a particle file and write the output directory.
 
     Parameters
@@ -172,7 +304,8 @@ def run_variability(stack_path, outdir, params: VariabilityParams, *, executor=N
     stack_path : path-like
         Particles with 3D orientations (.star, .hdf, .cs, ...).
     outdir : path-like
-        Output directory; must not exist.
+        Output directory; must not exist, unless it holds an interrupted run of the
+        same input and parameters, which is then continued (module notes).
     params : VariabilityParams
         Settings.
     executor : Executor, optional
@@ -186,6 +319,8 @@ def run_variability(stack_path, outdir, params: VariabilityParams, *, executor=N
     project_dir : path-like, optional
         RELION project directory: relative image names are read from it first
         and the output STAR files name their stacks relative to it.
+    _stop_after : int, optional
+        Test hook: raise :class:`StopForTest` after this many checkpoints.
 
     Returns
     -------
@@ -195,43 +330,79 @@ def run_variability(stack_path, outdir, params: VariabilityParams, *, executor=N
     Raises
     ------
     InputError
-        Unreadable input, missing orientations / CTF parameters, existing output
-        directory, invalid options; nothing is written in these cases.
+        Unreadable input, missing orientations / CTF parameters, duplicated particles,
+        an existing output directory that is not an interrupted run of the same input
+        and parameters, invalid options, too little disk space; nothing is written in
+        these cases, and a new run rejected later (e.g. NaN pixels) removes its directory.
     """
     from isavar.parallel.serial import SerialExecutor
 
     executor = executor or SerialExecutor()
     progress = progress or NullProgress()
     stack_path, outdir = Path(stack_path), Path(outdir)
-    if outdir.exists():
+    if outdir.exists() and not (outdir / MARKER).exists():
         raise InputError("output directory already exists (choose a new name)", path=outdir)
     stack, pixel = _read_input(stack_path, pixel_size_A, project_dir)
-    table, images = stack.table, stack.images
-    n, box = len(images), int(images.shape[-1])
-    if symmetrize_only and params.symmetry == "c1":
-        raise InputError("--symmetrize/--force_symmetrize needs a point group other than c1 (--sym)")
-    geo = particle_geometry(table, pixel, need_ctf=params.ctf and not params.var_input, source=stack_path)
-    nsym = 1
-    if not params.var_input:
-        from isavar.core.geometry import symmetry_matrices
-
-        nsym = symmetry_matrices(params.symmetry).shape[0]
-        if not params.snd and params.img_per_grp > n * nsym:
-            raise InputError(f"--img_per_grp {params.img_per_grp} is larger than the number of "
-                             f"(symmetry-expanded) particles, {n * nsym}", path=stack_path)
-    grid = choose_grid(box, pixel, params)
-    handler = None
-    if executor.is_root():
-        create_output_dir(outdir, must_not_exist=True)
-        handler = _open_log(outdir / "log.txt")
-    executor.barrier()
     try:
-        return _run(stack, stack_path, outdir, params, executor, progress, symmetrize_only, geo, grid, pixel,
-                    project_dir)
+        table, images = stack.table, stack.images
+        n, box = len(images), int(images.shape[-1])
+        if symmetrize_only and params.symmetry == "c1":
+            raise InputError("--symmetrize/--force_symmetrize needs a point group other than c1 (--sym)")
+        geo = particle_geometry(table, pixel, need_ctf=params.ctf and not params.var_input, source=stack_path)
+        nsym = 1
+        if not params.var_input:
+            from isavar.core.geometry import symmetry_matrices
+
+            nsym = symmetry_matrices(params.symmetry).shape[0]
+            if not params.snd and params.img_per_grp > n * nsym:
+                raise InputError(f"--img_per_grp {params.img_per_grp} is larger than the number of "
+                                 f"(symmetry-expanded) particles, {n * nsym}", path=stack_path)
+        _check_options(params, box, table, stack_path)
+        grid = choose_grid(box, pixel, params)
+        fingerprint = input_fingerprint(stack_path, stack)
+        resume = _check_existing(outdir, fingerprint, params, symmetrize_only, root=executor.is_root())
+        executor.barrier()
+        check_can_write(outdir)
+        if not resume:
+            check_disk_space(outdir, _disk_need(params, n, box, grid.nx, symmetrize_only),
+                             f"3dvariability of {n} particles (box {box}, working box {grid.nx})")
+        handler = None
+        created = not outdir.exists()
+        if executor.is_root():
+            outdir.mkdir(parents=True, exist_ok=True)
+            (outdir / MARKER).touch()
+            if resume:
+                for path in remove_stale_temporaries(outdir):
+                    log.info("removed %s, left behind by the interrupted run", path.name)
+            else:
+                write_json(outdir / "manifest.json", {
+                    "tool": "isavar 3dvariability", "stage": "running", "input": fingerprint,
+                    "parameters": dict(_science(params), symmetrize_only=bool(symmetrize_only))})
+            handler = _open_log(outdir / "log.txt")
+        executor.barrier()
+        try:
+            return _run(stack, stack_path, outdir, params, executor, progress, symmetrize_only, geo, grid, pixel,
+                        resume, _stop_after, project_dir)
+        except InputError as exc:
+            if not resume and executor.is_root():
+                if handler is not None:
+                    logging.getLogger("isavar").removeHandler(handler)
+                    handler.close()
+                    handler = None
+                remove_run_directory(outdir, created=created)
+                raise InputError(f"{exc} (nothing was kept in {outdir})") from None
+            raise
+        except (KeyboardInterrupt, OSError, MemoryError, StopForTest):
+            if executor.is_root():                    # the log file only: the CLI prints the one line
+                log.debug("3dvariability stopped; the same command continues from the last checkpoint (%s)",
+                          outdir)
+            raise
+        finally:
+            if handler is not None:
+                logging.getLogger("isavar").removeHandler(handler)
+                handler.close()
     finally:
-        if handler is not None:
-            logging.getLogger("isavar").removeHandler(handler)
-            handler.close()
+        stack.close()
 
 
 def _open_log(path: Path):
@@ -248,11 +419,48 @@ def _open_log(path: Path):
     return handler
 
 
-def _run(stack, stack_path, outdir, params, executor, progress, symmetrize_only, geo, grid, pixel,
-         project_dir=None):
+class _Checkpoints:
+    """Saves the run state after every wave of blocks (root only; scratch maps flushed first)."""
+
+    def __init__(self, outdir: Path, store, executor, stop_after):
+        self.path = outdir / "checkpoints" / "groups.npz"
+        self.store = store
+        self.root = executor.is_root()
+        self.stop_after = stop_after
+        self.count = 0
+
+    def load(self, executor) -> dict | None:
+        state = None
+        if self.root and self.path.exists() and (self.store is None or self.store.resumed):
+            try:
+                with np.load(self.path) as d:
+                    state = {k: d[k] for k in d.files}
+            except (OSError, ValueError, EOFError):
+                log.warning("%s is unreadable; the groups are computed again", self.path)
+        return executor.bcast(state)
+
+    def __call__(self, state: dict) -> None:
+        if self.root:
+            if self.store is not None:
+                self.store.flush()
+            self.path.parent.mkdir(exist_ok=True)
+            tmp = self.path.with_name(self.path.name + ".tmp.npz")
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **state)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        self.count += 1
+        if self.stop_after is not None and self.count >= self.stop_after:
+            raise StopForTest(f"stopped after {self.count} checkpoints (test hook)")
+
+
+def _run(stack, stack_path, outdir, params, executor, progress, symmetrize_only, geo, grid, pixel, resume,
+         stop_after, project_dir=None):
     table, images = stack.table, stack.images
     n, box = len(images), int(images.shape[-1])
-    log.info("isavar 3dvariability: %s -> %s", stack_path, outdir)
+    log.info("isavar 3dvariability: %s -> %s%s", stack_path, outdir, " (continuing an interrupted run)"
+             if resume else "")
     log.info("parameters: %s", params.to_dict())
     files = []
     if params.symmetry != "c1" and not params.var_input and executor.is_root():
@@ -269,22 +477,21 @@ def _run(stack, stack_path, outdir, params, executor, progress, symmetrize_only,
     sink = None
     if mode_2d and (params.save_ave2d or params.save_var2d):
         if executor.is_root():
-            store = sink = _MapStore(outdir, n, grid.nx, ave=params.save_ave2d, var=params.save_var2d)
+            store = sink = _MapStore(outdir, n, grid.nx, ave=params.save_ave2d, var=params.save_var2d,
+                                     resume=resume)
         else:  # other ranks compute maps for the root but keep none
             sink = _discard_maps
-    try:
-        result = variability(table, images, params, pixel_size_A=pixel, executor=executor, progress=progress,
-                             map_sink=sink, source=stack_path)
-        if executor.is_root():
-            t0 = time.perf_counter()
-            if store is not None:
-                files += store.write(outdir, _table_2d(table, box, pixel), grid, pixel, project_dir)
-            files += _write_volumes(outdir, result)
-            result.timings_s["writing"] = time.perf_counter() - t0
-    finally:
+    checkpoints = _Checkpoints(outdir, store, executor, stop_after) if mode_2d else None
+    state = checkpoints.load(executor) if (checkpoints is not None and resume) else None
+    result = variability(table, images, params, pixel_size_A=pixel, executor=executor, progress=progress,
+                         map_sink=sink, source=stack_path, resume=state, checkpoint=checkpoints)
+    if executor.is_root():
+        t0 = time.perf_counter()
         if store is not None:
+            files += store.write(outdir, _table_2d(table, box, pixel), grid, pixel, project_dir)
             store.close()
-        stack.close() if hasattr(stack, "close") else images.close()
+        files += _write_volumes(outdir, result)
+        result.timings_s["writing"] = time.perf_counter() - t0
     _finish_outputs(outdir, params, executor, stack_path, files, result, n, box, pixel)
     return result
 
@@ -293,10 +500,10 @@ def _write_volumes(outdir: Path, result: VariabilityResult) -> list[str]:
     from isavar.io import write_volume
 
     files = []
-    write_volume(outdir / "var3D.mrc", result.var3d, result.pixel_size_A)
+    write_volume(outdir / "var3D.mrc", result.var3d, result.pixel_size_A, overwrite=True)
     files.append("var3D.mrc")
     if result.ave3d is not None:
-        write_volume(outdir / "ave3D.mrc", result.ave3d, result.pixel_size_A)
+        write_volume(outdir / "ave3D.mrc", result.ave3d, result.pixel_size_A, overwrite=True)
         files.append("ave3D.mrc")
     try:
         from isavar.report.slices import save_variability_slices
@@ -319,6 +526,10 @@ def _finish_outputs(outdir, params, executor, stack_path, files, result, n, box,
     write_json(outdir / "summary.json", summary)
     write_provenance(outdir, command="3dvariability", parameters=params.to_dict(), executor=executor,
                      extra={"input": str(stack_path), "n_particles": n, "box": box})
+    man = _load_manifest(outdir)
+    man["stage"] = "finished"
+    write_json(outdir / "manifest.json", man)
+    _remove_scratch(outdir)
     log.info("outputs in %s: %s", outdir, ", ".join(sorted(files)))
 
 
@@ -392,12 +603,31 @@ def run_reconstruct(stack_path, out_path, *, ctf: bool = False, symmetry: str = 
 
     executor = executor or SerialExecutor()
     progress = progress or NullProgress()
+    from isavar.io import particle_format
+    from isavar.io.particles import ORIENTATION_COLUMNS, ORIGIN_COLUMNS, describe_duplicates, duplicated_rows
+
     out_path = Path(out_path)
+    if particle_format(out_path) not in ("mrcs", "hdf"):
+        raise InputError("a map is written as .mrc or .hdf", path=out_path)
     if out_path.exists() and not overwrite:
         raise InputError("output file exists (choose a new name)", path=out_path)
+    if out_path.is_dir():
+        raise InputError("is a directory", path=out_path)
+    if int(chunk_size) < 1 or int(npad) < 1:
+        raise InputError(f"chunk_size and npad must be >= 1 (got {chunk_size}, {npad})")
+    check_can_write(out_path)
     symmetry = normalise_symmetry(symmetry)
     stack, pixel = _read_input(Path(stack_path), pixel_size_A, project_dir)
     n, box = len(stack.images), int(stack.images.shape[-1])
+    if mask_radius_px is not None and mask_radius_px > box / 2:
+        stack.close()
+        raise InputError(f"--radius {mask_radius_px:g} is larger than half the {box}-pixel box", path=stack_path)
+    dup = duplicated_rows(stack.table, columns=ORIENTATION_COLUMNS + ORIGIN_COLUMNS)
+    if dup.any():
+        stack.close()
+        raise InputError(describe_duplicates(stack.table, dup) + ", with the same orientation: such a particle "
+                         "would count twice; remove the duplicated rows", path=stack_path)
+    check_disk_space(out_path, 4.0 * box ** 3 + (1 << 20), f"a {box}^3 map")
     geo = particle_geometry(stack.table, pixel, need_ctf=ctf, source=stack_path)
     ctx = {"geometry": geo, "box": box, "npad": int(npad), "symmetry": symmetry, "interpolation": interpolation,
            "pixel_size_A": pixel, "images": stack.images}
@@ -414,6 +644,7 @@ def run_reconstruct(stack_path, out_path, *, ctf: bool = False, symmetry: str = 
             acc.weights += weights
             progress.advance(k)
     progress.close()
+    stack.close()
     volume = acc.finish()
     if mask_radius_px is not None and mask_radius_px > 0:
         volume = np.where(vol.spherical_mask(box, mask_radius_px), volume, np.float32(0)).astype(np.float32)
