@@ -164,9 +164,9 @@ CASES = [
          "exists", existing=("good.mrcs",)),
     # convert
     Case("convert-pixel-size-0", lambda d: ["convert", d / "good.star", d / "o.hdf", "--pixel-size", "0"],
-         "--pixel-size: must be a positive number"),
+         "--pixel-size/--apix: must be a positive number"),
     Case("convert-pixel-size-negative", lambda d: ["convert", d / "good.star", d / "o.hdf", "--pixel-size=-1"],
-         "--pixel-size: must be a positive number"),
+         "--pixel-size/--apix: must be a positive number"),
     Case("convert-pixel-size-replaces-stated", lambda d: ["convert", d / "good.star", d / "o.hdf", "--pixel-size",
                                                           "2", "-q"], "--replace-pixel-size"),
     Case("convert-volume-pixel-size-replaces-stated", lambda d: ["convert", d / "map.mrc", d / "o.hdf",
