@@ -139,8 +139,9 @@ ISAVAR = [sys.executable, "-m", "isavar"]
 
 
 def _argv(star, out, workers):
+    # --project-dir OUT: the STAR outputs name their stacks relative to their own folder, so two runs compare
     return ISAVAR + ["3dvariability", str(star), str(out), "--img_per_grp", "10", "--CTF", "--workers",
-                     str(workers), "-q"]
+                     str(workers), "-q", "--project-dir", str(out)]
 
 
 @pytest.fixture(scope="module")
