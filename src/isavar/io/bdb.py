@@ -728,3 +728,38 @@ def write_bdb(directory, name: str, headers: list[dict], box: int, *, images=Non
             if t.exists():
                 t.unlink()
     return f"bdb:{directory}#{name}"
+
+
+def headers_from_table(table) -> list[dict]:
+    """EMAN2 header dicts of a particle table, as the HDF writer maps columns to keys (stand-ins for objects).
+
+    ``xform.projection``/``xform.align2d`` become :class:`Transform`, ``ctf`` an :class:`EMAN2Ctf`; the
+    image location columns are left out.
+    """
+    from isavar.conventions import parse_eman2_ctf
+    from isavar.io.eman_hdf import _row_headers, _Transform
+
+    table = table.reset_index(drop=True).drop(columns=["image_path", "image_index", "image_size_px"],
+                                              errors="ignore").copy()
+    if "pixel_size_A" not in table.columns:
+        table["pixel_size_A"] = 1.0
+    table["pixel_size_A"] = table["pixel_size_A"].astype(np.float64).fillna(1.0)
+    headers = _row_headers(table)
+    out = []
+    for h, apix in zip(headers, table["pixel_size_A"]):
+        row = {"apix_x": float(apix), "apix_y": float(apix), "apix_z": float(apix)}
+        for key, value in h.items():
+            if isinstance(value, _Transform):
+                row[key] = Transform(value.matrix.astype(np.float64).reshape(-1))
+            elif key == "ctf" and isinstance(value, str):
+                c = parse_eman2_ctf(value)
+                row[key] = EMAN2Ctf([c["defocus_um"], c["dfdiff_um"], c["dfang_deg"], c["bfactor_A2"],
+                                     c["ampcont_percent"], c["voltage_kV"], c["cs_mm"], c["apix_A"], 0.0])
+            elif isinstance(value, np.ndarray):
+                row[key] = value.tolist()
+            elif isinstance(value, np.generic):
+                row[key] = value.item()
+            else:
+                row[key] = value
+        out.append(row)
+    return out
