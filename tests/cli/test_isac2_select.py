@@ -244,3 +244,43 @@ def test_existing_output_and_missing_directory(isac, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert main(["isac2-select", str(tmp_path / "nothere"), str(tmp_path / "o2"), "--classes", "1"]) == 2
     assert "not an ISAC2 output directory" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_matches_sphires_own_isac2_and_isac_substack(isac, tmp_path):
+    """SPHIRE 1.4.2 runs ISAC2 on the BDB stack and makes its substack (sp_pipe.py isac_substack); isac2-select on
+    SPHIRE's directory writes the same files (to their last printed digit: 1e-6) and the same virtual stack."""
+    if not SPHIRE_PYTHON.exists() or shutil.which("mpirun") is None:
+        pytest.skip("EMAN2/SPHIRE is not built here")
+    import os
+
+    shutil.copytree(isac / "EMAN2DB", tmp_path / "EMAN2DB")
+    env = dict(os.environ, PATH=f"{SPHIRE_PYTHON.parent}:{os.environ['PATH']}")
+    sp_args = [a for a in ISAC_ARGS if a.split("=")[0] in ("--radius", "--target_radius", "--target_nx",
+                                                               "--img_per_grp", "--minimum_grp_size", "--CTF")]
+    for cmd in (["mpirun", "--allow-run-as-root", "-np", "2", str(SPHIRE_PYTHON), "-W", "ignore",
+                 str(SPHIRE_PYTHON.parent / "sp_isac2.py"), "bdb:stack", "sp_out", *sp_args, "--rand_seed=7"],
+                [str(SPHIRE_PYTHON), "-W", "ignore", str(SPHIRE_PYTHON.parent / "sp_pipe.py"), "isac_substack",
+                 "bdb:stack", "sp_out", "sp_sub", "--isac_class_avgs_path=sp_out/class_averages.hdf"]):
+        res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    c = len(_members(tmp_path / "sp_out" / "class_averages.hdf"))
+    assert main(["isac2-select", str(tmp_path / "sp_out"), str(tmp_path / "is_sub"), "--stack",
+                 f"bdb:{tmp_path}#stack", "--classes", f"1-{c}", "--numbering", "unordered", "-q"]) == 0
+    for name in ("isac_substack_particle_id_list.txt", "particle_membership.txt"):
+        assert (tmp_path / "sp_sub" / name).read_text() == (tmp_path / "is_sub" / name).read_text(), name
+    for name in ("scaled_all_parameters.txt", "init_isac_params.txt", "isac_substack_header_align2d.txt",
+                 "isac_substack_header_projection.txt", *(f"params_avg/params_avg_{k:03d}.txt" for k in range(c))):
+        a, b = np.loadtxt(tmp_path / "sp_sub" / name, ndmin=2), np.loadtxt(tmp_path / "is_sub" / name, ndmin=2)
+        assert a.shape == b.shape, name
+        np.testing.assert_allclose(a, b, atol=2.5e-6, err_msg=name)
+    theirs = read_particles(f"bdb:{tmp_path}/sp_sub#isac_substack")
+    ours = read_particles(f"bdb:{tmp_path}/is_sub#isac_substack")
+    np.testing.assert_array_equal(theirs.images[:], ours.images[:])
+    assert set(theirs.table.columns) == set(ours.table.columns)
+    for col in ("align_sx_px", "align_sy_px", "origin_x_A", "origin_y_A"):
+        np.testing.assert_allclose(theirs.table[col], ours.table[col], atol=1e-5, err_msg=col)
+    for col in ("align_alpha_deg", "angle_psi_deg"):
+        np.testing.assert_allclose((theirs.table[col] - ours.table[col] + 180) % 360 - 180, 0, atol=1e-5)
+    for col in ("align_mirror", "ISAC_class_id", "angle_tilt_deg", "angle_rot_deg"):
+        np.testing.assert_array_equal(theirs.table[col], ours.table[col], err_msg=col)

@@ -98,8 +98,8 @@ class IsacRun:
     def full_params(self) -> np.ndarray:
         """2D alignment of each input image at the input pixel size (``sp_pipe.py isac_substack``).
 
-        ``combine_params2(prealign, (alpha, sx / shrink, sy / shrink, mirror))``; unaccounted rows are
-        ``(0, 0, 0, -1)``.
+        ``combine_params2(prealign, (alpha, sx / shrink, sy / shrink, mirror))`` with alpha in [0, 360);
+        unaccounted rows are ``(0, 0, 0, -1)``.
         """
         from isavar.core.params2d import compose
 
@@ -109,7 +109,7 @@ class IsacRun:
         out = np.zeros_like(isac)
         out[:, 3] = -1
         c = compose(tuple(self.prealign[ok].T), tuple(isac[ok].T))
-        out[ok] = np.column_stack([c.alpha, c.sx, c.sy, c.mirror])
+        out[ok] = np.column_stack([np.mod(c.alpha, 360.0), c.sx, c.sy, c.mirror])   # [0, 360) as SPHIRE's
         return out
 
 
