@@ -142,7 +142,9 @@ def test_sphire_substack_files_and_virtual_stack(isac, tmp_path):
     scaled = np.loadtxt(out / "scaled_all_parameters.txt")
     ok = par[:, 3] >= 0
     c = compose(tuple(pre[ok].T), (par[ok, 0], par[ok, 1] / shrink, par[ok, 2] / shrink, par[ok, 3]))
-    np.testing.assert_allclose(scaled[ok, :3], np.column_stack([c.alpha, c.sx, c.sy]), atol=2e-6)
+    np.testing.assert_allclose(scaled[ok, 1:3], np.column_stack([c.sx, c.sy]), atol=2e-6)
+    np.testing.assert_allclose((scaled[ok, 0] - c.alpha + 180) % 360 - 180, 0, atol=2e-6)
+    assert ((scaled[ok, 0] >= 0) & (scaled[ok, 0] < 360)).all()                # SPHIRE's range
     assert (scaled[~ok, 3] == -1).all()
     # the virtual substack: the members' own pixels, ISAC_class_id and the 2D alignment in the headers
     stack = read_particles(f"bdb:{isac}#stack")
