@@ -183,71 +183,24 @@ def test_a_database_held_open_for_writing_by_an_eman2_environment_is_read_withou
         env.close()
 
 
-def _py2_pickle(value) -> bytes:
-    """Protocol-2 bytes as Python 2's cPickle writes them: ``str`` as SHORT_BINSTRING (``U``), ints, floats,
-    lists, dicts and EMAN2 objects as ``GLOBAL libpy... Class`` + args + REDUCE (pickle opcodes, by hand)."""
-    out = bytearray(b"\x80\x02")
-
-    def emit(v):
-        if isinstance(v, bytes):                                 # a Python 2 str
-            out.extend(b"U" + bytes([len(v)]) + v)
-        elif isinstance(v, bool):
-            out.extend(b"\x88" if v else b"\x89")
-        elif isinstance(v, int):
-            out.extend(b"J" + struct.pack("<i", v))
-        elif isinstance(v, float):
-            out.extend(b"G" + struct.pack(">d", v))
-        elif isinstance(v, list):
-            out.extend(b"](")
-            for x in v:
-                emit(x)
-            out.extend(b"e")
-        elif isinstance(v, dict):
-            out.extend(b"}(")
-            for k, x in v.items():
-                emit(k)
-                emit(x)
-            out.extend(b"u")
-        elif isinstance(v, tuple) and v[0] == "GLOBAL":
-            out.extend(b"c" + v[1].encode() + b"\n" + v[2].encode() + b"\n")
-            emit(v[3])
-            out.extend(b"\x85R")                                 # TUPLE1, REDUCE
-        else:
-            raise TypeError(v)
-
-    emit(value)
-    out.extend(b".")
-    return bytes(out)
-
-
-def test_python2_era_pickles_are_read(tmp_path):
-    """Keys and headers pickled by Python 2 EMAN2 (str as bytes; a Latin-1 file name) read as Python 3's do."""
-    db = _db()
-    (tmp_path / "EMAN2DB").mkdir()
-    pixels = planted_pixels()[:2]
-    (tmp_path / "EMAN2DB" / "old_32x32x1").write_bytes(pixels.astype("<f4").tobytes())
-    handle = db.DB()
-    handle.open(str(tmp_path / "EMAN2DB" / "old.bdb"), "old", db.DB_BTREE, db.DB_CREATE)
-    matrix = [0.0, 1.0, 0.0, 2.0, -1.0, 0.0, 0.0, -3.0, 0.0, 0.0, 1.0, 0.0]   # spider (90, 0, 0), t = (2, -3)
-    ctf = [2.5, 0.0, 0.0, 0.0, 10.0, 300.0, 2.7, 1.5, 0.0, 0.0, 0.0]
-    for k in range(2):
-        header = {b"nx": 32, b"ny": 32, b"nz": 1, b"is_complex_x": 0, b"apix_x": 1.5,
-                  b"ptcl_source_image": b"mic_\xe9t\xe9.mrc", b"members": [3, 1, 4],
-                  b"xform.projection": ("GLOBAL", "libpyTransform2", "Transform", matrix),
-                  b"ctf": ("GLOBAL", "libpyAligner2", "EMAN2Ctf", ctf)}
-        handle.put(_py2_pickle(k), _py2_pickle(header))
-        handle.put(b"32x32x1" + _py2_pickle(k), _py2_pickle(1 - k))       # the slots in reverse order
-    handle.put(_py2_pickle(b"maxrec"), _py2_pickle(1))
-    handle.close()
-    stack = read_particles(f"bdb:{tmp_path}#old")
-    np.testing.assert_array_equal(stack.images[:], pixels[::-1])
-    row = stack.table.iloc[0]
-    assert row["micrograph_name"] == "mic_été.mrc"                   # Latin-1, as Python 2 wrote the bytes
-    assert row["members"].tolist() == [3, 1, 4]
-    assert row["angle_tilt_deg"] == pytest.approx(0.0, abs=1e-9)            # Rz(90): rot + psi = 90 at tilt 0
-    assert (row["angle_rot_deg"] + row["angle_psi_deg"]) % 360 == pytest.approx(90.0)
-    assert (row["origin_x_A"], row["origin_y_A"]) == pytest.approx((3.0, -4.5))
-    assert row["defocus_u_A"] == pytest.approx(25000.0) and row["pixel_size_A"] == 1.5
+def test_python2_era_pickles_are_read():
+    """Keys and headers pickled by Python 2.7's cPickle as EMAN2 2.x stored them (tests/data/bdb/py2): Python 2
+    str (Latin-1 bytes) and unicode, long ints, EMAN2 objects as (libpy... class, args) reductions."""
+    truth = json.loads((DATA / "py2" / "truth.json").read_text())
+    stack = read_particles(f"bdb:{DATA / 'py2'}#old")
+    pixels = np.random.RandomState(truth["seed"]).standard_normal((truth["n"], truth["box"], truth["box"]))
+    np.testing.assert_array_equal(stack.images[:], pixels.astype(np.float32))   # slots stored in reverse order
+    t = stack.table
+    for i, p in enumerate(truth["images"]):
+        row = t.iloc[i]
+        assert row["micrograph_name"] == f"mic_été_{i}.mrc" and row["note"] == "café"
+        assert row["members"].tolist() == [3 * i, 3 * i + 1, 3 * i + 2] and row["big"] == 2 ** 40 + i
+        assert (row["align_alpha_deg"], row["align_sx_px"], row["align_sy_px"], row["align_mirror"]) == \
+            pytest.approx((p["alpha"], p["sx"], p["sy"], 0), abs=1e-9)
+        assert row["angle_tilt_deg"] == pytest.approx(0.0, abs=1e-9)
+        assert (row["angle_rot_deg"] + row["angle_psi_deg"]) % 360 == pytest.approx(p["rot_plus_psi"])
+        assert (row["origin_x_A"], row["origin_y_A"]) == pytest.approx((2.0 * p["ox"], 2.0 * p["oy"]))
+        assert row["defocus_u_A"] == pytest.approx(1e4 * p["defocus_um"]) and row["pixel_size_A"] == 2.0
 
 
 def test_pickles_naming_other_classes_are_refused(tmp_path):
