@@ -142,9 +142,7 @@ class Transform:
     """Stand-in for EMAN2's ``Transform``: the 3x4 matrix (``matrix``, float64)."""
 
     def __init__(self, matrix=None):
-        if matrix is None:
-            matrix = np.eye(3, 4)
-        values = np.asarray(list(matrix) if not isinstance(matrix, dict) else [], dtype=np.float64)
+        values = np.asarray(np.eye(3, 4) if matrix is None else list(matrix), dtype=np.float64)
         if values.size != 12:
             raise pickle.UnpicklingError(f"EMAN2 Transform with {values.size} matrix values (expected 12)")
         self.matrix = values.reshape(3, 4)
@@ -194,20 +192,17 @@ class Vec:
 
 _STANDINS = {"Transform": Transform, "EMAN2Ctf": EMAN2Ctf, "EMAN1Ctf": EMAN1Ctf,
              "Vec3f": Vec, "Vec2f": Vec, "Vec3i": Vec, "Vec2i": Vec}
-_SAFE_BUILTINS = {"set", "frozenset", "complex", "list", "dict", "tuple", "int", "float", "str", "bytes", "bool",
-                  "bytearray", "range", "slice"}
+_SAFE_BUILTINS = {"set", "frozenset", "complex", "list", "dict", "tuple", "int", "float", "str", "bytes", "bool"}
 
 
 class _HeaderUnpickler(pickle.Unpickler):
     """Unpickle EMAN2 keys and headers: EMAN2 classes become stand-ins, anything else is refused."""
 
     def find_class(self, module, name):
-        if name in _STANDINS and (module.startswith(("libpy", "EMAN2", "sparx", "__main__"))):
+        if name in _STANDINS and module.startswith(("libpy", "EMAN2")):     # libpyTransform2, EMAN2_cppwrap, ...
             return _STANDINS[name]
         if module in ("builtins", "__builtin__") and name in _SAFE_BUILTINS:
             return getattr(__import__("builtins"), name)
-        if module in ("copy_reg", "copyreg") and name == "_reconstructor":
-            raise pickle.UnpicklingError(f"unsupported pickled object ({module}.{name})")
         if module == "collections" and name == "OrderedDict":
             from collections import OrderedDict
 
