@@ -150,6 +150,18 @@ def test_truncated_data_and_incomplete_database(project):
         read_particles(f"bdb:{project}#vstack")
 
 
+def test_a_damaged_database_gets_one_line_instead_of_a_hang(project):
+    file = project / "EMAN2DB" / "stack.bdb"
+    data = bytearray(file.read_bytes())
+    data[3 * 4096:4 * 4096] = b"\xff" * 4096                   # one page overwritten (a cursor would loop on it)
+    file.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"stack.bdb is damaged \(Berkeley DB verification failed\)"):
+        read_particles(f"bdb:{project}#stack")
+    file.write_bytes(bytes(data[: len(data) // 2]))             # half-written
+    with pytest.raises(InputError, match=r"stack.bdb is damaged"):
+        read_particles(f"bdb:{project}#stack")
+
+
 def test_a_database_from_a_newer_berkeley_db_gets_one_line(project):
     file = project / "EMAN2DB" / "stack.bdb"
     data = bytearray(file.read_bytes())

@@ -61,8 +61,10 @@ INSTALL_HINT = ("pip install 'isavar[bdb]' (PyPI berkeleydb; needs the Berkeley 
 #: Header keys that describe storage, not the particle (never turned into columns).
 STORAGE_KEYS = {"timestamp", "data_path", "data_n", "data_source", "source_path", "source_n"}
 
-#: Berkeley DB btree meta page: magic number and the highest btree format version known to libdb 5.3.
+#: Berkeley DB btree meta page: magic number.
 _BTREE_MAGIC = 0x053162
+#: The btree format version of libdb 4.x-6.x (a newer libdb would write a higher one).
+_BTREE_VERSION_LIBDB = 9
 
 
 # --------------------------------------------------------------------------------------
@@ -292,6 +294,13 @@ def _open_database(file: Path, name: str, url: str):
     version = _btree_version(file)
     if version is None:
         raise InputError(f"{file} is not a Berkeley DB btree file", path=url)
+    if version <= _BTREE_VERSION_LIBDB:
+        # a damaged page can make a cursor loop forever: check the structure first (about 30 µs per record)
+        try:
+            db.DB().verify(str(file))
+        except db.DBError:
+            raise InputError(f"{file} is damaged (Berkeley DB verification failed); it may have been left "
+                             "half-written by a crashed EMAN2/SPHIRE program", path=url) from None
     handle = db.DB()
     try:
         handle.open(str(file), name, db.DB_BTREE, db.DB_RDONLY)
