@@ -286,3 +286,24 @@ def test_matches_sphires_own_isac2_and_isac_substack(isac, tmp_path):
         np.testing.assert_allclose((theirs.table[col] - ours.table[col] + 180) % 360 - 180, 0, atol=1e-5)
     for col in ("align_mirror", "ISAC_class_id", "angle_tilt_deg", "angle_rot_deg"):
         np.testing.assert_array_equal(theirs.table[col], ours.table[col], err_msg=col)
+
+
+def test_auto_keeps_the_classes_under_the_pixel_error_threshold(isac, tmp_path, capsys):
+    import json
+
+    out_dir = isac / "isac_out"
+    per_class = json.loads((out_dir / "summary.json").read_text())["per_class"]
+    errors = np.array([c["pixel_error"] for c in per_class])
+    threshold = float(np.median(errors))
+    ordered = _members(out_dir / "ordered_class_averages.hdf")
+    out = tmp_path / "auto"
+    assert main(["isac2-select", str(out_dir), str(out), "--auto", "--max-pixel-error", str(threshold), "-q"]) == 0
+    kept = np.flatnonzero(errors <= threshold)
+    assert 0 < len(kept) < len(errors) or len(set(errors)) == 1
+    np.testing.assert_array_equal(_ids(out), np.sort(np.concatenate([ordered[k] for k in kept])))
+    assert set(_particles(out)["rlnClassNumber"]) == set((kept + 1).tolist())
+    # SPHIRE's directories record no per-class pixel errors
+    sphire_like = tmp_path / "sphire_like"
+    shutil.copytree(out_dir, sphire_like, ignore=shutil.ignore_patterns("summary.json", "stack_ali2d.npy"))
+    assert main(["isac2-select", str(sphire_like), str(tmp_path / "o2"), "--auto"]) == 2
+    assert "--auto needs the per-class pixel errors" in capsys.readouterr().err

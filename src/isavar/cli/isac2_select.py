@@ -9,6 +9,9 @@ Choose the classes in one of three ways:
                            class_averages.mrcs with the bad averages deleted (SPHIRE's way; HDF copies are
                            matched by their 'members' headers, .mrcs copies by their pixels)
   --select-star FILE       a RELION selection STAR (rows with rlnSelected 1; class by rlnClassNumber)
+  --auto                   the classes whose stability-test pixel error is at most --max-pixel-error
+                           (default the run's --thld_err; isavar runs only; measured in bench/isac2.md:
+                           helps when many images are junk, costs good classes when few are)
 With --generation MAIN,GEN the class numbers count the averages of one generation
 (mainMMM/generationGGG/class_averages_MMM_GGG.hdf): the members of one class for RCT.
 
@@ -51,6 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="edited copy of the class averages holding only the kept ones (.hdf or .mrcs)")
     choice.add_argument("--select-star", "--select_star", dest="select_star", default=None, metavar="FILE",
                         help="RELION selection STAR (rlnSelected)")
+    choice.add_argument("--auto", action="store_true",
+                        help="keep the classes whose stability-test pixel error is at most --max-pixel-error "
+                             "(isavar runs; see bench/isac2.md for when this helps)")
+    parser.add_argument("--max-pixel-error", "--max_pixel_error", dest="max_pixel_error", type=float, default=None,
+                        metavar="PX", help="threshold for --auto (default: the run's --thld_err)")
     parser.add_argument("--numbering", choices=["ordered", "unordered"], default="ordered",
                         help="which order --classes and rlnClassNumber count (default ordered)")
     parser.add_argument("--zero-based", "--zero_based", dest="zero_based", action="store_true",
@@ -76,6 +84,6 @@ def run(args: argparse.Namespace) -> int:
     summary = run_isac2_select(args.isac_dir, args.outdir, classes=classes, numbering=args.numbering,
                                zero_based=args.zero_based, averages=args.averages, selection_star=args.select_star,
                                generation=args.generation, stack=args.stack, substack_name=args.substack_basename,
-                               force=args.force)
+                               force=args.force, auto=args.auto, max_pixel_error=args.max_pixel_error)
     print(f"{summary['particles']} particles of {len(summary['classes'])} classes written to {args.outdir}")
     return 0

@@ -288,6 +288,30 @@ def classes_from_selection_star(run: IsacRun, path, numbering: str) -> np.ndarra
     return classes_to_unordered(run, [int(k) for k in numbers[sel]], numbering)
 
 
+def classes_by_pixel_error(run: IsacRun, max_pixel_error: float | None) -> tuple[np.ndarray, float]:
+    """Unordered indices of the classes whose stability-test pixel error is at most the threshold (``--auto``).
+
+    The per-class pixel errors are those isavar's ``isac2`` records in ``summary.json``; the default threshold
+    is the run's ``--thld_err``. Measured on simulated data (``bench/isac2.md``): with 40 % noise images it
+    rejected every mixed-view class and no pure one; with 10 % it rejected mostly-pure classes.
+    """
+    summary_path = run.path / "summary.json"
+    if not summary_path.exists():
+        raise InputError("--auto needs the per-class pixel errors of isavar isac2 (summary.json); choose the "
+                         "classes of a SPHIRE run with --classes, --averages or --select-star", path=run.path)
+    per_class = json.loads(summary_path.read_text()).get("per_class", [])
+    if len(per_class) != run.n_classes:
+        raise InputError(f"summary.json lists {len(per_class)} classes but class_averages.hdf holds {run.n_classes}",
+                         path=run.path)
+    if max_pixel_error is None:
+        manifest = run.path / "manifest.json"
+        params = json.loads(manifest.read_text()).get("params", {}) if manifest.exists() else {}
+        max_pixel_error = float(params.get("thld_err", 0.7))
+    errors = np.array([c["pixel_error"] for c in per_class], np.float64)   # ordered classes
+    keep = np.flatnonzero(errors <= max_pixel_error)
+    return run.order[keep], float(max_pixel_error)
+
+
 def generation_members(run: IsacRun, main: int, generation: int, numbers) -> tuple[list, Path]:
     """Members of classes of one generation (RCT): ``mainMMM/generationGGG/class_averages_MMM_GGG.hdf``."""
     path = run.path / f"main{main:03d}" / f"generation{generation:03d}" / \
@@ -443,7 +467,8 @@ def resolve_stack(run: IsacRun, stack_arg) -> str:
 
 def run_isac2_select(isac_dir, outdir, *, classes=None, numbering: str = "ordered", zero_based: bool = False,
                      averages=None, selection_star=None, generation=None, stack=None,
-                     substack_name: str = "isac_substack", force: bool = False) -> dict:
+                     substack_name: str = "isac_substack", force: bool = False, auto: bool = False,
+                     max_pixel_error: float | None = None) -> dict:
     """Keep the chosen classes of an ISAC2 run and write their members (see the module notes).
 
     Parameters
@@ -462,6 +487,10 @@ def run_isac2_select(isac_dir, outdir, *, classes=None, numbering: str = "ordere
         An edited copy of the averages holding only the kept ones.
     selection_star : path, optional
         A RELION STAR with ``rlnSelected``.
+    auto : bool
+        Keep the classes whose pixel error is at most ``max_pixel_error`` (isavar runs).
+    max_pixel_error : float, optional
+        Threshold for ``auto`` (default: the run's ``--thld_err``).
     generation : tuple of int, optional
         ``(main, generation)``: take the classes of that generation's averages (RCT).
     stack : str, optional
@@ -478,9 +507,9 @@ def run_isac2_select(isac_dir, outdir, *, classes=None, numbering: str = "ordere
     """
     from isavar.io import read_particles
 
-    given = [x is not None for x in (classes, averages, selection_star)]
+    given = [x is not None for x in (classes, averages, selection_star)] + [bool(auto)]
     if sum(given) != 1:
-        raise InputError("choose the classes in exactly one way: --classes, --averages or --select-star")
+        raise InputError("choose the classes in exactly one way: --classes, --averages, --select-star or --auto")
     if generation is not None and classes is None:
         raise InputError("--generation needs --classes (the class numbers in that generation, 1-based)")
     if numbering not in ("ordered", "unordered"):
@@ -498,6 +527,9 @@ def run_isac2_select(isac_dir, outdir, *, classes=None, numbering: str = "ordere
         if classes is not None:
             kept = classes_to_unordered(run, classes, numbering, zero_based=zero_based)
             what = f"classes {','.join(map(str, classes))} ({numbering} numbering)"
+        elif auto:
+            kept, threshold = classes_by_pixel_error(run, max_pixel_error)
+            what = f"the classes with pixel error <= {threshold:g} (--auto)"
         elif averages is not None:
             kept = classes_from_averages_file(run, averages)
             what = f"the {len(kept)} averages in {averages}"
@@ -551,7 +583,8 @@ def run_isac2_select(isac_dir, outdir, *, classes=None, numbering: str = "ordere
         "isac_dir": str(isac_dir), "classes": classes, "numbering": numbering, "zero_based": zero_based,
         "averages": None if averages is None else str(averages),
         "select_star": None if selection_star is None else str(selection_star),
-        "generation": generation, "stack": stack_name, "substack_name": substack_name})
+        "generation": generation, "stack": stack_name, "substack_name": substack_name, "auto": auto,
+        "max_pixel_error": max_pixel_error})
     log.info("kept %s: %d particles written to %s", what, len(ids), out)
     return summary
 
