@@ -120,7 +120,7 @@ def test_convert_volume(tmp_path, rng):
 
 @pytest.mark.parametrize("argv,message", [
     (["nothere.star", "out.hdf"], "nothere.star: file not found"),
-    (["bdb:stack", "out.hdf"], "e2proc2d.py bdb:stack stack.hdf"),
+    (["bdb:stack", "out.hdf"], "EMAN2DB/stack.bdb does not exist"),
     (["in.star", "out.xyz"], "unknown file format '.xyz'"),
 ])
 def test_convert_bad_input(tmp_path, rng, capsys, monkeypatch, argv, message):

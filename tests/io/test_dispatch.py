@@ -25,10 +25,15 @@ from isavar.io.particles import validate
 from _io_helpers import assert_tables_match, full_table, random_images
 
 
-@pytest.mark.parametrize("name", ["bdb:stack", "bdb:EMAN2DB/data#stack", "proj/EMAN2DB/stack.bdb"])
-def test_bdb_is_refused_with_the_export_command(name):
-    with pytest.raises(InputError, match=r"BDB.*e2proc2d.py bdb:stack stack.hdf"):
+@pytest.mark.parametrize("name,file", [("bdb:stack", "EMAN2DB/stack.bdb"), ("bdb:data#stack", "data/EMAN2DB/stack.bdb"),
+                                       ("proj/EMAN2DB/stack.bdb", "proj/EMAN2DB/stack.bdb")])
+def test_missing_bdb_stack_is_named(name, file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert particle_format(name) == "bdb"
+    with pytest.raises(InputError, match=f"^{name}: no such BDB stack: {tmp_path.resolve()}/{file} does not exist"):
         read_particles(name)
+    with pytest.raises(InputError, match="does not write BDB"):
+        write_particles(name, np.zeros((1, 4, 4), np.float32), pd.DataFrame({"a": [1]}))
 
 
 def test_unknown_format_and_missing_file(tmp_path):

@@ -11,6 +11,7 @@ from isavar._version import __version__
 #: The subcommands, in the order ``--help`` lists them: (name, module under isavar.cli).
 COMMANDS: list[tuple[str, str]] = [
     ("isac2", "isac2"),
+    ("isac2-select", "isac2_select"),
     ("3dvariability", "variability"),
     ("reconstruct", "reconstruct"),
     ("simulate", "simulate"),

@@ -21,6 +21,7 @@ Examples
   isavar convert particles.star images.mrcs            # images only (metadata dropped, with a warning)
   isavar convert stack.mrcs particles.star --pixel-size 1.35
   isavar convert map.mrc map.hdf                       # a volume
+  isavar convert bdb:Particles#stack stack.hdf         # SPHIRE BDB (normal or virtual) -> HDF
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ log = logging.getLogger("isavar.cli.convert")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``convert`` options."""
-    parser.add_argument("src", metavar="SRC", help="input file (.star, .mrcs, .mrc, .hdf, .cs)")
+    parser.add_argument("src", metavar="SRC",
+                        help="input file (.star, .mrcs, .mrc, .hdf, .cs) or an EMAN2/SPHIRE BDB stack (bdb:DIR#name)")
     parser.add_argument("dst", metavar="DST", help="output file (.star, .mrcs, .hdf, .cs; .mrc/.hdf for volumes)")
     parser.add_argument("--force", action="store_true", help="replace existing output files")
     parser.add_argument("--pixel-size", "--apix", dest="pixel_size", type=positive_float, default=None, metavar="A",
@@ -174,9 +176,9 @@ def run(args: argparse.Namespace) -> int:
 
     setup_logging(args)
     src, dst = Path(args.src), Path(args.dst)
-    particle_format(src)
+    src_kind = particle_format(src)
     dst_kind = particle_format(dst)
-    if not src.exists():
+    if src_kind != "bdb" and not src.exists():
         raise InputError("file not found", path=src)
     if _is_volume(src):
         if dst_kind not in ("mrcs", "hdf"):

@@ -42,7 +42,7 @@ def _bool_flag(parser, name, help_):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of sp_isac2.py (names and defaults) plus isavar's executor and verbosity flags."""
-    parser.add_argument("stack", help="input particles: .star, .mrcs, .hdf or .cs")
+    parser.add_argument("stack", help="input particles: .star, .mrcs, .hdf, .cs or a BDB stack bdb:DIR#name")
     parser.add_argument("outdir", help="output directory (created; an existing ISAC2 run is continued)")
     parser.add_argument("--radius", type=int, required=True, help="particle radius in pixels (required)")
     parser.add_argument("--img_per_grp", type=int, default=200, help="images per class (default 200)")

@@ -28,7 +28,7 @@ from isavar.cli._common import (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Input stack, output map, CTF, symmetry and padding."""
-    parser.add_argument("stack", help="particles with 3D orientations: .star, .hdf, .cs")
+    parser.add_argument("stack", help="particles with 3D orientations: .star, .hdf, .cs, bdb:DIR#name")
     parser.add_argument("output", help="output map (.mrc or .hdf); must not exist unless --overwrite")
     parser.add_argument("--CTF", action="store_true", help="CTF-weighted reconstruction")
     parser.add_argument("--sym", default="c1", help="point group c<n>, d<n>, tet, oct, icos (default c1)")

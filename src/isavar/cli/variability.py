@@ -50,7 +50,7 @@ log = logging.getLogger("isavar")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The documented sx3dvariability options, SPHIRE 1.4.2 aliases and isavar's own flags."""
-    parser.add_argument("prj_stack", help="particles with 3D orientations: .star, .hdf or .cs")
+    parser.add_argument("prj_stack", help="particles with 3D orientations: .star, .hdf, .cs or a BDB stack bdb:DIR#name")
     parser.add_argument("output_directory", nargs="?", default=None,
                         help="output directory (must not exist)")
     parser.add_argument("--img_per_grp", type=int, default=10,
@@ -60,8 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--CTF", action="store_true", help="Wiener group means and CTF-corrected variances")
     parser.add_argument("--fl", type=finite_float, default=0.0,
                         help="tanh low-pass stop-band, cycles/pixel of the input (0 = off; default 0)")
-    parser.add_argument("--aa", type=finite_float, default=0.0,
-                        help="tanh low-pass fall-off; must be > 0 when --fl > 0 (default 0)")
+    parser.add_argument("--aa", "--aaf", dest="aa", type=finite_float, default=0.0,
+                        help="tanh low-pass fall-off; must be > 0 when --fl > 0 (default 0; --aaf is the "
+                             "spelling of SPHIRE's example command line)")
     parser.add_argument("--force_symmetrize", action="store_true",
                         help="symmetry-expand the orientations (always done when --sym is not c1; "
                              "symmetrized_particles.star is written)")

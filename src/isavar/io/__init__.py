@@ -9,6 +9,8 @@ suffix             read_particles                             write_particles
 ``.mrcs``/``.mrc`` bare stack (path, index, pixel size)       images only (metadata dropped)
 ``.hdf``/``.h5``   EMAN2/SPHIRE ``/MDF/images/<i>``           EMAN2/SPHIRE, header as ``EMAN.*`` attrs
 ``.cs``            cryoSPARC structured array                 cryoSPARC + ``<stem>.mrcs`` beside it
+``bdb:DIR#name``   EMAN2/SPHIRE BDB stack, normal or virtual  (not written; use ``.hdf``)
+``EMAN2DB/x.bdb``  (needs the ``bdb`` extra, see io.bdb)
 =================  =========================================  ==========================================
 
 Examples
@@ -44,21 +46,27 @@ __all__ = [
 _FORMATS = {".star": "star", ".mrcs": "mrcs", ".mrc": "mrcs", ".st": "mrcs", ".map": "mrcs",
             ".hdf": "hdf", ".hdf5": "hdf", ".h5": "hdf", ".cs": "cs"}
 
-_BDB_MESSAGE = ("EMAN2 BDB databases are not supported (BDB was removed from EMAN2 in 2022); export the stack "
-                "first, e.g. `e2proc2d.py bdb:stack stack.hdf` (or with e2bdb.py / SPHIRE's sp_ tools)")
 
 
 def particle_format(path) -> str:
-    """Name the particle format of a path from its suffix: ``star``, ``mrcs``, ``hdf`` or ``cs``.
+    """Name the particle format of a path: ``star``, ``mrcs``, ``hdf``, ``cs`` or ``bdb``.
+
+    ``bdb:...`` names and ``.../EMAN2DB/name.bdb`` paths are ``bdb`` (see :mod:`isavar.io.bdb`);
+    other formats come from the suffix.
 
     Raises
     ------
     InputError
-        For ``bdb:`` paths and unknown suffixes.
+        For unknown suffixes.
     """
     text = str(path)
-    if text.startswith("bdb:") or "EMAN2DB" in Path(text).parts:
-        raise InputError(_BDB_MESSAGE, path=text)
+    from isavar.io.bdb import is_bdb_path
+
+    if is_bdb_path(text):
+        return "bdb"
+    if "EMAN2DB" in Path(text).parts:
+        raise InputError("a file inside an EMAN2DB directory: name the stack as bdb:DIR#name or "
+                         "DIR/EMAN2DB/name.bdb", path=text)
     suffix = Path(text).suffix.lower()
     if suffix not in _FORMATS:
         raise InputError(f"unknown file format {suffix or '(no suffix)'!r}; expected one of "
@@ -72,7 +80,8 @@ def read_particles(path, *, project_dir=None, pixel_size_A: float | None = None)
     Parameters
     ----------
     path : path
-        ``.star``, ``.mrcs``/``.mrc``, ``.hdf`` or ``.cs``.
+        ``.star``, ``.mrcs``/``.mrc``, ``.hdf``, ``.cs`` or an EMAN2/SPHIRE BDB stack
+        (``bdb:DIR#name``, ``bdb:name``, ``DIR/EMAN2DB/name.bdb``).
     project_dir : path, optional
         RELION project directory against which relative ``rlnImageName`` paths
         of a STAR file are resolved first (default: the current directory, as
@@ -91,13 +100,18 @@ def read_particles(path, *, project_dir=None, pixel_size_A: float | None = None)
     Raises
     ------
     InputError
-        Missing file, unknown format, BDB path, missing or truncated stack,
-        index past the end of a stack, non-square or mixed box sizes.
+        Missing file, unknown format, missing or truncated stack, index past the
+        end of a stack, non-square or mixed box sizes; for BDB also a missing
+        Berkeley DB binding (the ``bdb`` extra).
     """
     kind = particle_format(path)
-    if not Path(path).exists():
+    if kind == "bdb":
+        from isavar.io.bdb import read_bdb
+
+        stack = read_bdb(str(path))
+    elif not Path(path).exists():
         raise InputError("file not found", path=path)
-    if kind == "star":
+    elif kind == "star":
         from isavar.io.star import read_star
 
         stack = read_star(path, project_dir=project_dir)
@@ -179,6 +193,9 @@ def write_particles(path, images, table: pd.DataFrame, *, pixel_size_A: float | 
         where the format needs it.
     """
     kind = particle_format(path)
+    if kind == "bdb":
+        raise InputError("isavar does not write BDB databases (EMAN2 removed them in 2022); write .hdf, "
+                         "which EMAN2 and SPHIRE read", path=path)
     if isinstance(images, (np.ndarray, LazyImages)) and len(images) != len(table):
         raise ValueError(f"{len(images)} images but the table has {len(table)} rows")
     chunks = iter_chunks(images, chunk_size)
@@ -238,6 +255,9 @@ def read_volume(path) -> tuple[np.ndarray, float | None]:
     voxel_size_A : float or None
     """
     kind = particle_format(path)
+    if kind == "bdb":
+        raise InputError("reading volumes from BDB is not supported; export it with "
+                         "`e2proc2d.py bdb:DIR#name volume.hdf`", path=path)
     if not Path(path).exists():
         raise InputError("file not found", path=path)
     if kind == "mrcs":
