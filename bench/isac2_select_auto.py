@@ -40,7 +40,7 @@ def measure(folder: Path, runs) -> list[dict]:
             m = np.asarray(m)
             real = m[~is_noise[m]]
             purity = np.bincount(view[real]).max() / len(m) if len(real) else 0.0
-            rows.append(dict(noise=noise, seed=seed, cls=c["class"], members=len(m), pixel_error=c["pixel_error"],
+            rows.append(dict(noise=noise, seed=seed, cls=c["class"], members=len(m), pixel_error=c["pixel_error_working_px"],
                              purity=float(purity), noise_members=int(is_noise[m].sum())))
     return rows
 

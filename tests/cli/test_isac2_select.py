@@ -293,7 +293,7 @@ def test_auto_keeps_the_classes_under_the_pixel_error_threshold(isac, tmp_path, 
 
     out_dir = isac / "isac_out"
     per_class = json.loads((out_dir / "summary.json").read_text())["per_class"]
-    errors = np.array([c["pixel_error"] for c in per_class])
+    errors = np.array([c["pixel_error_working_px"] for c in per_class])
     threshold = float(np.median(errors))
     ordered = _members(out_dir / "ordered_class_averages.hdf")
     out = tmp_path / "auto"

@@ -66,10 +66,11 @@ def test_normal_stack_recovers_the_planted_images_and_headers():
         assert row["defocus_angle_deg"] == pytest.approx(float(ang), abs=1e-4)
         assert row["voltage_kV"] == p["voltage_kV"] and row["cs_mm"] == pytest.approx(p["cs_mm"])
         assert row["amplitude_contrast"] == pytest.approx(float(ampcont_percent_to_fraction(p["ampcont_percent"])))
-        # set_params_proj(phi, theta, psi, s2x, s2y): SPIDER ZYZ = RELION (rot, tilt, psi); t = -s2 (conventions)
+        # set_params_proj(phi, theta, psi, s2x, s2y): SPIDER ZYZ = RELION (rot, tilt, psi); it stores t = -s2,
+        # and s2 is RELION's origin (sp_relion2sphire passes rlnOriginX as s2x): origin = +s2 (docs/conventions.md)
         assert (row["angle_rot_deg"], row["angle_tilt_deg"], row["angle_psi_deg"]) == pytest.approx(
             (p["phi"], p["theta"], p["psi"]), abs=1e-4)
-        assert (row["origin_x_A"], row["origin_y_A"]) == pytest.approx((-p["s2x"] * apix, -p["s2y"] * apix),
+        assert (row["origin_x_A"], row["origin_y_A"]) == pytest.approx((p["s2x"] * apix, p["s2y"] * apix),
                                                                       abs=1e-5)
         assert (row["align_alpha_deg"], row["align_sx_px"], row["align_sy_px"]) == pytest.approx(
             (p["alpha"], p["sx"], p["sy"]), abs=1e-4)
@@ -211,7 +212,8 @@ def test_python2_era_pickles_are_read():
             pytest.approx((p["alpha"], p["sx"], p["sy"], 0), abs=1e-9)
         assert row["angle_tilt_deg"] == pytest.approx(0.0, abs=1e-9)
         assert (row["angle_rot_deg"] + row["angle_psi_deg"]) % 360 == pytest.approx(p["rot_plus_psi"])
-        assert (row["origin_x_A"], row["origin_y_A"]) == pytest.approx((2.0 * p["ox"], 2.0 * p["oy"]))
+        # the fixture's "ox", "oy" are the translation stored in xform.projection, which SPHIRE keeps as -origin
+        assert (row["origin_x_A"], row["origin_y_A"]) == pytest.approx((-2.0 * p["ox"], -2.0 * p["oy"]))
         assert row["defocus_u_A"] == pytest.approx(1e4 * p["defocus_um"]) and row["pixel_size_A"] == 2.0
 
 

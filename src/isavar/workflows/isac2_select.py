@@ -307,7 +307,9 @@ def classes_by_pixel_error(run: IsacRun, max_pixel_error: float | None) -> tuple
         manifest = run.path / "manifest.json"
         params = json.loads(manifest.read_text()).get("params", {}) if manifest.exists() else {}
         max_pixel_error = float(params.get("thld_err", 0.7))
-    errors = np.array([c["pixel_error"] for c in per_class], np.float64)   # ordered classes
+    # thld_err is in working-scale pixels (older isavar runs called that column "pixel_error")
+    errors = np.array([c.get("pixel_error_working_px", c.get("pixel_error")) for c in per_class],
+                      np.float64)                                             # ordered classes
     keep = np.flatnonzero(errors <= max_pixel_error)
     return run.order[keep], float(max_pixel_error)
 
@@ -438,7 +440,7 @@ def _substack(out: Path, name: str, stack, ids: np.ndarray, table: pd.DataFrame)
     headers = headers_from_table(hdr)
     phi, theta, psi, s2x, s2y = params_2d_to_3d(table["align_alpha_deg"], table["align_sx_px"],
                                                 table["align_sy_px"], table["align_mirror"].astype("float64"))
-    for h, m in zip(headers, projection_matrix(phi, theta, psi, -s2x, -s2y)):
+    for h, m in zip(headers, projection_matrix(phi, theta, psi, s2x, s2y)):
         if np.isfinite(m).all():
             h["xform.projection"] = Transform(m.reshape(-1))
     if all(isinstance(s, RawFloatSource) for s in sub.sources):
