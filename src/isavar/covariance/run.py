@@ -1,0 +1,546 @@
+"""3D variability analysis by a low-rank covariance model (PPCA with projections), on tables and lazy images.
+
+Passes over the data (each a ``map`` over fixed chunks of consecutive particles,
+results summed in chunk order, so the answer is the same for any executor and worker
+count): one pass for the mean (a Wiener reconstruction, the 0-component case of the
+same code), then ``iterations`` EM passes (E-step per image, back-projection of the
+M-step sums), then one pass for the final latents. Memory: the accumulators
+(``2 (P + J)`` arrays over the Fourier band of the padded grid) and one chunk of
+images; nothing grows with the number of particles except the table and the latents.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from isavar._progress import NullProgress
+from isavar.core.geometry import symmetry_matrices
+from isavar.core.masks import circular_mask
+from isavar.core.normalize import normalize_images
+from isavar.covariance import em
+from isavar.covariance.sampling import SliceSampler
+from isavar.covariance.volumes import apply_profile, auto_mask, band_limit, lowpass_profile
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CovarianceParams:
+    """Settings of the covariance (3D variability analysis) EM.
+
+    Attributes
+    ----------
+    n_components : int
+        ``K``, number of components (1-6 is typical).
+    iterations : int
+        Largest number of EM iterations.
+    tolerance : float
+        Stop when the sine of the largest principal angle between successive
+        component spans is below this.
+    ctf : bool
+        Model the CTF of each particle (``X = C S V``; data are not phase flipped).
+    lowpass_fl, lowpass_aa : float
+        tanh low-pass of the components (cycles/pixel; 0 = off); also limits the
+        Fourier samples used (where the filter is below 1e-3).
+    symmetry : str
+        Point group imposed on the mean only (the mean is then fixed after the first pass).
+    normalize : bool
+        Background normalisation: each image's mean outside the disc of radius ``N // 2 - 2``
+        is subtracted and all images are divided by one global background standard
+        deviation (the median over images), so that ``var3D`` is on the scale of
+        ``3dvariability``'s (noise standard deviation 1) without per-image scale jitter.
+    npad : int
+        Padding of the 3D Fourier grid.
+    chunk_size : int
+        Particles per task (fixed: results do not depend on the number of workers).
+    batch_size : int
+        Particles per vectorised batch inside a task.
+    seed : int
+        Seed of the random initial components.
+    mask_threshold : float
+        Automatic mask: fraction of the low-passed mean's maximum.
+    mask_dilate_px, mask_soft_px : float
+        Automatic mask: dilation and soft edge (pixels).
+    init_scale : float
+        Norm of each random initial component relative to the mean's norm.
+    """
+
+    n_components: int = 2
+    iterations: int = 20
+    tolerance: float = 2e-3
+    ctf: bool = False
+    lowpass_fl: float = 0.0
+    lowpass_aa: float = 0.0
+    symmetry: str = "c1"
+    normalize: bool = True
+    npad: int = 2
+    chunk_size: int = 512
+    batch_size: int = 128
+    seed: int = 0
+    mask_threshold: float = 0.1
+    mask_dilate_px: float = 3.0
+    mask_soft_px: float = 3.0
+    init_scale: float = 0.5
+
+    def to_dict(self) -> dict:
+        """Plain dictionary (for provenance and summaries)."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class CovarianceResult:
+    """Arrays of a finished covariance analysis (writing is the workflow's job).
+
+    Attributes
+    ----------
+    mean : numpy.ndarray
+        ``(N, N, N)`` mean volume (image units after normalisation).
+    components : numpy.ndarray
+        ``(K, N, N, N)`` orthogonal components ``V_k`` (unit-variance latents), by eigenvalue.
+    eigenvalues : numpy.ndarray
+        ``(K,)`` ``||V_k||^2`` (sum over voxels), descending.
+    latents : numpy.ndarray
+        ``(n, K)`` posterior means ``E[z_i]`` for the final components, input order.
+    var3d : numpy.ndarray
+        ``(N, N, N)`` standard-deviation map ``sqrt(sum_k V_k^2)``.
+    mask : numpy.ndarray
+        ``(N, N, N)`` real-space mask applied to the components.
+    half_correlation : numpy.ndarray
+        ``(K,)`` correlation of each component between the two half sets (last M-step).
+    noise_eigenvalues : numpy.ndarray
+        ``(K,)`` eigenvalue a component of pure noise would have (half-set difference).
+    half_snr : numpy.ndarray
+        ``(K,)`` energy of the half-set sum over that of the difference (about 1 for noise).
+    sigma2 : numpy.ndarray
+        Noise power per shell (image Fourier units).
+    history : list of dict
+        Per iteration: span change, noise, eigenvalues, seconds.
+    timings_s : dict
+        Wall time per stage.
+    """
+
+    mean: np.ndarray
+    components: np.ndarray
+    eigenvalues: np.ndarray
+    latents: np.ndarray
+    var3d: np.ndarray
+    mask: np.ndarray
+    half_correlation: np.ndarray
+    noise_eigenvalues: np.ndarray
+    half_snr: np.ndarray
+    sigma2: np.ndarray
+    history: list = field(default_factory=list)
+    timings_s: dict = field(default_factory=dict)
+    converged: bool = False
+
+    def summary(self) -> dict:
+        """JSON-friendly figures."""
+        return {
+            "n_components": int(self.components.shape[0]),
+            "eigenvalues": [float(x) for x in self.eigenvalues],
+            "half_set_correlation": [float(x) for x in self.half_correlation],
+            "noise_eigenvalues": [float(x) for x in self.noise_eigenvalues],
+            "half_set_snr": [float(x) for x in self.half_snr],
+            "above_noise": [bool(r > SIGNIFICANCE) for r in self.half_snr],
+            "iterations": len(self.history),
+            "converged": bool(self.converged),
+            "history": self.history,
+            "var3d_max": float(self.var3d.max()),
+            "var3d_mean_in_mask": float(self.var3d[self.mask > 0.5].mean()) if np.any(self.mask > 0.5) else 0.0,
+            "timings_s": self.timings_s,
+        }
+
+
+#: A component is above the noise level when the energy of its half-set sum exceeds this multiple of
+#: the energy of the half-set difference (1 on average for a component made of noise).
+SIGNIFICANCE = 3.0
+
+
+# --------------------------------------------------------------------------------------
+# Tasks (run in worker processes)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Context:
+    images: object
+    rotations: np.ndarray
+    origins_px: np.ndarray
+    ctf: dict | None
+    pixel_size_A: float
+    sampler: SliceSampler
+    params: CovarianceParams
+    background_std: float = 1.0
+
+
+def _prepare(ctx: _Context, rows: np.ndarray):
+    """Normalised image samples and CTF of a batch of rows."""
+    x = np.asarray(ctx.images[rows], dtype=np.float32)
+    if ctx.params.normalize:
+        n = x.shape[-1]
+        x = normalize_images(x, circular_mask(n, n // 2 - 2), mean_region="outside", std_region=None)
+        x *= np.float32(1.0 / ctx.background_std)
+    samples = ctx.sampler.image_samples(x, ctx.origins_px[rows])
+    ctf = None
+    if ctx.ctf is not None:
+        ctf = ctx.sampler.ctf_samples(ctx.pixel_size_A, {k: v[rows] for k, v in ctx.ctf.items()})
+    return samples, ctf
+
+
+def _pass_task(ctx: _Context, stores: np.ndarray, sigma2_s: np.ndarray, mean_free: bool, scatter: bool,
+               sym: np.ndarray, rows: np.ndarray):
+    """One chunk: E-step (latents, noise sums) and, with ``scatter``, the M-step sums of both half sets.
+
+    Particle ``i`` belongs to half ``i % 2`` and is projected with that half's volumes
+    (``stores[i % 2]``), so the two halves are refined independently.
+    """
+    sampler, p = ctx.sampler, ctx.params
+    k = stores.shape[2] - 1
+    j = k + 1 if mean_free else k
+    npair = j * (j + 1) // 2
+    h = np.zeros((2, npair, sampler.n_band), np.float64) if scatter else None
+    b = np.zeros((2, j, sampler.n_band), np.complex128) if scatter else None
+    err2 = np.zeros(sampler.n_samples)
+    ez_all = np.zeros((rows.size, k))
+    mult = sampler.multiplicity
+    for s in range(0, rows.size, p.batch_size):
+        batch = rows[s:s + p.batch_size]
+        x_all, ctf_all = _prepare(ctx, batch)
+        for half in (0, 1):
+            m = batch % 2 == half
+            if not m.any():
+                continue
+            sel = batch[m]
+            x = x_all[m]
+            ctf = None if ctf_all is None else ctf_all[m]
+            for i_op, op in enumerate(sym):
+                geo = sampler.geometry(ctx.rotations[sel] @ op)
+                proj = sampler.gather(stores[half], geo)
+                ez, hv, bv, e2 = em.batch_moments(x, ctf, proj, sigma2_s, mult, mean_free=mean_free)
+                if i_op == 0:
+                    ez_all[s + np.flatnonzero(m)] = ez
+                    err2 += e2
+                if scatter:
+                    h[half] += sampler.scatter(hv, geo)
+                    b[half] += sampler.scatter(bv, geo)
+    out_h = None if h is None else h.astype(np.float32)
+    out_b = None if b is None else b.astype(np.complex64)
+    return rows, ez_all, out_h, out_b, err2
+
+
+# --------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------
+
+
+class _Solver:
+    """The M-step on the root: accumulated band sums -> volumes (pure arrays)."""
+
+    def __init__(self, sampler: SliceSampler, params: CovarianceParams):
+        self.sampler = sampler
+        self.params = params
+        radius = sampler.fft_radius()
+        inside = radius <= sampler.r_max + 1.0
+        self.flat = np.flatnonzero(inside.ravel())
+        self.shell = np.rint(radius.ravel()[self.flat]).astype(np.int64)
+        self.n_shells = int(self.shell.max()) + 1
+        self.fft_shape = radius.shape
+        self.profile = None
+        if params.lowpass_fl > 0:
+            self.profile = lowpass_profile(radius / sampler.box, params.lowpass_fl, params.lowpass_aa)
+
+    def voxel_sums(self, h: np.ndarray, b: np.ndarray):
+        """Band sums ``(2, P, n_band)``, ``(2, J, n_band)`` -> values at the solve voxels (planes completed)."""
+        s = self.sampler
+        hv = np.stack([np.stack([s.storage_to_fft(h[i, p], conjugate=False).ravel()[self.flat]
+                                 for p in range(h.shape[1])]) for i in range(2)])
+        bv = np.stack([np.stack([s.storage_to_fft(b[i, a], conjugate=True).ravel()[self.flat]
+                                 for a in range(b.shape[1])]) for i in range(2)])
+        return hv, bv
+
+    def noise_at_voxels(self, sigma2_shell: np.ndarray) -> np.ndarray:
+        """Noise power at each solve voxel (its shell, clipped to the sampled shells)."""
+        return sigma2_shell[np.minimum(self.shell, sigma2_shell.size - 1)]
+
+    def to_volumes(self, coeffs: np.ndarray, *, lowpass: np.ndarray) -> np.ndarray:
+        """``(J, n_vox)`` Fourier coefficients -> ``(J, N, N, N)`` volumes (low-pass where ``lowpass``)."""
+        out = []
+        for a in range(coeffs.shape[0]):
+            f = np.zeros(int(np.prod(self.fft_shape)), np.complex64)
+            f[self.flat] = coeffs[a]
+            f = f.reshape(self.fft_shape)
+            if lowpass[a] and self.profile is not None:
+                f = apply_profile(f, self.profile)
+            out.append(self.sampler.fft_to_volume(f))
+        return np.stack(out)
+
+
+def _initial_components(k: int, box: int, mask: np.ndarray, seed: int, params: CovarianceParams, *,
+                        half: int = 0) -> np.ndarray:
+    """Random smooth orthonormal components inside the mask (independent for each half set)."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(13, half)))
+    v = rng.standard_normal((k, box, box, box)).astype(np.float32)
+    sigma = max(1.0, box / 32.0) if params.lowpass_fl <= 0 else max(1.0, 0.15 / params.lowpass_fl)
+    v = np.stack([gaussian_filter(x, sigma) for x in v]) * mask[None]
+    flat = v.reshape(k, -1).astype(np.float64)
+    q = np.linalg.qr(flat.T)[0].T
+    return q.reshape(v.shape).astype(np.float32)
+
+
+def covariance(table: pd.DataFrame, images, params: CovarianceParams, *, geometry, pixel_size_A: float,
+               executor=None, progress=None, mask: np.ndarray | None = None,
+               mean: np.ndarray | None = None) -> CovarianceResult:
+    """Low-rank covariance of the 3D density of oriented particles (PPCA by EM).
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        Canonical particle table (only its length is used here).
+    images : LazyImages or numpy.ndarray
+        ``(n, N, N)`` images in table order.
+    params : CovarianceParams
+        Settings.
+    geometry : isavar.variability.run.ParticleGeometry
+        Orientations, origins (pixels) and CTF parameters (with ``params.ctf``).
+    pixel_size_A : float
+        Pixel size (Å).
+    executor : Executor, optional
+        How chunks are spread (default serial).
+    progress : Progress, optional
+        Progress reporter.
+    mask : numpy.ndarray, optional
+        ``(N, N, N)`` mask in ``[0, 1]`` for the components (default: from the mean).
+    mean : numpy.ndarray, optional
+        ``(N, N, N)`` mean volume to use (fixed) instead of estimating it.
+
+    Returns
+    -------
+    CovarianceResult
+    """
+    from isavar.parallel.serial import SerialExecutor
+
+    executor = executor or SerialExecutor()
+    progress = progress or NullProgress()
+    t_start = time.perf_counter()
+    n, box = len(images), int(images.shape[-1])
+    k = int(params.n_components)
+    r_max = band_limit(box, params.lowpass_fl, params.lowpass_aa)
+    sampler = SliceSampler(box, r_max, npad=params.npad)
+    solver = _Solver(sampler, params)
+    bg = background_std(images) if params.normalize else 1.0
+    ctx = _Context(images, geometry.rotations, geometry.origins_px, geometry.ctf if params.ctf else None,
+                   float(pixel_size_A), sampler, params, bg)
+    chunks = [np.arange(s, min(n, s + params.chunk_size)) for s in range(0, n, params.chunk_size)]
+    log.info("3dva: %d particles, box %d, K = %d, samples per image %d (radius %.1f px), %s, %d chunks",
+             n, box, k, sampler.n_samples, r_max, "CTF" if params.ctf else "no CTF", len(chunks))
+    eye = np.eye(3)[None]
+    timings = {}
+
+    def run_pass(stage, stores, sigma2_shell, mean_free, scatter, sym=eye):
+        sig_s = sigma2_shell[sampler.shell].astype(np.float32)
+        task = functools.partial(_pass_task, ctx, stores, sig_s, mean_free, scatter, sym)
+        ez = np.zeros((n, stores.shape[2] - 1))
+        h = b = None
+        err2 = np.zeros(sampler.n_samples)
+        progress.stage(stage, total=n)
+        window = max(1, int(getattr(executor, "workers", 1)))
+        for w in range(0, len(chunks), window):
+            for rows, ez_c, h_c, b_c, e2 in executor.map(task, chunks[w:w + window]):
+                ez[rows] = ez_c
+                err2 += e2
+                if scatter:
+                    h = h_c.astype(np.float64) if h is None else h + h_c
+                    b = b_c.astype(np.complex128) if b is None else b + b_c
+                progress.advance(rows.size)
+        progress.close()
+        counts = np.bincount(sampler.shell, minlength=sampler.n_shells) * float(n)
+        sums = np.bincount(sampler.shell, err2, minlength=sampler.n_shells)
+        sigma2 = np.where(counts > 0, sums / np.maximum(counts, 1.0), 0.0)
+        sigma2 = _fill_shells(sigma2, solver.n_shells)
+        return ez, h, b, sigma2
+
+    def both_halves(volumes):
+        st = sampler.volumes_to_storage(volumes)
+        return np.stack([st, st])
+
+    # ---- mean (pass 0: the K = 0 model with z_0 = 1; unit noise weights, re-weighted below)
+    t0 = time.perf_counter()
+    ones = np.ones(solver.n_shells)
+    sym = symmetry_matrices(params.symmetry)
+    hv0 = bv0 = None
+    fixed_mean = mean
+    if mean is None:
+        zero = np.zeros((2, sampler.n_band, 1), np.complex64)
+        _, h0, b0, power = run_pass("mean", zero, ones, True, True, sym)
+        hv0, bv0 = solver.voxel_sums(h0, b0)
+        del h0, b0
+        mean = _solve_mean(solver, hv0, bv0, power)
+    mean = np.asarray(mean, np.float32)
+    timings["mean"] = time.perf_counter() - t0
+    given_mask = mask is not None
+    if mask is None:
+        mask = auto_mask(mean, threshold=params.mask_threshold, dilate_px=params.mask_dilate_px,
+                         soft_px=params.mask_soft_px)
+    mask = np.asarray(mask, np.float32)
+    log.info("mask: %d voxels above 0.5 (%s)", int((mask > 0.5).sum()), "given" if given_mask else "from the mean")
+    scale = np.sqrt(max(float((mean.astype(np.float64) ** 2).sum()), 1e-12)) * params.init_scale
+    v_halves = [_initial_components(k, box, mask, params.seed, params, half=h) * np.float32(scale) for h in (0, 1)]
+    v = v_halves[0]
+
+    # ---- EM iterations (two independent half sets; the union gives the reported components)
+    history = []
+    converged = False
+    last = None
+    t1 = time.perf_counter()
+    sigma2 = _initial_noise(run_pass, both_halves(mean[None]), solver) if k else ones
+    if hv0 is not None:
+        mean = _solve_mean(solver, hv0, bv0, sigma2)  # Wiener weights from the residual noise
+    span_phase, lam_prev = True, None
+    mean_free = fixed_mean is None and sym.shape[0] == 1
+    mean_halves = [mean, mean]
+    for it in range(1, params.iterations + 1 if k else 1):
+        ti = time.perf_counter()
+        stores = np.stack([sampler.volumes_to_storage(np.concatenate([mh[None], vh]))
+                           for mh, vh in zip(mean_halves, v_halves)])
+        _, h, b, sigma2_new = run_pass(f"EM {it}", stores, sigma2, mean_free, True)
+        hv, bv = solver.voxel_sums(h, b)
+        del h, b
+        sol = em.solve_voxels(hv, bv, solver.shell, solver.n_shells, first_fixed=mean_free)
+        del hv, bv
+        f = 1 if mean_free else 0
+        lp = np.array([False] * f + [True] * k)
+        vols = {key: solver.to_volumes(sol[key], lowpass=lp) for key in ("a", "b", "both")}
+        if mean_free:
+            mean_halves = [vols["a"][0], vols["b"][0]]
+            mean = vols["both"][0]
+        v_halves = [em.orthogonalise(vols[key][f:] * mask[None])[0] for key in ("a", "b")]
+        sol = {key: (val[f:] if key in ("a", "b", "both") else val) for key, val in sol.items()}
+        vols = {key: val[f:] for key, val in vols.items()}
+        v_new, lam, q = em.orthogonalise(vols["both"] * mask[None])
+        change = em.subspace_change(v, v_new)
+        lam_change = float(np.max(np.abs(lam - lam_prev) / np.maximum(lam.max(), 1e-30))) if lam_prev is not None else 1.0
+        if span_phase:
+            # Keep the scale while the span settles: EM from small components grows slowly.
+            v_halves = [_renormalise(vh, scale) for vh in v_halves]
+            if change < params.tolerance or it >= params.iterations // 2:
+                span_phase = False
+                lam_prev = None
+                lam_change = 1.0
+        last = (sol["a"], sol["b"], q)
+        v = v_new
+        sigma2 = sigma2_new
+        history.append({"iteration": it, "phase": "span" if span_phase else "scale", "span_change": change,
+                        "eigenvalue_change": lam_change, "eigenvalues": [float(x) for x in lam],
+                        "fsc_mean": [float(x) for x in sol["fsc"][f:].mean(axis=1)],
+                        "noise_power_mean": float(np.mean(sigma2)), "seconds": time.perf_counter() - ti})
+        log.info("EM %d: span change %.2e, eigenvalue change %.2e, eigenvalues %s (%.1f s)", it, change,
+                 lam_change, ", ".join(f"{x:.4g}" for x in lam), time.perf_counter() - ti)
+        if not span_phase and change < params.tolerance and lam_change < params.tolerance:
+            converged = True
+            break
+        lam_prev = lam
+    timings["em"] = time.perf_counter() - t1
+
+    # ---- final latents with the union's components
+    t2 = time.perf_counter()
+    if k:
+        z, _, _, _ = run_pass("latents", both_halves(np.concatenate([mean[None], v])), sigma2, False, False)
+    else:
+        z = np.zeros((n, 0))
+    signs = em.sign_by_skew(z, v) if k else np.ones(0)
+    v = v * signs[:, None, None, None].astype(np.float32)
+    z = z * signs[None]
+    lam = (v.reshape(k, -1).astype(np.float64) ** 2).sum(axis=1)
+    corr, noise_eig, snr_ratio = _half_statistics(solver, last, mask, signs, k)
+    timings["latents"] = time.perf_counter() - t2
+    timings["total"] = time.perf_counter() - t_start
+    var3d = np.sqrt((v.astype(np.float64) ** 2).sum(axis=0)).astype(np.float32)
+    return CovarianceResult(mean=mean.astype(np.float32), components=v.astype(np.float32), eigenvalues=lam,
+                            latents=z, var3d=var3d, mask=mask, half_correlation=corr, noise_eigenvalues=noise_eig,
+                            half_snr=snr_ratio, sigma2=sigma2, history=history, timings_s=timings,
+                            converged=converged)
+
+
+def background_std(images, *, max_images: int = 1000) -> float:
+    """Median over (up to ``max_images`` evenly spaced) images of the background standard deviation.
+
+    The background is the region outside the disc of radius ``N // 2 - 2`` (as
+    ``3dvariability``'s normalisation). One global value keeps the relative scale of the
+    images: per-image scaling would add a spurious variability along the mean.
+    """
+    from isavar.core.normalize import region_stats
+
+    n, box = len(images), int(images.shape[-1])
+    rows = np.unique(np.linspace(0, n - 1, min(n, max_images)).astype(np.int64))
+    _, std = region_stats(np.asarray(images[rows], np.float32), circular_mask(box, box // 2 - 2), "outside")
+    std = np.asarray(std, np.float64)
+    std = std[np.isfinite(std) & (std > 0)]
+    return float(np.median(std)) if std.size else 1.0
+
+
+def _renormalise(v: np.ndarray, norm: float) -> np.ndarray:
+    """Scale each component to the given norm (zero components stay zero)."""
+    flat = v.reshape(v.shape[0], -1).astype(np.float64)
+    nrm = np.sqrt((flat**2).sum(axis=1))
+    fac = np.where(nrm > 0, norm / np.where(nrm > 0, nrm, 1.0), 0.0)
+    return (v * fac[:, None, None, None]).astype(np.float32)
+
+
+def _fill_shells(sigma2: np.ndarray, n_shells: int) -> np.ndarray:
+    """Extend per-shell noise to ``n_shells`` (last sampled value) and keep it positive."""
+    out = np.empty(n_shells)
+    m = min(n_shells, sigma2.size)
+    out[:m] = sigma2[:m]
+    out[m:] = sigma2[m - 1] if m else 1.0
+    pos = out[out > 0]
+    return np.maximum(out, pos.min() if pos.size else 1.0)
+
+
+def _initial_noise(run_pass, stores, solver):
+    """Noise power per shell from the residuals to the mean."""
+    _, _, _, sigma2 = run_pass("noise", stores, np.ones(solver.n_shells), False, False)
+    return sigma2
+
+
+def _solve_mean(solver: _Solver, hv0, bv0, noise_shell) -> np.ndarray:
+    """Wiener mean from the pass-0 sums (unit weights) re-weighted by the noise power per shell."""
+    w = 1.0 / solver.noise_at_voxels(noise_shell)
+    sol = em.solve_voxels(hv0 * w[None, None], bv0 * w[None, None], solver.shell, solver.n_shells, align=False)
+    return solver.to_volumes(sol["both"], lowpass=np.array([False]))[0]
+
+
+def _half_statistics(solver: _Solver, halves, mask, signs, k):
+    """Half-set figures of each final component: correlation, noise eigenvalue, their ratio.
+
+    The two independent half-set solutions of the last M-step (Wiener-filtered, half B
+    rotated onto half A) are low-passed, masked and rotated/signed like the final components. Then ``noise_k = ||(A_k - B_k) / 2||^2``
+    is the eigenvalue a component made of noise alone would have (the half-difference has
+    no signal), and ``||(A_k + B_k) / 2||^2 / noise_k`` is about 1 for pure noise.
+    """
+    if not k or halves is None:
+        return np.zeros(k), np.zeros(k), np.zeros(k)
+    va, vb, q = halves
+    lowpass = np.ones(k, bool)
+    a = solver.to_volumes(va, lowpass=lowpass) * mask[None]
+    b = solver.to_volumes(vb, lowpass=lowpass) * mask[None]
+    a = (q.T @ a.reshape(k, -1).astype(np.float64)) * signs[:, None]
+    b = (q.T @ b.reshape(k, -1).astype(np.float64)) * signs[:, None]
+    corr = np.zeros(k)
+    noise = np.zeros(k)
+    ratio = np.zeros(k)
+    for i in range(k):
+        x, y = a[i], b[i]
+        denom = np.sqrt((x * x).sum() * (y * y).sum())
+        corr[i] = (x * y).sum() / denom if denom > 0 else 0.0
+        noise[i] = (((x - y) / 2.0) ** 2).sum()
+        signal = (((x + y) / 2.0) ** 2).sum()
+        ratio[i] = signal / noise[i] if noise[i] > 0 else 0.0
+    return corr, noise, ratio
