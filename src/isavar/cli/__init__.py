@@ -13,6 +13,8 @@ from isavar._version import __version__
 COMMANDS: list[tuple[str, str]] = [
     ("isac2", "isac2"),
     ("3dvariability", "variability"),
+    ("3dva", "threedva"),
+    ("3dva-split", "threedva_split"),
     ("reconstruct", "reconstruct"),
     ("simulate", "simulate"),
     ("convert", "convert"),

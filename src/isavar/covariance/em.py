@@ -30,6 +30,7 @@ __all__ = [
     "solve_voxels",
     "orthogonalise",
     "subspace_change",
+    "covariance_change",
     "sign_by_skew",
 ]
 
@@ -203,7 +204,8 @@ def _wiener_term(hm: np.ndarray, ssnr: np.ndarray, shell: np.ndarray) -> np.ndar
     return extra
 
 
-def solve_voxels(h_halves, b_halves, shell, n_shells, *, align: bool = True, first_fixed: bool = False):
+def solve_voxels(h_halves, b_halves, shell, n_shells, *, align: bool = True, first_fixed: bool = False,
+                 halves: bool = True):
     """Per-voxel solves of two independent half sets and of their union, with a half-set Wiener prior.
 
     The half-set solutions without prior are compared (after rotating half B's latents
@@ -227,6 +229,8 @@ def solve_voxels(h_halves, b_halves, shell, n_shells, *, align: bool = True, fir
         Rotate half B onto half A (components; off for the mean).
     first_fixed : bool
         Unknown 0 is the mean (latent fixed at 1): it is not rotated.
+    halves : bool
+        Also return the regularised half-set solutions (else ``a`` and ``b`` are None).
 
     Returns
     -------
@@ -249,8 +253,10 @@ def solve_voxels(h_halves, b_halves, shell, n_shells, *, align: bool = True, fir
     vb = r @ vb
     fsc = half_fsc(va, vb, np.einsum("njj->jn", ha + hb), shell, n_shells)
     half_ssnr = fsc / (1.0 - fsc)
-    a = _ridge_solve(ha, ba, shell, n_shells, extra=_wiener_term(ha, half_ssnr, shell))
-    b = _ridge_solve(hb, bb, shell, n_shells, extra=_wiener_term(hb, half_ssnr, shell))
+    a = b = None
+    if halves:
+        a = _ridge_solve(ha, ba, shell, n_shells, extra=_wiener_term(ha, half_ssnr, shell))
+        b = _ridge_solve(hb, bb, shell, n_shells, extra=_wiener_term(hb, half_ssnr, shell))
     ht = ha + hb
     both = _ridge_solve(ht, ba + bb, shell, n_shells, extra=_wiener_term(ht, 2.0 * half_ssnr, shell))
     return {"a": a, "b": b, "both": both, "fsc": fsc, "rotation": r, "raw": (va, vb)}
@@ -292,6 +298,20 @@ def subspace_change(v_old: np.ndarray, v_new: np.ndarray) -> float:
     b = np.linalg.qr(v_new.reshape(k, -1).astype(np.float64).T)[0]
     s = np.linalg.svd(a.T @ b, compute_uv=False)
     return float(np.sqrt(max(0.0, 1.0 - float(np.min(s)) ** 2)))
+
+
+def covariance_change(v_old: np.ndarray, v_new: np.ndarray) -> float:
+    """``||V' V'^T - V V^T||_F / ||V' V'^T||_F`` for components ``(K, ...)`` (0 = same covariance).
+
+    Weighted by the eigenvalues, so components at the noise level (whose direction is
+    arbitrary) do not hold convergence back.
+    """
+    a = v_old.reshape(v_old.shape[0], -1).astype(np.float64)
+    b = v_new.reshape(v_new.shape[0], -1).astype(np.float64)
+    gaa, gbb, gab = a @ a.T, b @ b.T, a @ b.T
+    diff2 = (gaa**2).sum() + (gbb**2).sum() - 2.0 * (gab**2).sum()
+    ref = (gbb**2).sum()
+    return float(np.sqrt(max(diff2, 0.0) / ref)) if ref > 0 else 0.0
 
 
 def sign_by_skew(z: np.ndarray, v: np.ndarray) -> np.ndarray:

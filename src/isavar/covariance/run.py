@@ -41,8 +41,8 @@ class CovarianceParams:
     iterations : int
         Largest number of EM iterations.
     tolerance : float
-        Stop when the sine of the largest principal angle between successive
-        component spans is below this.
+        Stop when the relative change of the covariance ``V V^T`` between iterations
+        (Frobenius norm) is below this.
     ctf : bool
         Model the CTF of each particle (``X = C S V``; data are not phase flipped).
     lowpass_fl, lowpass_aa : float
@@ -120,7 +120,7 @@ class CovarianceResult:
     sigma2 : numpy.ndarray
         Noise power per shell (image Fourier units).
     history : list of dict
-        Per iteration: span change, noise, eigenvalues, seconds.
+        Per iteration: covariance change, eigenvalues, mean half-set FSC, noise, seconds.
     timings_s : dict
         Wall time per stage.
     """
@@ -139,6 +139,25 @@ class CovarianceResult:
     timings_s: dict = field(default_factory=dict)
     converged: bool = False
 
+    def eigenvalue_trend(self) -> np.ndarray:
+        """``(K,)`` ratio of each eigenvalue in the last EM iteration to the one before (1 if unknown).
+
+        EM for PPCA lets a direction whose data variance does not exceed the noise decay
+        geometrically towards 0 (Tipping & Bishop 1999); a component held up by the data
+        keeps its eigenvalue (ratio ~1).
+        """
+        k = self.components.shape[0]
+        if len(self.history) < 2:
+            return np.ones(k)
+        a = np.asarray(self.history[-1]["eigenvalues"], np.float64)
+        b = np.asarray(self.history[-2]["eigenvalues"], np.float64)
+        return np.where(b > 0, a / np.where(b > 0, b, 1.0), 0.0)
+
+    def above_noise(self) -> np.ndarray:
+        """``(K,)`` bool: eigenvalue sustained by the data (trend >= :data:`SUSTAINED`) and the
+        half-set sum/difference energy ratio above :data:`SIGNIFICANCE`."""
+        return (self.eigenvalue_trend() >= SUSTAINED) & (self.half_snr > SIGNIFICANCE)
+
     def summary(self) -> dict:
         """JSON-friendly figures."""
         return {
@@ -147,7 +166,8 @@ class CovarianceResult:
             "half_set_correlation": [float(x) for x in self.half_correlation],
             "noise_eigenvalues": [float(x) for x in self.noise_eigenvalues],
             "half_set_snr": [float(x) for x in self.half_snr],
-            "above_noise": [bool(r > SIGNIFICANCE) for r in self.half_snr],
+            "eigenvalue_trend": [float(x) for x in self.eigenvalue_trend()],
+            "above_noise": [bool(x) for x in self.above_noise()],
             "iterations": len(self.history),
             "converged": bool(self.converged),
             "history": self.history,
@@ -160,6 +180,9 @@ class CovarianceResult:
 #: A component is above the noise level when the energy of its half-set sum exceeds this multiple of
 #: the energy of the half-set difference (1 on average for a component made of noise).
 SIGNIFICANCE = 3.0
+
+#: Smallest last-iteration eigenvalue ratio of a component held up by the data.
+SUSTAINED = 0.9
 
 
 # --------------------------------------------------------------------------------------
@@ -281,12 +304,11 @@ class _Solver:
         return np.stack(out)
 
 
-def _initial_components(k: int, box: int, mask: np.ndarray, seed: int, params: CovarianceParams, *,
-                        half: int = 0) -> np.ndarray:
-    """Random smooth orthonormal components inside the mask (independent for each half set)."""
+def _initial_components(k: int, box: int, mask: np.ndarray, seed: int, params: CovarianceParams) -> np.ndarray:
+    """Random smooth orthonormal components inside the mask."""
     from scipy.ndimage import gaussian_filter
 
-    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(13, half)))
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(13,)))
     v = rng.standard_normal((k, box, box, box)).astype(np.float32)
     sigma = max(1.0, box / 32.0) if params.lowpass_fl <= 0 else max(1.0, 0.15 / params.lowpass_fl)
     v = np.stack([gaussian_filter(x, sigma) for x in v]) * mask[None]
@@ -392,10 +414,9 @@ def covariance(table: pd.DataFrame, images, params: CovarianceParams, *, geometr
     mask = np.asarray(mask, np.float32)
     log.info("mask: %d voxels above 0.5 (%s)", int((mask > 0.5).sum()), "given" if given_mask else "from the mean")
     scale = np.sqrt(max(float((mean.astype(np.float64) ** 2).sum()), 1e-12)) * params.init_scale
-    v_halves = [_initial_components(k, box, mask, params.seed, params, half=h) * np.float32(scale) for h in (0, 1)]
-    v = v_halves[0]
+    v = _initial_components(k, box, mask, params.seed, params) * np.float32(scale)
 
-    # ---- EM iterations (two independent half sets; the union gives the reported components)
+    # ---- EM iterations (one set of components; the two half sets give the Wiener prior and the noise level)
     history = []
     converged = False
     last = None
@@ -403,50 +424,36 @@ def covariance(table: pd.DataFrame, images, params: CovarianceParams, *, geometr
     sigma2 = _initial_noise(run_pass, both_halves(mean[None]), solver) if k else ones
     if hv0 is not None:
         mean = _solve_mean(solver, hv0, bv0, sigma2)  # Wiener weights from the residual noise
-    span_phase, lam_prev = True, None
     mean_free = fixed_mean is None and sym.shape[0] == 1
-    mean_halves = [mean, mean]
     for it in range(1, params.iterations + 1 if k else 1):
         ti = time.perf_counter()
-        stores = np.stack([sampler.volumes_to_storage(np.concatenate([mh[None], vh]))
-                           for mh, vh in zip(mean_halves, v_halves)])
+        stores = both_halves(np.concatenate([mean[None], v]))
         _, h, b, sigma2_new = run_pass(f"EM {it}", stores, sigma2, mean_free, True)
         hv, bv = solver.voxel_sums(h, b)
         del h, b
-        sol = em.solve_voxels(hv, bv, solver.shell, solver.n_shells, first_fixed=mean_free)
-        del hv, bv
+        final = it == params.iterations
+        sol = em.solve_voxels(hv, bv, solver.shell, solver.n_shells, first_fixed=mean_free, halves=final)
         f = 1 if mean_free else 0
         lp = np.array([False] * f + [True] * k)
-        vols = {key: solver.to_volumes(sol[key], lowpass=lp) for key in ("a", "b", "both")}
+        vols = solver.to_volumes(sol["both"], lowpass=lp)
         if mean_free:
-            mean_halves = [vols["a"][0], vols["b"][0]]
-            mean = vols["both"][0]
-        v_halves = [em.orthogonalise(vols[key][f:] * mask[None])[0] for key in ("a", "b")]
-        sol = {key: (val[f:] if key in ("a", "b", "both") else val) for key, val in sol.items()}
-        vols = {key: val[f:] for key, val in vols.items()}
-        v_new, lam, q = em.orthogonalise(vols["both"] * mask[None])
-        change = em.subspace_change(v, v_new)
-        lam_change = float(np.max(np.abs(lam - lam_prev) / np.maximum(lam.max(), 1e-30))) if lam_prev is not None else 1.0
-        if span_phase:
-            # Keep the scale while the span settles: EM from small components grows slowly.
-            v_halves = [_renormalise(vh, scale) for vh in v_halves]
-            if change < params.tolerance or it >= params.iterations // 2:
-                span_phase = False
-                lam_prev = None
-                lam_change = 1.0
-        last = (sol["a"], sol["b"], q)
+            mean = vols[0]
+        v_new, lam, q = em.orthogonalise(vols[f:] * mask[None])
+        change = em.covariance_change(v, v_new)
         v = v_new
         sigma2 = sigma2_new
-        history.append({"iteration": it, "phase": "span" if span_phase else "scale", "span_change": change,
-                        "eigenvalue_change": lam_change, "eigenvalues": [float(x) for x in lam],
+        history.append({"iteration": it, "change": change,
+                        "eigenvalues": [float(x) for x in lam],
                         "fsc_mean": [float(x) for x in sol["fsc"][f:].mean(axis=1)],
                         "noise_power_mean": float(np.mean(sigma2)), "seconds": time.perf_counter() - ti})
-        log.info("EM %d: span change %.2e, eigenvalue change %.2e, eigenvalues %s (%.1f s)", it, change,
-                 lam_change, ", ".join(f"{x:.4g}" for x in lam), time.perf_counter() - ti)
-        if not span_phase and change < params.tolerance and lam_change < params.tolerance:
-            converged = True
+        log.info("EM %d: change %.2e, eigenvalues %s (%.1f s)", it, change,
+                 ", ".join(f"{x:.4g}" for x in lam), time.perf_counter() - ti)
+        if final or change < params.tolerance:
+            converged = change < params.tolerance
+            if sol["a"] is None:
+                sol = em.solve_voxels(hv, bv, solver.shell, solver.n_shells, first_fixed=mean_free)
+            last = (sol["a"][f:], sol["b"][f:], q)
             break
-        lam_prev = lam
     timings["em"] = time.perf_counter() - t1
 
     # ---- final latents with the union's components
@@ -484,14 +491,6 @@ def background_std(images, *, max_images: int = 1000) -> float:
     std = np.asarray(std, np.float64)
     std = std[np.isfinite(std) & (std > 0)]
     return float(np.median(std)) if std.size else 1.0
-
-
-def _renormalise(v: np.ndarray, norm: float) -> np.ndarray:
-    """Scale each component to the given norm (zero components stay zero)."""
-    flat = v.reshape(v.shape[0], -1).astype(np.float64)
-    nrm = np.sqrt((flat**2).sum(axis=1))
-    fac = np.where(nrm > 0, norm / np.where(nrm > 0, nrm, 1.0), 0.0)
-    return (v * fac[:, None, None, None]).astype(np.float32)
 
 
 def _fill_shells(sigma2: np.ndarray, n_shells: int) -> np.ndarray:

@@ -25,6 +25,20 @@ from isavar.core.ctf import ctf_at
 __all__ = ["SliceSampler", "SliceGeometry"]
 
 
+def _fold(s: np.ndarray, m: int, axis: int) -> np.ndarray:
+    """Centred storage axis of length ``2R + 1`` -> FFT-layout axis of length ``m`` (duplicate ``+-R`` summed)."""
+    r = (s.shape[axis] - 1) // 2
+    j = np.arange(-r, r + 1) % m
+    shape = list(s.shape)
+    shape[axis] = m
+    out = np.zeros(shape, dtype=s.dtype)
+    src = np.moveaxis(s, axis, 0)
+    dst = np.moveaxis(out, axis, 0)
+    dst[j[1:]] = src[1:]  # -R+1 .. R are distinct modulo m
+    dst[j[0]] += src[0]
+    return out
+
+
 class SliceGeometry:
     """Trilinear neighbours of one batch of central slices.
 
@@ -171,7 +185,7 @@ class SliceSampler:
         m = self.m
         full = np.zeros(self.grid.size, dtype=acc.dtype)
         full[self.band] = acc
-        f = self.grid.storage_to_fft(full.reshape(self.grid.shape))
+        f = _fold(_fold(full.reshape(self.grid.shape), m, 0), m, 1)
         neg = (-np.arange(m)) % m
         for p in [0] + ([m // 2] if m % 2 == 0 else []):
             plane = f[:, :, p]
