@@ -69,6 +69,10 @@ class CovarianceParams:
         Automatic mask: dilation and soft edge (pixels).
     init_scale : float
         Norm of each random initial component relative to the mean's norm.
+    auto_band : bool
+        Limit the EM to the frequencies where the two half-set means still agree
+        (FSC >= 0.143, plus 2 shells): components cannot be resolved beyond the mean,
+        and the cost falls with the number of samples.
     """
 
     n_components: int = 2
@@ -81,12 +85,13 @@ class CovarianceParams:
     normalize: bool = True
     npad: int = 2
     chunk_size: int = 512
-    batch_size: int = 128
+    batch_size: int = 256
     seed: int = 0
     mask_threshold: float = 0.1
     mask_dilate_px: float = 3.0
     mask_soft_px: float = 3.0
     init_scale: float = 0.5
+    auto_band: bool = True
 
     def to_dict(self) -> dict:
         """Plain dictionary (for provenance and summaries)."""
@@ -398,15 +403,28 @@ def covariance(table: pd.DataFrame, images, params: CovarianceParams, *, geometr
     ones = np.ones(solver.n_shells)
     sym = symmetry_matrices(params.symmetry)
     hv0 = bv0 = None
+    high = None
     fixed_mean = mean
     if mean is None:
         zero = np.zeros((2, sampler.n_band, 1), np.complex64)
         _, h0, b0, power = run_pass("mean", zero, ones, True, True, sym)
         hv0, bv0 = solver.voxel_sums(h0, b0)
         del h0, b0
-        mean = _solve_mean(solver, hv0, bv0, power)
+        mean, mean_fsc = _solve_mean(solver, hv0, bv0, power)
     mean = np.asarray(mean, np.float32)
     timings["mean"] = time.perf_counter() - t0
+    if hv0 is not None and params.auto_band:
+        r_auto = _resolved_radius(mean_fsc[0], r_max)
+        if r_auto < r_max - 0.5:
+            log.info("band limited to %.1f px (FSC of the half-set means >= %.3f; Nyquist %.1f)", r_auto,
+                     FSC_BAND, box / 2)
+            high = mean - fourier_band(mean, r_auto)
+            r_max = r_auto
+            sampler = SliceSampler(box, r_max, npad=params.npad)
+            solver = _Solver(sampler, params)
+            ctx = _Context(ctx.images, ctx.rotations, ctx.origins_px, ctx.ctf, ctx.pixel_size_A, sampler, params,
+                           ctx.background_std)
+            hv0 = bv0 = None
     given_mask = mask is not None
     if mask is None:
         mask = auto_mask(mean, threshold=params.mask_threshold, dilate_px=params.mask_dilate_px,
@@ -423,7 +441,7 @@ def covariance(table: pd.DataFrame, images, params: CovarianceParams, *, geometr
     t1 = time.perf_counter()
     sigma2 = _initial_noise(run_pass, both_halves(mean[None]), solver) if k else ones
     if hv0 is not None:
-        mean = _solve_mean(solver, hv0, bv0, sigma2)  # Wiener weights from the residual noise
+        mean, _ = _solve_mean(solver, hv0, bv0, sigma2)  # Wiener weights from the residual noise
     mean_free = fixed_mean is None and sym.shape[0] == 1
     for it in range(1, params.iterations + 1 if k else 1):
         ti = time.perf_counter()
@@ -470,6 +488,9 @@ def covariance(table: pd.DataFrame, images, params: CovarianceParams, *, geometr
     timings["latents"] = time.perf_counter() - t2
     timings["total"] = time.perf_counter() - t_start
     var3d = np.sqrt((v.astype(np.float64) ** 2).sum(axis=0)).astype(np.float32)
+    if high is not None:
+        mean = mean + high  # frequencies beyond the band: the first-pass Wiener mean
+    timings["band_radius_px"] = float(r_max)
     return CovarianceResult(mean=mean.astype(np.float32), components=v.astype(np.float32), eigenvalues=lam,
                             latents=z, var3d=var3d, mask=mask, half_correlation=corr, noise_eigenvalues=noise_eig,
                             half_snr=snr_ratio, sigma2=sigma2, history=history, timings_s=timings,
@@ -513,7 +534,28 @@ def _solve_mean(solver: _Solver, hv0, bv0, noise_shell) -> np.ndarray:
     """Wiener mean from the pass-0 sums (unit weights) re-weighted by the noise power per shell."""
     w = 1.0 / solver.noise_at_voxels(noise_shell)
     sol = em.solve_voxels(hv0 * w[None, None], bv0 * w[None, None], solver.shell, solver.n_shells, align=False)
-    return solver.to_volumes(sol["both"], lowpass=np.array([False]))[0]
+    return solver.to_volumes(sol["both"], lowpass=np.array([False]))[0], sol["fsc"]
+
+
+#: FSC of the half-set means that defines the automatic band limit.
+FSC_BAND = 0.143
+
+
+def _resolved_radius(fsc: np.ndarray, r_max: float) -> float:
+    """Image-frequency radius where the half-set FSC first drops below :data:`FSC_BAND`, plus 2 (<= r_max)."""
+    below = np.flatnonzero(fsc[1:] < FSC_BAND)
+    r = float(below[0] + 1) if below.size else r_max
+    return float(min(r_max, max(r + 2.0, 4.0)))
+
+
+def fourier_band(volume: np.ndarray, radius: float) -> np.ndarray:
+    """The part of a volume at image-frequency radius <= ``radius`` (sharp Fourier cut, float32)."""
+    n = volume.shape[0]
+    f = np.fft.rfftn(volume.astype(np.float64))
+    fz = np.fft.fftfreq(n, 1.0 / n)
+    fx = np.arange(n // 2 + 1)
+    r = np.sqrt(fz[:, None, None] ** 2 + fz[None, :, None] ** 2 + fx[None, None, :] ** 2)
+    return np.fft.irfftn(np.where(r <= radius, f, 0), s=volume.shape).astype(np.float32)
 
 
 def _half_statistics(solver: _Solver, halves, mask, signs, k):
