@@ -128,3 +128,12 @@ def test_split_labels_thresholds_and_kmeans(rng):
     assert np.array_equal(split_labels(z, component=1, thresholds=[0.0]), truth)
     assert np.array_equal(split_labels(z, kmeans=2, seed=3), truth)  # ordered by latent 1
     assert set(split_labels(z, component=2, thresholds=[-1.0, 1.0])) == {0, 2}
+
+
+def test_fourier_band_splits_a_volume(rng):
+    from isavar.covariance.run import fourier_band
+
+    v = rng.standard_normal((16, 16, 16)).astype(np.float32)
+    low = fourier_band(v, 3.0)
+    assert np.allclose(fourier_band(v, 100.0), v, atol=1e-5)
+    assert abs(float((low.astype(np.float64) * (v - low)).sum())) < 1e-3  # orthogonal parts

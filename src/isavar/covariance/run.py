@@ -555,7 +555,7 @@ def fourier_band(volume: np.ndarray, radius: float) -> np.ndarray:
     fz = np.fft.fftfreq(n, 1.0 / n)
     fx = np.arange(n // 2 + 1)
     r = np.sqrt(fz[:, None, None] ** 2 + fz[None, :, None] ** 2 + fx[None, None, :] ** 2)
-    return np.fft.irfftn(np.where(r <= radius, f, 0), s=volume.shape).astype(np.float32)
+    return np.fft.irfftn(np.where(r <= radius, f, 0), s=volume.shape, axes=(0, 1, 2)).astype(np.float32)
 
 
 def _half_statistics(solver: _Solver, halves, mask, signs, k):
