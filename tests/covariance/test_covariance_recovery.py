@@ -135,3 +135,32 @@ def test_same_result_for_any_number_of_workers():
     assert np.array_equal(one.components, two.components)
     assert np.array_equal(one.latents, two.latents)
     assert np.array_equal(one.mean, two.mean)
+
+
+@pytest.mark.mpi
+def test_3dva_under_mpi_equals_serial(tmp_path):
+    """Two MPI ranks give the same components, bit for bit, as one process."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from isavar.cli import main
+    from isavar.io import read_volume
+
+    launcher = shutil.which("mpirun")
+    if launcher is None:
+        pytest.skip("no mpirun on this machine")
+    pytest.importorskip("mpi4py")
+    data = tmp_path / "data"
+    assert main(["simulate", str(data), "--phantom", "two_state", "--n", "300", "--box", "24", "--apix", "8",
+                 "--snr", "1", "--seed", "4", "-q"]) == 0
+    opts = ["--components", "2", "--CTF", "--iterations", "2", "--chunk-size", "64", "-q"]
+    assert main(["3dva", str(data / "particles.star"), str(tmp_path / "s"), *opts, "--executor", "serial"]) == 0
+    args = [launcher, "-np", "2", "--oversubscribe"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
+    res = subprocess.run(args + [sys.executable, "-m", "isavar", "3dva", str(data / "particles.star"),
+                                 str(tmp_path / "m"), *opts, "--executor", "mpi"], capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert res.returncode == 0, res.stderr
+    for name in ("var3D.mrc", "component_01.mrc", "mean.mrc"):
+        assert np.array_equal(read_volume(tmp_path / "s" / name)[0], read_volume(tmp_path / "m" / name)[0])
