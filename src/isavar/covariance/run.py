@@ -186,6 +186,10 @@ class CovarianceResult:
 #: the energy of the half-set difference (1 on average for a component made of noise).
 SIGNIFICANCE = 3.0
 
+#: Eigenvalues below this fraction of the mean's energy (sum of squares), and shrinking, stop the EM:
+#: nothing above the noise level is left (a real domain of 1 % of the mass in half the particles is ~2e-3).
+VANISHED = 1e-5
+
 #: Smallest last-iteration eigenvalue ratio of a component held up by the data.
 SUSTAINED = 0.9
 
@@ -466,7 +470,13 @@ def covariance(table: pd.DataFrame, images, params: CovarianceParams, *, geometr
                         "noise_power_mean": float(np.mean(sigma2)), "seconds": time.perf_counter() - ti})
         log.info("EM %d: change %.2e, eigenvalues %s (%.1f s)", it, change,
                  ", ".join(f"{x:.4g}" for x in lam), time.perf_counter() - ti)
-        if final or change < params.tolerance:
+        energy = float((mean.astype(np.float64) ** 2).sum())
+        vanished = (it >= 3 and lam.max() < VANISHED * energy and len(history) >= 2
+                    and lam.max() < max(history[-2]["eigenvalues"]))
+        if vanished:
+            log.info("every component is below %.0e of the mean's energy and shrinking: no variability above the "
+                     "noise level; stopping", VANISHED)
+        if final or vanished or change < params.tolerance:
             converged = change < params.tolerance
             if sol["a"] is None:
                 sol = em.solve_voxels(hv, bv, solver.shell, solver.n_shells, first_fixed=mean_free)
