@@ -13,10 +13,9 @@ M-step (per Fourier voxel ``xi``, the reconstructor's trilinear back-projection)
 ``(sum w |C|^2/sigma^2 E[zz^T] + diag(1/tau^2(|xi|))) V(xi) = sum w C T/sigma^2 E[z]``.
 When the mean is estimated jointly, the latent vector is augmented with a constant 1
 (``z_0 = 1``, component 0 = ``mu``) and the target ``T`` is ``X``; with a fixed mean the
-target is the residual ``R``. The prior power ``tau^2`` per shell and component is
-estimated from two half sets (even / odd particles): ``tau^2 = <Re(conj(V_A) V_B)>``,
-an estimate of the signal power that carries no noise bias (it is 0 on average where the
-half-set estimates are pure noise), as RELION's tau^2 comes from the half-set FSC.
+target is the residual ``R``. The sums are kept separately for two half sets (even / odd
+particles); the per-shell correlation of the two half-set solutions gives the prior
+(``H_kk / SSNR``, :func:`solve_voxels`), as RELION's tau^2 comes from the half-set FSC.
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ __all__ = [
     "batch_moments",
     "solve_voxels",
     "orthogonalise",
-    "subspace_change",
     "covariance_change",
     "sign_by_skew",
 ]
@@ -287,17 +285,6 @@ def orthogonalise(v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     lam, q = np.maximum(lam[order], 0.0), q[:, order]
     w = (q.T @ flat).reshape(v.shape)
     return w.astype(np.float32), lam, q
-
-
-def subspace_change(v_old: np.ndarray, v_new: np.ndarray) -> float:
-    """Largest sine of the principal angles between the spans of two component sets (0 = same span)."""
-    k = v_old.shape[0]
-    if k == 0:
-        return 0.0
-    a = np.linalg.qr(v_old.reshape(k, -1).astype(np.float64).T)[0]
-    b = np.linalg.qr(v_new.reshape(k, -1).astype(np.float64).T)[0]
-    s = np.linalg.svd(a.T @ b, compute_uv=False)
-    return float(np.sqrt(max(0.0, 1.0 - float(np.min(s)) ** 2)))
 
 
 def covariance_change(v_old: np.ndarray, v_new: np.ndarray) -> float:
