@@ -214,13 +214,13 @@ def write_particle_tables(outdir: Path, stem: str, table: pd.DataFrame, stack) -
         blocks = build_star_blocks(table, "x", box)
         blocks["particles"]["rlnImageName"] = [format_image_name(int(i), p) for p, i in zip(rel, idx)]
         write_star_blocks(star, blocks)
-        array = _with_blob_paths(build_cs_array(table, "x", box), rel)
+        array = _with_blob_paths(build_cs_array(table, "x", box, rng=np.random.default_rng(0)), rel)
         array["blob/idx"] = idx
     else:
         rows = np.arange(len(table))
         chunks = (stack.images[rows[s:s + 256]] for s in range(0, len(rows), 256))
         write_particles(star, chunks, table, pixel_size_A=stack.pixel_size_A)
-        array = build_cs_array(table, f"{stem}.mrcs", box)
+        array = build_cs_array(table, f"{stem}.mrcs", box, rng=np.random.default_rng(0))
         files.append(f"{stem}.mrcs")
     with open(cs, "wb") as fh:
         np.save(fh, array, allow_pickle=False)
