@@ -15,7 +15,7 @@ Output directory (must not exist; nothing is created when the input is rejected)
 ``series/component_K_frame_NN.mrc``  ``mu + t V_k``, ``t`` from the 5th to the 95th
                                     percentile of latent k (ChimeraX "vseries")
 ``var3D_slices.png``                central slices of var3D beside the mean
-``components.png``                  central slices of each component
+``components.png``                  slices of each component through its largest voxel
 ``latents.png``                     latent histograms and the latent 1-2 scatter
 ``summary.json``                    eigenvalues, noise eigenvalues, half-set figures, history
 ``log.txt``, ``provenance.json``
@@ -244,7 +244,7 @@ def _figures(outdir: Path, result, pixel: float) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from isavar.report.slices import central_slices, save_variability_slices
+    from isavar.report.slices import save_variability_slices
 
     files = []
     save_variability_slices(outdir / "var3D_slices.png", result.var3d, result.mean, pixel_size_A=pixel,
@@ -253,13 +253,15 @@ def _figures(outdir: Path, result, pixel: float) -> list[str]:
     k = result.components.shape[0]
     fig, axes = plt.subplots(k, 3, figsize=(7.5, 2.5 * k), squeeze=False)
     for i in range(k):
-        for j, sl in enumerate(central_slices(result.components[i])):
+        comp = result.components[i]
+        z0, y0, x0 = np.unravel_index(int(np.argmax(np.abs(comp))), comp.shape)
+        for j, sl in enumerate((comp[z0], comp[:, y0, :], comp[:, :, x0])):  # through the largest voxel
             lim = float(np.abs(result.components[i]).max()) or 1.0
             axes[i, j].imshow(sl, cmap="RdBu_r", vmin=-lim, vmax=lim, origin="lower")
             axes[i, j].set_xticks([])
             axes[i, j].set_yticks([])
-            axes[i, j].set_title(f"component {i + 1} ({'xy xz yz'.split()[j]}), eig {result.eigenvalues[i]:.3g}",
-                                 fontsize=7)
+            plane = ("xy z=%d" % z0, "xz y=%d" % y0, "yz x=%d" % x0)[j]
+            axes[i, j].set_title(f"component {i + 1} ({plane}), eig {result.eigenvalues[i]:.3g}", fontsize=7)
     fig.tight_layout()
     fig.savefig(outdir / "components.png", dpi=100)
     plt.close(fig)
