@@ -498,8 +498,8 @@ def covariance(table: pd.DataFrame, images, params: CovarianceParams, *, geometr
     timings["latents"] = time.perf_counter() - t2
     timings["total"] = time.perf_counter() - t_start
     var3d = np.sqrt((v.astype(np.float64) ** 2).sum(axis=0)).astype(np.float32)
-    if high is not None:
-        mean = mean + high  # frequencies beyond the band: the first-pass Wiener mean
+    if high is not None and mean_free:
+        mean = mean + high  # the EM mean is band-limited: beyond the band, the first-pass Wiener mean
     timings["band_radius_px"] = float(r_max)
     return CovarianceResult(mean=mean.astype(np.float32), components=v.astype(np.float32), eigenvalues=lam,
                             latents=z, var3d=var3d, mask=mask, half_correlation=corr, noise_eigenvalues=noise_eig,
