@@ -112,3 +112,33 @@ def test_help_lists_the_commands(capsys):
         main(["--help"])
     text = capsys.readouterr().out
     assert "3dva" in text and "3dva-split" in text
+
+
+def test_resume_after_an_interruption_equals_an_uninterrupted_run(data, tmp_path, monkeypatch):
+    import isavar.workflows.covariance as wf
+
+    opts = ["--components", "2", "--CTF", "--iterations", "4", "--tolerance", "1e-9", "--workers", "1", "-q"]
+    full, broken = tmp_path / "full", tmp_path / "broken"
+    assert main(["3dva", str(data["star"]), str(full), *opts]) == 0
+    save = wf._save_checkpoint
+
+    def save_then_stop(outdir, params, state):
+        save(outdir, params, state)
+        if state["iteration"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(wf, "_save_checkpoint", save_then_stop)
+    assert main(["3dva", str(data["star"]), str(broken), *opts]) == 130
+    assert (broken / "checkpoint.npz").exists() and not (broken / "summary.json").exists()
+    monkeypatch.setattr(wf, "_save_checkpoint", save)
+    # other options than the interrupted run's are refused
+    assert main(["3dva", str(data["star"]), str(broken), *opts[:-3], "--seed", "7", "--resume", "-q"]) == 2
+    assert main(["3dva", str(data["star"]), str(broken), *opts, "--resume"]) == 0
+    assert not (broken / "checkpoint.npz").exists()
+    for name in ("component_01.mrc", "component_02.mrc", "mean.mrc", "var3D.mrc"):
+        assert np.array_equal(mrcfile.read(full / name), mrcfile.read(broken / name)), name
+    a = read_particles(full / "particles.star").table[["latent_1", "latent_2"]].to_numpy()
+    b = read_particles(broken / "particles.star").table[["latent_1", "latent_2"]].to_numpy()
+    assert np.array_equal(a, b)
+    hist = json.loads((broken / "summary.json").read_text())["history"]
+    assert [h["iteration"] for h in hist] == [1, 2, 3, 4]

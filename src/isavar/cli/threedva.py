@@ -19,6 +19,7 @@ Examples:
   isavar 3dva particles.star va_out --components 3 --CTF
   isavar 3dva particles.star va_lp --components 2 --CTF --fl 0.15 --aa 0.1 --workers 2
   isavar 3dva particles.cs va_focus --components 2 --CTF --mask domain_mask.mrc
+  isavar 3dva particles.star va_out --components 3 --CTF --resume   # after an interruption
   isavar 3dva-split va_out --component 1 --threshold 0
 """
 
@@ -53,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no_norm", action="store_true", help="skip the background normalisation")
     parser.add_argument("--npad", type=int, default=2, help="padding of the 3D Fourier grid (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random initial components (default 0)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run in OUTPUT_DIRECTORY (same input and options) from its "
+                             "last completed EM iteration; the result equals an uninterrupted run's")
     parser.add_argument("--chunk-size", dest="chunk_size", type=int, default=512,
                         help="particles per task (bounds memory; the result does not depend on --workers)")
     add_executor_arguments(parser)
@@ -80,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     progress = make_progress(args, is_root=executor.is_root())
     try:
         run_3dva(Path(args.particles), Path(args.output_directory), params, executor=executor, progress=progress,
-                 mask_path=args.mask, mean_path=args.mean)
+                 mask_path=args.mask, mean_path=args.mean, resume=args.resume)
     finally:
         progress.close()
         close = getattr(executor, "close", None)

@@ -328,7 +328,7 @@ def _initial_components(k: int, box: int, mask: np.ndarray, seed: int, params: C
 
 def covariance(table: pd.DataFrame, images, params: CovarianceParams, *, geometry, pixel_size_A: float,
                executor=None, progress=None, mask: np.ndarray | None = None,
-               mean: np.ndarray | None = None) -> CovarianceResult:
+               mean: np.ndarray | None = None, checkpoint=None, state: dict | None = None) -> CovarianceResult:
     """Low-rank covariance of the 3D density of oriented particles (PPCA by EM).
 
     Parameters
@@ -351,6 +351,12 @@ def covariance(table: pd.DataFrame, images, params: CovarianceParams, *, geometr
         ``(N, N, N)`` mask in ``[0, 1]`` for the components (default: from the mean).
     mean : numpy.ndarray, optional
         ``(N, N, N)`` mean volume to use (fixed) instead of estimating it.
+    checkpoint : callable, optional
+        Called after every EM iteration with the state dict (see ``state``).
+    state : dict, optional
+        A state passed to ``checkpoint`` by an earlier, interrupted run with the same
+        parameters and data: the run continues after its last iteration and gives the
+        same result as an uninterrupted one.
 
     Returns
     -------
@@ -402,52 +408,67 @@ def covariance(table: pd.DataFrame, images, params: CovarianceParams, *, geometr
         st = sampler.volumes_to_storage(volumes)
         return np.stack([st, st])
 
-    # ---- mean (pass 0: the K = 0 model with z_0 = 1; unit noise weights, re-weighted below)
-    t0 = time.perf_counter()
-    ones = np.ones(solver.n_shells)
     sym = symmetry_matrices(params.symmetry)
-    hv0 = bv0 = None
-    high = None
-    fixed_mean = mean
-    if mean is None:
-        zero = np.zeros((2, sampler.n_band, 1), np.complex64)
-        _, h0, b0, power = run_pass("mean", zero, ones, True, True, sym)
-        hv0, bv0 = solver.voxel_sums(h0, b0)
-        del h0, b0
-        mean, mean_fsc = _solve_mean(solver, hv0, bv0, power)
-    mean = np.asarray(mean, np.float32)
-    timings["mean"] = time.perf_counter() - t0
-    if hv0 is not None and params.auto_band:
-        r_auto = _resolved_radius(mean_fsc[0], r_max)
-        if r_auto < r_max - 0.5:
-            log.info("band limited to %.1f px (FSC of the half-set means >= %.3f; Nyquist %.1f)", r_auto,
-                     FSC_BAND, box / 2)
-            high = mean - fourier_band(mean, r_auto)
-            r_max = r_auto
-            sampler = SliceSampler(box, r_max, npad=params.npad)
-            solver = _Solver(sampler, params)
-            ctx = _Context(ctx.images, ctx.rotations, ctx.origins_px, ctx.ctf, ctx.pixel_size_A, sampler, params,
-                           ctx.background_std)
-            hv0 = bv0 = None
-    given_mask = mask is not None
-    if mask is None:
-        mask = auto_mask(mean, threshold=params.mask_threshold, dilate_px=params.mask_dilate_px,
-                         soft_px=params.mask_soft_px)
-    mask = np.asarray(mask, np.float32)
-    log.info("mask: %d voxels above 0.5 (%s)", int((mask > 0.5).sum()), "given" if given_mask else "from the mean")
-    scale = np.sqrt(max(float((mean.astype(np.float64) ** 2).sum()), 1e-12)) * params.init_scale
-    v = _initial_components(k, box, mask, params.seed, params) * np.float32(scale)
-
-    # ---- EM iterations (one set of components; the two half sets give the Wiener prior and the noise level)
     history = []
     converged = False
     last = None
     t1 = time.perf_counter()
-    sigma2 = _initial_noise(run_pass, both_halves(mean[None]), solver) if k else ones
-    if hv0 is not None:
-        mean, _ = _solve_mean(solver, hv0, bv0, sigma2)  # Wiener weights from the residual noise
-    mean_free = fixed_mean is None and sym.shape[0] == 1
-    for it in range(1, params.iterations + 1 if k else 1):
+    if state is None:
+        # ---- mean (pass 0: the K = 0 model with z_0 = 1; unit noise weights, re-weighted below)
+        t0 = time.perf_counter()
+        ones = np.ones(solver.n_shells)
+        hv0 = bv0 = None
+        high = None
+        fixed_mean = mean
+        if mean is None:
+            zero = np.zeros((2, sampler.n_band, 1), np.complex64)
+            _, h0, b0, power = run_pass("mean", zero, ones, True, True, sym)
+            hv0, bv0 = solver.voxel_sums(h0, b0)
+            del h0, b0
+            mean, mean_fsc = _solve_mean(solver, hv0, bv0, power)
+        mean = np.asarray(mean, np.float32)
+        timings["mean"] = time.perf_counter() - t0
+        if hv0 is not None and params.auto_band:
+            r_auto = _resolved_radius(mean_fsc[0], r_max)
+            if r_auto < r_max - 0.5:
+                log.info("band limited to %.1f px (FSC of the half-set means >= %.3f; Nyquist %.1f)", r_auto,
+                         FSC_BAND, box / 2)
+                high = mean - fourier_band(mean, r_auto)
+                r_max = r_auto
+                sampler = SliceSampler(box, r_max, npad=params.npad)
+                solver = _Solver(sampler, params)
+                ctx = _Context(ctx.images, ctx.rotations, ctx.origins_px, ctx.ctf, ctx.pixel_size_A, sampler, params,
+                               ctx.background_std)
+                hv0 = bv0 = None
+        given_mask = mask is not None
+        if mask is None:
+            mask = auto_mask(mean, threshold=params.mask_threshold, dilate_px=params.mask_dilate_px,
+                             soft_px=params.mask_soft_px)
+        mask = np.asarray(mask, np.float32)
+        log.info("mask: %d voxels above 0.5 (%s)", int((mask > 0.5).sum()), "given" if given_mask else "from the mean")
+        scale = np.sqrt(max(float((mean.astype(np.float64) ** 2).sum()), 1e-12)) * params.init_scale
+        v = _initial_components(k, box, mask, params.seed, params) * np.float32(scale)
+
+        # ---- EM iterations (one set of components; the two half sets give the Wiener prior and the noise level)
+        sigma2 = _initial_noise(run_pass, both_halves(mean[None]), solver) if k else ones
+        if hv0 is not None:
+            mean, _ = _solve_mean(solver, hv0, bv0, sigma2)  # Wiener weights from the residual noise
+        mean_free = fixed_mean is None and sym.shape[0] == 1
+        first = 1
+    else:
+        r_max = float(state["band_radius_px"])
+        sampler = SliceSampler(box, r_max, npad=params.npad)
+        solver = _Solver(sampler, params)
+        ctx = _Context(ctx.images, ctx.rotations, ctx.origins_px, ctx.ctf, ctx.pixel_size_A, sampler, params,
+                       ctx.background_std)
+        mean, v, sigma2, mask = (np.asarray(state[key]) for key in ("mean", "components", "sigma2", "mask"))
+        high = state.get("high")
+        mean_free = bool(state["mean_free"])
+        history = list(state["history"])
+        timings.update(state.get("timings", {}))
+        first = len(history) + 1
+        log.info("resuming after EM iteration %d", first - 1)
+    for it in range(first, params.iterations + 1 if k else 1):
         ti = time.perf_counter()
         stores = both_halves(np.concatenate([mean[None], v]))
         _, h, b, sigma2_new = run_pass(f"EM {it}", stores, sigma2, mean_free, True)
@@ -482,6 +503,10 @@ def covariance(table: pd.DataFrame, images, params: CovarianceParams, *, geometr
                 sol = em.solve_voxels(hv, bv, solver.shell, solver.n_shells, first_fixed=mean_free)
             last = (sol["a"][f:], sol["b"][f:], q)
             break
+        if checkpoint is not None:  # only iterations that continue: a resumed run repeats nothing
+            checkpoint({"iteration": it, "mean": mean, "components": v, "sigma2": sigma2, "mask": mask,
+                        "high": high, "band_radius_px": r_max, "mean_free": mean_free, "history": history,
+                        "timings": dict(timings)})
     timings["em"] = time.perf_counter() - t1
 
     # ---- final latents with the union's components

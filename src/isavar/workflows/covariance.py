@@ -19,6 +19,9 @@ Output directory (must not exist; nothing is created when the input is rejected)
 ``latents.png``                     latent histograms and the latent 1-2 scatter
 ``summary.json``                    eigenvalues, noise eigenvalues, half-set figures, history
 ``log.txt``, ``provenance.json``
+``checkpoint.npz``                  EM state after the last completed iteration, while the
+                                    run is going (``--resume`` continues from it); removed
+                                    when the run finishes
 ==================================  ======================================================
 """
 
@@ -60,7 +63,43 @@ def _read_map(path, box: int, what: str) -> np.ndarray:
     return vol
 
 
-def run_3dva(stack_path, outdir, params, *, executor=None, progress=None, mask_path=None, mean_path=None):
+#: Checkpoint written after every EM iteration that continues (removed when the run finishes).
+CHECKPOINT = "checkpoint.npz"
+
+
+def _save_checkpoint(outdir: Path, params, state: dict) -> None:
+    """Write the EM state atomically (``checkpoint.npz``; parameters and history as JSON)."""
+    import json
+
+    arrays = {key: np.asarray(state[key]) for key in ("mean", "components", "sigma2", "mask")}
+    if state.get("high") is not None:
+        arrays["high"] = np.asarray(state["high"])
+    meta = {"params": params.to_dict(), "iteration": state["iteration"], "band_radius_px": state["band_radius_px"],
+            "mean_free": state["mean_free"], "history": state["history"], "timings": state["timings"]}
+    tmp = outdir / f".{CHECKPOINT}.tmp.npz"
+    np.savez(tmp, meta=np.array(json.dumps(meta)), **arrays)
+    os.replace(tmp, outdir / CHECKPOINT)
+
+
+def _load_checkpoint(outdir: Path, params) -> dict:
+    """The state of an interrupted run in ``outdir`` (parameters must match)."""
+    import json
+
+    path = outdir / CHECKPOINT
+    if not path.exists():
+        raise InputError(f"--resume: no {CHECKPOINT} (the run finished or never completed an iteration)", path=outdir)
+    with np.load(path) as data:
+        meta = json.loads(str(data["meta"]))
+        state = {key: data[key] for key in data.files if key != "meta"}
+    if meta["params"] != json.loads(json.dumps(params.to_dict())):
+        raise InputError("--resume: the parameters differ from those of the interrupted run", path=outdir)
+    state.update({key: meta[key] for key in ("iteration", "band_radius_px", "mean_free", "history", "timings")})
+    state.setdefault("high", None)
+    return state
+
+
+def run_3dva(stack_path, outdir, params, *, executor=None, progress=None, mask_path=None, mean_path=None,
+             resume: bool = False):
     """Run the covariance (PPCA) 3D variability analysis and write the output directory.
 
     Parameters
@@ -77,6 +116,9 @@ def run_3dva(stack_path, outdir, params, *, executor=None, progress=None, mask_p
         Progress reporter.
     mask_path, mean_path : path-like, optional
         A mask for the components (values in [0, 1]) and a fixed mean volume.
+    resume : bool
+        Continue the interrupted run in ``outdir`` (same input and parameters) from its
+        last checkpoint; the result equals that of an uninterrupted run.
 
     Returns
     -------
@@ -97,8 +139,11 @@ def run_3dva(stack_path, outdir, params, *, executor=None, progress=None, mask_p
     executor = executor or SerialExecutor()
     progress = progress or NullProgress()
     stack_path, outdir = Path(stack_path), Path(outdir)
-    if outdir.exists():
-        raise InputError("output directory already exists (choose a new name)", path=outdir)
+    if outdir.exists() and not resume:
+        raise InputError("output directory already exists (choose a new name, or --resume an interrupted run)",
+                         path=outdir)
+    if resume and not outdir.is_dir():
+        raise InputError("--resume: no such output directory", path=outdir)
     if params.n_components < 1:
         raise InputError(f"--components must be at least 1 (got {params.n_components})")
     if params.iterations < 1:
@@ -120,19 +165,26 @@ def run_3dva(stack_path, outdir, params, *, executor=None, progress=None, mask_p
     if mask is not None and (mask.min() < -1e-3 or mask.max() > 1 + 1e-3 or mask.max() <= 0):
         raise InputError("mask values must lie in [0, 1] with some voxels > 0", path=mask_path)
     mean = _read_map(mean_path, box, "mean map") if mean_path else None
+    state = _load_checkpoint(outdir, params) if resume else None
     handler = None
     if executor.is_root():
-        create_output_dir(outdir, must_not_exist=True)
+        if not resume:
+            create_output_dir(outdir, must_not_exist=True)
         handler = _open_log(outdir / "log.txt")
     executor.barrier()
+
+    def checkpoint(st):
+        if executor.is_root():
+            _save_checkpoint(outdir, params, st)
+
     try:
         log.info("isavar 3dva: %s -> %s", stack_path, outdir)
         log.info("parameters: %s", params.to_dict())
         result = covariance(table, images, params, geometry=geo, pixel_size_A=pixel, executor=executor,
-                            progress=progress, mask=mask, mean=mean)
+                            progress=progress, mask=mask, mean=mean, checkpoint=checkpoint, state=state)
         if executor.is_root():
             t0 = time.perf_counter()
-            files = write_outputs(outdir, result, table, stack, pixel, params)
+            files = write_outputs(outdir, result, table, stack, pixel, params, overwrite=resume)
             result.timings_s["writing"] = time.perf_counter() - t0
             summary = {"input": str(stack_path), "n_particles": n, "box": box, "pixel_size_A": pixel,
                        "parameters": params.to_dict(), "files": sorted(files),
@@ -145,6 +197,7 @@ def run_3dva(stack_path, outdir, params, *, executor=None, progress=None, mask_p
             log.info("eigenvalues %s; above the noise level: %s", ", ".join(f"{x:.4g}" for x in result.eigenvalues),
                      summary["above_noise"])
             log.info("outputs in %s: %s", outdir, ", ".join(sorted(files)))
+            (outdir / CHECKPOINT).unlink(missing_ok=True)
     finally:
         close = getattr(stack, "close", None)
         if close is not None:
@@ -160,9 +213,17 @@ def latent_columns(k: int) -> list[str]:
     return [f"latent_{i + 1}" for i in range(k)]
 
 
-def write_outputs(outdir: Path, result, table: pd.DataFrame, stack, pixel: float, params) -> list[str]:
-    """Write maps, tables, series and figures of a finished analysis; returns the file names."""
-    from isavar.io import write_volume
+def write_outputs(outdir: Path, result, table: pd.DataFrame, stack, pixel: float, params, *,
+                  overwrite: bool = False) -> list[str]:
+    """Write maps, tables, series and figures of a finished analysis; returns the file names.
+
+    ``overwrite`` (a resumed run) replaces files an interrupted writing step left behind.
+    """
+    import functools
+
+    from isavar.io import write_volume as _write_volume
+
+    write_volume = functools.partial(_write_volume, overwrite=overwrite)
 
     files = []
     write_volume(outdir / "var3D.mrc", result.var3d, pixel)
@@ -178,7 +239,7 @@ def write_outputs(outdir: Path, result, table: pd.DataFrame, stack, pixel: float
     for i, col in enumerate(latent_columns(k)):
         out[col] = result.latents[:, i]
     files += write_particle_tables(outdir, "particles", out, stack)
-    (outdir / "series").mkdir()
+    (outdir / "series").mkdir(exist_ok=overwrite)
     for i in range(k):
         lo, hi = np.percentile(result.latents[:, i], [5, 95])
         for f, t in enumerate(np.linspace(lo, hi, SERIES_FRAMES)):
