@@ -28,6 +28,11 @@ def test_demo_runs_and_round_trip_is_lossless(tmp_path):
     # variability (one state only). 0.45 sits 18 sd below the seeds and well above the null.
     assert summary["variability"]["pearson_r"] > 0.45
     assert (out / "6_3dvariability" / "var3D_slices.png").exists()
+    # 3dva on the same set: the consistent estimator beats the SPHIRE-method map and finds the states.
+    cov = summary["covariance"]
+    assert cov["pearson_r"] > summary["variability"]["pearson_r"] and cov["pearson_r"] > 0.8
+    assert cov["latent1_auc"] > 0.9 and cov["above_noise"][0]
+    assert (out / "compare_variability.png").exists()
     # Running again into the same folder replaces the previous demo.
     assert main(["demo", str(out), "--n", "200", "--n-variability", "200", "--workers", "1", "-q"]) == 0
 

@@ -13,6 +13,8 @@ COMMANDS: list[tuple[str, str]] = [
     ("isac2", "isac2"),
     ("isac2-select", "isac2_select"),
     ("3dvariability", "variability"),
+    ("3dva", "threedva"),
+    ("3dva-split", "threedva_split"),
     ("reconstruct", "reconstruct"),
     ("simulate", "simulate"),
     ("convert", "convert"),
