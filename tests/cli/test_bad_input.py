@@ -140,6 +140,14 @@ CASES = [
          "Permission denied", patch=_read_only),
     Case("3dvar-no-disk-space", lambda d: ["3dvariability", d / "good.star", d / "out", *VAR], "of disk space",
          patch=_no_space),
+    # 3dva
+    Case("3dva-components-0", lambda d: ["3dva", d / "good.star", d / "out", "--components", "0", "-q"],
+         "--components: must be at least 1"),
+    Case("3dva-nan-lowpass", lambda d: ["3dva", d / "good.star", d / "out", "--fl", "nan", "-q"],
+         "--fl: must be a finite number"),
+    Case("3dva-missing-input", lambda d: ["3dva", d / "nope.star", d / "out", "-q"], "file not found"),
+    Case("3dva-volume", lambda d: ["3dva", d / "map.mrc", d / "out", "-q"], "3D volume"),
+    Case("3dva-nan-pixels", lambda d: ["3dva", d / "nan.star", d / "out", "--workers", "1", "-q"], "NaN"),
     # reconstruct
     Case("reconstruct-chunk-size-negative", lambda d: ["reconstruct", d / "good.star", d / "m.mrc", "--chunk-size",
                                                        "-5", "-q"], "--chunk-size: must be at least 1"),

@@ -16,17 +16,20 @@ from __future__ import annotations
 
 import argparse
 
-from isavar.cli._common import add_verbosity_arguments, setup_logging
+from isavar.cli._common import add_verbosity_arguments, non_negative_int, positive_int, project_dir, setup_logging
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Output directory of a 3dva run and the split rule."""
     parser.add_argument("output_directory", help="an isavar 3dva output directory")
-    parser.add_argument("--component", type=int, default=1, help="latent used by --threshold (1-based, default 1)")
+    parser.add_argument("--component", type=positive_int, default=1, help="latent used by --threshold (1-based, default 1)")
     parser.add_argument("--threshold", type=float, nargs="+", default=None,
                         help="cut points on that latent (default 0)")
     parser.add_argument("--kmeans", type=int, default=0, help="k-means on all latents with this many clusters")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the k-means initialisation")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the k-means initialisation")
+    parser.add_argument("--project-dir", dest="project_dir", default=None,
+                        help="RELION project directory: the subset STAR files name images relative to it "
+                             "(default: the current directory, as RELION does)")
     add_verbosity_arguments(parser)
 
 
@@ -41,5 +44,5 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--kmeans needs at least 2 clusters (got {args.kmeans})")
     setup_logging(args)
     run_split(args.output_directory, component=args.component, thresholds=args.threshold, kmeans=args.kmeans,
-              seed=args.seed)
+              seed=args.seed, project_dir=project_dir(args))
     return 0

@@ -37,7 +37,7 @@ import pandas as pd
 
 from isavar._progress import NullProgress
 from isavar.errors import InputError
-from isavar.workflows.outputs import create_output_dir, write_json, write_provenance
+from isavar.workflows.outputs import create_output_dir, remove_run_directory, write_json, write_provenance
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def _load_checkpoint(outdir: Path, params) -> dict:
 
 
 def run_3dva(stack_path, outdir, params, *, executor=None, progress=None, mask_path=None, mean_path=None,
-             resume: bool = False):
+             resume: bool = False, pixel_size_A: float | None = None, project_dir=None):
     """Run the covariance (PPCA) 3D variability analysis and write the output directory.
 
     Parameters
@@ -119,6 +119,12 @@ def run_3dva(stack_path, outdir, params, *, executor=None, progress=None, mask_p
     resume : bool
         Continue the interrupted run in ``outdir`` (same input and parameters) from its
         last checkpoint; the result equals that of an uninterrupted run.
+    pixel_size_A : float, optional
+        Pixel size replacing the file's (``--apix``).
+    project_dir : path-like, optional
+        RELION project directory: relative image names are read from it first, and
+        ``particles.star`` names the images relative to it (default: relative to
+        ``outdir``).
 
     Returns
     -------
@@ -155,7 +161,7 @@ def run_3dva(stack_path, outdir, params, *, executor=None, progress=None, mask_p
     except ValueError as exc:
         raise InputError(str(exc)) from exc
     params = params.__class__(**{**params.to_dict(), "symmetry": symmetry})
-    stack, pixel = _read_input(stack_path)
+    stack, pixel = _read_input(stack_path, pixel_size_A, project_dir)
     table, images = stack.table, stack.images
     n, box = len(images), int(images.shape[-1])
     if n < 2 * params.n_components + 2:
@@ -184,7 +190,8 @@ def run_3dva(stack_path, outdir, params, *, executor=None, progress=None, mask_p
                             progress=progress, mask=mask, mean=mean, checkpoint=checkpoint, state=state)
         if executor.is_root():
             t0 = time.perf_counter()
-            files = write_outputs(outdir, result, table, stack, pixel, params, overwrite=resume)
+            files = write_outputs(outdir, result, table, stack, pixel, params, overwrite=resume,
+                                  project_dir=project_dir)
             result.timings_s["writing"] = time.perf_counter() - t0
             summary = {"input": str(stack_path), "n_particles": n, "box": box, "pixel_size_A": pixel,
                        "parameters": params.to_dict(), "files": sorted(files),
@@ -198,6 +205,15 @@ def run_3dva(stack_path, outdir, params, *, executor=None, progress=None, mask_p
                      summary["above_noise"])
             log.info("outputs in %s: %s", outdir, ", ".join(sorted(files)))
             (outdir / CHECKPOINT).unlink(missing_ok=True)
+    except InputError as exc:                 # bad data found while reading (NaN pixels): a new run leaves nothing
+        if resume or not executor.is_root():
+            raise
+        if handler is not None:
+            logging.getLogger("isavar").removeHandler(handler)
+            handler.close()
+            handler = None
+        remove_run_directory(outdir, created=True)
+        raise InputError(f"{exc} (nothing was kept in {outdir})") from None
     finally:
         close = getattr(stack, "close", None)
         if close is not None:
@@ -214,7 +230,7 @@ def latent_columns(k: int) -> list[str]:
 
 
 def write_outputs(outdir: Path, result, table: pd.DataFrame, stack, pixel: float, params, *,
-                  overwrite: bool = False) -> list[str]:
+                  overwrite: bool = False, project_dir=None) -> list[str]:
     """Write maps, tables, series and figures of a finished analysis; returns the file names.
 
     ``overwrite`` (a resumed run) replaces files an interrupted writing step left behind.
@@ -238,7 +254,7 @@ def write_outputs(outdir: Path, result, table: pd.DataFrame, stack, pixel: float
     out = table.copy()
     for i, col in enumerate(latent_columns(k)):
         out[col] = result.latents[:, i]
-    files += write_particle_tables(outdir, "particles", out, stack)
+    files += write_particle_tables(outdir, "particles", out, stack, project_dir)
     (outdir / "series").mkdir(exist_ok=overwrite)
     for i in range(k):
         lo, hi = np.percentile(result.latents[:, i], [5, 95])
@@ -253,16 +269,18 @@ def write_outputs(outdir: Path, result, table: pd.DataFrame, stack, pixel: float
     return files
 
 
-def write_particle_tables(outdir: Path, stem: str, table: pd.DataFrame, stack) -> list[str]:
+def write_particle_tables(outdir: Path, stem: str, table: pd.DataFrame, stack, project_dir=None) -> list[str]:
     """``<stem>.star`` and ``<stem>.cs`` with every column of ``table``, images referenced in place.
 
     When the images are not all MRC stacks (e.g. EMAN2 HDF), a ``<stem>.mrcs`` copy is written
-    for the STAR file and the ``.cs`` file refers to it.
+    for the STAR file and the ``.cs`` file refers to it. The STAR file names images relative to
+    ``project_dir`` (RELION's project directory) when given, else relative to ``outdir``; the
+    ``.cs`` file relative to ``outdir``.
     """
     from isavar.conventions import format_image_name
     from isavar.io import write_particles
     from isavar.io.cryosparc import build_cs_array
-    from isavar.io.star import build_star_blocks, write_star_blocks
+    from isavar.io.star import build_star_blocks, stack_name_for, write_star_blocks
 
     box = int(stack.images.shape[-1])
     star, cs = outdir / f"{stem}.star", outdir / f"{stem}.cs"
@@ -271,16 +289,17 @@ def write_particle_tables(outdir: Path, stem: str, table: pd.DataFrame, stack) -
     files = [star.name, cs.name]
     if in_place:
         rel = [os.path.relpath(p, outdir) for p in paths]
+        names = rel if project_dir is None else [stack_name_for(p, project_dir) for p in paths]
         idx = table["image_index"].astype(int).to_numpy()
         blocks = build_star_blocks(table, "x", box)
-        blocks["particles"]["rlnImageName"] = [format_image_name(int(i), p) for p, i in zip(rel, idx)]
+        blocks["particles"]["rlnImageName"] = [format_image_name(int(i), p) for p, i in zip(names, idx)]
         write_star_blocks(star, blocks)
         array = _with_blob_paths(build_cs_array(table, "x", box, rng=np.random.default_rng(0)), rel)
         array["blob/idx"] = idx
     else:
         rows = np.arange(len(table))
         chunks = (stack.images[rows[s:s + 256]] for s in range(0, len(rows), 256))
-        write_particles(star, chunks, table, pixel_size_A=stack.pixel_size_A)
+        write_particles(star, chunks, table, pixel_size_A=stack.pixel_size_A, project_dir=project_dir)
         array = build_cs_array(table, f"{stem}.mrcs", box, rng=np.random.default_rng(0))
         files.append(f"{stem}.mrcs")
     with open(cs, "wb") as fh:
@@ -388,11 +407,13 @@ def split_labels(latents: np.ndarray, *, component: int = 1, thresholds=None, km
     return np.searchsorted(cuts, z[:, component - 1], side="right")
 
 
-def run_split(outdir, *, component: int = 1, thresholds=None, kmeans: int = 0, seed: int = 0) -> list[Path]:
+def run_split(outdir, *, component: int = 1, thresholds=None, kmeans: int = 0, seed: int = 0,
+              project_dir=None) -> list[Path]:
     """Split ``OUTDIR/particles.star`` of a 3dva run into subsets by latent coordinate.
 
     Writes ``OUTDIR/split_<how>/subset_NN.star`` and ``.cs`` (images referenced in place)
-    and ``split.json`` (counts, rule). Returns the STAR files written.
+    and ``split.json`` (counts, rule); the STAR files name images relative to ``project_dir``
+    when given (else to their own folder). Returns the STAR files written.
     """
     from isavar.io import read_particles
 
@@ -400,7 +421,7 @@ def run_split(outdir, *, component: int = 1, thresholds=None, kmeans: int = 0, s
     star = outdir / "particles.star"
     if not star.exists():
         raise InputError("no particles.star: not a 3dva output directory", path=outdir)
-    stack = read_particles(star)
+    stack = read_particles(star, project_dir=project_dir)
     table = stack.table
     cols = [c for c in table.columns if c.startswith("latent_")]
     if not cols:
@@ -422,7 +443,7 @@ def run_split(outdir, *, component: int = 1, thresholds=None, kmeans: int = 0, s
             if not rows.size:
                 continue
             sub = table.iloc[rows].reset_index(drop=True)
-            write_particle_tables(dest, f"subset_{lab + 1:02d}", sub, _SubStack(stack, rows))
+            write_particle_tables(dest, f"subset_{lab + 1:02d}", sub, _SubStack(stack, rows), project_dir)
             written.append(dest / f"subset_{lab + 1:02d}.star")
     finally:
         close = getattr(stack, "close", None)
