@@ -100,7 +100,9 @@ def test_bad_input_is_refused_and_nothing_written(data, tmp_path, capsys):
         m.set_data(np.ones((8, 8, 8), np.float32))
     assert main(["3dva", str(data["star"]), str(out), "--mask", str(bad), "-q"]) == 2
     assert "mask has shape" in capsys.readouterr().err and not out.exists()
-    assert main(["3dva", str(data["star"]), str(out), "--components", "0", "-q"]) == 2
+    with pytest.raises(SystemExit) as usage:                   # argparse refuses it: one line, status 2
+        main(["3dva", str(data["star"]), str(out), "--components", "0", "-q"])
+    assert usage.value.code == 2 and "--components: must be at least 1" in capsys.readouterr().err
     assert main(["3dva", str(data["star"]), str(out), "--fl", "0.2", "-q"]) == 2  # --aa missing
     out.mkdir()
     assert main(["3dva", str(data["star"]), str(out), "-q"]) == 2
