@@ -370,12 +370,13 @@ def _run(run: _Run, stack):
 
         def on_step(st, event):
             if run.root:                                 # every process holds the same state; one writes
-                if event is not None:
+                ended = isinstance(event, isac_run.GenerationFinished)
+                if ended:
                     _write_generation_files(run, st, event)
                 _save_npz_atomic(outdir / "checkpoints" / "state.npz", st.to_arrays())
                 run.save_manifest(stage="classification", history=st.history, main=st.main, gen=st.gen)
-                if event is not None and event.get("end_main"):
-                    _save_npz_atomic(outdir / "checkpoints" / f"main_{event['main']:03d}_end.npz",
+                if ended and event.end_main:
+                    _save_npz_atomic(outdir / "checkpoints" / f"main_{event.main:03d}_end.npz",
                                      st.to_arrays())
                     _write_text_lists(run, st, event)
             run.progress.advance(1)
@@ -389,12 +390,34 @@ def _run(run: _Run, stack):
 
 # ------------------------------------------------------------------------------------- stage A/B
 
-def _correct_and_shrink_task(task):
-    """One chunk of the front end (executor task): ``(block, table rows, p, apix, rpw)``."""
+@dataclasses.dataclass(frozen=True)
+class PreprocessChunk:
+    """One chunk of the front end (an executor task, picklable).
+
+    Attributes
+    ----------
+    images : ndarray, (m, box, box)
+        Raw particle images.
+    table : pandas.DataFrame
+        Their particle-table rows (CTF columns).
+    params : Isac2Params
+    pixel_size_A : float or None
+    rpw : ndarray or None
+        The VPP whitening table (``--VPP``).
+    """
+
+    images: np.ndarray
+    table: object
+    params: Isac2Params
+    pixel_size_A: float | None
+    rpw: np.ndarray | None
+
+
+def _correct_and_shrink_task(task: PreprocessChunk):
+    """CTF correction and shrinking of one chunk: ``(shrunk, pre-alignment images or None)``."""
     from isavar.isac.preprocess import correct_and_shrink
 
-    block, rows, p, apix, rpw = task
-    return correct_and_shrink(block, rows, p, apix, rpw=rpw)
+    return correct_and_shrink(task.images, task.table, task.params, task.pixel_size_A, rpw=task.rpw)
 
 
 def _prepare(run: _Run, stack):
@@ -433,7 +456,8 @@ def _prepare(run: _Run, stack):
     run.progress.stage("preprocessing", total=n)
     shrunk = np.empty((n, nd, nd), np.float32)
     pre = np.empty((n, nd, nd), np.float32) if p.VPP else None
-    tasks = ((block, table.iloc[s:e], p, apix, rpw) for s, e, block in stack.images.chunks(CHUNK))
+    tasks = (PreprocessChunk(images=block, table=table.iloc[s:e], params=p, pixel_size_A=apix, rpw=rpw)
+             for s, e, block in stack.images.chunks(CHUNK))
     s = 0
     for out, pr in map_in_windows(run.executor, _correct_and_shrink_task, tasks):
         e = s + len(out)
@@ -552,36 +576,36 @@ def _rewrite_global_files(run, state):
 
 # ------------------------------------------------------------------------------------- per-generation files
 
-def _write_generation_files(run: _Run, state, event) -> None:
+def _write_generation_files(run: _Run, state, event: isac_run.GenerationFinished) -> None:
     outdir = run.outdir
-    main, gen = event["main"], event["gen"]
+    main, gen = event.main, event.gen
     gdir = outdir / f"main{main:03d}" / f"generation{gen:03d}"
     gdir.mkdir(parents=True, exist_ok=True)
-    eng = event["result"]
-    subset = event["subset"]
+    eng = event.result
+    subset = event.subset
     tag = f"{main:03d}_{gen:03d}"
     local = [np.asarray(m, np.int64) for m in eng.members]
     _write_hdf_averages(gdir / f"original_class_averages_{tag}.hdf", eng.refs, local, None)
     _write_hdf_averages(gdir / f"class_averages_{tag}.hdf", eng.refs, [np.sort(subset[m]) for m in local], None)
-    good = event["good"]
+    good = event.good
     if good:
         _write_hdf_averages(gdir / f"good_class_averages_{tag}.hdf", eng.refs[good],
                             [np.sort(subset[local[k]]) for k in good], None)
-    if event["bad"].size:
-        write_index_file(gdir / f"to_process_next_{tag}.txt", event["bad"])
+    if event.bad.size:
+        write_index_file(gdir / f"to_process_next_{tag}.txt", event.bad)
     _rewrite_global_files(run, state)
-    if event.get("end_main"):
+    if event.end_main:
         _touch(gdir / "finished")
-    if not event.get("end_main"):
+    if not event.end_main:
         nxt = outdir / f"main{main:03d}" / f"generation{gen + 1:03d}"
         nxt.mkdir(parents=True, exist_ok=True)
 
 
-def _write_text_lists(run: _Run, state, event) -> None:
+def _write_text_lists(run: _Run, state, event: isac_run.GenerationFinished) -> None:
     outdir = run.outdir
-    main = event["main"]
+    main = event.main
     mdir = outdir / f"main{main:03d}"
-    write_index_file(outdir / "not_processed_images.txt", event["not_processed"])
+    write_index_file(outdir / "not_processed_images.txt", event.not_processed)
     for name in ("processed_images.txt", "not_processed_images.txt", "class_averages.hdf"):
         if (outdir / name).exists():
             shutil.copyfile(outdir / name, mdir / name)
