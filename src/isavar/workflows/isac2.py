@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from isavar._logging import run_log
 from isavar._progress import NullProgress
 from isavar.errors import InputError
 from isavar.isac import run as isac_run
@@ -340,21 +341,18 @@ def _start(stack_path, stack, outdir: Path, p: Isac2Params, executor, progress, 
         _touch(outdir / MARKER)
         if fresh:
             run.save_manifest(tool="isavar isac2", params=p.to_dict(), input=fingerprint, stage="start")
-        from isavar._logging import add_log_file
-
-        if not any(getattr(h, "baseFilename", None) == str((outdir / "log.txt").resolve())
-                   for h in logging.getLogger("isavar").handlers):
-            add_log_file(outdir / "log.txt")
-    executor.barrier()
-    try:
-        return _run(run, stack)
-    except InputError as exc:
-        # A new run rejected while reading the images (e.g. NaN pixels) leaves nothing behind, so that the
-        # corrected run is not refused as "a run on a different input".
-        if fresh and executor.is_root() and (run.load_manifest() or {}).get("stage") == "start":
-            remove_run_directory(outdir, created=created)
-            raise InputError(f"{exc} (nothing was kept in {outdir})") from None
-        raise
+    with run_log(outdir / "log.txt", enabled=executor.is_root()) as run_log_file:
+        executor.barrier()
+        try:
+            return _run(run, stack)
+        except InputError as exc:
+            # A new run rejected while reading the images (e.g. NaN pixels) leaves nothing behind, so that the
+            # corrected run is not refused as "a run on a different input".
+            if fresh and executor.is_root() and (run.load_manifest() or {}).get("stage") == "start":
+                run_log_file.detach()
+                remove_run_directory(outdir, created=created)
+                raise InputError(f"{exc} (nothing was kept in {outdir})") from None
+            raise
 
 
 def _run(run: _Run, stack):

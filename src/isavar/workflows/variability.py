@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from isavar._logging import run_log
 from isavar._progress import NullProgress
 from isavar.conventions import format_image_name, matrix_to_euler
 from isavar.errors import InputError
@@ -366,7 +367,6 @@ def run_variability(stack_path, outdir, params: VariabilityParams, *, executor=N
         if not resume:
             check_disk_space(outdir, _disk_need(params, n, box, grid.nx, symmetrize_only),
                              f"3dvariability of {n} particles (box {box}, working box {grid.nx})")
-        handler = None
         created = not outdir.exists()
         if executor.is_root():
             outdir.mkdir(parents=True, exist_ok=True)
@@ -378,45 +378,24 @@ def run_variability(stack_path, outdir, params: VariabilityParams, *, executor=N
                 write_json(outdir / "manifest.json", {
                     "tool": "isavar 3dvariability", "stage": "running", "input": fingerprint,
                     "parameters": dict(_science(params), symmetrize_only=bool(symmetrize_only))})
-            handler = _open_log(outdir / "log.txt")
-        executor.barrier()
-        try:
-            return _run(stack, stack_path, outdir, params, executor, progress, symmetrize_only, geo, grid, pixel,
-                        resume, _stop_after, project_dir)
-        except InputError as exc:
-            if not resume and executor.is_root():
-                if handler is not None:
-                    logging.getLogger("isavar").removeHandler(handler)
-                    handler.close()
-                    handler = None
-                remove_run_directory(outdir, created=created)
-                raise InputError(f"{exc} (nothing was kept in {outdir})") from None
-            raise
-        except (KeyboardInterrupt, OSError, MemoryError, StopForTest):
-            if executor.is_root():                    # the log file only: the CLI prints the one line
-                log.debug("3dvariability stopped; the same command continues from the last checkpoint (%s)",
-                          outdir)
-            raise
-        finally:
-            if handler is not None:
-                logging.getLogger("isavar").removeHandler(handler)
-                handler.close()
+        with run_log(outdir / "log.txt", enabled=executor.is_root()) as run_log_file:
+            executor.barrier()
+            try:
+                return _run(stack, stack_path, outdir, params, executor, progress, symmetrize_only, geo, grid,
+                            pixel, resume, _stop_after, project_dir)
+            except InputError as exc:
+                if not resume and executor.is_root():
+                    run_log_file.detach()
+                    remove_run_directory(outdir, created=created)
+                    raise InputError(f"{exc} (nothing was kept in {outdir})") from None
+                raise
+            except (KeyboardInterrupt, OSError, MemoryError, StopForTest):
+                if executor.is_root():                # the log file only: the CLI prints the one line
+                    log.debug("3dvariability stopped; the same command continues from the last checkpoint "
+                              "(%s)", outdir)
+                raise
     finally:
         stack.close()
-
-
-def _open_log(path: Path):
-    """Attach a DEBUG file handler for this run's log.txt (removed again when the run ends)."""
-    from isavar._logging import _FORMAT
-
-    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
-    handler.setLevel(logging.DEBUG)
-    handler.setFormatter(logging.Formatter(_FORMAT))
-    logger = logging.getLogger("isavar")
-    logger.addHandler(handler)
-    if logger.level == logging.NOTSET or logger.level > logging.DEBUG:
-        logger.setLevel(logging.DEBUG)
-    return handler
 
 
 class _Checkpoints:
