@@ -10,8 +10,10 @@ from isavar.io import write_particles
 from isavar.isac.params import Isac2Params
 from isavar.synthetic import phantom_volume, simulate_particles
 from isavar.variability.params import VariabilityParams
-from isavar.workflows.isac2 import StopForTest, run_isac2
+from isavar.workflows.isac2 import run_isac2
 from isavar.workflows.variability import run_variability
+
+from _hooks import StopForTest, stop_after
 
 
 @pytest.fixture
@@ -56,6 +58,6 @@ def test_interrupted_isac2_restores_the_logger(tmp_path, isavar_logger):
     p = Isac2Params(radius=15, target_radius=10, target_nx=28, img_per_grp=40, minimum_grp_size=15, maxit=4,
                     init_iter=1, stab_ali=2, rand_seed=5)
     with pytest.raises(StopForTest):
-        run_isac2(star, tmp_path / "out", p, _stop_after=1)
+        run_isac2(star, tmp_path / "out", p, on_checkpoint=stop_after(1))
     assert logger.level == logging.WARNING and logger.handlers == [mine]
     assert "building the working stack" in (tmp_path / "out" / "log.txt").read_text()

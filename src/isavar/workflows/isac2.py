@@ -58,10 +58,6 @@ MARKER = ".isavar_isac2"
 CHUNK = 1024
 
 
-class StopForTest(RuntimeError):
-    """Raised by the test hook that interrupts a run after a given number of steps."""
-
-
 # ------------------------------------------------------------------------------------- small file helpers
 
 def _fmt_rows(array, fmt) -> str:
@@ -207,22 +203,23 @@ def check_resources(stack, p: Isac2Params, outdir, workers: int) -> None:
 class _Run:
     """State of one invocation (directory, inputs, executor)."""
 
-    def __init__(self, stack_path, outdir, p, executor, progress, stop_after):
+    def __init__(self, stack_path, outdir, p, executor, progress, on_checkpoint):
         self.stack_path = Path(stack_path)
         self.outdir = Path(outdir)
         self.p = p
         self.executor = executor
         self.progress = progress
-        self.stop_after = stop_after
+        self.on_checkpoint = on_checkpoint
         self.steps_done = 0
         self.t0 = time.time()
         self.timings: dict = {}
         self.root = executor.is_root()
 
     def _tick(self):
+        """A checkpoint was saved: count it and call the caller's hook."""
         self.steps_done += 1
-        if self.stop_after is not None and self.steps_done >= self.stop_after:
-            raise StopForTest(f"stopped after {self.steps_done} steps (test hook)")
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(self.steps_done)
 
     # ---------------------------------------------------------------- manifest
     @property
@@ -241,7 +238,7 @@ class _Run:
 
 
 def run_isac2(stack_path, outdir, params: Isac2Params, *, executor=None, progress=None,
-              _stop_after: int | None = None, pixel_size_A: float | None = None, project_dir=None,
+              on_checkpoint=None, pixel_size_A: float | None = None, project_dir=None,
               write_aligned: bool = False):
     """Run ISAC2 on a particle file into ``outdir`` (resumable).
 
@@ -256,8 +253,10 @@ def run_isac2(stack_path, outdir, params: Isac2Params, *, executor=None, progres
     executor : Executor, optional
         Default serial.
     progress : Progress, optional
-    _stop_after : int, optional
-        Test hook: raise :class:`StopForTest` after this many completed steps.
+    on_checkpoint : callable, optional
+        ``on_checkpoint(n)`` is called on every process after the ``n``-th checkpoint of this call is
+        saved (the working stack, then every step of the classification). An exception it raises
+        stops the run there, and the same call later continues from that checkpoint.
     pixel_size_A : float, optional
         Pixel size replacing the file's (``--apix``). Without one the STAR
         outputs are written at 1.0 Å/px, with a warning.
@@ -281,13 +280,13 @@ def run_isac2(stack_path, outdir, params: Isac2Params, *, executor=None, progres
     p = params.validate()
     stack = read_particles(stack_path, pixel_size_A=pixel_size_A, project_dir=project_dir)
     try:
-        return _start(stack_path, stack, Path(outdir), p, executor, progress, _stop_after,
+        return _start(stack_path, stack, Path(outdir), p, executor, progress, on_checkpoint,
                       project_dir=project_dir, write_aligned=write_aligned)
     finally:
         stack.close()
 
 
-def _start(stack_path, stack, outdir: Path, p: Isac2Params, executor, progress, _stop_after, *,
+def _start(stack_path, stack, outdir: Path, p: Isac2Params, executor, progress, on_checkpoint, *,
            project_dir=None, write_aligned=False):
     validate_inputs(stack, p)
     if not stack.pixel_size_A:
@@ -305,7 +304,7 @@ def _start(stack_path, stack, outdir: Path, p: Isac2Params, executor, progress, 
     # a pool's workers share this machine's memory; an MPI rank is counted alone (ranks may be on other nodes)
     check_resources(stack, p, outdir, int(getattr(executor, "workers", 1)) if getattr(executor, "size", 1) == 1
                     else 1)
-    run = _Run(stack_path, outdir, p, executor, progress, _stop_after)
+    run = _Run(stack_path, outdir, p, executor, progress, on_checkpoint)
     run.project_dir, run.write_aligned = project_dir, bool(write_aligned)
     fingerprint = input_fingerprint(stack_path, stack)
     if not fresh:

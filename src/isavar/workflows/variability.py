@@ -67,9 +67,6 @@ MARKER = ".isavar_3dvariability"
 _NOT_SCIENCE = ("chunk_size", "verbose")
 
 
-class StopForTest(RuntimeError):
-    """Raised by the test hook that interrupts a run after a given number of checkpoints."""
-
 #: Columns copied from the input table into the 2D-map tables (when present).
 _KEEP_2D = ("micrograph_name", "coordinate_x_px", "coordinate_y_px", "optics_group", "voltage_kV", "cs_mm",
             "amplitude_contrast")
@@ -297,7 +294,7 @@ def _disk_need(params: VariabilityParams, n: int, box: int, nx: int, symmetrize_
 
 def run_variability(stack_path, outdir, params: VariabilityParams, *, executor=None, progress=None,
                     symmetrize_only: bool = False, pixel_size_A: float | None = None, project_dir=None,
-                    _stop_after: int | None = None) -> VariabilityResult | None:
+                    on_checkpoint=None) -> VariabilityResult | None:
     """Run the 3D variability analysis of a particle file and write the output directory.
 
     Parameters
@@ -320,8 +317,10 @@ def run_variability(stack_path, outdir, params: VariabilityParams, *, executor=N
     project_dir : path-like, optional
         RELION project directory: relative image names are read from it first
         and the output STAR files name their stacks relative to it.
-    _stop_after : int, optional
-        Test hook: raise :class:`StopForTest` after this many checkpoints.
+    on_checkpoint : callable, optional
+        ``on_checkpoint(n)`` is called on every process after the ``n``-th checkpoint of this call is
+        saved (one per wave of group blocks, 2D-map mode). An exception it raises stops the run there,
+        and the same call later continues from that checkpoint.
 
     Returns
     -------
@@ -382,14 +381,14 @@ def run_variability(stack_path, outdir, params: VariabilityParams, *, executor=N
             executor.barrier()
             try:
                 return _run(stack, stack_path, outdir, params, executor, progress, symmetrize_only, geo, grid,
-                            pixel, resume, _stop_after, project_dir)
+                            pixel, resume, on_checkpoint, project_dir)
             except InputError as exc:
                 if not resume and executor.is_root():
                     run_log_file.detach()
                     remove_run_directory(outdir, created=created)
                     raise InputError(f"{exc} (nothing was kept in {outdir})") from None
                 raise
-            except (KeyboardInterrupt, OSError, MemoryError, StopForTest):
+            except BaseException:
                 if executor.is_root():                # the log file only: the CLI prints the one line
                     log.debug("3dvariability stopped; the same command continues from the last checkpoint "
                               "(%s)", outdir)
@@ -401,11 +400,11 @@ def run_variability(stack_path, outdir, params: VariabilityParams, *, executor=N
 class _Checkpoints:
     """Saves the run state after every wave of blocks (root only; scratch maps flushed first)."""
 
-    def __init__(self, outdir: Path, store, executor, stop_after):
+    def __init__(self, outdir: Path, store, executor, hook):
         self.path = outdir / "checkpoints" / "groups.npz"
         self.store = store
         self.root = executor.is_root()
-        self.stop_after = stop_after
+        self.hook = hook
         self.count = 0
 
     def load(self, executor) -> dict | None:
@@ -430,12 +429,12 @@ class _Checkpoints:
                 os.fsync(fh.fileno())
             os.replace(tmp, self.path)
         self.count += 1
-        if self.stop_after is not None and self.count >= self.stop_after:
-            raise StopForTest(f"stopped after {self.count} checkpoints (test hook)")
+        if self.hook is not None:
+            self.hook(self.count)
 
 
 def _run(stack, stack_path, outdir, params, executor, progress, symmetrize_only, geo, grid, pixel, resume,
-         stop_after, project_dir=None):
+         on_checkpoint, project_dir=None):
     table, images = stack.table, stack.images
     n, box = len(images), int(images.shape[-1])
     log.info("isavar 3dvariability: %s -> %s%s", stack_path, outdir, " (continuing an interrupted run)"
@@ -460,7 +459,7 @@ def _run(stack, stack_path, outdir, params, executor, progress, symmetrize_only,
                                      resume=resume)
         else:  # other ranks compute maps for the root but keep none
             sink = _discard_maps
-    checkpoints = _Checkpoints(outdir, store, executor, stop_after) if mode_2d else None
+    checkpoints = _Checkpoints(outdir, store, executor, on_checkpoint) if mode_2d else None
     state = checkpoints.load(executor) if (checkpoints is not None and resume) else None
     result = variability(table, images, params, pixel_size_A=pixel, executor=executor, progress=progress,
                          map_sink=sink, source=stack_path, resume=state, checkpoint=checkpoints)
