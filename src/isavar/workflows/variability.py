@@ -200,14 +200,19 @@ def _read_input(stack_path: Path, pixel_size_A=None, project_dir=None):
     from isavar.io import read_particles
 
     stack = read_particles(stack_path, pixel_size_A=pixel_size_A, project_dir=project_dir)
+    return stack, stack_pixel_size(stack, stack_path)
+
+
+def stack_pixel_size(stack, name) -> float:
+    """The particles' pixel size (Å): the file's, else the table's column, else 1.0 with a warning."""
     pixel = stack.pixel_size_A
     if pixel is None and "pixel_size_A" in stack.table.columns and not stack.table["pixel_size_A"].isna().all():
         pixel = float(stack.table["pixel_size_A"].dropna().iloc[0])
     if pixel is None:
         log.warning("%s: the file states no pixel size; the maps are written at 1.0 Å/px (set it with --apix)",
-                    stack_path)
+                    name)
         pixel = 1.0
-    return stack, float(pixel)
+    return float(pixel)
 
 
 def _science(params: VariabilityParams) -> dict:
