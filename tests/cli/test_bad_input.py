@@ -202,6 +202,8 @@ CASES = [
                                                  "--box", "16", "-q"], "is not a directory"),
     Case("simulate-out-not-writable", lambda d: ["simulate", d / "sim", "--phantom", "blob", "--n", "5", "--box",
                                                  "16", "-q"], "Permission denied", patch=_read_only),
+    Case("simulate-no-disk-space", lambda d: ["simulate", d / "sim", "--phantom", "blob", "--n", "5", "--box", "16",
+                                              "-q"], "of disk space", patch=_no_space),
     Case("demo-n-0", lambda d: ["demo", d / "demo", "--n", "0"], "--n: must be at least 1"),
     Case("demo-out-under-a-file", lambda d: ["demo", d / "a_file" / "demo", "-q"], "is not a directory"),
     Case("demo-out-not-writable", lambda d: ["demo", d / "demo", "-q"], "Permission denied", patch=_read_only),

@@ -91,3 +91,35 @@ def test_workers_beyond_the_cores_are_capped_with_a_warning(star, tmp_path, caps
                  "--workers", "100000", "-q"]) == 0
     err = capsys.readouterr().err
     assert f"--workers 100000 is more than the {available_cores()} cores available" in err
+
+
+def test_a_convert_killed_with_sigkill_is_cleaned_up_by_the_next_run(tmp_path, rng):
+    """A real ``kill -9`` while the HDF file is being written; the next run removes the temporary file."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from isavar.io.particles import new_table
+
+    src = tmp_path / "big.star"
+    write_particles(src, rng.normal(size=(1500, 24, 24)).astype(np.float32), new_table(1500, pixel_size_A=2.0))
+    dst = tmp_path / "out" / "o.hdf"
+    dst.parent.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2] / "src") + os.pathsep
+               + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "isavar", "convert", str(src), str(dst), "--chunk-size", "32",
+                             "-q"], env=env)
+    tmp = dst.with_name(f".o.hdf.{proc.pid}.tmp")
+    deadline = time.monotonic() + 60
+    while not (tmp.exists() and tmp.stat().st_size > 50_000) and proc.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if dst.exists():                                               # pragma: no cover - machine too fast
+        pytest.skip("the conversion finished before it could be killed")
+    assert tmp.exists()                                            # what a killed run leaves behind
+    assert main(["convert", str(src), str(dst), "-q"]) == 0
+    assert not tmp.exists() and [p.name for p in dst.parent.iterdir()] == ["o.hdf"]
+    assert len(read_particles(dst).table) == 1500

@@ -42,8 +42,11 @@ def star(tmp_path_factory):
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Blocks of 64 centres, so that 200 particles make several tasks, waves and checkpoints."""
+    """Blocks of 64 centres, so that 200 particles make several tasks, waves and checkpoints (one per wave)."""
+    import isavar.workflows.variability as wvar
+
     monkeypatch.setattr(vrun, "BLOCK", 64)
+    monkeypatch.setattr(wvar, "CHECKPOINT_SECONDS", 0.0)
 
 
 def _same_files(a: Path, b: Path, names=OUTPUTS):

@@ -278,6 +278,10 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(str(exc)) from exc
 
     # Nothing is written before every input and option has been accepted.
+    from isavar.workflows.outputs import check_disk_space
+
+    check_disk_space(out, 4.0 * plan.n * (plan.box ** 2 + 512) + 4.0 * len(plan.volumes) * plan.box ** 3
+                     + (1 << 20), f"{plan.n} images of {plan.box} px")
     out.mkdir(parents=True, exist_ok=True)
     setup_logging(args, log_file=out / "simulate.log")
     log.info("simulating %d images of %d px at %.4g Å/px from %d volume(s) (weights %s), seed %d", plan.n,

@@ -21,7 +21,8 @@ Output directory (must not exist for a new run; nothing is left when the input i
 
 Resuming: while a run is in progress the directory also holds ``.ave2D.scratch`` and
 ``.var2D.scratch`` (the 2D maps computed so far, ``N x nx**2 x 4`` bytes each) and
-``checkpoints/groups.npz`` (the sums after the last wave of blocks). Running the same
+``checkpoints/groups.npz`` (the sums after a wave of blocks: the first and the last wave,
+and at most every :data:`CHECKPOINT_SECONDS` in between). Running the same
 command again on the same input with the same parameters continues an interrupted run
 from its last checkpoint, with a bit-identical result; a finished run, another
 input or other parameters are refused with the reason. The scratch files and the
@@ -402,8 +403,14 @@ def run_variability(stack_path, outdir, params: VariabilityParams, *, executor=N
         stack.close()
 
 
+#: Least time between two checkpoints (seconds); the first and the last wave are always saved. A checkpoint
+#: holds two Fourier accumulators (about 200 MB for a 128-pixel working box), so it is not saved after
+#: every wave of a large run.
+CHECKPOINT_SECONDS = 30.0
+
+
 class _Checkpoints:
-    """Saves the run state after every wave of blocks (root only; scratch maps flushed first)."""
+    """Saves the run state after waves of blocks (root only; scratch maps flushed first)."""
 
     def __init__(self, outdir: Path, store, executor, hook):
         self.path = outdir / "checkpoints" / "groups.npz"
@@ -411,6 +418,7 @@ class _Checkpoints:
         self.root = executor.is_root()
         self.hook = hook
         self.count = 0
+        self.last = None
 
     def load(self, executor) -> dict | None:
         state = None
@@ -423,6 +431,11 @@ class _Checkpoints:
         return executor.bcast(state)
 
     def __call__(self, state: dict) -> None:
+        now = time.monotonic()
+        last_wave = state["blocks_done"] == state["n_blocks"]
+        if self.last is not None and now - self.last < CHECKPOINT_SECONDS and not last_wave:
+            return
+        self.last = now
         if self.root:
             if self.store is not None:
                 self.store.flush()
