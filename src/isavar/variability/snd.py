@@ -72,12 +72,7 @@ def _difference_task(ctx, rows):
 
 def _accumulate(executor, task, chunks, acc, progress, name):
     progress.stage(name, total=len(chunks))
-    step = max(1, int(getattr(executor, "workers", 1)))
-    for s in range(0, len(chunks), step):
-        for data, weights in executor.map(task, chunks[s:s + step]):
-            acc.data += data
-            acc.weights += weights
-            progress.advance()
+    vol.accumulate_in_waves(executor, task, chunks, (acc,), lambda r: (r,), on_result=lambda r: progress.advance())
     progress.close()
     return acc
 

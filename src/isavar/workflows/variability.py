@@ -633,12 +633,8 @@ def run_reconstruct(stack_path, out_path, *, ctf: bool = False, symmetry: str = 
     acc = FourierAccumulator(box, npad=int(npad), symmetry=symmetry, interpolation=interpolation)
     chunks = [np.arange(s, min(n, s + chunk_size)) for s in range(0, n, chunk_size)]
     progress.stage("reconstruction", total=n)
-    step = max(1, int(getattr(executor, "workers", 1)))
-    for w in range(0, len(chunks), step):
-        for k, data, weights in executor.map(task, chunks[w:w + step]):
-            acc.data += data
-            acc.weights += weights
-            progress.advance(k)
+    vol.accumulate_in_waves(executor, task, chunks, (acc,), lambda r: (r[1:],),
+                            on_result=lambda r: progress.advance(r[0]))
     progress.close()
     stack.close()
     volume = acc.finish()
