@@ -198,8 +198,7 @@ def subset_images(working, subset, p) -> np.ndarray:
     return normalise_for_alignment(imgs, _ops.circle(imgs.shape[-1], p.target_radius))
 
 
-def step(state: RunState, working, p, grid, executor, *,
-         progress=None) -> tuple[RunState, GenerationStarted | RoundDone | GenerationFinished | None]:
+def step(state: RunState, working, p, grid, executor, *, progress=None) -> tuple[RunState, RunEvent | None]:
     """Advance the run by one step.
 
     Returns
