@@ -31,6 +31,7 @@ checkpoint are removed when the run finishes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -529,18 +530,41 @@ def _finish_outputs(outdir, params, executor, stack_path, files, result, n, box,
     log.info("outputs in %s: %s", outdir, ", ".join(sorted(files)))
 
 
-def _reconstruct_task(ctx: dict, rows: np.ndarray):
+@dataclasses.dataclass(frozen=True)
+class _ReconstructContext:
+    """What every task of :func:`run_reconstruct` needs (picklable).
+
+    Attributes
+    ----------
+    geometry : ParticleGeometry
+        Orientations, origins (px) and, for a CTF-weighted map, CTF parameters.
+    box, npad : int
+    symmetry, interpolation : str
+    pixel_size_A : float
+    images : LazyImages, (N, box, box)
+    """
+
+    geometry: object
+    box: int
+    npad: int
+    symmetry: str
+    interpolation: str
+    pixel_size_A: float
+    images: object
+
+
+def _reconstruct_task(ctx: _ReconstructContext, rows: np.ndarray):
+    """Fourier sums of one chunk of particles: ``(count, data, weights)``."""
     from isavar.core.ctf import ctf_2d
     from isavar.core.reconstruct import FourierAccumulator
 
-    geo = ctx["geometry"]
-    box = ctx["box"]
-    acc = FourierAccumulator(box, npad=ctx["npad"], symmetry=ctx["symmetry"], interpolation=ctx["interpolation"])
+    geo, box = ctx.geometry, ctx.box
+    acc = FourierAccumulator(box, npad=ctx.npad, symmetry=ctx.symmetry, interpolation=ctx.interpolation)
     ctf = None
     if geo.ctf is not None:
         c = geo.ctf
-        ctf = ctf_2d(box, ctx["pixel_size_A"], **{k: c[k][rows] for k in c})
-    acc.insert(ctx["images"][rows], geo.rotations[rows], origins_px=geo.origins_px[rows], ctf=ctf)
+        ctf = ctf_2d(box, ctx.pixel_size_A, **{k: c[k][rows] for k in c})
+    acc.insert(ctx.images[rows], geo.rotations[rows], origins_px=geo.origins_px[rows], ctf=ctf)
     return rows.size, acc.data, acc.weights
 
 
@@ -625,8 +649,8 @@ def run_reconstruct(stack_path, out_path, *, ctf: bool = False, symmetry: str = 
                          "would count twice; remove the duplicated rows", path=stack_path)
     check_disk_space(out_path, 4.0 * box ** 3 + (1 << 20), f"a {box}^3 map")
     geo = particle_geometry(stack.table, pixel, need_ctf=ctf, source=stack_path)
-    ctx = {"geometry": geo, "box": box, "npad": int(npad), "symmetry": symmetry, "interpolation": interpolation,
-           "pixel_size_A": pixel, "images": stack.images}
+    ctx = _ReconstructContext(geometry=geo, box=box, npad=int(npad), symmetry=symmetry, interpolation=interpolation,
+                              pixel_size_A=pixel, images=stack.images)
     import functools
 
     task = functools.partial(_reconstruct_task, ctx)
