@@ -1,7 +1,13 @@
-"""Logging set-up for the command line. Library modules only call ``logging.getLogger(__name__)``."""
+"""Logging set-up for the command line, and a run's log file.
+
+Library modules only call ``logging.getLogger(__name__)``; :func:`configure_logging`
+is called by the CLI alone, and a workflow attaches its output directory's
+``log.txt`` for the duration of one run with :func:`run_log`.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -42,15 +48,68 @@ def configure_logging(*, verbosity: int = 0, quiet: bool = False, log_file: str 
     logger.propagate = False
 
 
-def add_log_file(log_file: str | Path) -> None:
-    """Add a DEBUG-level file handler to the ``isavar`` logger (appending)."""
-    logger = logging.getLogger("isavar")
-    path = Path(log_file)
+def _file_handler(path: Path) -> logging.FileHandler:
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, mode="a", encoding="utf-8")
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(logging.Formatter(_FORMAT))
-    logger.addHandler(handler)
+    return handler
+
+
+def add_log_file(log_file: str | Path) -> None:
+    """Add a DEBUG-level file handler to the ``isavar`` logger (appending)."""
+    logging.getLogger("isavar").addHandler(_file_handler(Path(log_file)))
+
+
+class RunLog:
+    """The log file attached by :func:`run_log`; :meth:`detach` ends it early (before removing its folder)."""
+
+    def __init__(self, logger: logging.Logger, handler: logging.Handler | None, level: int):
+        self._logger, self._handler, self._level = logger, handler, level
+
+    def detach(self) -> None:
+        """Remove and close this run's handler and restore the logger's level (idempotent)."""
+        if self._handler is not None:
+            self._logger.removeHandler(self._handler)
+            self._handler.close()
+            self._handler = None
+        self._logger.setLevel(self._level)
+
+
+@contextlib.contextmanager
+def run_log(log_file: str | Path, *, enabled: bool = True):
+    """Write the ``isavar`` logger's messages (DEBUG and up) to ``log_file`` for the duration of a run.
+
+    The file handler is added (appending) unless one for the same file is already attached
+    (the CLI's), the logger's level is lowered to DEBUG if needed, and both are restored on
+    exit, so a library call leaves the logger as it found it.
+
+    Parameters
+    ----------
+    log_file : path
+        The run's ``log.txt``.
+    enabled : bool
+        False on the processes that do not write (non-root MPI ranks): nothing changes.
+
+    Yields
+    ------
+    RunLog
+    """
+    logger = logging.getLogger("isavar")
+    level = logger.level
+    handler = None
+    if enabled:
+        target = str(Path(log_file).resolve())
+        if not any(getattr(h, "baseFilename", None) == target for h in logger.handlers):
+            handler = _file_handler(Path(log_file))
+            logger.addHandler(handler)
+        if level == logging.NOTSET or level > logging.DEBUG:
+            logger.setLevel(logging.DEBUG)
+    scope = RunLog(logger, handler, level)
+    try:
+        yield scope
+    finally:
+        scope.detach()
 
 
 def close_log_files() -> None:

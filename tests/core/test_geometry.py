@@ -7,7 +7,6 @@ import pytest
 
 from isavar.conventions import euler_to_matrix, viewing_direction
 from isavar.core.geometry import (
-    angular_neighbours,
     fibonacci_directions,
     parse_symmetry,
     random_rotations,
@@ -94,8 +93,9 @@ def test_fibonacci_directions_are_unit_and_even():
     d = fibonacci_directions(500)
     np.testing.assert_allclose(np.linalg.norm(d, axis=1), 1.0)
     np.testing.assert_allclose(d.mean(axis=0), 0.0, atol=0.01)
-    _, _, dist = angular_neighbours(d, 2, antipodal=False)
-    nn = dist[:, 1]
+    cos = np.clip(d @ d.T, -1.0, 1.0)
+    np.fill_diagonal(cos, -1.0)
+    nn = np.degrees(np.arccos(cos.max(axis=1)))                 # angle to the nearest other direction
     # expected spacing ~ sqrt(4 pi / n) rad = 9.1 deg; a lattice has no clumps or holes
     assert nn.min() > 0.6 * np.degrees(np.sqrt(4 * np.pi / 500))
     assert nn.max() < 1.5 * np.degrees(np.sqrt(4 * np.pi / 500))
@@ -105,89 +105,6 @@ def test_viewing_directions_match_conventions(rng):
     rot, tilt, psi = rng.uniform(-180, 180, 10), rng.uniform(0, 180, 10), rng.uniform(-180, 180, 10)
     a = euler_to_matrix(rot, tilt, psi)
     np.testing.assert_allclose(viewing_directions(a), viewing_direction(rot, tilt), atol=1e-12)
-
-
-def _brute_force(u, k, sym, antipodal):
-    """Reference: all pairwise angles under the group and antipodes, sorted by (d, mirror, j)."""
-    u = u / np.linalg.norm(u, axis=1, keepdims=True)
-    s = symmetry_matrices(sym)
-    n = len(u)
-    best_d = np.full((n, n), np.inf)
-    best_m = np.zeros((n, n), dtype=bool)
-    for g in range(len(s)):
-        images = u @ s[g]  # rows: S_g^T u_j
-        for sgn in (1.0, -1.0) if antipodal else (1.0,):
-            v = sgn * images
-            cross = np.linalg.norm(np.cross(u[:, None, :], v[None, :, :]), axis=-1)
-            dot = u @ v.T
-            ang = np.degrees(np.arctan2(cross, dot))
-            better = (ang < best_d - 1e-12) | ((np.abs(ang - best_d) <= 1e-12) & (sgn > 0) & best_m)
-            best_d = np.where(better, ang, best_d)
-            best_m = np.where(better, sgn < 0, best_m)
-    idx = np.empty((n, k), dtype=np.int64)
-    for i in range(n):
-        key_d = best_d[i].copy()
-        key_d[i] = -1.0
-        order = np.lexsort((np.arange(n), best_m[i], key_d))[:k]
-        idx[i] = order
-    return idx, np.take_along_axis(best_m, idx, 1), np.take_along_axis(np.maximum(best_d, 0), idx, 1)
-
-
-@pytest.mark.parametrize("sym", ["c1", "c3", "d2", "tet"])
-@pytest.mark.parametrize("antipodal", [True, False])
-def test_angular_neighbours_exact_against_brute_force(rng, sym, antipodal):
-    u = rng.normal(size=(250, 3))
-    u = np.vstack([u, [[0, 0, 1], [0, 0, -1], [1, 0, 0]], -u[:3] * 2.0])  # poles and antipodes
-    k = 9
-    idx, mir, dist = angular_neighbours(u, k, symmetry=sym, antipodal=antipodal, chunk_size=37)
-    ref_idx, ref_mir, ref_dist = _brute_force(u, k, sym, antipodal)
-    np.testing.assert_allclose(dist, ref_dist, atol=1e-6)
-    np.testing.assert_array_equal(idx[:, 0], np.arange(len(u)))  # self first
-    assert not mir[:, 0].any()
-    # indices and flags agree wherever the distance ranking has no ties
-    gaps = np.diff(ref_dist, axis=1)
-    untied = np.ones_like(ref_dist, dtype=bool)
-    untied[:, 1:] &= gaps > 1e-7
-    untied[:, :-1] &= gaps > 1e-7
-    untied[:, 0] = True
-    np.testing.assert_array_equal(idx[untied], ref_idx[untied])
-    np.testing.assert_array_equal(mir[untied], ref_mir[untied])
-
-
-def test_antipode_is_found_as_mirrored_neighbour():
-    u = np.array([[0.2, 0.3, 0.9], [-0.2, -0.3, -0.9], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
-    idx, mir, dist = angular_neighbours(u, 2, antipodal=True)
-    assert idx[0, 1] == 1 and mir[0, 1] and dist[0, 1] < 1e-6
-    idx, mir, dist = angular_neighbours(u, 2, antipodal=False)
-    assert idx[0, 1] != 1 and not mir.any()
-
-
-def test_symmetry_neighbour_reports_group_element(rng):
-    s = symmetry_matrices("c4")
-    a = random_rotations(1, rng)[0]
-    others = random_rotations(30, rng)
-    # particle 1 has A_1 = A_0 S_2^T, so its expanded copy A_1 S_2 = A_0 views along A_0's direction
-    rots = np.concatenate([[a, a @ s[2].T], others])
-    idx, mir, dist, g = angular_neighbours(
-        viewing_directions(rots), 2, symmetry="c4", antipodal=False, return_symmetry=True
-    )
-    assert idx[0, 1] == 1 and dist[0, 1] < 1e-6 and g[0, 1] == 2
-    assert idx[1, 1] == 0 and dist[1, 1] < 1e-6
-    np.testing.assert_allclose(viewing_directions(rots[1] @ s[g[0, 1]]), viewing_directions(a), atol=1e-12)
-
-
-def test_angular_neighbours_rejects_bad_k():
-    with pytest.raises(ValueError):
-        angular_neighbours(np.eye(3), 4)
-    with pytest.raises(ValueError):
-        angular_neighbours(np.zeros((2, 3)), 1)
-
-
-def test_duplicate_directions_keep_self_first():
-    u = np.tile([[0.0, 0.0, 1.0]], (10, 1))
-    idx, mir, dist = angular_neighbours(u, 3)
-    np.testing.assert_array_equal(idx[:, 0], np.arange(10))
-    np.testing.assert_allclose(dist, 0.0, atol=1e-9)
 
 
 def _symmetric_blob_volume(n, sym, rng, sigma=1.3):

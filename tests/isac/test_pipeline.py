@@ -281,7 +281,7 @@ def test_unstable_members_of_accepted_classes_return_to_the_pool():
     p = small_params(img_per_grp=50, minimum_grp_size=20)
     members = [np.arange(k * 90, k * 90 + 60) for k in range(5)]         # 5 classes: 60 stable of 90 each
     state, event = _finished_generation(450, members, p)
-    assert event["good"] == [0, 1, 2, 3, 4] and event["bad"].size == 0
+    assert event.good == [0, 1, 2, 3, 4] and event.bad.size == 0
     assert not state.finished and (state.main, state.gen) == (2, 1)
     unstable = np.setdiff1d(np.arange(450), np.concatenate(members))
     assert np.array_equal(state.subset, unstable)                       # 150 = 3 x img_per_grp images
@@ -293,18 +293,18 @@ def test_rejected_classes_make_the_next_generation_and_few_images_end_the_run():
     rejected = [np.arange(100 * k, 100 * k + 20) for k in range(1, 6)]     # 20 stable: not > minimum_grp_size
     members = [np.arange(0, 60)] + rejected + [np.arange(600, 660)]
     state, event = _finished_generation(800, members, p)
-    assert event["good"] == [0, 6] and not event["end_main"]             # int(1.2 x 100) >= 2 x img_per_grp
+    assert event.good == [0, 6] and not event.end_main             # int(1.2 x 100) >= 2 x img_per_grp
     assert (state.main, state.gen) == (1, 2)
     assert np.array_equal(state.subset, np.concatenate(rejected))       # only their stable members (spec 7.2)
     # fewer than 2 x img_per_grp images left unaccounted: the run ends
     state, event = _finished_generation(200, [np.arange(0, 60), np.arange(100, 160)], p)
-    assert event["end_main"] and state.finished
+    assert event.end_main and state.finished
 
 
 def test_first_generation_with_too_few_good_classes_ends_the_run():
     p = small_params(img_per_grp=50, minimum_grp_size=20, delta_good=1)
     members = [np.arange(0, 60)] + [np.arange(100 * k, 100 * k + 5) for k in range(1, 8)]
     state, event = _finished_generation(800, members, p)
-    assert event["good"] == [0] and event["end_main"] and state.finished
+    assert event.good == [0] and event.end_main and state.finished
     state, event = _finished_generation(800, members, p, gen=2)           # not in a later generation:
     assert not state.finished and (state.main, state.gen) == (2, 1)       # few rejected -> next main

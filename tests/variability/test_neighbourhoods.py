@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from isavar.conventions import euler_to_matrix
-from isavar.core.geometry import angular_neighbours, random_rotations, symmetry_matrices
+from isavar.core.geometry import random_rotations, symmetry_matrices
 from isavar.variability.neighbourhoods import NeighbourSearch, brute_force_groups, centre_order
 
 
@@ -51,16 +51,6 @@ def test_antipodal_partner_is_mirrored_neighbour(rng):
     np.testing.assert_array_equal(g.members[:, 1], np.arange(n0 + 20, n0 + 40))
     assert g.mirror[:, 1].all()
     np.testing.assert_allclose(g.angle_deg[:, 1], 0.0, atol=1e-6)
-
-
-def test_agrees_with_core_angular_neighbours(rng):
-    # c1 only: with a point group core.geometry keeps one copy per particle, whereas groups here
-    # (like SPHIRE's expanded stack) may hold several symmetry copies of one particle.
-    rots = random_rotations(200, rng)
-    mine = NeighbourSearch(rots, symmetry_matrices("c1")).groups(np.arange(200), 12)
-    idx, mir, dist = angular_neighbours(rots[:, 2, :], 12, symmetry="c1")
-    np.testing.assert_allclose(mine.angle_deg, dist, atol=1e-5)
-    np.testing.assert_array_equal(np.sort(mine.members[:, :6], 1), np.sort(idx[:, :6], 1))
 
 
 def test_group_larger_than_data_is_rejected(rng):

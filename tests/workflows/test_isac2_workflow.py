@@ -15,7 +15,9 @@ from isavar.errors import InputError
 from isavar.io import read_particles, write_particles
 from isavar.isac.params import Isac2Params
 from isavar.report.validation import view_purity
-from isavar.workflows.isac2 import StopForTest, run_isac2
+from isavar.workflows.isac2 import run_isac2
+
+from _hooks import StopForTest, stop_after
 
 BOX, APIX = 48, 3.0
 
@@ -174,9 +176,9 @@ def test_resume_after_interruptions_equals_uninterrupted(dataset, finished_run, 
     ref_out, ref = finished_run
     out = tmp_path / "resumed"
     with pytest.raises(StopForTest):
-        run_isac2(dataset, out, _params(), _stop_after=1)          # after the working stack
+        run_isac2(dataset, out, _params(), on_checkpoint=stop_after(1))   # after the working stack
     with pytest.raises(StopForTest):
-        run_isac2(dataset, out, _params(), _stop_after=3)          # in the middle of generation 1
+        run_isac2(dataset, out, _params(), on_checkpoint=stop_after(3))   # in the middle of generation 1
     res = run_isac2(dataset, out, _params())
     assert np.array_equal(res.params, ref.params)
     assert np.array_equal(res.averages, ref.averages)
@@ -223,14 +225,14 @@ def test_restart_rolls_back_to_a_main_iteration_without_duplicating_classes(data
     # killed during main 2, then restarted from the end of main 1
     out = tmp_path / "killed"
     with pytest.raises(StopForTest):
-        run_isac2(dataset, out, _two_main_params(), _stop_after=steps_main1 + 2)
+        run_isac2(dataset, out, _two_main_params(), on_checkpoint=stop_after(steps_main1 + 2))
     assert (out / "main002").exists() and not (out / "finished").exists()
     res = run_isac2(dataset, out, _two_main_params(restart=1))
     # a finished run restarted from main 1: the later main is rolled back at once, then redone
     again = tmp_path / "again"
     shutil.copytree(ref_out, again)
     with pytest.raises(StopForTest):
-        run_isac2(dataset, again, _two_main_params(restart=1), _stop_after=1)
+        run_isac2(dataset, again, _two_main_params(restart=1), on_checkpoint=stop_after(1))
     assert not (again / "finished").exists() and not (again / "checkpoints" / "main_002_end.npz").exists()
     assert len(read_particles(again / "class_averages.hdf").table) == n_main1
     res2 = run_isac2(dataset, again, _two_main_params())

@@ -14,7 +14,9 @@ import starfile
 from isavar.errors import InputError
 from isavar.io import write_particles
 from isavar.isac.params import Isac2Params
-from isavar.workflows.isac2 import StopForTest, run_isac2
+from isavar.workflows.isac2 import run_isac2
+
+from _hooks import StopForTest, stop_after
 
 BOX, APIX, N = 40, 3.0, 120
 
@@ -45,7 +47,7 @@ def _stack_of(star):
 def test_resume_refuses_an_input_replaced_in_place(dataset, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(StopForTest):
-        run_isac2(dataset, out, _params(), _stop_after=1)
+        run_isac2(dataset, out, _params(), on_checkpoint=stop_after(1))
     stack = _stack_of(dataset)
     with mrcfile.open(stack, "r+") as m:                         # re-extracted: same path, count and box
         m.data[:] = np.random.default_rng(0).normal(size=m.data.shape).astype(np.float32)
@@ -57,7 +59,7 @@ def test_resume_refuses_an_input_replaced_in_place(dataset, tmp_path):
 def test_resume_refuses_changed_metadata(dataset, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(StopForTest):
-        run_isac2(dataset, out, _params(), _stop_after=1)
+        run_isac2(dataset, out, _params(), on_checkpoint=stop_after(1))
     blocks = starfile.read(dataset, always_dict=True)
     blocks["particles"]["rlnDefocusU"] += 1000.0                  # same size on disk is not required
     starfile.write(blocks, dataset, overwrite=True)
@@ -70,7 +72,7 @@ def test_resume_continues_when_only_the_modification_time_changed(dataset, tmp_p
 
     out = tmp_path / "run"
     with pytest.raises(StopForTest):
-        run_isac2(dataset, out, _params(), _stop_after=1)
+        run_isac2(dataset, out, _params(), on_checkpoint=stop_after(1))
     stack = _stack_of(dataset)
     os.utime(stack, ns=(stack.stat().st_atime_ns, stack.stat().st_mtime_ns + 10**9))   # `touch`
     records = []

@@ -21,7 +21,9 @@ from isavar.io import write_particles
 from isavar.parallel.pool import PoolExecutor
 from isavar.synthetic import phantom_volume, simulate_particles
 from isavar.variability.params import VariabilityParams
-from isavar.workflows.variability import StopForTest, run_variability
+from isavar.workflows.variability import run_variability
+
+from _hooks import StopForTest, stop_after
 
 BOX, PIX = 24, 3.0
 SRC = str(Path(__file__).resolve().parents[2] / "src")
@@ -87,11 +89,11 @@ def test_interrupted_run_continues_to_identical_outputs(star, tmp_path, small_bl
     run_variability(star, ref, _params())
     out = tmp_path / "run"
     with pytest.raises(StopForTest):
-        run_variability(star, out, _params(), _stop_after=2)
+        run_variability(star, out, _params(), on_checkpoint=stop_after(2))
     assert (out / "checkpoints" / "groups.npz").exists() and (out / ".var2D.scratch").exists()
     assert json.loads((out / "manifest.json").read_text())["stage"] == "running"
     with pytest.raises(StopForTest):                               # interrupted again, later
-        run_variability(star, out, _params(chunk_size=33), _stop_after=1)
+        run_variability(star, out, _params(chunk_size=33), on_checkpoint=stop_after(1))
     run_variability(star, out, _params(chunk_size=17))            # chunk size is free to change
     _same_files(ref, out)
     assert not list(out.glob(".*scratch")) and not (out / "checkpoints").exists()
@@ -103,7 +105,7 @@ def test_interrupted_run_continues_to_identical_outputs(star, tmp_path, small_bl
 def test_interrupted_run_with_other_options_or_input_is_refused(star, tmp_path, small_blocks):
     out = tmp_path / "run"
     with pytest.raises(StopForTest):
-        run_variability(star, out, _params(), _stop_after=1)
+        run_variability(star, out, _params(), on_checkpoint=stop_after(1))
     before = sorted(p.name for p in out.rglob("*"))
     with pytest.raises(InputError, match=r"other parameters \(img_per_grp\); run the same command"):
         run_variability(star, out, _params(img_per_grp=12))

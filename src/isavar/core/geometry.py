@@ -1,4 +1,6 @@
-"""Angular geometry: point-group symmetries, random rotations, sphere sampling, angular neighbours.
+"""Angular geometry: point-group symmetries, random rotations, sphere sampling.
+
+Neighbour searches over viewing directions are in :mod:`isavar.variability.neighbourhoods`.
 
 All rotation matrices follow :mod:`isavar.conventions`: ``A = euler_to_matrix(rot, tilt, psi)``
 maps a volume point ``X`` (relative to the centre) to the image position ``(A @ X)[:2]``,
@@ -14,7 +16,6 @@ from __future__ import annotations
 import re
 
 import numpy as np
-from scipy.spatial import cKDTree
 
 from isavar.conventions import euler_to_matrix
 
@@ -26,7 +27,6 @@ __all__ = [
     "random_rotations",
     "fibonacci_directions",
     "viewing_directions",
-    "angular_neighbours",
 ]
 
 _SYM_RE = re.compile(r"^\s*([cd])\s*(\d+)\s*$", re.IGNORECASE)
@@ -227,124 +227,3 @@ def viewing_directions(rotations) -> np.ndarray:
         ``(..., 3)`` unit vectors in volume coordinates.
     """
     return np.array(np.asarray(rotations, dtype=np.float64)[..., 2, :])
-
-
-def angular_neighbours(
-    directions,
-    k: int,
-    *,
-    symmetry: str = "c1",
-    antipodal: bool = True,
-    return_symmetry: bool = False,
-    chunk_size: int | None = None,
-):
-    """Exact ``k`` nearest neighbours on the sphere, under a point group and antipodal folding.
-
-    The distance from ``i`` to ``j`` is the smallest angle between ``u_i`` and any of
-    ``S_g^T u_j`` (the direction of the expanded orientation ``A_j @ S_g``) and, with
-    ``antipodal``, ``-S_g^T u_j`` (an antipodal view is the mirror image of the projection).
-    Candidates come from a KD-tree on the unit vectors (chord distance is monotonic in
-    angle) queried with every symmetry image of each query point; the union of those
-    candidate lists provably contains the exact neighbours.
-
-    Parameters
-    ----------
-    directions : array_like
-        ``(n, 3)`` viewing directions (normalised here).
-    k : int
-        Neighbours per point, ``1 <= k <= n``.
-    symmetry : str, optional
-        Point group (default ``"c1"``).
-    antipodal : bool, optional
-        Also match through antipodes (default True).
-    return_symmetry : bool, optional
-        Also return the index ``g`` of the matched group element.
-    chunk_size : int, optional
-        Query points per chunk (bounds memory); chosen automatically by default.
-
-    Returns
-    -------
-    indices : numpy.ndarray
-        ``(n, k)`` int64; row ``i`` starts with ``i`` itself, then neighbours sorted by
-        (distance, mirrored, index).
-    mirrored : numpy.ndarray
-        ``(n, k)`` bool, True where the neighbour was matched through its antipode.
-    distances : numpy.ndarray
-        ``(n, k)`` float64 angles in degrees (0 for the point itself).
-    sym_index : numpy.ndarray
-        ``(n, k)`` int64 group element ``g``, only when ``return_symmetry``.
-
-    Raises
-    ------
-    ValueError
-        If ``k`` is not in ``[1, n]`` or ``directions`` is not ``(n, 3)``.
-    """
-    u = np.asarray(directions, dtype=np.float64)
-    if u.ndim != 2 or u.shape[1] != 3:
-        raise ValueError(f"directions must have shape (n, 3), got {u.shape}")
-    n = u.shape[0]
-    k = int(k)
-    if not 1 <= k <= n:
-        raise ValueError(f"k = {k} neighbours requested but there are only {n} directions")
-    norms = np.linalg.norm(u, axis=1, keepdims=True)
-    if np.any(norms == 0) or not np.all(np.isfinite(norms)):
-        raise ValueError("directions contain zero-length or non-finite vectors")
-    u = u / norms
-    sym = symmetry_matrices(symmetry)
-    nsym = sym.shape[0]
-    signs = (1.0, -1.0) if antipodal else (1.0,)
-    tree = cKDTree(u)
-    n_images = nsym * len(signs)
-    width = n_images * k + 1  # candidates per query point, plus the point itself
-    if chunk_size is None:
-        chunk_size = max(1, 2_000_000 // width)
-
-    out_idx = np.empty((n, k), dtype=np.int64)
-    out_mir = np.empty((n, k), dtype=bool)
-    out_dist = np.empty((n, k), dtype=np.float64)
-    out_sym = np.empty((n, k), dtype=np.int64)
-    for start in range(0, n, chunk_size):
-        stop = min(n, start + chunk_size)
-        c = stop - start
-        rows = np.arange(start, stop)
-        cand_j = np.empty((c, width), dtype=np.int64)
-        cand_d = np.empty((c, width), dtype=np.float64)
-        cand_m = np.zeros((c, width), dtype=bool)
-        cand_g = np.zeros((c, width), dtype=np.int64)
-        cand_j[:, 0] = rows
-        cand_d[:, 0] = -1.0  # the point itself always comes first
-        col = 1
-        for g in range(nsym):
-            # (S_g^T u_j) . u_i = u_j . (S_g u_i): query the tree with S_g u_i.
-            q = u[start:stop] @ sym[g].T
-            for sgn in signs:
-                chord, j = tree.query(sgn * q, k=k)
-                chord = np.asarray(chord).reshape(c, k)
-                j = np.asarray(j).reshape(c, k)
-                cand_j[:, col : col + k] = j
-                cand_d[:, col : col + k] = 2.0 * np.arcsin(np.clip(chord / 2.0, 0.0, 1.0))
-                cand_m[:, col : col + k] = sgn < 0
-                cand_g[:, col : col + k] = g
-                col += k
-        # Order each row by (distance, mirror, index): stable sort by distance after (mirror, index).
-        o = np.argsort(cand_m * np.int64(n) + cand_j, axis=1, kind="stable")
-        cand_j, cand_d, cand_m, cand_g = (np.take_along_axis(x, o, 1) for x in (cand_j, cand_d, cand_m, cand_g))
-        o = np.argsort(cand_d, axis=1, kind="stable")
-        cand_j, cand_d, cand_m, cand_g = (np.take_along_axis(x, o, 1) for x in (cand_j, cand_d, cand_m, cand_g))
-        # Keep the first (best) occurrence of each neighbour j in its row.
-        o = np.argsort(cand_j, axis=1, kind="stable")
-        js = np.take_along_axis(cand_j, o, 1)
-        first_sorted = np.ones_like(js, dtype=bool)
-        first_sorted[:, 1:] = js[:, 1:] != js[:, :-1]
-        first = np.empty_like(first_sorted)
-        np.put_along_axis(first, o, first_sorted, 1)
-        # Every row has at least k distinct candidates (the identity query alone gives k).
-        select = first & (np.cumsum(first, axis=1) <= k)
-        out_idx[start:stop] = cand_j[select].reshape(c, k)
-        out_mir[start:stop] = cand_m[select].reshape(c, k)
-        out_dist[start:stop] = np.maximum(cand_d[select], 0.0).reshape(c, k)
-        out_sym[start:stop] = cand_g[select].reshape(c, k)
-    out_dist = np.degrees(out_dist)
-    if return_symmetry:
-        return out_idx, out_mir, out_dist, out_sym
-    return out_idx, out_mir, out_dist

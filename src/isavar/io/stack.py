@@ -292,3 +292,9 @@ class ParticleStack:
     def close(self) -> None:
         """Close the open stack files."""
         self.images.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

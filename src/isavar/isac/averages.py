@@ -8,6 +8,8 @@ the ISAC parameters, CTF-weighted sums).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from isavar.isac import _ops
@@ -23,11 +25,44 @@ def _centred_ctf_squared(table, rows, box, apix) -> np.ndarray:
     return ctf, np.fft.fftshift(ctf.astype(np.float32) ** 2, axes=(-2, -1))
 
 
-def _fullres_chunk(task):
+@dataclass(frozen=True)
+class FullresChunk:
+    """One task of :func:`fullres_averages`: a chunk of class members (picklable, sent to workers).
+
+    Attributes
+    ----------
+    images : ndarray, (m, box, box)
+        The members' original images.
+    table : pandas.DataFrame or None
+        Their particle-table rows (CTF columns; None without ``--CTF``).
+    rows : ndarray of int, (m,)
+        Positions of the members in ``table``.
+    classes : ndarray of int, (m,)
+        Class index of each member.
+    params : ndarray, (m, 4)
+        Parameters taking each image into its class frame (original pixels).
+    n_classes : int
+    ctf : bool
+        Weight by the CTF (``--CTF``).
+    pixel_size_A : float or None
+    """
+
+    images: np.ndarray
+    table: object
+    rows: np.ndarray
+    classes: np.ndarray
+    params: np.ndarray
+    n_classes: int
+    ctf: bool
+    pixel_size_A: float | None
+
+
+def _fullres_chunk(task: FullresChunk):
     """Per-class sums of one chunk of members: (sums, CTF^2 sums or None, counts)."""
     import scipy.fft
 
-    imgs, table, rows, k, params, c, ctf_on, apix = task
+    imgs, table, rows, k = task.images, task.table, task.rows, task.classes
+    params, c, ctf_on, apix = task.params, task.n_classes, task.ctf, task.pixel_size_A
     box = imgs.shape[-1]
     wsum = None
     if ctf_on:
@@ -79,8 +114,9 @@ def fullres_averages(stack, result, params, p, *, chunk: int = 1024, eps_fractio
     def tasks():
         for s in range(0, len(members), chunk):
             rows = members[s:s + chunk]
-            yield (stack.images[rows], stack.table.iloc[rows] if p.CTF else None, np.arange(len(rows)),
-                   cls_of[rows], params[rows], c, p.CTF, apix)
+            yield FullresChunk(images=stack.images[rows], table=stack.table.iloc[rows] if p.CTF else None,
+                               rows=np.arange(len(rows)), classes=cls_of[rows], params=params[rows],
+                               n_classes=c, ctf=bool(p.CTF), pixel_size_A=apix)
 
     for part_sums, part_w, part_counts in map_in_windows(executor, _fullres_chunk, tasks()):
         sums += part_sums

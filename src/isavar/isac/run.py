@@ -21,6 +21,85 @@ from isavar.isac.result import Isac2Result
 log = logging.getLogger(__name__)
 
 
+# ------------------------------------------------------------------------------------- events
+# Each step of the run returns one of these, for the workflow to write files and checkpoint.
+
+@dataclass(frozen=True)
+class GenerationStarted:
+    """A generation was started: its initial references are made, no SAC round has run yet.
+
+    Attributes
+    ----------
+    main, gen : int
+        Main iteration and generation (1-based).
+    n_images : int
+        Images in the generation's subset.
+    n_classes : int
+        Classes it starts with.
+    """
+
+    main: int
+    gen: int
+    n_images: int
+    n_classes: int
+
+
+@dataclass(frozen=True)
+class RoundDone:
+    """One SAC round of the current generation finished (the generation goes on).
+
+    Attributes
+    ----------
+    main, gen : int
+        Main iteration and generation (1-based).
+    rounds_done : int
+        SAC rounds completed in this generation so far.
+    """
+
+    main: int
+    gen: int
+    rounds_done: int
+
+
+@dataclass(frozen=True)
+class GenerationFinished:
+    """A generation ended: its classes were judged and the next step decided (spec isac2 §7.2).
+
+    Attributes
+    ----------
+    main, gen : int
+        The generation that ended (1-based).
+    subset : ndarray of int, (n,)
+        Absolute indices the generation processed.
+    result : EngineState
+        The finished generation (``refs``, ``members`` as local indices, ``params``, ``pixel_errors``).
+    good : list of int
+        Indices of the accepted classes in ``result``.
+    bad : ndarray of int
+        Sorted absolute indices of the stable members of rejected classes.
+    end_main : bool
+        The main iteration ends with this generation.
+    finished : bool
+        The whole run ends with this generation.
+    not_processed : ndarray of int or None
+        At the end of a main iteration: the absolute indices still unaccounted (None otherwise).
+    """
+
+    main: int
+    gen: int
+    subset: np.ndarray
+    result: EngineState
+    good: list
+    bad: np.ndarray
+    end_main: bool
+    finished: bool
+    not_processed: np.ndarray | None = None
+
+
+#: What :func:`step` reports (None when the run had already finished).
+RunEvent = GenerationStarted | RoundDone | GenerationFinished
+
+
 @dataclass
 class RunState:
     """Everything needed to continue an ISAC2 run.
@@ -119,15 +198,15 @@ def subset_images(working, subset, p) -> np.ndarray:
     return normalise_for_alignment(imgs, _ops.circle(imgs.shape[-1], p.target_radius))
 
 
-def step(state: RunState, working, p, grid, executor, *, progress=None) -> tuple[RunState, dict | None]:
+def step(state: RunState, working, p, grid, executor, *, progress=None) -> tuple[RunState, RunEvent | None]:
     """Advance the run by one step.
 
     Returns
     -------
     state : RunState
-    event : dict or None
-        At the end of a generation: ``{"main", "gen", "subset", "result", "good", "bad", "end_main",
-        "finished"}`` (``good`` = indices of accepted classes in the result), for writing files.
+    event : GenerationStarted, RoundDone, GenerationFinished or None
+        What the step did (None if the run had already finished); a
+        :class:`GenerationFinished` carries what the workflow writes to files.
     """
     if state.finished:
         return state, None
@@ -136,16 +215,17 @@ def step(state: RunState, working, p, grid, executor, *, progress=None) -> tuple
         state.engine = start_generation(imgs, p, main=state.main, gen=state.gen)
         log.info("main %d generation %d: %d images, %d classes", state.main, state.gen, len(state.subset),
                  len(state.engine.refs))
-        return state, None
+        return state, GenerationStarted(main=state.main, gen=state.gen, n_images=int(len(state.subset)),
+                                        n_classes=int(len(state.engine.refs)))
     if not state.engine.done:
         imgs = subset_images(working, state.subset, p)
         state.engine = sac_round(imgs, state.engine, p, grid, executor, main=state.main, gen=state.gen,
                                  progress=progress)
-        return state, None
+        return state, RoundDone(main=state.main, gen=state.gen, rounds_done=int(state.engine.rounds_done))
     return finish_generation(state, p)
 
 
-def finish_generation(state: RunState, p) -> tuple[RunState, dict]:
+def finish_generation(state: RunState, p) -> tuple[RunState, GenerationFinished]:
     """Accept classes with more than ``minimum_grp_size`` stable members; decide what runs next (§7.2)."""
     eng = state.engine
     subset = state.subset
@@ -173,12 +253,11 @@ def finish_generation(state: RunState, p) -> tuple[RunState, dict]:
     info = {"main": state.main, "gen": state.gen, "n_images": int(len(subset)), "n_classes": len(eng.refs),
             "n_good": len(good), "n_accounted": int(sum(len(eng.members[k]) for k in good)),
             "n_bad": int(bad.size), "rounds": eng.rounds_done}
-    event = {"main": state.main, "gen": state.gen, "subset": subset, "result": result, "good": good,
-             "bad": bad}
+    main, gen = state.main, state.gen
+    not_processed = None
     if end_main:
         not_processed = np.setdiff1d(np.arange(state.n_total), state.processed)
         finished = len(not_processed) < 2 * p.img_per_grp or first_gen_poor
-        event["not_processed"] = not_processed
         if finished:
             state.finished = True
         else:
@@ -189,8 +268,8 @@ def finish_generation(state: RunState, p) -> tuple[RunState, dict]:
         state.gen += 1
         state.subset = bad
     state.engine = None
-    event["end_main"] = end_main
-    event["finished"] = finished
+    event = GenerationFinished(main=main, gen=gen, subset=subset, result=result, good=good, bad=bad,
+                               end_main=end_main, finished=finished, not_processed=not_processed)
     info.update(end_main=end_main, finished=finished)
     state.history.append(info)
     log.info("main %d generation %d done: %d of %d classes accepted, %d images accounted so far",
@@ -224,7 +303,8 @@ def run_classification(working, p, grid, executor, *, state: RunState | None = N
     state : RunState, optional
         Continue from this state.
     on_step : callable, optional
-        ``on_step(state, event)`` after every step (checkpointing, files).
+        ``on_step(state, event)`` after every step (checkpointing, files); ``event`` is what
+        :func:`step` returned.
     """
     if state is None:
         state = initial_state(len(working), p)

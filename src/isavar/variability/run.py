@@ -236,12 +236,6 @@ def _group_task(ctx: _Context, centres: np.ndarray) -> _TaskResult:
                        sum(x[4] for x in parts))
 
 
-def _waves(items: list, size: int):
-    size = max(1, int(size))
-    for s in range(0, len(items), size):
-        yield items[s:s + size]
-
-
 # --------------------------------------------------------------------------------------
 # Public entry points
 # --------------------------------------------------------------------------------------
@@ -325,25 +319,27 @@ def variability(table: pd.DataFrame, images, params: VariabilityParams, *, pixel
         log.info("continuing an interrupted run: %d of %d blocks of groups were done", done, len(blocks))
     progress.stage("groups", total=n)
     progress.advance(sum(len(b) for b in blocks[:done]))
-    for wave in _waves(blocks[done:], getattr(executor, "workers", 1)):
-        for res in executor.map(task, wave):
-            acc_ave.data += res.ave_data
-            acc_ave.weights += res.ave_weights
-            acc_var.data += res.var_data
-            acc_var.weights += res.var_weights
-            angle[res.centres] = res.group_angle
-            mean_var[res.centres] = res.group_mean_var
-            n_read += res.n_images_read
-            if map_sink is not None and executor.is_root():
-                map_sink(res.centres, res.ave_maps, res.stat_maps)
-            progress.advance(len(res.centres))
-            if params.verbose:
-                _log_groups(res)
-        done += len(wave)
+
+    def add(res: _TaskResult) -> None:
+        nonlocal n_read
+        angle[res.centres] = res.group_angle
+        mean_var[res.centres] = res.group_mean_var
+        n_read += res.n_images_read
+        if map_sink is not None and executor.is_root():
+            map_sink(res.centres, res.ave_maps, res.stat_maps)
+        progress.advance(len(res.centres))
+        if params.verbose:
+            _log_groups(res)
+
+    def save(n_done: int) -> None:
         if checkpoint is not None:
-            checkpoint({"blocks_done": done, "n_blocks": len(blocks), "ave_data": acc_ave.data,
+            checkpoint({"blocks_done": done + n_done, "n_blocks": len(blocks), "ave_data": acc_ave.data,
                         "ave_weights": acc_ave.weights, "var_data": acc_var.data, "var_weights": acc_var.weights,
                         "angle": angle, "mean_var": mean_var, "n_read": n_read})
+
+    vol.accumulate_in_waves(executor, task, blocks[done:], (acc_ave, acc_var),
+                            lambda r: ((r.ave_data, r.ave_weights), (r.var_data, r.var_weights)),
+                            on_result=add, on_wave=save)
     progress.close()
     t1 = time.perf_counter()
     log.info("groups done in %.1f s (%.2f image reads per particle)", t1 - t0, n_read / max(n, 1))
@@ -403,11 +399,8 @@ def reconstruct_maps(table: pd.DataFrame, images, params: VariabilityParams, *, 
     chunks = [np.arange(s, min(n, s + BLOCK)) for s in range(0, n, BLOCK)]
     acc = vol.new_accumulator(grid.nx, params.npad, params.symmetry)
     progress.stage("reconstruction", total=n)
-    for wave in _waves(chunks, getattr(executor, "workers", 1)):
-        for k, data, weights in executor.map(functools.partial(_insert_task, ctx), wave):
-            acc.data += data
-            acc.weights += weights
-            progress.advance(k)
+    vol.accumulate_in_waves(executor, functools.partial(_insert_task, ctx), chunks, (acc,), lambda r: (r[1:],),
+                            on_result=lambda r: progress.advance(r[0]))
     progress.close()
     var3d = vol.finish(acc, grid, mask_radius_px=params.mask_radius_px)
     t1 = time.perf_counter()

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 
@@ -28,33 +29,55 @@ from isavar.variability.params import VariabilityParams
 from isavar.variability.result import VariabilityResult
 
 
-def _prepared(ctx, rows):
-    p, geo, grid = ctx["params"], ctx["geometry"], ctx["grid"]
-    return ls.prepare_images(ctx["images"][rows], geo.origins_px[rows], grid, normalize=p.normalize,
+@dataclasses.dataclass(frozen=True)
+class _SndContext:
+    """What every task needs (sent once per task; picklable).
+
+    Attributes
+    ----------
+    params : VariabilityParams
+    geometry : ParticleGeometry
+        Orientations, origins (px) and CTF parameters of every particle.
+    grid : WorkingGrid
+    images : LazyImages or ndarray, (N, box, box)
+    reference : ndarray, (nx, nx, nx) or None
+        The reconstruction ``V`` (second pass only).
+    """
+
+    params: VariabilityParams
+    geometry: object
+    grid: object
+    images: object
+    reference: np.ndarray | None = None
+
+
+def _prepared(ctx: _SndContext, rows):
+    p, geo, grid = ctx.params, ctx.geometry, ctx.grid
+    return ls.prepare_images(ctx.images[rows], geo.origins_px[rows], grid, normalize=p.normalize,
                              lowpass_fl=p.lowpass_fl, lowpass_aa=p.lowpass_aa)
 
 
-def _ctf_full(ctx, rows):
+def _ctf_full(ctx: _SndContext, rows):
     from isavar.core.ctf import ctf_2d
 
-    c, grid = ctx["geometry"].ctf, ctx["grid"]
+    c, grid = ctx.geometry.ctf, ctx.grid
     return ctf_2d(grid.nx, grid.working_pixel_size_A, **{k: c[k][rows] for k in c})
 
 
-def _reference_task(ctx, rows):
-    p, geo, grid = ctx["params"], ctx["geometry"], ctx["grid"]
+def _reference_task(ctx: _SndContext, rows):
+    p, geo, grid = ctx.params, ctx.geometry, ctx.grid
     acc = vol.new_accumulator(grid.nx, p.npad, p.symmetry)
     ctf = _ctf_full(ctx, rows) if p.ctf else None
     acc.insert(_prepared(ctx, rows), geo.rotations[rows], ctf=ctf)
     return acc.data, acc.weights
 
 
-def _difference_task(ctx, rows):
+def _difference_task(ctx: _SndContext, rows):
     from isavar.core.projection import Projector
 
-    p, geo, grid = ctx["params"], ctx["geometry"], ctx["grid"]
+    p, geo, grid = ctx.params, ctx.geometry, ctx.grid
     images = _prepared(ctx, rows)
-    ref = Projector(ctx["reference"], npad=2).project(geo.rotations[rows])
+    ref = Projector(ctx.reference, npad=2).project(geo.rotations[rows])
     if p.ctf:
         ref = np.fft.ifft2(np.fft.fft2(ref) * _ctf_full(ctx, rows)).real.astype(np.float32)
     inside = circular_mask(grid.nx, grid.nx // 2 - 2) > 0.5
@@ -72,12 +95,7 @@ def _difference_task(ctx, rows):
 
 def _accumulate(executor, task, chunks, acc, progress, name):
     progress.stage(name, total=len(chunks))
-    step = max(1, int(getattr(executor, "workers", 1)))
-    for s in range(0, len(chunks), step):
-        for data, weights in executor.map(task, chunks[s:s + step]):
-            acc.data += data
-            acc.weights += weights
-            progress.advance()
+    vol.accumulate_in_waves(executor, task, chunks, (acc,), lambda r: (r,), on_result=lambda r: progress.advance())
     progress.close()
     return acc
 
@@ -105,14 +123,14 @@ def squared_normalised_differences(table: pd.DataFrame, images, params: Variabil
     n, box = len(images), int(images.shape[-1])
     geo = particle_geometry(table, pixel_size_A, need_ctf=params.ctf, source=source)
     grid = choose_grid(box, pixel_size_A, params)
-    ctx = {"params": params, "geometry": geo, "grid": grid, "images": images}
+    ctx = _SndContext(params=params, geometry=geo, grid=grid, images=images)
     from isavar.variability.run import BLOCK          # fixed blocks: the sums do not depend on chunk_size
 
     chunks = [np.arange(s, min(n, s + BLOCK)) for s in range(0, n, BLOCK)]
     acc = _accumulate(executor, functools.partial(_reference_task, ctx), chunks,
                       vol.new_accumulator(grid.nx, params.npad, params.symmetry), progress, "reference")
     reference = acc.finish()
-    ctx["reference"] = reference
+    ctx = dataclasses.replace(ctx, reference=reference)
     acc2 = _accumulate(executor, functools.partial(_difference_task, ctx), chunks,
                        vol.new_accumulator(grid.nx, params.npad, params.symmetry), progress, "differences")
     var3d = vol.finish(acc2, grid, mask_radius_px=params.mask_radius_px)

@@ -63,6 +63,44 @@ def new_accumulator(nx: int, npad: int, symmetry: str) -> FourierAccumulator:
     return FourierAccumulator(nx, npad=npad, symmetry=symmetry, interpolation=INSERT_INTERPOLATION)
 
 
+def accumulate_in_waves(executor, task, items, accumulators, parts, *, on_result=None, on_wave=None) -> None:
+    """Sum the Fourier accumulators of tasks run in waves (the one accumulation loop of 3D reconstruction).
+
+    ``task`` runs over ``items`` in waves of ``executor.workers`` tasks; every result's partial sums are
+    added to ``accumulators`` in item order, whatever the executor, so the sums are bit-identical for
+    any number of processes (the items themselves must not depend on it either).
+
+    Parameters
+    ----------
+    executor : Executor
+        ``map(task, wave)`` returns the results of a wave in order.
+    task : callable
+        ``task(item) -> result`` (picklable for a pool or MPI).
+    items : sequence
+        One task each (e.g. fixed blocks of particle rows).
+    accumulators : sequence of FourierAccumulator
+        Updated in place.
+    parts : callable
+        ``parts(result)`` -> one ``(data, weights)`` pair per accumulator.
+    on_result : callable, optional
+        ``on_result(result)`` after its sums are added (progress, per-particle values, 2D maps).
+    on_wave : callable, optional
+        ``on_wave(n_done)`` after each wave, with the number of items done so far in this call
+        (checkpoints).
+    """
+    step = max(1, int(getattr(executor, "workers", 1)))
+    for start in range(0, len(items), step):
+        wave = items[start:start + step]
+        for result in executor.map(task, wave):
+            for acc, (data, weights) in zip(accumulators, parts(result), strict=True):
+                acc.data += data
+                acc.weights += weights
+            if on_result is not None:
+                on_result(result)
+        if on_wave is not None:
+            on_wave(start + len(wave))
+
+
 def resample_volume(volume: np.ndarray, size: int) -> np.ndarray:
     """Fourier-resample a cubic volume to ``size`` voxels per side (values preserved).
 

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from isavar._logging import run_log
 from isavar._progress import NullProgress
 from isavar.errors import InputError
 from isavar.workflows.outputs import create_output_dir, remove_run_directory, write_json, write_provenance
@@ -136,11 +137,10 @@ def run_3dva(stack_path, outdir, params, *, executor=None, progress=None, mask_p
         Unreadable input, missing orientations or CTF parameters, bad maps, existing
         output directory, invalid options; nothing is written in these cases.
     """
-    from isavar.covariance import covariance
     from isavar.parallel.serial import SerialExecutor
     from isavar.variability.params import normalise_symmetry
     from isavar.variability.run import particle_geometry
-    from isavar.workflows.variability import _open_log, _read_input
+    from isavar.workflows.variability import _read_input
 
     executor = executor or SerialExecutor()
     progress = progress or NullProgress()
@@ -172,11 +172,8 @@ def run_3dva(stack_path, outdir, params, *, executor=None, progress=None, mask_p
         raise InputError("mask values must lie in [0, 1] with some voxels > 0", path=mask_path)
     mean = _read_map(mean_path, box, "mean map") if mean_path else None
     state = _load_checkpoint(outdir, params) if resume else None
-    handler = None
-    if executor.is_root():
-        if not resume:
-            create_output_dir(outdir, must_not_exist=True)
-        handler = _open_log(outdir / "log.txt")
+    if executor.is_root() and not resume:
+        create_output_dir(outdir, must_not_exist=True)
     executor.barrier()
 
     def checkpoint(st):
@@ -184,43 +181,50 @@ def run_3dva(stack_path, outdir, params, *, executor=None, progress=None, mask_p
             _save_checkpoint(outdir, params, st)
 
     try:
-        log.info("isavar 3dva: %s -> %s", stack_path, outdir)
-        log.info("parameters: %s", params.to_dict())
-        result = covariance(table, images, params, geometry=geo, pixel_size_A=pixel, executor=executor,
-                            progress=progress, mask=mask, mean=mean, checkpoint=checkpoint, state=state)
-        if executor.is_root():
-            t0 = time.perf_counter()
-            files = write_outputs(outdir, result, table, stack, pixel, params, overwrite=resume,
-                                  project_dir=project_dir)
-            result.timings_s["writing"] = time.perf_counter() - t0
-            summary = {"input": str(stack_path), "n_particles": n, "box": box, "pixel_size_A": pixel,
-                       "parameters": params.to_dict(), "files": sorted(files),
-                       "var3d_scale": "standard deviation of the density, units of the background-normalised "
-                                      "images (noise standard deviation 1), as 3dvariability's var3D"}
-            summary.update(result.summary())
-            write_json(outdir / "summary.json", summary)
-            write_provenance(outdir, command="3dva", parameters=params.to_dict(), seed=params.seed,
-                             executor=executor, extra={"input": str(stack_path), "n_particles": n, "box": box})
-            log.info("eigenvalues %s; above the noise level: %s", ", ".join(f"{x:.4g}" for x in result.eigenvalues),
-                     summary["above_noise"])
-            log.info("outputs in %s: %s", outdir, ", ".join(sorted(files)))
-            (outdir / CHECKPOINT).unlink(missing_ok=True)
-    except InputError as exc:                 # bad data found while reading (NaN pixels): a new run leaves nothing
-        if resume or not executor.is_root():
-            raise
-        if handler is not None:
-            logging.getLogger("isavar").removeHandler(handler)
-            handler.close()
-            handler = None
-        remove_run_directory(outdir, created=True)
-        raise InputError(f"{exc} (nothing was kept in {outdir})") from None
+        with run_log(outdir / "log.txt", enabled=executor.is_root()) as run_log_file:
+            try:
+                result = _analyse(stack_path, outdir, params, executor, progress, table, images, stack, pixel, geo,
+                                  mask, mean, state, checkpoint, resume, project_dir)
+            except InputError as exc:         # bad data found while reading (NaN pixels): a new run leaves nothing
+                if resume or not executor.is_root():
+                    raise
+                run_log_file.detach()
+                remove_run_directory(outdir, created=True)
+                raise InputError(f"{exc} (nothing was kept in {outdir})") from None
     finally:
         close = getattr(stack, "close", None)
         if close is not None:
             close()
-        if handler is not None:
-            logging.getLogger("isavar").removeHandler(handler)
-            handler.close()
+    return result
+
+
+def _analyse(stack_path, outdir, params, executor, progress, table, images, stack, pixel, geo, mask, mean, state,
+             checkpoint, resume, project_dir):
+    """The EM fit and, on the root process, the outputs (``run_3dva`` after its checks)."""
+    from isavar.covariance import covariance
+
+    n, box = len(images), int(images.shape[-1])
+    log.info("isavar 3dva: %s -> %s", stack_path, outdir)
+    log.info("parameters: %s", params.to_dict())
+    result = covariance(table, images, params, geometry=geo, pixel_size_A=pixel, executor=executor,
+                        progress=progress, mask=mask, mean=mean, checkpoint=checkpoint, state=state)
+    if executor.is_root():
+        t0 = time.perf_counter()
+        files = write_outputs(outdir, result, table, stack, pixel, params, overwrite=resume,
+                              project_dir=project_dir)
+        result.timings_s["writing"] = time.perf_counter() - t0
+        summary = {"input": str(stack_path), "n_particles": n, "box": box, "pixel_size_A": pixel,
+                   "parameters": params.to_dict(), "files": sorted(files),
+                   "var3d_scale": "standard deviation of the density, units of the background-normalised "
+                                  "images (noise standard deviation 1), as 3dvariability's var3D"}
+        summary.update(result.summary())
+        write_json(outdir / "summary.json", summary)
+        write_provenance(outdir, command="3dva", parameters=params.to_dict(), seed=params.seed,
+                         executor=executor, extra={"input": str(stack_path), "n_particles": n, "box": box})
+        log.info("eigenvalues %s; above the noise level: %s", ", ".join(f"{x:.4g}" for x in result.eigenvalues),
+                 summary["above_noise"])
+        log.info("outputs in %s: %s", outdir, ", ".join(sorted(files)))
+        (outdir / CHECKPOINT).unlink(missing_ok=True)
     return result
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from isavar._logging import run_log
 from isavar._progress import NullProgress
 from isavar.errors import InputError
 from isavar.isac import run as isac_run
@@ -55,10 +56,6 @@ log = logging.getLogger(__name__)
 
 MARKER = ".isavar_isac2"
 CHUNK = 1024
-
-
-class StopForTest(RuntimeError):
-    """Raised by the test hook that interrupts a run after a given number of steps."""
 
 
 # ------------------------------------------------------------------------------------- small file helpers
@@ -206,22 +203,23 @@ def check_resources(stack, p: Isac2Params, outdir, workers: int) -> None:
 class _Run:
     """State of one invocation (directory, inputs, executor)."""
 
-    def __init__(self, stack_path, outdir, p, executor, progress, stop_after):
+    def __init__(self, stack_path, outdir, p, executor, progress, on_checkpoint):
         self.stack_path = Path(stack_path)
         self.outdir = Path(outdir)
         self.p = p
         self.executor = executor
         self.progress = progress
-        self.stop_after = stop_after
+        self.on_checkpoint = on_checkpoint
         self.steps_done = 0
         self.t0 = time.time()
         self.timings: dict = {}
         self.root = executor.is_root()
 
     def _tick(self):
+        """A checkpoint was saved: count it and call the caller's hook."""
         self.steps_done += 1
-        if self.stop_after is not None and self.steps_done >= self.stop_after:
-            raise StopForTest(f"stopped after {self.steps_done} steps (test hook)")
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(self.steps_done)
 
     # ---------------------------------------------------------------- manifest
     @property
@@ -240,7 +238,7 @@ class _Run:
 
 
 def run_isac2(stack_path, outdir, params: Isac2Params, *, executor=None, progress=None,
-              _stop_after: int | None = None, pixel_size_A: float | None = None, project_dir=None,
+              on_checkpoint=None, pixel_size_A: float | None = None, project_dir=None,
               write_aligned: bool = False):
     """Run ISAC2 on a particle file into ``outdir`` (resumable).
 
@@ -255,8 +253,10 @@ def run_isac2(stack_path, outdir, params: Isac2Params, *, executor=None, progres
     executor : Executor, optional
         Default serial.
     progress : Progress, optional
-    _stop_after : int, optional
-        Test hook: raise :class:`StopForTest` after this many completed steps.
+    on_checkpoint : callable, optional
+        ``on_checkpoint(n)`` is called on every process after the ``n``-th checkpoint of this call is
+        saved (the working stack, then every step of the classification). An exception it raises
+        stops the run there, and the same call later continues from that checkpoint.
     pixel_size_A : float, optional
         Pixel size replacing the file's (``--apix``). Without one the STAR
         outputs are written at 1.0 Å/px, with a warning.
@@ -280,13 +280,13 @@ def run_isac2(stack_path, outdir, params: Isac2Params, *, executor=None, progres
     p = params.validate()
     stack = read_particles(stack_path, pixel_size_A=pixel_size_A, project_dir=project_dir)
     try:
-        return _start(stack_path, stack, Path(outdir), p, executor, progress, _stop_after,
+        return _start(stack_path, stack, Path(outdir), p, executor, progress, on_checkpoint,
                       project_dir=project_dir, write_aligned=write_aligned)
     finally:
         stack.close()
 
 
-def _start(stack_path, stack, outdir: Path, p: Isac2Params, executor, progress, _stop_after, *,
+def _start(stack_path, stack, outdir: Path, p: Isac2Params, executor, progress, on_checkpoint, *,
            project_dir=None, write_aligned=False):
     validate_inputs(stack, p)
     if not stack.pixel_size_A:
@@ -304,7 +304,7 @@ def _start(stack_path, stack, outdir: Path, p: Isac2Params, executor, progress, 
     # a pool's workers share this machine's memory; an MPI rank is counted alone (ranks may be on other nodes)
     check_resources(stack, p, outdir, int(getattr(executor, "workers", 1)) if getattr(executor, "size", 1) == 1
                     else 1)
-    run = _Run(stack_path, outdir, p, executor, progress, _stop_after)
+    run = _Run(stack_path, outdir, p, executor, progress, on_checkpoint)
     run.project_dir, run.write_aligned = project_dir, bool(write_aligned)
     fingerprint = input_fingerprint(stack_path, stack)
     if not fresh:
@@ -340,21 +340,18 @@ def _start(stack_path, stack, outdir: Path, p: Isac2Params, executor, progress, 
         _touch(outdir / MARKER)
         if fresh:
             run.save_manifest(tool="isavar isac2", params=p.to_dict(), input=fingerprint, stage="start")
-        from isavar._logging import add_log_file
-
-        if not any(getattr(h, "baseFilename", None) == str((outdir / "log.txt").resolve())
-                   for h in logging.getLogger("isavar").handlers):
-            add_log_file(outdir / "log.txt")
-    executor.barrier()
-    try:
-        return _run(run, stack)
-    except InputError as exc:
-        # A new run rejected while reading the images (e.g. NaN pixels) leaves nothing behind, so that the
-        # corrected run is not refused as "a run on a different input".
-        if fresh and executor.is_root() and (run.load_manifest() or {}).get("stage") == "start":
-            remove_run_directory(outdir, created=created)
-            raise InputError(f"{exc} (nothing was kept in {outdir})") from None
-        raise
+    with run_log(outdir / "log.txt", enabled=executor.is_root()) as run_log_file:
+        executor.barrier()
+        try:
+            return _run(run, stack)
+        except InputError as exc:
+            # A new run rejected while reading the images (e.g. NaN pixels) leaves nothing behind, so that the
+            # corrected run is not refused as "a run on a different input".
+            if fresh and executor.is_root() and (run.load_manifest() or {}).get("stage") == "start":
+                run_log_file.detach()
+                remove_run_directory(outdir, created=created)
+                raise InputError(f"{exc} (nothing was kept in {outdir})") from None
+            raise
 
 
 def _run(run: _Run, stack):
@@ -370,12 +367,13 @@ def _run(run: _Run, stack):
 
         def on_step(st, event):
             if run.root:                                 # every process holds the same state; one writes
-                if event is not None:
+                ended = isinstance(event, isac_run.GenerationFinished)
+                if ended:
                     _write_generation_files(run, st, event)
                 _save_npz_atomic(outdir / "checkpoints" / "state.npz", st.to_arrays())
                 run.save_manifest(stage="classification", history=st.history, main=st.main, gen=st.gen)
-                if event is not None and event.get("end_main"):
-                    _save_npz_atomic(outdir / "checkpoints" / f"main_{event['main']:03d}_end.npz",
+                if ended and event.end_main:
+                    _save_npz_atomic(outdir / "checkpoints" / f"main_{event.main:03d}_end.npz",
                                      st.to_arrays())
                     _write_text_lists(run, st, event)
             run.progress.advance(1)
@@ -389,12 +387,34 @@ def _run(run: _Run, stack):
 
 # ------------------------------------------------------------------------------------- stage A/B
 
-def _correct_and_shrink_task(task):
-    """One chunk of the front end (executor task): ``(block, table rows, p, apix, rpw)``."""
+@dataclasses.dataclass(frozen=True)
+class PreprocessChunk:
+    """One chunk of the front end (an executor task, picklable).
+
+    Attributes
+    ----------
+    images : ndarray, (m, box, box)
+        Raw particle images.
+    table : pandas.DataFrame
+        Their particle-table rows (CTF columns).
+    params : Isac2Params
+    pixel_size_A : float or None
+    rpw : ndarray or None
+        The VPP whitening table (``--VPP``).
+    """
+
+    images: np.ndarray
+    table: object
+    params: Isac2Params
+    pixel_size_A: float | None
+    rpw: np.ndarray | None
+
+
+def _correct_and_shrink_task(task: PreprocessChunk):
+    """CTF correction and shrinking of one chunk: ``(shrunk, pre-alignment images or None)``."""
     from isavar.isac.preprocess import correct_and_shrink
 
-    block, rows, p, apix, rpw = task
-    return correct_and_shrink(block, rows, p, apix, rpw=rpw)
+    return correct_and_shrink(task.images, task.table, task.params, task.pixel_size_A, rpw=task.rpw)
 
 
 def _prepare(run: _Run, stack):
@@ -433,7 +453,8 @@ def _prepare(run: _Run, stack):
     run.progress.stage("preprocessing", total=n)
     shrunk = np.empty((n, nd, nd), np.float32)
     pre = np.empty((n, nd, nd), np.float32) if p.VPP else None
-    tasks = ((block, table.iloc[s:e], p, apix, rpw) for s, e, block in stack.images.chunks(CHUNK))
+    tasks = (PreprocessChunk(images=block, table=table.iloc[s:e], params=p, pixel_size_A=apix, rpw=rpw)
+             for s, e, block in stack.images.chunks(CHUNK))
     s = 0
     for out, pr in map_in_windows(run.executor, _correct_and_shrink_task, tasks):
         e = s + len(out)
@@ -552,36 +573,36 @@ def _rewrite_global_files(run, state):
 
 # ------------------------------------------------------------------------------------- per-generation files
 
-def _write_generation_files(run: _Run, state, event) -> None:
+def _write_generation_files(run: _Run, state, event: isac_run.GenerationFinished) -> None:
     outdir = run.outdir
-    main, gen = event["main"], event["gen"]
+    main, gen = event.main, event.gen
     gdir = outdir / f"main{main:03d}" / f"generation{gen:03d}"
     gdir.mkdir(parents=True, exist_ok=True)
-    eng = event["result"]
-    subset = event["subset"]
+    eng = event.result
+    subset = event.subset
     tag = f"{main:03d}_{gen:03d}"
     local = [np.asarray(m, np.int64) for m in eng.members]
     _write_hdf_averages(gdir / f"original_class_averages_{tag}.hdf", eng.refs, local, None)
     _write_hdf_averages(gdir / f"class_averages_{tag}.hdf", eng.refs, [np.sort(subset[m]) for m in local], None)
-    good = event["good"]
+    good = event.good
     if good:
         _write_hdf_averages(gdir / f"good_class_averages_{tag}.hdf", eng.refs[good],
                             [np.sort(subset[local[k]]) for k in good], None)
-    if event["bad"].size:
-        write_index_file(gdir / f"to_process_next_{tag}.txt", event["bad"])
+    if event.bad.size:
+        write_index_file(gdir / f"to_process_next_{tag}.txt", event.bad)
     _rewrite_global_files(run, state)
-    if event.get("end_main"):
+    if event.end_main:
         _touch(gdir / "finished")
-    if not event.get("end_main"):
+    if not event.end_main:
         nxt = outdir / f"main{main:03d}" / f"generation{gen + 1:03d}"
         nxt.mkdir(parents=True, exist_ok=True)
 
 
-def _write_text_lists(run: _Run, state, event) -> None:
+def _write_text_lists(run: _Run, state, event: isac_run.GenerationFinished) -> None:
     outdir = run.outdir
-    main = event["main"]
+    main = event.main
     mdir = outdir / f"main{main:03d}"
-    write_index_file(outdir / "not_processed_images.txt", event["not_processed"])
+    write_index_file(outdir / "not_processed_images.txt", event.not_processed)
     for name in ("processed_images.txt", "not_processed_images.txt", "class_averages.hdf"):
         if (outdir / name).exists():
             shutil.copyfile(outdir / name, mdir / name)

@@ -31,6 +31,7 @@ checkpoint are removed when the run finishes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -40,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from isavar._logging import run_log
 from isavar._progress import NullProgress
 from isavar.conventions import format_image_name, matrix_to_euler
 from isavar.errors import InputError
@@ -66,9 +68,6 @@ MARKER = ".isavar_3dvariability"
 #: Parameters that do not change the result (a run may be continued with other values).
 _NOT_SCIENCE = ("chunk_size", "verbose")
 
-
-class StopForTest(RuntimeError):
-    """Raised by the test hook that interrupts a run after a given number of checkpoints."""
 
 #: Columns copied from the input table into the 2D-map tables (when present).
 _KEEP_2D = ("micrograph_name", "coordinate_x_px", "coordinate_y_px", "optics_group", "voltage_kV", "cs_mm",
@@ -203,14 +202,19 @@ def _read_input(stack_path: Path, pixel_size_A=None, project_dir=None):
     from isavar.io import read_particles
 
     stack = read_particles(stack_path, pixel_size_A=pixel_size_A, project_dir=project_dir)
+    return stack, stack_pixel_size(stack, stack_path)
+
+
+def stack_pixel_size(stack, name) -> float:
+    """The particles' pixel size (Å): the file's, else the table's column, else 1.0 with a warning."""
     pixel = stack.pixel_size_A
     if pixel is None and "pixel_size_A" in stack.table.columns and not stack.table["pixel_size_A"].isna().all():
         pixel = float(stack.table["pixel_size_A"].dropna().iloc[0])
     if pixel is None:
         log.warning("%s: the file states no pixel size; the maps are written at 1.0 Å/px (set it with --apix)",
-                    stack_path)
+                    name)
         pixel = 1.0
-    return stack, float(pixel)
+    return float(pixel)
 
 
 def _science(params: VariabilityParams) -> dict:
@@ -297,7 +301,7 @@ def _disk_need(params: VariabilityParams, n: int, box: int, nx: int, symmetrize_
 
 def run_variability(stack_path, outdir, params: VariabilityParams, *, executor=None, progress=None,
                     symmetrize_only: bool = False, pixel_size_A: float | None = None, project_dir=None,
-                    _stop_after: int | None = None) -> VariabilityResult | None:
+                    on_checkpoint=None) -> VariabilityResult | None:
     """Run the 3D variability analysis of a particle file and write the output directory.
 
     Parameters
@@ -320,8 +324,10 @@ def run_variability(stack_path, outdir, params: VariabilityParams, *, executor=N
     project_dir : path-like, optional
         RELION project directory: relative image names are read from it first
         and the output STAR files name their stacks relative to it.
-    _stop_after : int, optional
-        Test hook: raise :class:`StopForTest` after this many checkpoints.
+    on_checkpoint : callable, optional
+        ``on_checkpoint(n)`` is called on every process after the ``n``-th checkpoint of this call is
+        saved (one per wave of group blocks, 2D-map mode). An exception it raises stops the run there,
+        and the same call later continues from that checkpoint.
 
     Returns
     -------
@@ -367,7 +373,6 @@ def run_variability(stack_path, outdir, params: VariabilityParams, *, executor=N
         if not resume:
             check_disk_space(outdir, _disk_need(params, n, box, grid.nx, symmetrize_only),
                              f"3dvariability of {n} particles (box {box}, working box {grid.nx})")
-        handler = None
         created = not outdir.exists()
         if executor.is_root():
             outdir.mkdir(parents=True, exist_ok=True)
@@ -379,45 +384,24 @@ def run_variability(stack_path, outdir, params: VariabilityParams, *, executor=N
                 write_json(outdir / "manifest.json", {
                     "tool": "isavar 3dvariability", "stage": "running", "input": fingerprint,
                     "parameters": dict(_science(params), symmetrize_only=bool(symmetrize_only))})
-            handler = _open_log(outdir / "log.txt")
-        executor.barrier()
-        try:
-            return _run(stack, stack_path, outdir, params, executor, progress, symmetrize_only, geo, grid, pixel,
-                        resume, _stop_after, project_dir)
-        except InputError as exc:
-            if not resume and executor.is_root():
-                if handler is not None:
-                    logging.getLogger("isavar").removeHandler(handler)
-                    handler.close()
-                    handler = None
-                remove_run_directory(outdir, created=created)
-                raise InputError(f"{exc} (nothing was kept in {outdir})") from None
-            raise
-        except (KeyboardInterrupt, OSError, MemoryError, StopForTest):
-            if executor.is_root():                    # the log file only: the CLI prints the one line
-                log.debug("3dvariability stopped; the same command continues from the last checkpoint (%s)",
-                          outdir)
-            raise
-        finally:
-            if handler is not None:
-                logging.getLogger("isavar").removeHandler(handler)
-                handler.close()
+        with run_log(outdir / "log.txt", enabled=executor.is_root()) as run_log_file:
+            executor.barrier()
+            try:
+                return _run(stack, stack_path, outdir, params, executor, progress, symmetrize_only, geo, grid,
+                            pixel, resume, on_checkpoint, project_dir)
+            except InputError as exc:
+                if not resume and executor.is_root():
+                    run_log_file.detach()
+                    remove_run_directory(outdir, created=created)
+                    raise InputError(f"{exc} (nothing was kept in {outdir})") from None
+                raise
+            except BaseException:
+                if executor.is_root():                # the log file only: the CLI prints the one line
+                    log.debug("3dvariability stopped; the same command continues from the last checkpoint "
+                              "(%s)", outdir)
+                raise
     finally:
         stack.close()
-
-
-def _open_log(path: Path):
-    """Attach a DEBUG file handler for this run's log.txt (removed again when the run ends)."""
-    from isavar._logging import _FORMAT
-
-    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
-    handler.setLevel(logging.DEBUG)
-    handler.setFormatter(logging.Formatter(_FORMAT))
-    logger = logging.getLogger("isavar")
-    logger.addHandler(handler)
-    if logger.level == logging.NOTSET or logger.level > logging.DEBUG:
-        logger.setLevel(logging.DEBUG)
-    return handler
 
 
 #: Least time between two checkpoints (seconds); the first and the last wave are always saved. A checkpoint
@@ -429,11 +413,11 @@ CHECKPOINT_SECONDS = 30.0
 class _Checkpoints:
     """Saves the run state after waves of blocks (root only; scratch maps flushed first)."""
 
-    def __init__(self, outdir: Path, store, executor, stop_after):
+    def __init__(self, outdir: Path, store, executor, hook):
         self.path = outdir / "checkpoints" / "groups.npz"
         self.store = store
         self.root = executor.is_root()
-        self.stop_after = stop_after
+        self.hook = hook
         self.count = 0
         self.last = None
 
@@ -464,12 +448,12 @@ class _Checkpoints:
                 os.fsync(fh.fileno())
             os.replace(tmp, self.path)
         self.count += 1
-        if self.stop_after is not None and self.count >= self.stop_after:
-            raise StopForTest(f"stopped after {self.count} checkpoints (test hook)")
+        if self.hook is not None:
+            self.hook(self.count)
 
 
 def _run(stack, stack_path, outdir, params, executor, progress, symmetrize_only, geo, grid, pixel, resume,
-         stop_after, project_dir=None):
+         on_checkpoint, project_dir=None):
     table, images = stack.table, stack.images
     n, box = len(images), int(images.shape[-1])
     log.info("isavar 3dvariability: %s -> %s%s", stack_path, outdir, " (continuing an interrupted run)"
@@ -494,7 +478,7 @@ def _run(stack, stack_path, outdir, params, executor, progress, symmetrize_only,
                                      resume=resume)
         else:  # other ranks compute maps for the root but keep none
             sink = _discard_maps
-    checkpoints = _Checkpoints(outdir, store, executor, stop_after) if mode_2d else None
+    checkpoints = _Checkpoints(outdir, store, executor, on_checkpoint) if mode_2d else None
     state = checkpoints.load(executor) if (checkpoints is not None and resume) else None
     result = variability(table, images, params, pixel_size_A=pixel, executor=executor, progress=progress,
                          map_sink=sink, source=stack_path, resume=state, checkpoint=checkpoints)
@@ -546,18 +530,41 @@ def _finish_outputs(outdir, params, executor, stack_path, files, result, n, box,
     log.info("outputs in %s: %s", outdir, ", ".join(sorted(files)))
 
 
-def _reconstruct_task(ctx: dict, rows: np.ndarray):
+@dataclasses.dataclass(frozen=True)
+class _ReconstructContext:
+    """What every task of :func:`run_reconstruct` needs (picklable).
+
+    Attributes
+    ----------
+    geometry : ParticleGeometry
+        Orientations, origins (px) and, for a CTF-weighted map, CTF parameters.
+    box, npad : int
+    symmetry, interpolation : str
+    pixel_size_A : float
+    images : LazyImages, (N, box, box)
+    """
+
+    geometry: object
+    box: int
+    npad: int
+    symmetry: str
+    interpolation: str
+    pixel_size_A: float
+    images: object
+
+
+def _reconstruct_task(ctx: _ReconstructContext, rows: np.ndarray):
+    """Fourier sums of one chunk of particles: ``(count, data, weights)``."""
     from isavar.core.ctf import ctf_2d
     from isavar.core.reconstruct import FourierAccumulator
 
-    geo = ctx["geometry"]
-    box = ctx["box"]
-    acc = FourierAccumulator(box, npad=ctx["npad"], symmetry=ctx["symmetry"], interpolation=ctx["interpolation"])
+    geo, box = ctx.geometry, ctx.box
+    acc = FourierAccumulator(box, npad=ctx.npad, symmetry=ctx.symmetry, interpolation=ctx.interpolation)
     ctf = None
     if geo.ctf is not None:
         c = geo.ctf
-        ctf = ctf_2d(box, ctx["pixel_size_A"], **{k: c[k][rows] for k in c})
-    acc.insert(ctx["images"][rows], geo.rotations[rows], origins_px=geo.origins_px[rows], ctf=ctf)
+        ctf = ctf_2d(box, ctx.pixel_size_A, **{k: c[k][rows] for k in c})
+    acc.insert(ctx.images[rows], geo.rotations[rows], origins_px=geo.origins_px[rows], ctf=ctf)
     return rows.size, acc.data, acc.weights
 
 
@@ -642,20 +649,16 @@ def run_reconstruct(stack_path, out_path, *, ctf: bool = False, symmetry: str = 
                          "would count twice; remove the duplicated rows", path=stack_path)
     check_disk_space(out_path, 4.0 * box ** 3 + (1 << 20), f"a {box}^3 map")
     geo = particle_geometry(stack.table, pixel, need_ctf=ctf, source=stack_path)
-    ctx = {"geometry": geo, "box": box, "npad": int(npad), "symmetry": symmetry, "interpolation": interpolation,
-           "pixel_size_A": pixel, "images": stack.images}
+    ctx = _ReconstructContext(geometry=geo, box=box, npad=int(npad), symmetry=symmetry, interpolation=interpolation,
+                              pixel_size_A=pixel, images=stack.images)
     import functools
 
     task = functools.partial(_reconstruct_task, ctx)
     acc = FourierAccumulator(box, npad=int(npad), symmetry=symmetry, interpolation=interpolation)
     chunks = [np.arange(s, min(n, s + chunk_size)) for s in range(0, n, chunk_size)]
     progress.stage("reconstruction", total=n)
-    step = max(1, int(getattr(executor, "workers", 1)))
-    for w in range(0, len(chunks), step):
-        for k, data, weights in executor.map(task, chunks[w:w + step]):
-            acc.data += data
-            acc.weights += weights
-            progress.advance(k)
+    vol.accumulate_in_waves(executor, task, chunks, (acc,), lambda r: (r[1:],),
+                            on_result=lambda r: progress.advance(r[0]))
     progress.close()
     stack.close()
     volume = acc.finish()
