@@ -126,13 +126,13 @@ def isac2(particles, outdir=None, *, params=None, workers: int = 1, pixel_size_A
     ------
     InputError
         Unreadable input, too few images, an ``outdir`` holding another run.
+    TypeError
+        Both ``params`` and ``options``, or an ``outdir`` with particles given in memory.
 
     Notes
     -----
     Without ``rand_seed`` a run in memory draws its seed from the system (not recorded); with
     ``outdir`` the seed drawn is recorded and reused when the run continues.
-    TypeError
-        Both ``params`` and ``options``, or an ``outdir`` with particles given in memory.
     """
     from isavar.isac.params import Isac2Params
 
