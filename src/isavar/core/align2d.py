@@ -43,6 +43,7 @@ import numpy as np
 import scipy.fft
 
 from isavar.conventions import wrap_degrees
+from isavar.core import _kernels
 from isavar.core.polar import (
     PolarGrid,
     _gather_polar,
@@ -76,6 +77,12 @@ DEFAULT_PAIR_BUDGET = 768
 MAX_ROWS = 72
 #: (image x trial shift) rows polar-sampled and ring-FFT'd at once (memory-bound steps: stay in cache)
 P_ROWS = 36
+#: use the compiled kernels of :mod:`isavar.core._kernels` (False: the NumPy formulation, same numbers up to
+#: float32 rounding; the tests compare both)
+USE_KERNELS = True
+#: searches with at most this many weight columns (references x 4 with mirror) use the compiled
+#: cross-spectra kernel of :mod:`isavar.core._kernels`; more references use batched BLAS products
+KERNEL_MAX_COLUMNS = 0
 
 
 @dataclass(frozen=True)
@@ -210,8 +217,18 @@ class SpectraCache:
             self._base[stale] = s[stale]
         return self._base
 
-    def _chunk(self, prep, images, i0, s, kx, ky, step, out_spectra, out_mean, out_std):
-        """Band spectra, mean and std of all trial rows of images [i0, i0 + n) into the out arrays."""
+    def _lookup(self, prep, images, i0, s, kx, ky, step):
+        """Where the band spectra of all trial rows of images [i0, i0 + n) are, computing the missing ones.
+
+        Returns
+        -------
+        index : (n * n_shifts,) int64
+            Row of the store (``>= 0``) or ``-1 - j`` for row ``j`` of ``extra``.
+        extra : list of float32 arrays ``(n_extra, m_b, 2 R_b)``
+            Spectra of rows that could not be stored (off the lattice, or the store was full).
+        mean, std : (n * n_shifts,) float64
+            Ring statistics of every row.
+        """
         grid = prep.grid
         n, box = images.shape[0], images.shape[1]
         n_sh = kx.size * ky.size
@@ -230,11 +247,14 @@ class SpectraCache:
             self._reset_store()
         slots = np.full((n, n_sh), -2, dtype=np.int64)
         slots[inside] = self._table[img[inside], ly[inside] + h, lx[inside] + h]
-        todo = np.flatnonzero(slots.reshape(-1) < 0)
-        miss = slots.reshape(-1)[todo] == -1
+        flat_slots = slots.reshape(-1)
+        todo = np.flatnonzero(flat_slots < 0)
+        miss = flat_slots[todo] == -1
         self.misses += int(todo.size)
         self.hits += int(n * n_sh - todo.size)
-        computed = None
+        extra = [np.zeros((0, m_hi - m_lo, 2 * (grid.n_rings - r_first)), np.float32)
+                 for (m_lo, m_hi, r_first, _w) in prep.bands]
+        extra_stats = np.zeros((0, 2))
         if todo.size:
             # cacheable rows at their lattice point, the (rare) others at the exact requested centre
             cx, cy = _trial_centres(centre, s, kx, ky, step)
@@ -242,40 +262,58 @@ class SpectraCache:
             lat_y = centre + base[:, 1:2] + ly
             px = np.where(inside, lat_x, cx).reshape(-1)[todo]
             py = np.where(inside, lat_y, cy).reshape(-1)[todo]
-            polar = _gather_polar(images.reshape(-1), box, todo // n_sh, px, py, grid,
-                                  np.zeros(1, np.int64), np.zeros(1, np.int64)).reshape(todo.size, grid.lcirc)
+            # sample only the images that have missing rows
+            used, local = np.unique(todo // n_sh, return_inverse=True)
+            polar = _gather_polar(np.ascontiguousarray(images[used]).reshape(-1), box, local.reshape(-1), px, py,
+                                  grid, np.zeros(1, np.int64), np.zeros(1, np.int64)).reshape(todo.size, grid.lcirc)
             mean, std = _ring_stats(polar, grid)
             bands = _band_spectra(prep, polar)
-            computed = (bands, np.stack([mean, std], axis=1))
+            stats = np.stack([mean, std], axis=1)
             if miss.any():
                 k = int(miss.sum())
                 self._grow(bands, k)
                 new = np.arange(self._size, self._size + k)
                 for sb, b in zip(self._bands, bands):
                     sb[self._size:self._size + k] = b[miss]
-                self._stats[new] = computed[1][miss]
+                self._stats[new] = stats[miss]
                 self._size += k
                 rows = todo[miss]
                 self._table[img.reshape(-1)[rows], ly.reshape(-1)[rows] + h, lx.reshape(-1)[rows] + h] = new
-                slots.reshape(-1)[rows] = new
-        flat_slots = slots.reshape(-1)
-        ok = flat_slots >= 0
-        if self._bands is None:
-            for dst, b in zip(out_spectra, computed[0]):
-                dst[...] = b
-            out_mean[...], out_std[...] = computed[1][:, 0], computed[1][:, 1]
+                flat_slots[rows] = new
+            left = ~miss
+            if left.any():
+                extra = [np.ascontiguousarray(b[left]) for b in bands]
+                extra_stats = stats[left]
+                flat_slots[todo[left]] = -1 - np.arange(int(left.sum()))
+        index = flat_slots.copy()
+        ok = index >= 0
+        st = np.empty((index.size, 2))
+        if self._stats is not None:
+            st[ok] = self._stats[index[ok]]
+        st[~ok] = extra_stats[-1 - index[~ok]]
+        return index, extra, st[:, 0], st[:, 1]
+
+    def _chunk(self, prep, images, i0, s, kx, ky, step, out_spectra, out_mean, out_std):
+        """Band spectra, mean and std of all trial rows of images [i0, i0 + n) into the out arrays."""
+        index, extra, mean, std = self._lookup(prep, images, i0, s, kx, ky, step)
+        ok = index >= 0
+        if ok.all():
+            for dst, sb in zip(out_spectra, self._store(prep)):
+                np.take(sb, index, axis=0, out=dst, mode="clip")
+            out_mean[...], out_std[...] = mean, std
             return
-        safe = np.where(ok, flat_slots, 0)
-        for dst, sb in zip(out_spectra, self._bands):
-            np.take(sb, safe, axis=0, out=dst, mode="clip")
-        stats = self._stats[safe]
-        if not ok.all():
-            rows = np.flatnonzero(~ok)
-            pos = np.searchsorted(todo, rows)
-            for dst, b in zip(out_spectra, computed[0]):
-                dst[rows] = b[pos]
-            stats[rows] = computed[1][pos]
-        out_mean[...], out_std[...] = stats[:, 0], stats[:, 1]
+        for dst, sb, eb in zip(out_spectra, self._store(prep), extra):
+            if ok.any():
+                dst[ok] = sb[index[ok]]
+            dst[~ok] = eb[-1 - index[~ok]]
+        out_mean[...], out_std[...] = mean, std
+
+    def _store(self, prep):
+        """The store's band arrays (empty ones before the first entry)."""
+        if self._bands is not None:
+            return self._bands
+        return [np.zeros((0, m_hi - m_lo, 2 * (prep.grid.n_rings - r_first)), np.float32)
+                for (m_lo, m_hi, r_first, _w) in prep.bands]
 
     def _grow(self, bands, k):
         need = self._size + k
@@ -499,6 +537,10 @@ def _curves_peaks(prep: PreparedReferences, spectra, q0: int, q1: int, k0: int, 
     n_curves = n_cols // 2
     maxrin = grid.maxrin
     corr = corr.reshape(maxrin, -1)                                          # (maxrin, Q)
+    if USE_KERNELS:
+        peak, pos = _kernels.curve_peaks_t(corr, delta_cols)
+        shape = (n_rows, n_k, n_curves)
+        return peak.reshape(shape), pos.reshape(shape)
     q = corr.shape[1]
     # peak search along axis 0 without transposing: maximum, then the *last* index reaching it
     # (SPHIRE keeps the later index on ties)
@@ -567,12 +609,20 @@ def _search_chunk(prep: PreparedReferences, images: np.ndarray, s: np.ndarray, k
     n_sh = ky.size * kx.size
     # polar sampling and ring FFTs in small sub-chunks (memory-bound steps), curves over the whole chunk
     sub = max(1, P_ROWS // n_sh)
-    spectra = [np.empty((n * n_sh,) + w.shape[:2], np.float32) for (_a, _b, _c, w) in prep.bands]
+    n_cols = 4 if prep.mirror else 2
+    use_kernel = prep.n_refs * n_cols <= KERNEL_MAX_COLUMNS
     mean = np.empty(n * n_sh)
     std = np.empty(n * n_sh)
-    if cache is not None:                                                    # one lookup for the whole chunk
-        cache._chunk(prep, images, i0, s, kx, ky, step, spectra, mean, std)
+    if cache is not None and use_kernel:
+        # compiled path: the cross-spectra are read straight from the store (no copy of the spectra)
+        index, extra, mean, std = cache._lookup(prep, images, i0, s, kx, ky, step)
+        spectra = cache._store(prep)
     else:
+        spectra = [np.empty((n * n_sh,) + w.shape[:2], np.float32) for (_a, _b, _c, w) in prep.bands]
+        index, extra = None, None
+    if cache is not None and not use_kernel:                                 # one lookup for the whole chunk
+        cache._chunk(prep, images, i0, s, kx, ky, step, spectra, mean, std)
+    elif cache is None:
         for j0 in range(0, n, sub):
             j1 = min(n, j0 + sub)
             r0, r1 = j0 * n_sh, j1 * n_sh
@@ -594,15 +644,26 @@ def _search_chunk(prep: PreparedReferences, images: np.ndarray, s: np.ndarray, k
                 dst[r0:r1] = src
     n_refs = prep.n_refs
     n_curves = 2 if prep.mirror else 1
-    peak = np.empty((n, n_sh, n_refs, n_curves), np.float64)
-    pos = np.empty((n, n_sh, n_refs, n_curves), np.float64)
-    for i0 in range(0, n, img_block):
-        i1 = min(n, i0 + img_block)
-        for k0 in range(0, n_refs, ref_block):
-            k1 = min(n_refs, k0 + ref_block)
-            pk, ps = _curves_peaks(prep, spectra, i0 * n_sh, i1 * n_sh, k0, k1, delta_cols)
-            peak[i0:i1, :, k0:k1] = pk.reshape(i1 - i0, n_sh, k1 - k0, n_curves)
-            pos[i0:i1, :, k0:k1] = ps.reshape(i1 - i0, n_sh, k1 - k0, n_curves)
+    if use_kernel:
+        if index is None:
+            index = np.arange(n * n_sh, dtype=np.int64)
+            extra = [sp[:0] for sp in spectra]
+        xs = _kernels.cross_spectra(tuple(spectra), tuple(extra), index, tuple(b[3] for b in prep.bands),
+                                    np.array([b[0] for b in prep.bands], np.int64), grid.n_freq)
+        corr = scipy.fft.irfft(xs, n=grid.maxrin, axis=-1)                  # (rows, n_refs * curves, maxrin)
+        pk, ps = _kernels.curve_peaks(corr.reshape(-1, grid.maxrin), delta_cols)
+        peak = pk.reshape(n, n_sh, n_refs, n_curves)
+        pos = ps.reshape(n, n_sh, n_refs, n_curves)
+    else:
+        peak = np.empty((n, n_sh, n_refs, n_curves), np.float64)
+        pos = np.empty((n, n_sh, n_refs, n_curves), np.float64)
+        for i0 in range(0, n, img_block):
+            i1 = min(n, i0 + img_block)
+            for k0 in range(0, n_refs, ref_block):
+                k1 = min(n_refs, k0 + ref_block)
+                pk, ps = _curves_peaks(prep, spectra, i0 * n_sh, i1 * n_sh, k0, k1, delta_cols)
+                peak[i0:i1, :, k0:k1] = pk.reshape(i1 - i0, n_sh, k1 - k0, n_curves)
+                pos[i0:i1, :, k0:k1] = ps.reshape(i1 - i0, n_sh, k1 - k0, n_curves)
     if normalize:
         peak -= (mean.reshape(n, n_sh)[:, :, None, None] * prep.ring_sum[None, None, :, None])
         peak /= std.reshape(n, n_sh)[:, :, None, None]
