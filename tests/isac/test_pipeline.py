@@ -123,6 +123,36 @@ def test_eqk_iteration_uses_the_given_assignment_rule(planted):
     assert np.mean(got[real] == truth[real]) >= 0.9
 
 
+def test_candidate_eqk_search_matches_the_flat_search(planted):
+    """The candidate search (2 candidates of 4 references, so every image is aligned exactly to only part of
+    the references) assigns like SPHIRE's flat search, whatever the executor."""
+    from isavar.parallel.pool import PoolExecutor
+
+    imgs, truth, _ = planted
+    p = small_params(eqk_candidates=2)
+    sub, grid = _working_subset(imgs, p), make_grid(p)
+    fixed = np.where(truth >= 0, truth, 0)
+    refs, params = sub[:4].copy(), np.zeros((len(sub), 4))
+    flat = small_params(eqk_search="flat")
+    for it in range(2):
+        refs, params, _ = eqk_iteration(sub, refs, params, p.FH, flat, grid, SerialExecutor(),
+                                        np.random.default_rng(it), assign=lambda scores: fixed)
+    got = {}
+    for name, q in (("candidates", p), ("flat", flat)):
+        got[name] = eqk_iteration(sub, refs, params, p.FH, q, grid, SerialExecutor(), np.random.default_rng(9))
+    real = truth >= 0
+    assert np.mean(got["candidates"][2] == got["flat"][2]) >= 0.97
+    assert np.mean(got["candidates"][2][real] == truth[real]) >= 0.9
+    assert sorted(np.bincount(got["candidates"][2]).tolist()) == [57, 57, 57, 59]
+    pool = PoolExecutor(2)
+    try:
+        again = eqk_iteration(sub, refs, params, p.FH, p, grid, pool, np.random.default_rng(9))
+    finally:
+        pool.close()
+    for a, b in zip(again, got["candidates"]):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_isac2_in_memory_end_to_end(planted):
     imgs, truth, _ = planted
     res = isac2(imgs, small_params())

@@ -123,3 +123,28 @@ def polar_mean(images, params, grid, cache=None) -> np.ndarray:
 
     return aligned_average(np.asarray(images, dtype=np.float32), np.asarray(params, dtype=np.float64), grid,
                            cache=cache)
+
+
+def subset(prep, indices):
+    """Prepared references ``indices`` of ``prep`` (no recomputation)."""
+    from isavar.core.align2d import subset_references
+
+    return subset_references(prep, indices)
+
+
+def truncate(prep, max_freq):
+    """``prep`` keeping only the ring frequencies ``m <= max_freq`` (all that the coarse scores read)."""
+    import dataclasses
+
+    bands = tuple((m_lo, min(m_hi, max_freq + 1), r, w[:min(m_hi, max_freq + 1) - m_lo])
+                  for m_lo, m_hi, r, w in prep.bands if m_lo <= max_freq)
+    return dataclasses.replace(prep, bands=bands)
+
+
+def coarse_scores(images, prep, params, max_freq=None):
+    """Coarse image-reference scores for choosing candidates, (n, K) float32 (centres reset as in EQK)."""
+    from isavar.core.align2d import coarse_scores as _cs
+
+    kw = {} if max_freq is None else {"max_freq": max_freq}
+    return _cs(np.asarray(images, dtype=np.float32), prep, initial_params=np.asarray(params, dtype=np.float64),
+               out_of_range="reset", **kw)
