@@ -321,7 +321,10 @@ class SpectraCache:
         need = self._size + k
         if self._bands is not None and need <= self._stats.shape[0]:
             return
-        cap = max(256, 2 * need)
+        # first allocation sized for ~32 centres per image (what a group's L x maxit passes visit), so the
+        # store rarely has to be copied into a larger one
+        expect = 32 * self._table.shape[0] if self._bands is None else 0
+        cap = max(256, 2 * need, min(expect, self.max_bytes // self._entry + 1))
         new_bands = [np.empty((cap,) + b.shape[1:], np.float32) for b in bands]
         new_stats = np.empty((cap, 2), np.float64)
         if self._bands is not None:

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 #: Images per task of the multi-reference (EQK) alignment; fixed, so results never depend on workers.
 EQK_CHUNK = 512
 #: Highest ring frequency of the coarse scores that choose an image's candidate references.
-COARSE_MAX_FREQ = 16
+COARSE_MAX_FREQ = 8
 
 # purposes for random-stream keys
 _INIT, _CENTRE, _WITHIN = 1, 2, 3
@@ -281,7 +281,7 @@ def eqk_iteration(images, refs, params, fl, p, grid, executor, rng, *, assign=as
     n, n_classes = len(images), len(refs)
     mask = _ops.circle(images.shape[-1], p.target_radius)
     prep = _ops.prepare(normalise_references(refs, mask), grid)
-    if p.eqk_search == "candidates" and n_classes > p.eqk_candidates:
+    if p.eqk_search == "candidates" and n_classes > 2 * p.eqk_candidates:
         assignment, chosen = _assign_candidates(images, prep, params, p, grid, executor, assign)
     else:
         tasks = [(images[s:e], prep, params[s:e], p, grid) for s, e in chunk_ranges(n, EQK_CHUNK)]

@@ -76,8 +76,8 @@ class Isac2Params:
         cost ``N x K``); "candidates" (default) aligns each image exactly only to the references chosen by a
         cheap coarse score (:func:`isavar.isac.generation.eqk_search_candidates`; ``docs/deviations.md``).
     eqk_candidates : int
-        isavar extension: candidate references per image of the "candidates" search (with at most this
-        many classes the search is flat).
+        isavar extension: candidate references per image of the "candidates" search (with at most twice
+        this many classes the search is flat: the candidates of a group of images would cover most classes).
     """
 
     radius: int
