@@ -189,17 +189,16 @@ def eqk_search_candidates(images, prep, params, p, grid, executor):
     coarse = np.concatenate(list(executor.map(_coarse_chunk, tasks)), axis=0)       # (n, K)
     n_cand = min(int(p.eqk_candidates), n_classes)
     order = np.argsort(-coarse, axis=1, kind="stable")[:, :n_cand]                   # (n, C), best first
-    groups, tasks = [], []
+    groups = []
     for k in range(n_classes):
         members = np.flatnonzero(order[:, 0] == k)
         if members.size == 0:
             continue
         union = np.unique(order[members])
-        sub = _ops.subset(prep, union)
         for s, e in chunk_ranges(members.size, EQK_CHUNK):
-            idx = members[s:e]
-            groups.append((idx, union))
-            tasks.append((images[idx], sub, params[idx], p, grid))
+            groups.append((members[s:e], union))
+    # lazy: image copies and reference subsets are made as the executor takes the tasks
+    tasks = ((images[idx], _ops.subset(prep, union), params[idx], p, grid) for idx, union in groups)
     pair_image, pair_class, pair_score, pair_params = [], [], [], []
     for (idx, union), (score, par) in zip(groups, executor.map(_eqk_chunk, tasks)):
         pair_image.append(np.repeat(idx, union.size))
