@@ -82,9 +82,6 @@ P_ROWS = 36
 #: use the compiled kernels of :mod:`isavar.core._kernels` (False: the NumPy formulation, same numbers up to
 #: float32 rounding; the tests compare both)
 USE_KERNELS = True
-#: searches with at most this many weight columns (references x 4 with mirror) use the compiled
-#: cross-spectra kernel of :mod:`isavar.core._kernels`; more references use batched BLAS products
-KERNEL_MAX_COLUMNS = 0
 
 
 @dataclass(frozen=True)
@@ -614,20 +611,12 @@ def _search_chunk(prep: PreparedReferences, images: np.ndarray, s: np.ndarray, k
     n_sh = ky.size * kx.size
     # polar sampling and ring FFTs in small sub-chunks (memory-bound steps), curves over the whole chunk
     sub = max(1, P_ROWS // n_sh)
-    n_cols = 4 if prep.mirror else 2
-    use_kernel = prep.n_refs * n_cols <= KERNEL_MAX_COLUMNS
+    spectra = [np.empty((n * n_sh,) + w.shape[:2], np.float32) for (_a, _b, _c, w) in prep.bands]
     mean = np.empty(n * n_sh)
     std = np.empty(n * n_sh)
-    if cache is not None and use_kernel:
-        # compiled path: the cross-spectra are read straight from the store (no copy of the spectra)
-        index, extra, mean, std = cache._lookup(prep, images, i0, s, kx, ky, step)
-        spectra = cache._store(prep)
-    else:
-        spectra = [np.empty((n * n_sh,) + w.shape[:2], np.float32) for (_a, _b, _c, w) in prep.bands]
-        index, extra = None, None
-    if cache is not None and not use_kernel:                                 # one lookup for the whole chunk
+    if cache is not None:                                                    # one lookup for the whole chunk
         cache._chunk(prep, images, i0, s, kx, ky, step, spectra, mean, std)
-    elif cache is None:
+    else:
         for j0 in range(0, n, sub):
             j1 = min(n, j0 + sub)
             r0, r1 = j0 * n_sh, j1 * n_sh
@@ -649,26 +638,15 @@ def _search_chunk(prep: PreparedReferences, images: np.ndarray, s: np.ndarray, k
                 dst[r0:r1] = src
     n_refs = prep.n_refs
     n_curves = 2 if prep.mirror else 1
-    if use_kernel:
-        if index is None:
-            index = np.arange(n * n_sh, dtype=np.int64)
-            extra = [sp[:0] for sp in spectra]
-        xs = _kernels.cross_spectra(tuple(spectra), tuple(extra), index, tuple(b[3] for b in prep.bands),
-                                    np.array([b[0] for b in prep.bands], np.int64), grid.n_freq)
-        corr = scipy.fft.irfft(xs, n=grid.maxrin, axis=-1)                  # (rows, n_refs * curves, maxrin)
-        pk, ps = _kernels.curve_peaks(corr.reshape(-1, grid.maxrin), delta_cols)
-        peak = pk.reshape(n, n_sh, n_refs, n_curves)
-        pos = ps.reshape(n, n_sh, n_refs, n_curves)
-    else:
-        peak = np.empty((n, n_sh, n_refs, n_curves), np.float64)
-        pos = np.empty((n, n_sh, n_refs, n_curves), np.float64)
-        for i0 in range(0, n, img_block):
-            i1 = min(n, i0 + img_block)
-            for k0 in range(0, n_refs, ref_block):
-                k1 = min(n_refs, k0 + ref_block)
-                pk, ps = _curves_peaks(prep, spectra, i0 * n_sh, i1 * n_sh, k0, k1, delta_cols)
-                peak[i0:i1, :, k0:k1] = pk.reshape(i1 - i0, n_sh, k1 - k0, n_curves)
-                pos[i0:i1, :, k0:k1] = ps.reshape(i1 - i0, n_sh, k1 - k0, n_curves)
+    peak = np.empty((n, n_sh, n_refs, n_curves), np.float64)
+    pos = np.empty((n, n_sh, n_refs, n_curves), np.float64)
+    for i0 in range(0, n, img_block):
+        i1 = min(n, i0 + img_block)
+        for k0 in range(0, n_refs, ref_block):
+            k1 = min(n_refs, k0 + ref_block)
+            pk, ps = _curves_peaks(prep, spectra, i0 * n_sh, i1 * n_sh, k0, k1, delta_cols)
+            peak[i0:i1, :, k0:k1] = pk.reshape(i1 - i0, n_sh, k1 - k0, n_curves)
+            pos[i0:i1, :, k0:k1] = ps.reshape(i1 - i0, n_sh, k1 - k0, n_curves)
     if normalize:
         peak -= (mean.reshape(n, n_sh)[:, :, None, None] * prep.ring_sum[None, None, :, None])
         peak /= std.reshape(n, n_sh)[:, :, None, None]
