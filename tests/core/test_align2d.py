@@ -476,3 +476,24 @@ def test_coarse_scores_rank_the_planted_reference_first(rng):
     assert np.corrcoef(coarse.ravel(), full.ravel())[0, 1] > 0.9
     # the full search can only do better than its own low-pass, unshifted part (up to the peak refinement)
     assert np.all(coarse <= full + 0.05 * np.abs(full))
+
+
+@pytest.mark.parametrize("delta", [0.0, 90.0])
+def test_coarse_to_fine_translations_agree_with_the_full_search(rng, delta):
+    """With 3 of 9 translations refined exactly (chosen by the low-frequency coarse score), a pass gives the
+    full search's answer for nearly every image, and exactly it where the best translation is among the 3."""
+    ref = _blob(rng)
+    n = 40
+    p = params2d.Params2D(rng.uniform(-180, 180, n), rng.uniform(-2, 2, n), rng.uniform(-2, 2, n),
+                          rng.integers(0, 2, n))
+    images = _planted(ref, p) + 0.5 * rng.standard_normal((n, N, N)).astype(np.float32)
+    kw = dict(x_range=1, y_range=1, step=1, delta=delta)
+    full = align_to_reference(images, ref, GRID, **kw)
+    fast = align_to_reference(images, ref, GRID, cache=SpectraCache(), coarse_rows=3, **kw)
+    same = (np.abs(full.sx - fast.sx) < 1e-3) & (np.abs(full.sy - fast.sy) < 1e-3) & (full.mirror == fast.mirror)
+    assert same.mean() >= 0.95
+    assert _angle_err(full.alpha[same], fast.alpha[same]).max() < 1e-2
+    np.testing.assert_allclose(fast.score[same], full.score[same], rtol=1e-5)
+    assert np.all(fast.score <= full.score + 1e-4 * np.abs(full.score))     # never better than the full search
+    if delta == 0:
+        assert np.median(_angle_err(fast.alpha, p.alpha)) < 2.0

@@ -86,6 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default candidates)")
     parser.add_argument("--eqk_candidates", type=int, default=8,
                         help="candidate references per image of the 'candidates' EQK search (default 8)")
+    parser.add_argument("--within_shift_candidates", type=int, default=3,
+                        help="within-group passes: trial translations per image searched exactly after a coarse "
+                             "low-frequency score; 0 searches all exactly, as SPHIRE (default 3)")
     add_executor_arguments(parser)
     add_verbosity_arguments(parser)
 

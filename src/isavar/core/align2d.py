@@ -602,7 +602,7 @@ def _ring_stats(polar: np.ndarray, grid: PolarGrid):
 
 def _search_chunk(prep: PreparedReferences, images: np.ndarray, s: np.ndarray, kx: np.ndarray, ky: np.ndarray,
                   step: float, valid: np.ndarray, delta_cols, normalize: bool, img_block: int, ref_block: int,
-                  cache: SpectraCache | None = None, i0: int = 0):
+                  cache: SpectraCache | None = None, i0: int = 0, coarse_rows: int = 0):
     """Best (score, alpha, ix, iy, mirror) per (image, reference) for one chunk of images."""
     grid = prep.grid
     n, box = images.shape[0], images.shape[1]
@@ -611,6 +611,11 @@ def _search_chunk(prep: PreparedReferences, images: np.ndarray, s: np.ndarray, k
     n_sh = ky.size * kx.size
     # polar sampling and ring FFTs in small sub-chunks (memory-bound steps), curves over the whole chunk
     sub = max(1, P_ROWS // n_sh)
+    fmax = min(COARSE_SHIFT_FREQ, prep.grid.n_freq - 1)
+    if (coarse_rows and cache is not None and prep.n_refs == 1 and n_sh > coarse_rows
+            and (delta_cols is None or not np.any(delta_cols * (2 * fmax) % prep.grid.maxrin))):
+        return _search_chunk_coarse_to_fine(prep, images, s, kx, ky, step, valid, delta_cols, normalize, cache, i0,
+                                            coarse_rows)
     spectra = [np.empty((n * n_sh,) + w.shape[:2], np.float32) for (_a, _b, _c, w) in prep.bands]
     mean = np.empty(n * n_sh)
     std = np.empty(n * n_sh)
@@ -672,6 +677,96 @@ def _search_chunk(prep: PreparedReferences, images: np.ndarray, s: np.ndarray, k
     return best_score, best_alpha, ix, iy, best_mirror
 
 
+#: highest ring frequency of the coarse curves that pick the trial translations refined exactly
+COARSE_SHIFT_FREQ = 16
+
+
+def _rows_spectra(store, extra, index, rows, bands):
+    """Band spectra ``bands`` of the trial rows ``rows`` (store rows where ``index >= 0``, else ``extra``)."""
+    idx = index[rows]
+    ok = idx >= 0
+    out = []
+    for b in bands:
+        if ok.all():
+            out.append(np.take(store[b], idx, axis=0))
+        else:
+            dst = np.empty((rows.size,) + store[b].shape[1:], np.float32)
+            dst[ok] = store[b][idx[ok]]
+            dst[~ok] = extra[b][-1 - idx[~ok]]
+            out.append(dst)
+    return out
+
+
+def _search_chunk_coarse_to_fine(prep, images, s, kx, ky, step, valid, delta_cols, normalize, cache, i0,
+                                 coarse_rows):
+    """:func:`_search_chunk` for one reference with cached spectra, coarse to fine over the translations.
+
+    Every trial translation gets a coarse score (the correlation curves restricted to ring frequencies
+    ``m <= COARSE_SHIFT_FREQ``, sampled every ``180 / COARSE_SHIFT_FREQ`` degrees, peak of the straight and
+    mirrored curve); the ``coarse_rows`` best translations of each image are then searched exactly (full
+    curves, parabola refinement) and the best of them is returned, with the tie rules of the full search.
+    """
+    grid = prep.grid
+    n = images.shape[0]
+    n_sh = ky.size * kx.size
+    index, extra, mean, std = cache._lookup(prep, images, i0, s, kx, ky, step)
+    store = cache._store(prep)
+    n_cols = 4 if prep.mirror else 2
+    n_curves = n_cols // 2
+    fmax = min(COARSE_SHIFT_FREQ, grid.n_freq - 1)
+    low = [b for b, band in enumerate(prep.bands) if band[0] <= fmax]
+    all_rows = np.arange(n * n_sh)
+    low_spec = _rows_spectra(store, extra, index, all_rows, low)
+    x = np.zeros((fmax + 1, n * n_sh, n_cols), np.float32)
+    for b, spec in zip(low, low_spec):
+        m_lo, m_hi, _r, w = prep.bands[b]
+        top = min(m_hi, fmax + 1)
+        np.matmul(spec[:, :top - m_lo].transpose(1, 0, 2), w[:top - m_lo], out=x[m_lo:top])
+    curves = scipy.fft.irfft(x.view(np.complex64), n=2 * fmax, axis=0)          # (2 fmax, rows, curves)
+    if delta_cols is not None:                                  # a discrete pass: the same angles, coarsely
+        curves = curves[delta_cols * (2 * fmax) // grid.maxrin]
+    coarse = curves.max(axis=0).max(axis=-1)
+    coarse = coarse.astype(np.float64)
+    if normalize:
+        coarse = (coarse * (2 * fmax / grid.maxrin) - mean * prep.ring_sum[0]) / std
+    coarse = np.where(valid.reshape(-1), coarse, -np.inf).reshape(n, n_sh)
+    # the coarse_rows best translations of every image (later translations first on ties)
+    order = n_sh - 1 - np.argsort(-coarse[:, ::-1], axis=1, kind="stable")[:, :coarse_rows]   # (n, R)
+    rows = (np.arange(n)[:, None] * n_sh + order).reshape(-1)
+    spec = _rows_spectra(store, extra, index, rows, range(len(prep.bands)))
+    pk, ps = _curves_peaks(prep, spec, 0, rows.size, 0, 1, delta_cols)         # (n R, 1, curves)
+    peak = pk.reshape(n, coarse_rows, n_curves)
+    pos = ps.reshape(n, coarse_rows, n_curves)
+    if normalize:
+        peak = (peak - (mean[rows] * prep.ring_sum[0]).reshape(n, coarse_rows, 1)) / std[rows].reshape(
+            n, coarse_rows, 1)
+    if n_curves == 2:
+        use_m = peak[..., 1] > peak[..., 0]
+        score = np.where(use_m, peak[..., 1], peak[..., 0])
+        p = np.where(use_m, pos[..., 1], pos[..., 0])
+    else:
+        use_m = np.zeros(peak.shape[:2], bool)
+        score, p = peak[..., 0], pos[..., 0]
+    score = np.where(np.take_along_axis(valid, order, axis=1), score, -np.inf)
+    # the best refined translation; ties go to the later translation, as in the full search
+    best = _best_later(score, order)
+    take = best[:, None]
+    shift = np.take_along_axis(order, take, axis=1)[:, 0]
+    best_score = np.take_along_axis(score, take, axis=1)[:, 0].astype(np.float32)
+    best_alpha = np.mod(360.0 * np.take_along_axis(p, take, axis=1)[:, 0] / grid.maxrin, 360.0)
+    best_mirror = np.take_along_axis(use_m, take, axis=1)[:, 0].astype(np.int8)
+    iy = ky[shift // kx.size] * step
+    ix = kx[shift % kx.size] * step
+    return best_score[:, None], best_alpha[:, None], ix[:, None], iy[:, None], best_mirror[:, None]
+
+
+def _best_later(score, order):
+    """Per row, the column of the largest score; among equal scores the one with the larger ``order``."""
+    top = score.max(axis=1, keepdims=True)
+    cand = np.where(score == top, order, -1)
+    return np.argmax(cand, axis=1)
+
+
 def _assemble(alpha, ix, iy, s):
     """Parameters combine((0, -s, 0), (alpha, R(alpha)(-ix, -iy), m)) = (alpha, -R(alpha)(s + d), m)."""
     a = np.deg2rad(alpha)
@@ -684,7 +779,7 @@ def _assemble(alpha, ix, iy, s):
 
 
 def _run(images, prep: PreparedReferences, *, x_range, y_range, step, delta, normalize, s, chunk_size,
-         pair_budget, cache=None):
+         pair_budget, cache=None, coarse_rows=0):
     grid = prep.grid
     stack = np.asarray(images, dtype=np.float32)
     n, box = stack.shape[0], stack.shape[1]
@@ -734,7 +829,7 @@ def _run(images, prep: PreparedReferences, *, x_range, y_range, step, delta, nor
     for i0 in range(0, n, chunk_size):
         i1 = min(n, i0 + chunk_size)
         res = _search_chunk(prep, np.ascontiguousarray(stack[i0:i1]), s[i0:i1], kx, ky, step, valid[i0:i1],
-                            delta_cols, normalize, img_block, ref_block, cache, i0)
+                            delta_cols, normalize, img_block, ref_block, cache, i0, coarse_rows)
         score[i0:i1], alpha[i0:i1], ix[i0:i1], iy[i0:i1], mirror[i0:i1] = res
     alpha, sx, sy = _assemble(alpha, ix, iy, s)
     return score, alpha.astype(np.float32), sx.astype(np.float32), sy.astype(np.float32), mirror
@@ -818,7 +913,7 @@ def align_to_reference(images, reference, grid: PolarGrid, *, x_range: float, y_
                        mirror: bool = True, delta: float = 0.0, normalize_images: bool = False,
                        initial_params=None, center_shift=None, out_of_range: str = "clamp",
                        chunk_size: int | None = None, pair_budget: int = DEFAULT_PAIR_BUDGET,
-                       cache: SpectraCache | None = None) -> RefAlignment:
+                       cache: SpectraCache | None = None, coarse_rows: int = 0) -> RefAlignment:
     """One alignment pass of every image to one reference (SPHIRE ``ali2d_single_iter`` / ``ormq``, spec §4.8).
 
     Same search as :func:`align_to_references` with one reference; defaults follow ``ali2d_single_iter``:
@@ -836,6 +931,10 @@ def align_to_reference(images, reference, grid: PolarGrid, *, x_range: float, y_
         As :func:`align_to_references`.
     center_shift : (2,) array_like, optional
         Centring shift ``cs`` in pixels (``ali2d_base`` with ``center_method = -1`` and friends).
+    coarse_rows : int
+        0 (default): every trial translation is searched exactly. ``R > 0`` (with a ``cache``): coarse to fine,
+        every translation gets a low-frequency score (ring frequencies ``<= COARSE_SHIFT_FREQ``) and only the
+        ``R`` best per image are searched exactly; not SPHIRE's search (``docs/deviations.md``).
 
     Returns
     -------
@@ -860,7 +959,7 @@ def align_to_reference(images, reference, grid: PolarGrid, *, x_range: float, y_
                          center_shift=center_shift, out_of_range=out_of_range)
     score, alpha, sx, sy, mir = _run(stack, prep, x_range=x_range, y_range=y_range, step=step, delta=delta,
                                      normalize=normalize_images, s=s, chunk_size=chunk_size,
-                                     pair_budget=pair_budget, cache=cache)
+                                     pair_budget=pair_budget, cache=cache, coarse_rows=int(coarse_rows))
     return RefAlignment(score=score[:, 0], alpha=alpha[:, 0], sx=sx[:, 0], sy=sy[:, 0], mirror=mir[:, 0])
 
 

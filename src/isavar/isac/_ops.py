@@ -98,15 +98,18 @@ def align_multi(images, refs, grid, p, params, *, xr=None, yr=None, normalize=Tr
     return res.score, res.params
 
 
-def align_single(images, ref, grid, p, params, delta, *, xr=None, yr=None, ts=None, cache=None):
-    """One ``ali2d_single_iter`` pass against one reference (centres clamped); returns (n, 4) parameters."""
+def align_single(images, ref, grid, p, params, delta, *, xr=None, yr=None, ts=None, cache=None, coarse_rows=0):
+    """One ``ali2d_single_iter`` pass against one reference (centres clamped); returns (n, 4) parameters.
+
+    ``coarse_rows > 0``: only that many trial translations per image, chosen by a coarse score, are searched
+    exactly (needs ``cache``)."""
     from isavar.core.align2d import align_to_reference
 
     res = align_to_reference(np.asarray(images, dtype=np.float32), ref, grid,
                              x_range=p.xr if xr is None else xr, y_range=p.yr_eff if yr is None else yr,
                              step=p.ts if ts is None else ts, mirror=True, delta=float(delta),
                              normalize_images=False, initial_params=np.asarray(params, dtype=np.float64),
-                             out_of_range="clamp", cache=cache)
+                             out_of_range="clamp", cache=cache, coarse_rows=coarse_rows)
     return res.params
 
 

@@ -78,6 +78,9 @@ class Isac2Params:
     eqk_candidates : int
         isavar extension: candidate references per image of the "candidates" search (with at most twice
         this many classes the search is flat: the candidates of a group of images would cover most classes).
+    within_shift_candidates : int
+        isavar extension: 0 searches every trial translation of a within-group pass exactly (SPHIRE); ``R > 0``
+        ranks them by a low-frequency coarse score and searches only the best ``R`` exactly.
     """
 
     radius: int
@@ -116,6 +119,9 @@ class Isac2Params:
                 "coarse score; cost linear in the number of images) or 'flat' (every image against every "
                 "reference, SPHIRE)"})
     eqk_candidates: int = field(default=8, metadata={"help": "candidate references per image of the EQK search"})
+    within_shift_candidates: int = field(default=3, metadata={
+        "help": "within-group passes: trial translations per image searched exactly after a coarse score "
+                "(0: all, SPHIRE)"})
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -179,6 +185,8 @@ class Isac2Params:
             bad("eqk_search", f"must be 'candidates' or 'flat', got {self.eqk_search!r}")
         if self.eqk_candidates < 1:
             bad("eqk_candidates", "must be >= 1")
+        if self.within_shift_candidates < 0:
+            bad("within_shift_candidates", "must be >= 0")
         return self
 
     def to_dict(self) -> dict:
