@@ -655,6 +655,13 @@ def _search_chunk(prep: PreparedReferences, images: np.ndarray, s: np.ndarray, k
     if normalize:
         peak -= (mean.reshape(n, n_sh)[:, :, None, None] * prep.ring_sum[None, None, :, None])
         peak /= std.reshape(n, n_sh)[:, :, None, None]
+    return _select(peak, pos, valid, kx, ky, step, grid)
+
+
+def _select(peak, pos, valid, kx, ky, step, grid):
+    """Best (score, alpha, ix, iy, mirror) per (image, reference) from peaks ``(n, n_sh, K, curves)``."""
+    n_curves = peak.shape[-1]
+    n_sh = peak.shape[1]
     if n_curves == 2:
         use_m = peak[..., 1] > peak[..., 0]                                  # straight wins ties
         score = np.where(use_m, peak[..., 1], peak[..., 0])
@@ -1139,3 +1146,4 @@ def coarse_scores(images, prep: PreparedReferences, *, initial_params=None, out_
             peak = (peak - mean[:, None] * prep.ring_sum[None, :]) / std[:, None]
         out[i0:i1] = peak
     return out
+

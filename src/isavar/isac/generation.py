@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 EQK_CHUNK = 512
 #: Highest ring frequency of the coarse scores that choose an image's candidate references.
 COARSE_MAX_FREQ = 8
+#: A group of images is aligned exactly to at most this many times ``eqk_candidates`` references.
+UNION_FACTOR = 3
 
 # purposes for random-stream keys
 _INIT, _CENTRE, _WITHIN = 1, 2, 3
@@ -166,13 +168,14 @@ def eqk_search_candidates(images, prep, params, p, grid, executor):
 
     1. Coarse scores of every image against every reference (:func:`isavar.core.align2d.coarse_scores`: low
        ring frequencies, current centre only; about 1/40 of the full search per pair).
-    2. The ``p.eqk_candidates`` best references of every image by coarse score are its candidates. Images
-       are grouped by their best candidate; each group is aligned exactly (the full search of
-       :func:`_ops.align_multi`) against the union of its members' candidates, so every image gets exact
-       scores and parameters for at least its candidates.
+    2. The ``p.eqk_candidates`` (C) best references of every image by coarse score are its candidates.
+       Images are grouped by their best candidate; each group is aligned exactly (the full search of
+       :func:`_ops.align_multi`) against the references most often among its members' candidates (the
+       group's own first, at most ``UNION_FACTOR * C``), so every image gets exact scores and parameters
+       for its best candidate and, usually, for all of them.
 
-    With ``K`` references the cost per image is ``K`` coarse pairs plus (union size) exact ones instead of ``K``
-    exact ones; the union does not grow with ``K``.
+    With ``K`` references the cost per image is ``K`` coarse pairs (about 1/100 of an exact one each) plus at
+    most ``UNION_FACTOR * C`` exact ones, instead of ``K`` exact ones.
 
     Returns
     -------
@@ -194,7 +197,12 @@ def eqk_search_candidates(images, prep, params, p, grid, executor):
         members = np.flatnonzero(order[:, 0] == k)
         if members.size == 0:
             continue
-        union = np.unique(order[members])
+        # the references most often among the members' candidates, at most UNION_FACTOR x C of them (the
+        # group's own reference always first): bounds the exact work per image whatever K is
+        refs_, counts = np.unique(order[members], return_counts=True)
+        counts[refs_ == k] = members.size * n_cand + 1
+        keep = np.argsort(-counts, kind="stable")[:UNION_FACTOR * n_cand]
+        union = np.sort(refs_[keep])
         for s, e in chunk_ranges(members.size, EQK_CHUNK):
             groups.append((members[s:e], union))
     # lazy: image copies and reference subsets are made as the executor takes the tasks
