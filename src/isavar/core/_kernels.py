@@ -137,3 +137,20 @@ def curve_peaks_t(corr, cols=None):
     c = np.zeros(0, np.int64) if cols is None else np.ascontiguousarray(cols, dtype=np.int64)
     _curve_peaks_t(corr, c, peak, pos)
     return peak.astype(np.float64), pos
+
+
+@njit(cache=True, nogil=True)
+def _to_band(spec, r_off, m_lo, m_hi, out):  # pragma: no cover - compiled
+    n_rows, n_r, _n_m = spec.shape
+    for q in range(n_rows):
+        for r in range(n_r):
+            for m in range(m_lo, m_hi):
+                v = spec[q, r, m]
+                out[q, m - m_lo, 2 * (r_off + r)] = v.real
+                out[q, m - m_lo, 2 * (r_off + r) + 1] = v.imag
+
+
+def to_band(spec, r_off, m_lo, m_hi, out):
+    """Copy ring spectra ``spec`` (rows, rings, freqs) complex64, frequencies ``m_lo:m_hi``, into the band layout
+    ``out`` (rows, m_hi - m_lo, 2 * band_rings) float32 at ring offset ``r_off`` (Re, Im interleaved)."""
+    _to_band(spec, int(r_off), int(m_lo), int(m_hi), out)

@@ -575,6 +575,13 @@ def _band_spectra(prep: PreparedReferences, polar: np.ndarray) -> list[np.ndarra
     out = []
     for m_lo, m_hi, r_first, _w in prep.bands:
         n_rings = grid.n_rings - r_first
+        if USE_KERNELS:
+            b = np.empty((rows, m_hi - m_lo, 2 * n_rings), dtype=np.float32)
+            for g, (_n_r, r0, r1, _s0, _s1) in enumerate(grid.groups):
+                if r1 > r_first:
+                    _kernels.to_band(spectra[g], r0 - r_first, m_lo, m_hi, b)
+            out.append(b)
+            continue
         b = np.empty((rows, m_hi - m_lo, n_rings), dtype=np.complex64)
         for g, (_n_r, r0, r1, _s0, _s1) in enumerate(grid.groups):
             if r1 <= r_first:
