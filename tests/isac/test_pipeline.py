@@ -129,7 +129,7 @@ def test_candidate_eqk_search_matches_the_flat_search(planted):
     from isavar.parallel.pool import PoolExecutor
 
     imgs, truth, _ = planted
-    p = small_params(eqk_candidates=1)
+    p = small_params(eqk_search="candidates", eqk_candidates=1)
     sub, grid = _working_subset(imgs, p), make_grid(p)
     fixed = np.where(truth >= 0, truth, 0)
     refs, params = sub[:4].copy(), np.zeros((len(sub), 4))
