@@ -112,7 +112,8 @@ def slope(ns, ts):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stack", required=True, help="working stack (stack_ali2d.npy) of the 10,000 set")
-    ap.add_argument("--n", type=int, nargs="+", default=[10000, 20000, 50000, 100000])
+    ap.add_argument("--n", type=int, nargs="*", default=[10000, 20000, 50000, 100000],
+                    help="particle counts to measure (none: only fit and plot the runs already in --out)")
     ap.add_argument("--iterations", type=int, default=3)
     ap.add_argument("--classes", type=int, default=3, help="classes whose within-group stage is measured")
     ap.add_argument("--workers", type=int, default=2)
@@ -132,7 +133,7 @@ def main(argv=None):
     record = json.loads(out.read_text()) if out.exists() else {}
     record.setdefault("runs", {})
     record.update({"eqk_search": args.eqk_search, "workers": args.workers, "stack": str(args.stack)})
-    executor = PoolExecutor(args.workers)
+    executor = PoolExecutor(args.workers) if args.n else None
     try:
         for n in args.n:
             print(f"N = {n}", flush=True)
@@ -150,7 +151,8 @@ def main(argv=None):
             print(json.dumps({k: v for k, v in r.items() if k != "eqk"}), flush=True)
             del images
     finally:
-        executor.close()
+        if executor is not None:
+            executor.close()
     ns = sorted(int(k) for k in record["runs"])
     if len(ns) >= 2:
         eq = [record["runs"][str(n)]["eqk_cpu_s_per_iteration"] for n in ns]
