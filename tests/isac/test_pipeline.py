@@ -338,3 +338,20 @@ def test_first_generation_with_too_few_good_classes_ends_the_run():
     assert event["good"] == [0] and event["end_main"] and state.finished
     state, event = _finished_generation(800, members, p, gen=2)           # not in a later generation:
     assert not state.finished and (state.main, state.gen) == (2, 1)       # few rejected -> next main
+
+
+def test_candidate_search_generation_resumes_identically(planted):
+    """A generation with the candidate EQK search and coarse-to-fine within-group passes, checkpointed after
+    its first SAC round (state to arrays and back, as after a kill) and continued, equals the uninterrupted
+    one."""
+    imgs, _truth, _ = planted
+    p = small_params(eqk_search="candidates", eqk_candidates=1, init_iter=2)
+    sub, grid = _working_subset(imgs, p), make_grid(p)
+    saved = []
+    full = run_generation(sub, p, grid, SerialExecutor(), main=1, gen=1,
+                          on_round=lambda st: saved.append(st.to_arrays()))
+    state = EngineState.from_arrays(saved[0])
+    resumed = run_generation(sub, p, grid, SerialExecutor(), main=1, gen=1, state=state)
+    np.testing.assert_array_equal(resumed.params, full.params)
+    np.testing.assert_array_equal(resumed.averages, full.averages)
+    assert [m.tolist() for m in resumed.members] == [m.tolist() for m in full.members]
