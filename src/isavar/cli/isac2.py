@@ -80,15 +80,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--delta_good", type=int, default=0,
                         help="the first generation of a main iteration must yield more than this many "
                              "good classes (default 0)")
-    parser.add_argument("--eqk_search", choices=["candidates", "flat"], default="flat",
-                        help="EQK search: 'flat' aligns each image to every reference, as SPHIRE (cost grows as "
-                             "the square of the particle count); 'candidates' only to the references a coarse "
-                             "score picks (cost about linear; slightly lower EQK purity) (default flat)")
+    parser.add_argument("--eqk_search", choices=["candidates", "flat"], default="candidates",
+                        help="EQK search: 'candidates' aligns each image exactly only to the references a coarse "
+                             "score picks (cost about linear in the particle count); 'flat' to every reference, "
+                             "as SPHIRE (cost grows as its square) (default candidates)")
     parser.add_argument("--eqk_candidates", type=int, default=8,
                         help="candidate references per image of the 'candidates' EQK search (default 8)")
-    parser.add_argument("--within_shift_candidates", type=int, default=3,
+    parser.add_argument("--within_shift_candidates", type=int, default=0,
                         help="within-group passes: trial translations per image searched exactly after a coarse "
-                             "low-frequency score; 0 searches all exactly, as SPHIRE (default 3)")
+                             "low-frequency score; 0 searches all exactly, as SPHIRE (default 0)")
     add_executor_arguments(parser)
     add_verbosity_arguments(parser)
 
