@@ -111,7 +111,7 @@ def slope(ns, ts):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--stack", required=True, help="working stack (stack_ali2d.npy) of the 10,000 set")
+    ap.add_argument("--stack", help="working stack (stack_ali2d.npy) of the 10,000 set (needed with --n)")
     ap.add_argument("--n", type=int, nargs="*", default=[10000, 20000, 50000, 100000],
                     help="particle counts to measure (none: only fit and plot the runs already in --out)")
     ap.add_argument("--iterations", type=int, default=3)
@@ -126,13 +126,14 @@ def main(argv=None):
     from isavar.isac.run import make_grid
     from isavar.parallel.pool import PoolExecutor
 
-    stack = np.load(args.stack, mmap_mode="r")
+    stack = np.load(args.stack, mmap_mode="r") if args.n else None
     p = Isac2Params(radius=50, CTF=True, rand_seed=1, eqk_search=args.eqk_search)
     grid = make_grid(p)
     out = Path(args.out)
     record = json.loads(out.read_text()) if out.exists() else {}
     record.setdefault("runs", {})
-    record.update({"eqk_search": args.eqk_search, "workers": args.workers, "stack": str(args.stack)})
+    if args.n:
+        record.update({"eqk_search": args.eqk_search, "workers": args.workers, "stack": str(args.stack)})
     executor = PoolExecutor(args.workers) if args.n else None
     try:
         for n in args.n:
