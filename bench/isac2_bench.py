@@ -177,6 +177,10 @@ def main(argv=None):
     result = run_isac2(star, run_dir, params, executor=executor)
     wall = time.time() - t
     getattr(executor, "close", lambda: None)()
+    # CPU seconds (user + system) of this process and of the pool's workers (reaped by close()); on a shared
+    # machine this, not the wall time, is the figure to compare
+    ru_self, ru_children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = ru_self.ru_utime + ru_self.ru_stime + ru_children.ru_utime + ru_children.ru_stime
     peak_mb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                   resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024.0
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -187,7 +191,7 @@ def main(argv=None):
     pur, pur_oracle = view_scores(acc, c) if c else (0.0, float("nan"))
     noise_total = int((acc["rlnIsavar_true_is_noise"] == 1).sum() + (una["rlnIsavar_true_is_noise"] == 1).sum())
     noise_unacc = int((una["rlnIsavar_true_is_noise"] == 1).sum()) / max(noise_total, 1)
-    record = {"n": args.n, "workers": args.workers, "wall_s": wall, "peak_rss_MB": peak_mb,
+    record = {"n": args.n, "workers": args.workers, "wall_s": wall, "cpu_s": cpu_s, "peak_rss_MB": peak_mb,
               "classes": c, "accounted": len(acc), "accounted_fraction": len(acc) / args.n,
               "purity15": pur, "purity15_oracle": pur_oracle,
               "purity_ratio": pur / pur_oracle if c else float("nan"), "noise_unaccounted": noise_unacc,

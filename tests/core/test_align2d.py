@@ -14,18 +14,27 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from isavar.core import params2d
+from isavar.core import align2d, params2d
 from isavar.core.align2d import (
     SpectraCache,
     aligned_average,
     align_to_reference,
     align_to_references,
+    coarse_scores,
     particle_centres,
     peak_offset,
     prepare_references,
     search_offsets,
+    subset_references,
 )
-from isavar.core.polar import normalize_rings, polar_grid, polar_transform, rotational_correlation
+from isavar.core.polar import (
+    _gather_polar,
+    _gather_polar_numpy,
+    normalize_rings,
+    polar_grid,
+    polar_transform,
+    rotational_correlation,
+)
 from isavar.core.transform2d import transform_images
 
 N = 64
@@ -403,3 +412,88 @@ def test_aligned_average_follows_the_parameter_convention(rng):
         y, x = np.mgrid[:N, :N] - N // 2
         inside = np.hypot(x, y) <= GRID.last_ring - 2
         assert np.corrcoef(avg[inside], ref[inside])[0, 1] > 0.995
+
+
+def _noisy_copies(rng, k=5, per=6, noise=1.0):
+    refs = np.stack([_blob(rng) for _ in range(k)])
+    refs = (refs - refs.mean(axis=(1, 2), keepdims=True)) / refs.std(axis=(1, 2), keepdims=True)
+    truth = np.repeat(np.arange(k), per)
+    p = _on_grid_params(rng, k * per, rng.integers(0, 2, k * per))
+    images = np.concatenate([_planted(refs[j], params2d.Params2D(*(np.asarray(f)[truth == j] for f in p)))
+                             for j in range(k)])
+    return refs, images + noise * rng.standard_normal(images.shape).astype(np.float32), truth, p
+
+
+@pytest.mark.parametrize("offsets", [(0,), (-1, 0, 1), (-2, 0, 3)])
+def test_compiled_polar_sampling_equals_the_numpy_formulation(rng, offsets):
+    """The numba gather does the NumPy formulation's arithmetic element by element: bitwise equal,
+    also for centres near and beyond the image edge (edge replication)."""
+    images = rng.standard_normal((6, N, N)).astype(np.float32)
+    idx = rng.integers(0, 6, 40)
+    cx = N // 2 + rng.uniform(-9, 9, 40)
+    cy = N // 2 + rng.uniform(-9, 9, 40)
+    ox = np.array(offsets)
+    oy = np.array(offsets[::-1])
+    a = _gather_polar(images.reshape(-1), N, idx, cx, cy, GRID, ox, oy)
+    b = _gather_polar_numpy(images.reshape(-1), N, idx, cx, cy, GRID, ox, oy)
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("delta", [0.0, 90.0])
+def test_compiled_peak_search_equals_the_numpy_path(rng, monkeypatch, delta):
+    """``USE_KERNELS = False`` (the NumPy peak search) gives the same numbers as the compiled kernels."""
+    refs, images, _truth, _p = _noisy_copies(rng, k=3, per=4)
+    kw = dict(x_range=1, y_range=1, step=1, delta=delta)
+    a = align_to_references(images, refs, GRID, **kw)
+    monkeypatch.setattr(align2d, "USE_KERNELS", False)
+    b = align_to_references(images, refs, GRID, **kw)
+    for f in ("score", "alpha", "sx", "sy", "mirror"):
+        np.testing.assert_allclose(getattr(a, f), getattr(b, f), rtol=1e-6, atol=1e-5)
+
+
+def test_subset_of_prepared_references_searches_like_the_full_set(rng):
+    refs, images, _truth, _p = _noisy_copies(rng, k=4, per=3)
+    prep = prepare_references(refs, GRID)
+    full = align_to_references(images, prep, GRID, x_range=1, y_range=1, step=1)
+    pick = np.array([2, 0])
+    sub = align_to_references(images, subset_references(prep, pick), GRID, x_range=1, y_range=1, step=1)
+    np.testing.assert_allclose(sub.score, full.score[:, pick], rtol=1e-5, atol=1e-3)
+    np.testing.assert_array_equal(sub.mirror, full.mirror[:, pick])
+    assert _angle_err(sub.alpha, full.alpha[:, pick]).max() < 1e-2
+    with pytest.raises(ValueError):
+        subset_references(prep, [4])
+
+
+def test_coarse_scores_rank_the_planted_reference_first(rng):
+    """At SNR ~ 1 the coarse score (low ring frequencies, current centre) puts every noisy copy's own
+    reference first, and it tracks the full search's scores."""
+    refs, images, truth, _p = _noisy_copies(rng, k=5, per=6)
+    prep = prepare_references(refs, GRID)
+    coarse = coarse_scores(images, prep)
+    assert coarse.shape == (len(images), 5)
+    np.testing.assert_array_equal(np.argmax(coarse, axis=1), truth)
+    full = align_to_references(images, prep, GRID, x_range=2, y_range=2, step=1).score
+    assert np.corrcoef(coarse.ravel(), full.ravel())[0, 1] > 0.9
+    # the full search can only do better than its own low-pass, unshifted part (up to the peak refinement)
+    assert np.all(coarse <= full + 0.05 * np.abs(full))
+
+
+@pytest.mark.parametrize("delta", [0.0, 90.0])
+def test_coarse_to_fine_translations_agree_with_the_full_search(rng, delta):
+    """With 3 of 9 translations refined exactly (chosen by the low-frequency coarse score), a pass gives the
+    full search's answer for nearly every image, and exactly it where the best translation is among the 3."""
+    ref = _blob(rng)
+    n = 40
+    p = params2d.Params2D(rng.uniform(-180, 180, n), rng.uniform(-2, 2, n), rng.uniform(-2, 2, n),
+                          rng.integers(0, 2, n))
+    images = _planted(ref, p) + 0.5 * rng.standard_normal((n, N, N)).astype(np.float32)
+    kw = dict(x_range=1, y_range=1, step=1, delta=delta)
+    full = align_to_reference(images, ref, GRID, **kw)
+    fast = align_to_reference(images, ref, GRID, cache=SpectraCache(), coarse_rows=3, **kw)
+    same = (np.abs(full.sx - fast.sx) < 1e-3) & (np.abs(full.sy - fast.sy) < 1e-3) & (full.mirror == fast.mirror)
+    assert same.mean() >= 0.95
+    assert _angle_err(full.alpha[same], fast.alpha[same]).max() < 1e-2
+    np.testing.assert_allclose(fast.score[same], full.score[same], rtol=1e-5)
+    assert np.all(fast.score <= full.score + 1e-4 * np.abs(full.score))     # never better than the full search
+    if delta == 0:
+        assert np.median(_angle_err(fast.alpha, p.alpha)) < 2.0

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from isavar.isac.kmeans import assign_groups
+from isavar.isac.kmeans import assign_groups, assign_groups_sparse
 from isavar.isac.stability import mirror_consistent, multi_align_stability, pixel_errors_squared
 
 
@@ -119,3 +119,54 @@ def test_stability_pure_noise_is_unstable():
                                      rng.integers(0, 2, 60)]) for _ in range(5)])
     res = multi_align_stability(ali, thld_err=0.7, diameter=58.0)
     assert res.stable.size <= 2
+
+
+def _greedy_reference(scores):
+    """Literal Python transcription of SPHIRE's assign_groups loop (for the compiled version)."""
+    k_n, n = scores.shape
+    q, r = divmod(n, k_n)
+    order = np.argsort(-scores.ravel(), kind="stable")
+    out = np.full(n, -1)
+    counts = np.zeros(k_n, int)
+    open_ = np.ones(k_n, bool)
+    n_open, n_left = k_n, n
+    for k, i in zip(*np.divmod(order, n)):
+        if out[i] >= 0 or not open_[k]:
+            continue
+        out[i] = k
+        counts[k] += 1
+        n_left -= 1
+        if counts[k] >= (q if n_open > 1 else q + r):
+            open_[k] = False
+            n_open -= 1
+            if n_open == 0 or n_left == 0:
+                break
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(k=st.integers(1, 6), extra=st.integers(0, 25), seed=st.integers(0, 2**31 - 1), ties=st.booleans())
+def test_compiled_greedy_equals_the_literal_loop(k, extra, seed, ties):
+    rng = np.random.default_rng(seed)
+    n = k + extra
+    d = rng.integers(0, 4, (k, n)).astype(float) if ties else rng.standard_normal((k, n))
+    np.testing.assert_array_equal(assign_groups(d), _greedy_reference(d))
+
+
+@settings(max_examples=30, deadline=None)
+@given(k=st.integers(1, 6), extra=st.integers(0, 25), seed=st.integers(0, 2**31 - 1), n_known=st.integers(1, 6))
+def test_sparse_assignment(k, extra, seed, n_known):
+    """With every pair known the sparse rule is the dense one; with a few known pairs per image it still gives
+    every image a class and SPHIRE's class sizes."""
+    rng = np.random.default_rng(seed)
+    n = k + extra
+    d = rng.standard_normal((k, n))
+    kk, ii = np.divmod(np.arange(k * n), n)
+    dense = assign_groups(d)
+    fallback = lambda li, ok: d[np.ix_(ok, li)].T                              # noqa: E731
+    np.testing.assert_array_equal(assign_groups_sparse(kk, ii, d.ravel(), n, k, fallback), dense)
+    top = np.argsort(-d, axis=0, kind="stable")[:min(n_known, k)]              # (c, n)
+    pk, pi = top.T.ravel(), np.repeat(np.arange(n), top.shape[0])
+    got = assign_groups_sparse(pk, pi, d[pk, pi], n, k, fallback)
+    assert np.all(got >= 0)
+    np.testing.assert_array_equal(np.sort(np.bincount(got, minlength=k)), np.sort(np.bincount(dense, minlength=k)))

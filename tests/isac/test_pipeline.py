@@ -123,6 +123,36 @@ def test_eqk_iteration_uses_the_given_assignment_rule(planted):
     assert np.mean(got[real] == truth[real]) >= 0.9
 
 
+def test_candidate_eqk_search_matches_the_flat_search(planted):
+    """The candidate search (1 candidate of 4 references, so every group of images is aligned exactly to only
+    part of the references) assigns like SPHIRE's flat search, whatever the executor."""
+    from isavar.parallel.pool import PoolExecutor
+
+    imgs, truth, _ = planted
+    p = small_params(eqk_search="candidates", eqk_candidates=1)
+    sub, grid = _working_subset(imgs, p), make_grid(p)
+    fixed = np.where(truth >= 0, truth, 0)
+    refs, params = sub[:4].copy(), np.zeros((len(sub), 4))
+    flat = small_params(eqk_search="flat")
+    for it in range(2):
+        refs, params, _ = eqk_iteration(sub, refs, params, p.FH, flat, grid, SerialExecutor(),
+                                        np.random.default_rng(it), assign=lambda scores: fixed)
+    got = {}
+    for name, q in (("candidates", p), ("flat", flat)):
+        got[name] = eqk_iteration(sub, refs, params, p.FH, q, grid, SerialExecutor(), np.random.default_rng(9))
+    real = truth >= 0
+    assert np.mean(got["candidates"][2][real] == got["flat"][2][real]) >= 0.97
+    assert np.mean(got["candidates"][2][real] == truth[real]) >= 0.9
+    assert sorted(np.bincount(got["candidates"][2]).tolist()) == [57, 57, 57, 59]
+    pool = PoolExecutor(2)
+    try:
+        again = eqk_iteration(sub, refs, params, p.FH, p, grid, pool, np.random.default_rng(9))
+    finally:
+        pool.close()
+    for a, b in zip(again, got["candidates"]):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_isac2_in_memory_end_to_end(planted):
     imgs, truth, _ = planted
     res = isac2(imgs, small_params())
@@ -308,3 +338,20 @@ def test_first_generation_with_too_few_good_classes_ends_the_run():
     assert event.good == [0] and event.end_main and state.finished
     state, event = _finished_generation(800, members, p, gen=2)           # not in a later generation:
     assert not state.finished and (state.main, state.gen) == (2, 1)       # few rejected -> next main
+
+
+def test_candidate_search_generation_resumes_identically(planted):
+    """A generation with the candidate EQK search and coarse-to-fine within-group passes, checkpointed after
+    its first SAC round (state to arrays and back, as after a kill) and continued, equals the uninterrupted
+    one."""
+    imgs, _truth, _ = planted
+    p = small_params(eqk_search="candidates", eqk_candidates=1, init_iter=2)
+    sub, grid = _working_subset(imgs, p), make_grid(p)
+    saved = []
+    full = run_generation(sub, p, grid, SerialExecutor(), main=1, gen=1,
+                          on_round=lambda st: saved.append(st.to_arrays()))
+    state = EngineState.from_arrays(saved[0])
+    resumed = run_generation(sub, p, grid, SerialExecutor(), main=1, gen=1, state=state)
+    np.testing.assert_array_equal(resumed.params, full.params)
+    np.testing.assert_array_equal(resumed.averages, full.averages)
+    assert [m.tolist() for m in resumed.members] == [m.tolist() for m in full.members]

@@ -32,6 +32,7 @@ from isavar.cli._common import (
     make_progress,
     naming_os_errors,
     non_negative_int,
+    positive_int,
     project_dir,
 )
 
@@ -97,6 +98,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "and mirrored into its class frame (RELION's 2D tools and cryoSPARC cannot apply "
                              "ISAC2's mirror from pose columns)")
     add_input_arguments(parser)
+    parser.add_argument("--eqk_search", choices=["candidates", "flat"], default="candidates",
+                        help="EQK search: 'candidates' aligns each image exactly only to the references a coarse "
+                             "score picks (cost about linear in the particle count); 'flat' to every reference, "
+                             "as SPHIRE (cost grows as its square) (default candidates)")
+    parser.add_argument("--eqk_candidates", type=positive_int, default=8,
+                        help="candidate references per image of the 'candidates' EQK search (default 8)")
+    parser.add_argument("--within_shift_candidates", type=non_negative_int, default=0,
+                        help="within-group passes: trial translations per image searched exactly after a coarse "
+                             "low-frequency score; 0 searches all exactly, as SPHIRE (default 0)")
     add_executor_arguments(parser)
     add_verbosity_arguments(parser)
 

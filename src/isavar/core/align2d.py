@@ -43,6 +43,7 @@ import numpy as np
 import scipy.fft
 
 from isavar.conventions import wrap_degrees
+from isavar.core import _kernels
 from isavar.core.polar import (
     PolarGrid,
     _gather_polar,
@@ -66,6 +67,8 @@ __all__ = [
     "particle_centres",
     "peak_offset",
     "aligned_average",
+    "subset_references",
+    "coarse_scores",
 ]
 
 #: default number of (image x trial shift x reference) pairs whose correlation curves are computed at
@@ -76,6 +79,9 @@ DEFAULT_PAIR_BUDGET = 768
 MAX_ROWS = 72
 #: (image x trial shift) rows polar-sampled and ring-FFT'd at once (memory-bound steps: stay in cache)
 P_ROWS = 36
+#: use the compiled kernels of :mod:`isavar.core._kernels` (False: the NumPy formulation, same numbers up to
+#: float32 rounding; the tests compare both)
+USE_KERNELS = True
 
 
 @dataclass(frozen=True)
@@ -210,8 +216,18 @@ class SpectraCache:
             self._base[stale] = s[stale]
         return self._base
 
-    def _chunk(self, prep, images, i0, s, kx, ky, step, out_spectra, out_mean, out_std):
-        """Band spectra, mean and std of all trial rows of images [i0, i0 + n) into the out arrays."""
+    def _lookup(self, prep, images, i0, s, kx, ky, step):
+        """Where the band spectra of all trial rows of images [i0, i0 + n) are, computing the missing ones.
+
+        Returns
+        -------
+        index : (n * n_shifts,) int64
+            Row of the store (``>= 0``) or ``-1 - j`` for row ``j`` of ``extra``.
+        extra : list of float32 arrays ``(n_extra, m_b, 2 R_b)``
+            Spectra of rows that could not be stored (off the lattice, or the store was full).
+        mean, std : (n * n_shifts,) float64
+            Ring statistics of every row.
+        """
         grid = prep.grid
         n, box = images.shape[0], images.shape[1]
         n_sh = kx.size * ky.size
@@ -230,11 +246,14 @@ class SpectraCache:
             self._reset_store()
         slots = np.full((n, n_sh), -2, dtype=np.int64)
         slots[inside] = self._table[img[inside], ly[inside] + h, lx[inside] + h]
-        todo = np.flatnonzero(slots.reshape(-1) < 0)
-        miss = slots.reshape(-1)[todo] == -1
+        flat_slots = slots.reshape(-1)
+        todo = np.flatnonzero(flat_slots < 0)
+        miss = flat_slots[todo] == -1
         self.misses += int(todo.size)
         self.hits += int(n * n_sh - todo.size)
-        computed = None
+        extra = [np.zeros((0, m_hi - m_lo, 2 * (grid.n_rings - r_first)), np.float32)
+                 for (m_lo, m_hi, r_first, _w) in prep.bands]
+        extra_stats = np.zeros((0, 2))
         if todo.size:
             # cacheable rows at their lattice point, the (rare) others at the exact requested centre
             cx, cy = _trial_centres(centre, s, kx, ky, step)
@@ -242,46 +261,67 @@ class SpectraCache:
             lat_y = centre + base[:, 1:2] + ly
             px = np.where(inside, lat_x, cx).reshape(-1)[todo]
             py = np.where(inside, lat_y, cy).reshape(-1)[todo]
-            polar = _gather_polar(images.reshape(-1), box, todo // n_sh, px, py, grid,
-                                  np.zeros(1, np.int64), np.zeros(1, np.int64)).reshape(todo.size, grid.lcirc)
+            # sample only the images that have missing rows
+            used, local = np.unique(todo // n_sh, return_inverse=True)
+            polar = _gather_polar(np.ascontiguousarray(images[used]).reshape(-1), box, local.reshape(-1), px, py,
+                                  grid, np.zeros(1, np.int64), np.zeros(1, np.int64)).reshape(todo.size, grid.lcirc)
             mean, std = _ring_stats(polar, grid)
             bands = _band_spectra(prep, polar)
-            computed = (bands, np.stack([mean, std], axis=1))
+            stats = np.stack([mean, std], axis=1)
             if miss.any():
                 k = int(miss.sum())
                 self._grow(bands, k)
                 new = np.arange(self._size, self._size + k)
                 for sb, b in zip(self._bands, bands):
                     sb[self._size:self._size + k] = b[miss]
-                self._stats[new] = computed[1][miss]
+                self._stats[new] = stats[miss]
                 self._size += k
                 rows = todo[miss]
                 self._table[img.reshape(-1)[rows], ly.reshape(-1)[rows] + h, lx.reshape(-1)[rows] + h] = new
-                slots.reshape(-1)[rows] = new
-        flat_slots = slots.reshape(-1)
-        ok = flat_slots >= 0
-        if self._bands is None:
-            for dst, b in zip(out_spectra, computed[0]):
-                dst[...] = b
-            out_mean[...], out_std[...] = computed[1][:, 0], computed[1][:, 1]
+                flat_slots[rows] = new
+            left = ~miss
+            if left.any():
+                extra = [np.ascontiguousarray(b[left]) for b in bands]
+                extra_stats = stats[left]
+                flat_slots[todo[left]] = -1 - np.arange(int(left.sum()))
+        index = flat_slots.copy()
+        ok = index >= 0
+        st = np.empty((index.size, 2))
+        if self._stats is not None:
+            st[ok] = self._stats[index[ok]]
+        st[~ok] = extra_stats[-1 - index[~ok]]
+        return index, extra, st[:, 0], st[:, 1]
+
+    def _chunk(self, prep, images, i0, s, kx, ky, step, out_spectra, out_mean, out_std):
+        """Band spectra, mean and std of all trial rows of images [i0, i0 + n) into the out arrays."""
+        index, extra, mean, std = self._lookup(prep, images, i0, s, kx, ky, step)
+        ok = index >= 0
+        if ok.all():
+            for dst, sb in zip(out_spectra, self._store(prep)):
+                np.take(sb, index, axis=0, out=dst, mode="clip")
+            out_mean[...], out_std[...] = mean, std
             return
-        safe = np.where(ok, flat_slots, 0)
-        for dst, sb in zip(out_spectra, self._bands):
-            np.take(sb, safe, axis=0, out=dst, mode="clip")
-        stats = self._stats[safe]
-        if not ok.all():
-            rows = np.flatnonzero(~ok)
-            pos = np.searchsorted(todo, rows)
-            for dst, b in zip(out_spectra, computed[0]):
-                dst[rows] = b[pos]
-            stats[rows] = computed[1][pos]
-        out_mean[...], out_std[...] = stats[:, 0], stats[:, 1]
+        for dst, sb, eb in zip(out_spectra, self._store(prep), extra):
+            if ok.any():
+                dst[ok] = sb[index[ok]]
+            dst[~ok] = eb[-1 - index[~ok]]
+        out_mean[...], out_std[...] = mean, std
+
+    def _store(self, prep):
+        """The store's band arrays (empty ones before the first entry)."""
+        if self._bands is not None:
+            return self._bands
+        return [np.zeros((0, m_hi - m_lo, 2 * (prep.grid.n_rings - r_first)), np.float32)
+                for (m_lo, m_hi, r_first, _w) in prep.bands]
 
     def _grow(self, bands, k):
         need = self._size + k
         if self._bands is not None and need <= self._stats.shape[0]:
             return
-        cap = max(256, 2 * need)
+        # first allocation sized for ~32 centres per image (what a group's L x maxit passes visit), so the
+        # store rarely has to be copied into a larger one
+        expect = 32 * self._table.shape[0] if self._bands is None else 0
+        cap = max(256, 2 * need, min(expect, self.max_bytes // self._entry + 1))
         new_bands = [np.empty((cap,) + b.shape[1:], np.float32) for b in bands]
         new_stats = np.empty((cap, 2), np.float64)
         if self._bands is not None:
@@ -499,6 +539,10 @@ def _curves_peaks(prep: PreparedReferences, spectra, q0: int, q1: int, k0: int, 
     n_curves = n_cols // 2
     maxrin = grid.maxrin
     corr = corr.reshape(maxrin, -1)                                          # (maxrin, Q)
+    if USE_KERNELS:
+        peak, pos = _kernels.curve_peaks_t(corr, delta_cols)
+        shape = (n_rows, n_k, n_curves)
+        return peak.reshape(shape), pos.reshape(shape)
     q = corr.shape[1]
     # peak search along axis 0 without transposing: maximum, then the *last* index reaching it
     # (SPHIRE keeps the later index on ties)
@@ -531,6 +575,13 @@ def _band_spectra(prep: PreparedReferences, polar: np.ndarray) -> list[np.ndarra
     out = []
     for m_lo, m_hi, r_first, _w in prep.bands:
         n_rings = grid.n_rings - r_first
+        if USE_KERNELS:
+            b = np.empty((rows, m_hi - m_lo, 2 * n_rings), dtype=np.float32)
+            for g, (_n_r, r0, r1, _s0, _s1) in enumerate(grid.groups):
+                if r1 > r_first:
+                    _kernels.to_band(spectra[g], r0 - r_first, m_lo, m_hi, b)
+            out.append(b)
+            continue
         b = np.empty((rows, m_hi - m_lo, n_rings), dtype=np.complex64)
         for g, (_n_r, r0, r1, _s0, _s1) in enumerate(grid.groups):
             if r1 <= r_first:
@@ -558,7 +609,7 @@ def _ring_stats(polar: np.ndarray, grid: PolarGrid):
 
 def _search_chunk(prep: PreparedReferences, images: np.ndarray, s: np.ndarray, kx: np.ndarray, ky: np.ndarray,
                   step: float, valid: np.ndarray, delta_cols, normalize: bool, img_block: int, ref_block: int,
-                  cache: SpectraCache | None = None, i0: int = 0):
+                  cache: SpectraCache | None = None, i0: int = 0, coarse_rows: int = 0):
     """Best (score, alpha, ix, iy, mirror) per (image, reference) for one chunk of images."""
     grid = prep.grid
     n, box = images.shape[0], images.shape[1]
@@ -567,6 +618,11 @@ def _search_chunk(prep: PreparedReferences, images: np.ndarray, s: np.ndarray, k
     n_sh = ky.size * kx.size
     # polar sampling and ring FFTs in small sub-chunks (memory-bound steps), curves over the whole chunk
     sub = max(1, P_ROWS // n_sh)
+    fmax = min(COARSE_SHIFT_FREQ, prep.grid.n_freq - 1)
+    if (coarse_rows and cache is not None and prep.n_refs == 1 and n_sh > coarse_rows
+            and (delta_cols is None or not np.any(delta_cols * (2 * fmax) % prep.grid.maxrin))):
+        return _search_chunk_coarse_to_fine(prep, images, s, kx, ky, step, valid, delta_cols, normalize, cache, i0,
+                                            coarse_rows)
     spectra = [np.empty((n * n_sh,) + w.shape[:2], np.float32) for (_a, _b, _c, w) in prep.bands]
     mean = np.empty(n * n_sh)
     std = np.empty(n * n_sh)
@@ -606,6 +662,13 @@ def _search_chunk(prep: PreparedReferences, images: np.ndarray, s: np.ndarray, k
     if normalize:
         peak -= (mean.reshape(n, n_sh)[:, :, None, None] * prep.ring_sum[None, None, :, None])
         peak /= std.reshape(n, n_sh)[:, :, None, None]
+    return _select(peak, pos, valid, kx, ky, step, grid)
+
+
+def _select(peak, pos, valid, kx, ky, step, grid):
+    """Best (score, alpha, ix, iy, mirror) per (image, reference) from peaks ``(n, n_sh, K, curves)``."""
+    n_curves = peak.shape[-1]
+    n_sh = peak.shape[1]
     if n_curves == 2:
         use_m = peak[..., 1] > peak[..., 0]                                  # straight wins ties
         score = np.where(use_m, peak[..., 1], peak[..., 0])
@@ -628,6 +691,96 @@ def _search_chunk(prep: PreparedReferences, images: np.ndarray, s: np.ndarray, k
     return best_score, best_alpha, ix, iy, best_mirror
 
 
+#: highest ring frequency of the coarse curves that pick the trial translations refined exactly
+COARSE_SHIFT_FREQ = 16
+
+
+def _rows_spectra(store, extra, index, rows, bands):
+    """Band spectra ``bands`` of the trial rows ``rows`` (store rows where ``index >= 0``, else ``extra``)."""
+    idx = index[rows]
+    ok = idx >= 0
+    out = []
+    for b in bands:
+        if ok.all():
+            out.append(np.take(store[b], idx, axis=0))
+        else:
+            dst = np.empty((rows.size,) + store[b].shape[1:], np.float32)
+            dst[ok] = store[b][idx[ok]]
+            dst[~ok] = extra[b][-1 - idx[~ok]]
+            out.append(dst)
+    return out
+
+
+def _search_chunk_coarse_to_fine(prep, images, s, kx, ky, step, valid, delta_cols, normalize, cache, i0,
+                                 coarse_rows):
+    """:func:`_search_chunk` for one reference with cached spectra, coarse to fine over the translations.
+
+    Every trial translation gets a coarse score (the correlation curves restricted to ring frequencies
+    ``m <= COARSE_SHIFT_FREQ``, sampled every ``180 / COARSE_SHIFT_FREQ`` degrees, peak of the straight and
+    mirrored curve); the ``coarse_rows`` best translations of each image are then searched exactly (full
+    curves, parabola refinement) and the best of them is returned, with the tie rules of the full search.
+    """
+    grid = prep.grid
+    n = images.shape[0]
+    n_sh = ky.size * kx.size
+    index, extra, mean, std = cache._lookup(prep, images, i0, s, kx, ky, step)
+    store = cache._store(prep)
+    n_cols = 4 if prep.mirror else 2
+    n_curves = n_cols // 2
+    fmax = min(COARSE_SHIFT_FREQ, grid.n_freq - 1)
+    low = [b for b, band in enumerate(prep.bands) if band[0] <= fmax]
+    all_rows = np.arange(n * n_sh)
+    low_spec = _rows_spectra(store, extra, index, all_rows, low)
+    x = np.zeros((fmax + 1, n * n_sh, n_cols), np.float32)
+    for b, spec in zip(low, low_spec):
+        m_lo, m_hi, _r, w = prep.bands[b]
+        top = min(m_hi, fmax + 1)
+        np.matmul(spec[:, :top - m_lo].transpose(1, 0, 2), w[:top - m_lo], out=x[m_lo:top])
+    curves = scipy.fft.irfft(x.view(np.complex64), n=2 * fmax, axis=0)          # (2 fmax, rows, curves)
+    if delta_cols is not None:                                  # a discrete pass: the same angles, coarsely
+        curves = curves[delta_cols * (2 * fmax) // grid.maxrin]
+    coarse = curves.max(axis=0).max(axis=-1)
+    coarse = coarse.astype(np.float64)
+    if normalize:
+        coarse = (coarse * (2 * fmax / grid.maxrin) - mean * prep.ring_sum[0]) / std
+    coarse = np.where(valid.reshape(-1), coarse, -np.inf).reshape(n, n_sh)
+    # the coarse_rows best translations of every image (later translations first on ties)
+    order = n_sh - 1 - np.argsort(-coarse[:, ::-1], axis=1, kind="stable")[:, :coarse_rows]   # (n, R)
+    rows = (np.arange(n)[:, None] * n_sh + order).reshape(-1)
+    spec = _rows_spectra(store, extra, index, rows, range(len(prep.bands)))
+    pk, ps = _curves_peaks(prep, spec, 0, rows.size, 0, 1, delta_cols)         # (n R, 1, curves)
+    peak = pk.reshape(n, coarse_rows, n_curves)
+    pos = ps.reshape(n, coarse_rows, n_curves)
+    if normalize:
+        peak = (peak - (mean[rows] * prep.ring_sum[0]).reshape(n, coarse_rows, 1)) / std[rows].reshape(
+            n, coarse_rows, 1)
+    if n_curves == 2:
+        use_m = peak[..., 1] > peak[..., 0]
+        score = np.where(use_m, peak[..., 1], peak[..., 0])
+        p = np.where(use_m, pos[..., 1], pos[..., 0])
+    else:
+        use_m = np.zeros(peak.shape[:2], bool)
+        score, p = peak[..., 0], pos[..., 0]
+    score = np.where(np.take_along_axis(valid, order, axis=1), score, -np.inf)
+    # the best refined translation; ties go to the later translation, as in the full search
+    best = _best_later(score, order)
+    take = best[:, None]
+    shift = np.take_along_axis(order, take, axis=1)[:, 0]
+    best_score = np.take_along_axis(score, take, axis=1)[:, 0].astype(np.float32)
+    best_alpha = np.mod(360.0 * np.take_along_axis(p, take, axis=1)[:, 0] / grid.maxrin, 360.0)
+    best_mirror = np.take_along_axis(use_m, take, axis=1)[:, 0].astype(np.int8)
+    iy = ky[shift // kx.size] * step
+    ix = kx[shift % kx.size] * step
+    return best_score[:, None], best_alpha[:, None], ix[:, None], iy[:, None], best_mirror[:, None]
+
+
+def _best_later(score, order):
+    """Per row, the column of the largest score; among equal scores the one with the larger ``order``."""
+    top = score.max(axis=1, keepdims=True)
+    cand = np.where(score == top, order, -1)
+    return np.argmax(cand, axis=1)
+
+
 def _assemble(alpha, ix, iy, s):
     """Parameters combine((0, -s, 0), (alpha, R(alpha)(-ix, -iy), m)) = (alpha, -R(alpha)(s + d), m)."""
     a = np.deg2rad(alpha)
@@ -640,7 +793,7 @@ def _assemble(alpha, ix, iy, s):
 
 
 def _run(images, prep: PreparedReferences, *, x_range, y_range, step, delta, normalize, s, chunk_size,
-         pair_budget, cache=None):
+         pair_budget, cache=None, coarse_rows=0):
     grid = prep.grid
     stack = np.asarray(images, dtype=np.float32)
     n, box = stack.shape[0], stack.shape[1]
@@ -690,7 +843,7 @@ def _run(images, prep: PreparedReferences, *, x_range, y_range, step, delta, nor
     for i0 in range(0, n, chunk_size):
         i1 = min(n, i0 + chunk_size)
         res = _search_chunk(prep, np.ascontiguousarray(stack[i0:i1]), s[i0:i1], kx, ky, step, valid[i0:i1],
-                            delta_cols, normalize, img_block, ref_block, cache, i0)
+                            delta_cols, normalize, img_block, ref_block, cache, i0, coarse_rows)
         score[i0:i1], alpha[i0:i1], ix[i0:i1], iy[i0:i1], mirror[i0:i1] = res
     alpha, sx, sy = _assemble(alpha, ix, iy, s)
     return score, alpha.astype(np.float32), sx.astype(np.float32), sy.astype(np.float32), mirror
@@ -774,7 +927,7 @@ def align_to_reference(images, reference, grid: PolarGrid, *, x_range: float, y_
                        mirror: bool = True, delta: float = 0.0, normalize_images: bool = False,
                        initial_params=None, center_shift=None, out_of_range: str = "clamp",
                        chunk_size: int | None = None, pair_budget: int = DEFAULT_PAIR_BUDGET,
-                       cache: SpectraCache | None = None) -> RefAlignment:
+                       cache: SpectraCache | None = None, coarse_rows: int = 0) -> RefAlignment:
     """One alignment pass of every image to one reference (SPHIRE ``ali2d_single_iter`` / ``ormq``, spec §4.8).
 
     Same search as :func:`align_to_references` with one reference; defaults follow ``ali2d_single_iter``:
@@ -792,6 +945,10 @@ def align_to_reference(images, reference, grid: PolarGrid, *, x_range: float, y_
         As :func:`align_to_references`.
     center_shift : (2,) array_like, optional
         Centring shift ``cs`` in pixels (``ali2d_base`` with ``center_method = -1`` and friends).
+    coarse_rows : int
+        0 (default): every trial translation is searched exactly. ``R > 0`` (with a ``cache``): coarse to fine,
+        every translation gets a low-frequency score (ring frequencies ``<= COARSE_SHIFT_FREQ``) and only the
+        ``R`` best per image are searched exactly; not SPHIRE's search (``docs/deviations.md``).
 
     Returns
     -------
@@ -816,7 +973,7 @@ def align_to_reference(images, reference, grid: PolarGrid, *, x_range: float, y_
                          center_shift=center_shift, out_of_range=out_of_range)
     score, alpha, sx, sy, mir = _run(stack, prep, x_range=x_range, y_range=y_range, step=step, delta=delta,
                                      normalize=normalize_images, s=s, chunk_size=chunk_size,
-                                     pair_budget=pair_budget, cache=cache)
+                                     pair_budget=pair_budget, cache=cache, coarse_rows=int(coarse_rows))
     return RefAlignment(score=score[:, 0], alpha=alpha[:, 0], sx=sx[:, 0], sy=sy[:, 0], mirror=mir[:, 0])
 
 
@@ -904,3 +1061,96 @@ def aligned_average(images, params, grid: PolarGrid, *, cache: SpectraCache | No
             acc += (ph_s @ bt)[:, 0] + np.conj((ph_m @ bt)[:, 0])
     rings = rings_from_spectra(_groups_from_bands([a / n for a in sums], layout, grid), grid)
     return polar_to_image(rings, grid, box)
+
+
+def subset_references(prep: PreparedReferences, indices) -> PreparedReferences:
+    """The prepared references ``indices`` (in that order) of ``prep``, without recomputing them.
+
+    Parameters
+    ----------
+    prep : PreparedReferences
+    indices : (k,) int array_like
+        Reference numbers (0-based).
+
+    Returns
+    -------
+    PreparedReferences
+        With ``n_refs = k``; searching it gives the same numbers as searching the full set and keeping the
+        columns ``indices``.
+    """
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if idx.size == 0 or idx.min() < 0 or idx.max() >= prep.n_refs:
+        raise ValueError(f"reference indices must lie in [0, {prep.n_refs}), got {idx.tolist()[:10]}")
+    n_cols = 4 if prep.mirror else 2
+    bands = []
+    for m_lo, m_hi, r_first, w in prep.bands:
+        w4 = w.reshape(w.shape[0], w.shape[1], prep.n_refs, n_cols)
+        bands.append((m_lo, m_hi, r_first,
+                      np.ascontiguousarray(w4[:, :, idx]).reshape(w.shape[0], w.shape[1], idx.size * n_cols)))
+    return PreparedReferences(grid=prep.grid, box=prep.box, n_refs=int(idx.size), mirror=prep.mirror,
+                              ring_sum=prep.ring_sum[idx].copy(), bands=tuple(bands))
+
+
+def coarse_scores(images, prep: PreparedReferences, *, initial_params=None, out_of_range: str = "reset",
+                  normalize_images: bool = True, max_freq: int = 16, chunk_size: int = 256) -> np.ndarray:
+    """Cheap approximate scores of every image against every reference (candidate pre-selection).
+
+    The rotational correlation of :func:`align_to_references` restricted to ring frequencies ``m <= max_freq``
+    (a low-pass in angle: the curve sampled every ``180 / max_freq`` degrees), at the current particle centre
+    only (no trial translations, no peak refinement), straight and mirrored; the score is the larger peak,
+    ring-normalised like the full search and on the same scale (the ``m = 0`` term of both curves is equal).
+    It costs about ``1 / (9 * 4)`` of the full search per (image, reference) with the ISAC defaults and is
+    used to choose the references an image is aligned to exactly.
+
+    Parameters
+    ----------
+    images : (n, N, N) array_like
+    prep : PreparedReferences
+        With ``mirror=True`` or False.
+    initial_params, out_of_range, normalize_images
+        As :func:`align_to_references`.
+    max_freq : int
+        Highest ring frequency used (>= 1); a power of two keeps the angular sampling regular.
+    chunk_size : int
+        Images per batch.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 ``(n, n_refs)``; larger is better.
+    """
+    grid = prep.grid
+    stack = _as_images(images, grid)
+    n, box = stack.shape[0], stack.shape[1]
+    if box != prep.box:
+        raise ValueError(f"images are {box} px but the references are {prep.box} px")
+    max_freq = int(min(max_freq, grid.n_freq - 1))
+    if max_freq < 1:
+        raise ValueError("max_freq must be >= 1")
+    s = particle_centres(initial_params, n, box, grid.last_ring, out_of_range=out_of_range)
+    n_cols = 4 if prep.mirror else 2
+    n_len = 2 * max_freq
+    out = np.empty((n, prep.n_refs), np.float32)
+    zero = np.zeros(1, np.int64)
+    centre = float(box // 2)
+    for i0 in range(0, n, chunk_size):
+        i1 = min(n, i0 + chunk_size)
+        m = i1 - i0
+        polar = _gather_polar(stack[i0:i1].reshape(-1), box, np.arange(m), centre + s[i0:i1, 0],
+                              centre + s[i0:i1, 1], grid, zero, zero).reshape(m, grid.lcirc)
+        spectra = _band_spectra(prep, polar)
+        x = np.zeros((max_freq + 1, m, prep.n_refs * n_cols), np.float32)
+        for (m_lo, m_hi, _r, w), b in zip(prep.bands, spectra):
+            if m_lo > max_freq:
+                continue
+            top = min(m_hi, max_freq + 1)
+            np.matmul(b[:, :top - m_lo].transpose(1, 0, 2), w[:top - m_lo], out=x[m_lo:top])
+        corr = scipy.fft.irfft(x.view(np.complex64), n=n_len, axis=0)        # (n_len, m, n_refs * curves)
+        peak = corr.max(axis=0).reshape(m, prep.n_refs, n_cols // 2).max(axis=2).astype(np.float64)
+        peak *= n_len / grid.maxrin                                            # the scale of the full curves
+        if normalize_images:
+            mean, std = _ring_stats(polar, grid)
+            peak = (peak - mean[:, None] * prep.ring_sum[None, :]) / std[:, None]
+        out[i0:i1] = peak
+    return out
+

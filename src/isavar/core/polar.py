@@ -205,6 +205,31 @@ def check_fits(grid: PolarGrid, box: int) -> None:
 def _gather_polar(flat: np.ndarray, box: int, image_index: np.ndarray, cx: np.ndarray, cy: np.ndarray,
                   grid: PolarGrid, ox: np.ndarray, oy: np.ndarray, out: np.ndarray | None = None,
                   sub_chunk: int = 2) -> np.ndarray:
+    """Bilinear polar samples around centres ``(cx + ox[kx], cy + oy[ky])`` (compiled kernel).
+
+    Same arguments, result and arithmetic as :func:`_gather_polar_numpy` (the NumPy formulation, kept as
+    the reference the tests compare with).
+    """
+    from isavar.core import _kernels
+
+    ox = np.asarray(ox, dtype=np.int64)
+    oy = np.asarray(oy, dtype=np.int64)
+    n_c = image_index.size
+    if out is None:
+        out = np.empty((n_c, oy.size, ox.size, grid.lcirc), dtype=np.float32)
+    if n_c == 0:
+        return out
+    reach = grid.last_ring + 1
+    inside = (cx.min() + ox.min() - reach >= 0 and cx.max() + ox.max() + reach <= box - 1
+              and cy.min() + oy.min() - reach >= 0 and cy.max() + oy.max() + reach <= box - 1)
+    pad = 0 if inside else int(max(np.abs(ox).max(), np.abs(oy).max())) + 2
+    images = np.ascontiguousarray(flat, dtype=np.float32).reshape(-1, box, box)
+    return _kernels.polar_gather(images, image_index, cx, cy, grid.sample_dx, grid.sample_dy, ox, oy, pad, out)
+
+
+def _gather_polar_numpy(flat: np.ndarray, box: int, image_index: np.ndarray, cx: np.ndarray, cy: np.ndarray,
+                        grid: PolarGrid, ox: np.ndarray, oy: np.ndarray, out: np.ndarray | None = None,
+                        sub_chunk: int = 2) -> np.ndarray:
     """Bilinear polar samples around centres ``(cx + ox[kx], cy + oy[ky])`` for a grid of integer offsets.
 
     Parameters
@@ -384,11 +409,10 @@ def ring_statistics(polar, grid: PolarGrid) -> tuple[np.ndarray, np.ndarray]:
     mean, std : numpy.ndarray
         float64 arrays of shape ``polar.shape[:-1]``; ``std = sqrt(sum w (b - mean)^2 / sum w)``.
     """
-    polar = np.asarray(polar, dtype=np.float32)
-    w = (grid.sample_weights / grid.sample_weights.sum()).astype(np.float32)
-    mean = (polar @ w).astype(np.float64)
-    second = ((polar * polar) @ w).astype(np.float64)
-    var = np.maximum(second - mean * mean, 0.0)
+    polar = np.asarray(polar, dtype=np.float64)
+    w = grid.sample_weights / grid.sample_weights.sum()
+    mean = polar @ w
+    var = np.maximum(((polar - mean[..., None]) ** 2) @ w, 0.0)     # two-pass: no cancellation
     return mean, np.sqrt(var)
 
 
@@ -403,11 +427,13 @@ def normalize_rings(polar, grid: PolarGrid) -> np.ndarray:
     Returns
     -------
     numpy.ndarray
-        float32, same shape. A constant input (std = 0) is returned mean-subtracted only.
+        float32, same shape. A constant input (std = 0, or at the float32 rounding level of the mean) is
+        returned mean-subtracted only.
     """
     polar = np.asarray(polar, dtype=np.float32)
     mean, std = ring_statistics(polar, grid)
-    std = np.where(std > 0, std, 1.0)
+    # a spread at the rounding level of the mean is a constant input
+    std = np.where(std > 1e-6 * np.abs(mean), std, 1.0)
     return ((polar - mean[..., None].astype(np.float32)) / std[..., None].astype(np.float32)).astype(np.float32)
 
 

@@ -98,15 +98,18 @@ def align_multi(images, refs, grid, p, params, *, xr=None, yr=None, normalize=Tr
     return res.score, res.params
 
 
-def align_single(images, ref, grid, p, params, delta, *, xr=None, yr=None, ts=None, cache=None):
-    """One ``ali2d_single_iter`` pass against one reference (centres clamped); returns (n, 4) parameters."""
+def align_single(images, ref, grid, p, params, delta, *, xr=None, yr=None, ts=None, cache=None, coarse_rows=0):
+    """One ``ali2d_single_iter`` pass against one reference (centres clamped); returns (n, 4) parameters.
+
+    ``coarse_rows > 0``: only that many trial translations per image, chosen by a coarse score, are searched
+    exactly (needs ``cache``)."""
     from isavar.core.align2d import align_to_reference
 
     res = align_to_reference(np.asarray(images, dtype=np.float32), ref, grid,
                              x_range=p.xr if xr is None else xr, y_range=p.yr_eff if yr is None else yr,
                              step=p.ts if ts is None else ts, mirror=True, delta=float(delta),
                              normalize_images=False, initial_params=np.asarray(params, dtype=np.float64),
-                             out_of_range="clamp", cache=cache)
+                             out_of_range="clamp", cache=cache, coarse_rows=coarse_rows)
     return res.params
 
 
@@ -123,3 +126,28 @@ def polar_mean(images, params, grid, cache=None) -> np.ndarray:
 
     return aligned_average(np.asarray(images, dtype=np.float32), np.asarray(params, dtype=np.float64), grid,
                            cache=cache)
+
+
+def subset(prep, indices):
+    """Prepared references ``indices`` of ``prep`` (no recomputation)."""
+    from isavar.core.align2d import subset_references
+
+    return subset_references(prep, indices)
+
+
+def truncate(prep, max_freq):
+    """``prep`` keeping only the ring frequencies ``m <= max_freq`` (all that the coarse scores read)."""
+    import dataclasses
+
+    bands = tuple((m_lo, min(m_hi, max_freq + 1), r, w[:min(m_hi, max_freq + 1) - m_lo])
+                  for m_lo, m_hi, r, w in prep.bands if m_lo <= max_freq)
+    return dataclasses.replace(prep, bands=bands)
+
+
+def coarse_scores(images, prep, params, max_freq=None):
+    """Coarse image-reference scores for choosing candidates, (n, K) float32 (centres reset as in EQK)."""
+    from isavar.core.align2d import coarse_scores as _cs
+
+    kw = {} if max_freq is None else {"max_freq": max_freq}
+    return _cs(np.asarray(images, dtype=np.float32), prep, initial_params=np.asarray(params, dtype=np.float64),
+               out_of_range="reset", **kw)

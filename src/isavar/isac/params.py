@@ -69,6 +69,20 @@ class Isac2Params:
         Do not order the class averages.
     delta_good : int
         The first generation of a main iteration must give more than this many good classes.
+    prealign_maxit : int
+        isavar extension: pre-alignment passes per translational step.
+    eqk_search : {"candidates", "flat"}
+        isavar extension: "candidates" (default) aligns each image exactly only to the references chosen by
+        a cheap coarse score (:func:`isavar.isac.generation.eqk_search_candidates`; cost about linear in N,
+        ``docs/deviations.md``); "flat" aligns every image to every reference in each EQK iteration (SPHIRE,
+        cost ``N x K``).
+    eqk_candidates : int
+        isavar extension: candidate references per image of the "candidates" search (with at most twice
+        this many classes the search is flat: the candidates of a group of images would cover most classes).
+    within_shift_candidates : int
+        isavar extension: 0 (default) searches every trial translation of a within-group pass exactly
+        (SPHIRE); ``R > 0`` ranks them by a low-frequency coarse score and searches only the best ``R`` exactly
+        (cheaper; see ``docs/deviations.md`` for why it is not the default).
     """
 
     radius: int
@@ -102,6 +116,14 @@ class Isac2Params:
     delta_good: int = 0
     # isavar extensions (not SPHIRE options)
     prealign_maxit: int = field(default=14, metadata={"help": "pre-alignment passes per translational step"})
+    eqk_search: str = field(default="candidates", metadata={
+        "help": "EQK search: 'candidates' (exact alignment against a few references per image chosen by a "
+                "coarse score; cost linear in the number of images) or 'flat' (every image against every "
+                "reference, SPHIRE)"})
+    eqk_candidates: int = field(default=8, metadata={"help": "candidate references per image of the EQK search"})
+    within_shift_candidates: int = field(default=0, metadata={
+        "help": "within-group passes: trial translations per image searched exactly after a coarse score "
+                "(0: all, SPHIRE)"})
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -161,6 +183,12 @@ class Isac2Params:
             bad("thld_err", "must be > 0")
         if self.restart < -1:
             bad("restart", "must be -1, 0 or a main-iteration number")
+        if self.eqk_search not in ("candidates", "flat"):
+            bad("eqk_search", f"must be 'candidates' or 'flat', got {self.eqk_search!r}")
+        if self.eqk_candidates < 1:
+            bad("eqk_candidates", "must be >= 1")
+        if self.within_shift_candidates < 0:
+            bad("within_shift_candidates", "must be >= 0")
         return self
 
     def to_dict(self) -> dict:

@@ -258,7 +258,8 @@ def within_group_refinement(images, params, p, grid, rng, *, randomize: bool = T
         if last:
             return avg, params
         delta = discrete_delta(it, it + 1, p.maxit, p.dst)
-        params = _ops.align_single(images, avg, grid, p, params, delta, cache=cache)
+        params = _ops.align_single(images, avg, grid, p, params, delta, cache=cache,
+                                   coarse_rows=p.within_shift_candidates)
     return avg, params  # pragma: no cover - loop always returns
 
 
