@@ -92,6 +92,14 @@ def _file_only(particles, outdir, what):
     return Path(particles)
 
 
+
+def _parameters(cls, params, options: dict):
+    """``params`` as given, or ``cls(**options)``; a TypeError when both are given."""
+    if params is not None and options:
+        raise TypeError("give either params or keyword options, not both")
+    return params if params is not None else cls(**options)
+
+
 def isac2(particles, outdir=None, *, params=None, workers: int = 1, pixel_size_A: float | None = None,
           project_dir=None, **options):
     """ISAC2 2D classification (SPHIRE ``sp_isac2.py``).
@@ -136,9 +144,7 @@ def isac2(particles, outdir=None, *, params=None, workers: int = 1, pixel_size_A
     """
     from isavar.isac.params import Isac2Params
 
-    if params is not None and options:
-        raise TypeError("give either params or keyword options, not both")
-    p = params if params is not None else Isac2Params(**options)
+    p = _parameters(Isac2Params, params, options)
     with _executor(workers) as ex:
         if outdir is not None:
             from isavar.workflows.isac2 import run_isac2
@@ -193,9 +199,7 @@ def variability(particles, outdir=None, *, params=None, workers: int = 1, pixel_
     """
     from isavar.variability.params import VariabilityParams
 
-    if params is not None and options:
-        raise TypeError("give either params or keyword options, not both")
-    p = params if params is not None else VariabilityParams(**options)
+    p = _parameters(VariabilityParams, params, options)
     with _executor(workers) as ex:
         if outdir is not None:
             from isavar.workflows.variability import run_variability

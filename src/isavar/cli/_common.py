@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 
 from isavar._logging import configure_logging
@@ -30,51 +31,35 @@ def default_workers() -> int:
     return max(1, min(cores, MAX_DEFAULT_WORKERS))
 
 
+def _checked(text: str, convert, ok, kind: str, problem: str):
+    """``convert(text)`` for an argparse type, refused with one line unless ``ok(value)``."""
+    try:
+        value = convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {kind}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {problem}, got {text}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1 (``--workers``, ``--chunk-size``, ...)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+    return _checked(text, int, lambda v: v >= 1, "a whole number", "at least 1")
 
 
 def positive_float(text: str) -> float:
     """argparse type: a finite number > 0 (pixel sizes, ...)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not (value > 0 and value != float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
+    return _checked(text, float, lambda v: 0 < v < float("inf"), "a number", "a positive number")
 
 
 def non_negative_int(text: str) -> int:
     """argparse type: an integer >= 0 (random seeds)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+    return _checked(text, int, lambda v: v >= 0, "a whole number", ">= 0")
 
 
 def finite_float(text: str) -> float:
     """argparse type: a finite number (NaN and infinity refused; ranges are checked by each command)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if value != value or value in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
-
-
-_positive_int = positive_int
+    return _checked(text, float, math.isfinite, "a number", "a finite number")
 
 
 @contextlib.contextmanager
@@ -119,7 +104,7 @@ def add_executor_arguments(parser: argparse.ArgumentParser) -> None:
                         help="serial, a local process pool, or MPI (auto: MPI under mpirun, else pool "
                              "when --workers > 1); results do not depend on this")
     n = default_workers()
-    parser.add_argument("--workers", type=_positive_int, default=n,
+    parser.add_argument("--workers", type=positive_int, default=n,
                         help=f"processes for the pool executor (default: the CPU cores available, at most "
                              f"{MAX_DEFAULT_WORKERS}; here {n})")
 
