@@ -7,6 +7,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from isavar.parallel.partition import balanced_ranges
+from isavar.parallel.reduction import ExactSum, sum_locally
 
 
 class MpiExecutor:
@@ -36,6 +37,33 @@ class MpiExecutor:
         mine = [fn(t) for t in tasks[start:stop]]
         blocks = self.comm.allgather(mine)
         return [r for block in blocks for r in block]
+
+    def map_sum(self, fn: Callable[[Any], Any], tasks: Iterable[Any], on_result=None) -> list | None:
+        """Sum the arrays of every task's ``(arrays, extra)`` over all ranks with one reduction.
+
+        Each rank runs its block of tasks and adds their arrays exactly (fixed point,
+        :mod:`isavar.parallel.reduction`); one ``Allreduce`` of the integer limbs then gives every rank
+        the same totals, bit-identical to a serial run's whatever the number of ranks. ``on_result(extra)``
+        is called on the rank that ran the task, in task order; nothing per task is sent between ranks.
+        Returns ``None`` without tasks.
+        """
+        tasks = list(tasks)
+        start, stop = balanced_ranges(len(tasks), self.size)[self.rank]
+        local = sum_locally((fn(t) for t in tasks[start:stop]), on_result)
+        layout = self.comm.bcast(None if local is None else local.layout, root=0)   # rank 0 has a task if any
+        if layout is None:
+            return None
+        if local is None:
+            local = ExactSum(layout)
+        limbs = np.empty_like(local.limbs)
+        self.comm.Allreduce(local.limbs, limbs, op=self._mpi.SUM)
+        total = ExactSum(layout)
+        total.merge_limbs(limbs, len(tasks))
+        return total.values()
+
+    def gather(self, obj: Any, root: int = 0) -> list | None:
+        """Every rank's ``obj`` in rank order at ``root``; ``None`` on the other ranks."""
+        return self.comm.gather(obj, root=root)
 
     def allreduce_sum(self, array: np.ndarray) -> np.ndarray:
         """Element-wise sum over ranks (buffer-based)."""

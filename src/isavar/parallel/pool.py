@@ -18,6 +18,8 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from isavar.parallel.reduction import sum_locally
+
 #: Seconds between two checks of a worker's parent.
 PARENT_CHECK_INTERVAL = 0.5
 
@@ -77,22 +79,37 @@ class PoolExecutor:
         """Always True (one controlling process)."""
         return True
 
-    def map(self, fn: Callable[[Any], Any], tasks: Iterable[Any]) -> list:
-        """Apply ``fn`` to every task in the pool; results in task order.
+    def imap(self, fn: Callable[[Any], Any], tasks: Iterable[Any]):
+        """Apply ``fn`` to every task in the pool; yield the results in task order.
 
         At most ``2 * workers + 2`` tasks are submitted at a time (a sliding window), so a generator of
         tasks is consumed lazily and the data in flight stay bounded.
         """
         window = 2 * self.workers + 2
         pending: deque = deque()
-        results = []
         for task in tasks:
             if len(pending) >= window:
-                results.append(pending.popleft().result())
+                yield pending.popleft().result()
             pending.append(self._pool.submit(fn, task))
         while pending:
-            results.append(pending.popleft().result())
-        return results
+            yield pending.popleft().result()
+
+    def map(self, fn: Callable[[Any], Any], tasks: Iterable[Any]) -> list:
+        """Apply ``fn`` to every task in the pool; results in task order (see :meth:`imap`)."""
+        return list(self.imap(fn, tasks))
+
+    def map_sum(self, fn: Callable[[Any], Any], tasks: Iterable[Any], on_result=None) -> list | None:
+        """Sum the arrays of every task's ``(arrays, extra)`` exactly; ``on_result(extra)`` in task order.
+
+        Each result is added as it arrives (bounded memory); the totals are bit-identical to a serial
+        run's (:mod:`isavar.parallel.reduction`). ``None`` without tasks.
+        """
+        total = sum_locally(self.imap(fn, tasks), on_result)
+        return None if total is None else total.values()
+
+    def gather(self, obj: Any, root: int = 0) -> list:
+        """``[obj]`` (one controlling process)."""
+        return [obj]
 
     def allreduce_sum(self, array: np.ndarray) -> np.ndarray:
         """Return ``array`` unchanged (one controlling process)."""

@@ -6,6 +6,8 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from isavar.parallel.reduction import sum_locally
+
 
 class SerialExecutor:
     """Run every task in this process, in order."""
@@ -21,6 +23,18 @@ class SerialExecutor:
     def map(self, fn: Callable[[Any], Any], tasks: Iterable[Any]) -> list:
         """Apply ``fn`` to every task in order."""
         return [fn(t) for t in tasks]
+
+    def map_sum(self, fn: Callable[[Any], Any], tasks: Iterable[Any], on_result=None) -> list | None:
+        """Sum the arrays of every task's ``(arrays, extra)`` exactly; ``on_result(extra)`` in task order.
+
+        Returns the float64/complex128 totals (``None`` without tasks); see :mod:`isavar.parallel.reduction`.
+        """
+        total = sum_locally((fn(t) for t in tasks), on_result)
+        return None if total is None else total.values()
+
+    def gather(self, obj: Any, root: int = 0) -> list:
+        """``[obj]`` (one process)."""
+        return [obj]
 
     def allreduce_sum(self, array: np.ndarray) -> np.ndarray:
         """Return ``array`` unchanged."""
