@@ -59,6 +59,14 @@ def _normalise(hi, mid, lo):                                             # pragm
         mid[i] &= mask
 
 
+@numba.njit(cache=True, nogil=True)
+def _to_float(hi, mid, lo, out):                                         # pragma: no cover - compiled
+    """``out[i] = hi[i] + (mid[i] + lo[i] * 2**-40) * 2**-40`` (the same operations on every process)."""
+    step = 2.0 ** -40
+    for i in range(hi.size):
+        out[i] = np.float64(hi[i]) + (np.float64(mid[i]) + np.float64(lo[i]) * step) * step
+
+
 def _as_float64_flat(array: np.ndarray) -> np.ndarray:
     """A flat float64 view (or copy) of a real or complex array; complex as interleaved (real, imag)."""
     a = np.asarray(array)
@@ -123,12 +131,12 @@ class ExactSum:
     def values(self) -> list[np.ndarray]:
         """The totals: float64 (or complex128) arrays in the layout's shapes."""
         hi, mid, lo = self.limbs
-        flat = hi.astype(np.float64) + (mid.astype(np.float64) + lo.astype(np.float64) * 2.0 ** -LIMB_BITS) \
-            * 2.0 ** -LIMB_BITS
         out = []
         for k, (shape, cplx) in enumerate(self.layout):
-            part = flat[self._offsets[k]:self._offsets[k + 1]]
-            out.append(part.view(np.complex128).reshape(shape).copy() if cplx else part.reshape(shape).copy())
+            s, e = self._offsets[k], self._offsets[k + 1]
+            part = np.empty(e - s, np.float64)
+            _to_float(hi[s:e], mid[s:e], lo[s:e], part)
+            out.append(part.view(np.complex128).reshape(shape) if cplx else part.reshape(shape))
         return out
 
 
