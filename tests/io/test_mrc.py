@@ -14,7 +14,7 @@ from isavar.errors import InputError
 from isavar.io import read_particles, read_volume, write_image_stack, write_particles, write_volume
 from isavar.io.particles import new_table
 
-from _io_helpers import random_images
+from _io_helpers import open_files, random_images
 
 
 def _valid(path) -> bool:
@@ -135,15 +135,16 @@ def test_existing_output_not_overwritten(tmp_path, rng):
     assert read_particles(path).images.shape == (3, 8, 8)
 
 
-def test_reads_are_memory_mapped_and_inputs_unchanged(tmp_path, rng):
+def test_an_open_stack_is_one_file_descriptor_and_inputs_unchanged(tmp_path, rng):
     path = tmp_path / "s.mrcs"
-    write_image_stack(path, random_images(rng, 6, 8), 1.0)
+    images = random_images(rng, 6, 8)
+    write_image_stack(path, images, 1.0)
     before = path.read_bytes()
     stack = read_particles(path)
-    stack.images[:]
-    handle = stack.images._handle(0)
-    assert isinstance(handle.data, np.memmap)
+    np.testing.assert_array_equal(stack.images[[4, 0, 2, 3]], images[[4, 0, 2, 3]])
+    assert open_files().count(str(path.resolve())) == 1
     stack.close()
+    assert str(path.resolve()) not in open_files()
     assert path.read_bytes() == before
 
 
