@@ -144,22 +144,26 @@ def _quick_header(path) -> dict | None:
     if len(raw) < HEADER_DTYPE.itemsize or raw[208:211] != b"MAP":
         return None
     try:
-        order = mrc_utils.byte_order_from_machine_stamp(np.frombuffer(raw, np.uint8, 4, 212))
-        header = np.frombuffer(raw, dtype=HEADER_DTYPE.newbyteorder(order)).reshape(()).view(np.recarray)
-        dtype = mrc_utils.data_dtype_from_header(header)
+        order = mrc_utils.byte_order_from_machine_stamp(raw[212:214])
+        header = np.frombuffer(raw, dtype=HEADER_DTYPE.newbyteorder(order))[0]
+        mode = int(header["mode"])
+        dtype = mrc_utils.dtype_from_mode(mode).newbyteorder(order)
     except (ValueError, KeyError):
         return None
-    if dtype.kind not in _SUPPORTED_KINDS or int(header.mx) <= 0:
+    nx, ny, nz, mz, mx = (int(header[k]) for k in ("nx", "ny", "nz", "mz", "mx"))
+    ispg, nsymbt = int(header["ispg"]), int(header["nsymbt"])
+    if dtype.kind not in _SUPPORTED_KINDS or mx <= 0 or nsymbt < 0:
         return None
-    shape = tuple(int(v) for v in mrc_utils.data_shape_from_header(header))
-    if min(shape) <= 0 or int(header.nsymbt) < 0:
+    if mrc_utils.spacegroup_is_volume_stack(ispg):
+        return None                                              # 4D: mrcfile's reader says what it is
+    shape = (ny, nx) if ispg == mrc_utils.IMAGE_STACK_SPACEGROUP and nz == 1 else (nz, ny, nx)
+    if min(shape) <= 0:
         return None
-    offset = HEADER_DTYPE.itemsize + int(header.nsymbt)
+    offset = HEADER_DTYPE.itemsize + nsymbt
     if size < offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
         return None
-    voxel = float32_value(np.float32(header.cella.x / header.mx))
-    ispg = int(header.ispg)
-    return {"shape": shape, "pixel_size_A": voxel if voxel > 0 else None, "mode": int(header.mode),
+    voxel = float32_value(np.float32(header["cella"]["x"] / header["mx"]))
+    return {"shape": shape, "pixel_size_A": voxel if voxel > 0 else None, "mode": mode,
             "is_volume": ispg != mrc_utils.IMAGE_STACK_SPACEGROUP and len(shape) == 3 and shape[0] > 1,
             "dtype": dtype, "offset": offset}
 

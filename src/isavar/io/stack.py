@@ -199,6 +199,19 @@ class LazyImages:
             rows = np.flatnonzero(rows)
         return LazyImages(self._sources, self._source_ids[rows], self._indices[rows])
 
+    def path_column(self):
+        """The file of each image as a categorical column (one string per file, a small code per row).
+
+        Returns
+        -------
+        pandas.Categorical
+            ``(n,)`` with the sources' paths as categories (an object array if two sources share a path).
+        """
+        paths = [s.path for s in self._sources]
+        if len(set(paths)) != len(paths):
+            return np.array(paths, dtype=object)[self._source_ids]
+        return pd.Categorical.from_codes(self._source_ids, categories=pd.Index(paths, dtype=object))
+
     def close(self) -> None:
         """Close every open file."""
         while self._handles:
