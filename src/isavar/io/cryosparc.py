@@ -139,6 +139,25 @@ def _text_column(values: np.ndarray):
     return pd.Categorical.from_codes(codes, categories=pd.Index(_text(uniques), dtype=object))
 
 
+def _resolve_blobs(names: list[str], folder: Path) -> list[Path]:
+    """:func:`_resolve_blob` of many names, with the candidate folders looked up once per directory named."""
+    bases = [folder, *list(folder.parents)[:3]]
+    dirs_of: dict[str, list[str]] = {}
+    out = []
+    for raw in names:
+        name = raw.lstrip(">")
+        if os.path.isabs(name):
+            out.append(Path(name))
+            continue
+        sub, base = os.path.split(name)
+        dirs = dirs_of.get(sub)
+        if dirs is None:
+            dirs = dirs_of[sub] = [os.path.join(b, sub) for b in bases if os.path.isdir(os.path.join(b, sub))]
+        hit = next((os.path.join(d, base) for d in dirs if os.path.exists(os.path.join(d, base))), None)
+        out.append(Path(os.path.realpath(hit)) if hit is not None else (folder / name).resolve())
+    return out
+
+
 def _resolve_blob(raw: str, folder: Path) -> Path:
     raw = raw.lstrip(">")
     p = Path(raw)
@@ -197,7 +216,7 @@ def read_cs(path) -> ParticleStack:
 
     codes, unique = factorize_runs(cs["blob/path"])
     unique = [u.decode("utf-8") if isinstance(u, bytes) else str(u) for u in unique]
-    resolved = [_resolve_blob(r, path.parent) for r in unique]
+    resolved = _resolve_blobs(unique, path.parent)
     missing = [k for k, p in enumerate(resolved) if not p.exists()]
     if missing:
         r = unique[missing[0]]

@@ -174,6 +174,9 @@ class LazyImages:
     def chunks(self, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[tuple[int, int, np.ndarray]]:
         """Iterate over consecutive images in bounded memory.
 
+        Each chunk is read file by file, in the order of the images in each file (one read per run of
+        consecutive images), whatever the row order; at most :data:`MAX_OPEN_FILES` files are open at once.
+
         Parameters
         ----------
         chunk_size : int
@@ -258,14 +261,20 @@ class LazyImages:
             block = np.asarray(src.read(self._handle(int(sids[0])), idx), dtype=np.float32)
             _check_finite(block, src.path, idx)
             return block
-        for sid in np.unique(sids):
-            where = np.flatnonzero(sids == sid)
-            src = self._sources[int(sid)]
-            wanted = idx[where]
-            uniq, inverse = np.unique(wanted, return_inverse=True)
-            block = np.asarray(src.read(self._handle(int(sid)), uniq), dtype=np.float32)
+        # Grouped by file and sorted by position in it, so that each file is read front to back once
+        # (the disk streams); the rows come back in the order asked for.
+        order = np.lexsort((idx, sids))
+        s_sorted, i_sorted = sids[order], idx[order]
+        bounds = np.flatnonzero(s_sorted[1:] != s_sorted[:-1]) + 1
+        for a, b in zip(np.concatenate(([0], bounds)).tolist(), np.concatenate((bounds, [rows.size])).tolist()):
+            sid = int(s_sorted[a])
+            src = self._sources[sid]
+            wanted = i_sorted[a:b]
+            first = np.concatenate(([True], wanted[1:] != wanted[:-1]))
+            uniq = wanted[first]
+            block = np.asarray(src.read(self._handle(sid), uniq), dtype=np.float32)
             _check_finite(block, src.path, uniq)
-            out[where] = block[inverse.reshape(-1)]
+            out[order[a:b]] = block if uniq.size == wanted.size else block[np.cumsum(first) - 1]
         return out
 
 
