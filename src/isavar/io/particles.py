@@ -403,11 +403,18 @@ def duplicated_rows(table: pd.DataFrame, columns=None) -> np.ndarray:
     """
     if any(c not in table.columns for c in IMAGE_COLUMNS) or len(table) < 2:
         return np.zeros(len(table), bool)
+    # Only rows naming an image named by another row can repeat one: compare the rest on those alone.
+    same_image = table.duplicated(subset=list(IMAGE_COLUMNS), keep=False).to_numpy()
+    out = np.zeros(len(table), bool)
+    if not same_image.any():
+        return out
+    table = table[same_image]
     if columns is None:
         columns = [c for c in table.columns if table[c].dtype != object
                    or table[c].map(lambda v: isinstance(v, (str, bytes, int, float))).all()]
     keys = list(IMAGE_COLUMNS) + [c for c in columns if c in table.columns and c not in IMAGE_COLUMNS]
-    return table.duplicated(subset=keys, keep="first").to_numpy()
+    out[same_image] = table.duplicated(subset=keys, keep="first").to_numpy()
+    return out
 
 
 def describe_duplicates(table: pd.DataFrame, duplicated: np.ndarray) -> str:

@@ -149,6 +149,16 @@ def _read_loop_blocks(path: Path) -> dict:
     return blocks
 
 
+_NUMBER_LIKE = re.compile(r"\s*([-+]?[0-9.]+([eE][-+]?[0-9]+)?|[-+]?(nan|inf|infinity)|<NA>|NaN)?\s*", re.I)
+
+
+def _looks_numeric(column: pd.Series) -> bool:
+    """False when the first value is text no number parser reads ("000001@stack.mrcs"), so that
+    ``pandas.to_numeric`` (which converts the whole column before failing) is not tried."""
+    first = column.iloc[0] if len(column) else None
+    return not isinstance(first, str) or _NUMBER_LIKE.fullmatch(first) is not None
+
+
 def _next_data_line(mm, pos: int, size: int) -> int:
     """Start of the next line beginning (after blanks) with ``data_``, or ``size``."""
     while True:
@@ -214,6 +224,8 @@ def _loop(mm, view: memoryview, pos: int, size: int) -> tuple[int, pd.DataFrame]
     df.columns = labels
     for label in labels:
         column = df[label]
+        if pd.api.types.is_numeric_dtype(column.dtype) or not _looks_numeric(column):
+            continue                          # to_numeric would return it unchanged or fail on that value
         try:
             numeric = pd.to_numeric(column)
         except (ValueError, TypeError):
