@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import starfile
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import isavar.io.mrc as mrc_module
 import isavar.io.stack as stack_module
@@ -113,13 +115,13 @@ def test_many_stacks_read_in_table_order_with_bounded_open_files(project, kind, 
 
 def _record_reads(monkeypatch) -> list:
     calls = []
-    original = mrc_module.MrcSource.read
+    original = mrc_module.MrcSource.read_into
 
-    def read(self, handle, indices):
+    def read_into(self, handle, indices, out):
         calls.append((self.path, np.array(indices)))
-        return original(self, handle, indices)
+        return original(self, handle, indices, out)
 
-    monkeypatch.setattr(mrc_module.MrcSource, "read", read)
+    monkeypatch.setattr(mrc_module.MrcSource, "read_into", read_into)
     return calls
 
 
@@ -274,3 +276,30 @@ def test_missing_optics_group_is_an_error(tmp_path, rng):
     starfile.write(blocks, tmp_path / "p.star")
     with pytest.raises(InputError, match="optics group 2 is not defined in data_optics"):
         read_particles(tmp_path / "p.star")
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3), st.integers(0, 2), st.sampled_from(["a", "b"])),
+                min_size=0, max_size=30))
+def test_duplicated_rows_equals_a_full_comparison(rows):
+    from isavar.io.particles import duplicated_rows
+
+    table = pd.DataFrame(rows, columns=["file", "image_index", "value", "note"])
+    table.insert(0, "image_path", pd.Categorical([f"s{f}.mrcs" for f in table.pop("file")]))
+    expected = table.duplicated(keep="first").to_numpy() if len(table) > 1 else np.zeros(len(table), bool)
+    np.testing.assert_array_equal(duplicated_rows(table), expected)
+    np.testing.assert_array_equal(duplicated_rows(table, columns=()),
+                                  table.duplicated(subset=["image_path", "image_index"]).to_numpy()
+                                  if len(table) > 1 else np.zeros(len(table), bool))
+
+
+def test_chunked_star_parse_equals_one_read(tmp_path, monkeypatch):
+    import isavar.io.star as star_module
+
+    monkeypatch.setattr(star_module, "CSV_CHUNK_ROWS", 3)
+    path = tmp_path / "c.star"
+    path.write_text("data_particles\n\nloop_\n_rlnImageName\n_rlnX\n_rlnY\n_rlnZ\n"
+                    + "".join(f"{i + 1}@a.mrcs {i} {i}.5 {i if i < 7 else 'text'}\n" for i in range(10)))
+    fast = _read_loop_blocks(path)["particles"]
+    pd.testing.assert_frame_equal(fast, starfile.read(path))
+    assert fast["rlnX"].dtype == np.int64 and fast["rlnZ"].tolist()[6:8] == ["6", "text"]

@@ -73,7 +73,7 @@ from isavar.io.particles import (
     ORIENTATION_COLUMNS,
     coerce_dtypes,
 )
-from isavar.io.stack import LazyImages, ParticleStack
+from isavar.io.stack import LazyImages, ParticleStack, release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -273,6 +273,8 @@ def read_cs(path) -> ParticleStack:
     pixel = float(table["pixel_size_A"].iloc[0]) if "pixel_size_A" in table else None
     if pixel is None and sources[0].pixel_size_A:
         pixel = sources[0].pixel_size_A
+    del cs, cols
+    release_freed_memory()
     return ParticleStack(table=table, images=images, pixel_size_A=pixel, path=str(path))
 
 

@@ -103,7 +103,10 @@ class MrcSource(ImageSource):
 
     def read(self, handle, indices):
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-        out = np.empty((indices.size, self.box, self.box), dtype=self.dtype)
+        return self.read_into(handle, indices, np.empty((indices.size, self.box, self.box), dtype=self.dtype))
+
+    def read_into(self, handle, indices, out):
+        """Read images ``indices`` (sorted, unique) into ``out`` (``(k, box, box)`` of :attr:`dtype`, C order)."""
         if indices.size == 0:
             return out
         breaks = np.flatnonzero(np.diff(indices) != 1) + 1

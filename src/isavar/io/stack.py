@@ -258,7 +258,11 @@ class LazyImages:
         idx = self._indices[rows]
         if sids[0] == sids[-1] and (sids == sids[0]).all() and (idx.size == 1 or (np.diff(idx) == 1).all()):
             src = self._sources[int(sids[0])]
-            block = np.asarray(src.read(self._handle(int(sids[0])), idx), dtype=np.float32)
+            if _reads_float32_into(src):
+                src.read_into(self._handle(int(sids[0])), idx, out)
+                block = out
+            else:
+                block = np.asarray(src.read(self._handle(int(sids[0])), idx), dtype=np.float32)
             _check_finite(block, src.path, idx)
             return block
         # Grouped by file and sorted by position in it, so that each file is read front to back once
@@ -272,10 +276,44 @@ class LazyImages:
             wanted = i_sorted[a:b]
             first = np.concatenate(([True], wanted[1:] != wanted[:-1]))
             uniq = wanted[first]
+            target = order[a:b]
+            if uniq.size == wanted.size and target[-1] - target[0] == b - a - 1 and _reads_float32_into(src) \
+                    and (np.diff(target) == 1).all():
+                view = out[int(target[0]):int(target[-1]) + 1]    # rows of this file are a run: no copy
+                src.read_into(self._handle(sid), uniq, view)
+                _check_finite(view, src.path, uniq)
+                continue
             block = np.asarray(src.read(self._handle(sid), uniq), dtype=np.float32)
             _check_finite(block, src.path, uniq)
-            out[order[a:b]] = block if uniq.size == wanted.size else block[np.cumsum(first) - 1]
+            out[target] = block if uniq.size == wanted.size else block[np.cumsum(first) - 1]
         return out
+
+
+def _reads_float32_into(src) -> bool:
+    """True for sources that can fill a float32 array in place (native float32 MRC stacks)."""
+    return hasattr(src, "read_into") and getattr(src, "dtype", None) == np.dtype(np.float32)
+
+
+def release_freed_memory() -> None:
+    """Give the memory freed after parsing a large table back to the system (glibc ``malloc_trim``).
+
+    Parsing a million-row STAR or .cs file frees several hundred MB of temporaries that glibc would
+    otherwise keep in the process (RSS 670 MB instead of 320 MB after reading 1,000,000 particles).
+    Does nothing where the C library has no ``malloc_trim``.
+    """
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
 
 
 def _check_finite(block: np.ndarray, path: str, indices: np.ndarray) -> None:

@@ -57,7 +57,7 @@ from isavar.io.particles import (
     coerce_dtypes,
     compact_column,
 )
-from isavar.io.stack import LazyImages, ParticleStack
+from isavar.io.stack import LazyImages, ParticleStack, release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +152,30 @@ def _read_loop_blocks(path: Path) -> dict:
 _NUMBER_LIKE = re.compile(r"\s*([-+]?[0-9.]+([eE][-+]?[0-9]+)?|[-+]?(nan|inf|infinity)|<NA>|NaN)?\s*", re.I)
 
 
+#: Rows parsed at a time: the parser's own memory stays at a few times one chunk instead of the whole table.
+CSV_CHUNK_ROWS = 200_000
+
+
+def _read_csv_in_chunks(window: memoryview) -> pd.DataFrame:
+    """``pandas.read_csv`` of a loop's data lines with starfile's options, ``CSV_CHUNK_ROWS`` rows at a time.
+
+    A column that is numeric in some chunks and text in others (the whole file read at once would make
+    it text) is read again in one piece, so the result is always that of a single read.
+    """
+    options = dict(delimiter=r"\s+", header=None, comment="#", keep_default_na=False,
+                   na_values=["nan", "NaN", "<NA>"], engine="c")
+    with pd.read_csv(io.BufferedReader(_Window(window), buffer_size=1 << 20), chunksize=CSV_CHUNK_ROWS,
+                     **options) as reader:
+        parts = list(reader)
+    if len(parts) == 1:
+        return parts[0]
+    numeric = [{c: pd.api.types.is_numeric_dtype(p[c].dtype) for c in p.columns} for p in parts]
+    if any(numeric[k] != numeric[0] for k in range(1, len(parts))):
+        del parts
+        return pd.read_csv(io.BufferedReader(_Window(window), buffer_size=1 << 20), **options)
+    return pd.concat(parts, ignore_index=True)
+
+
 def _looks_numeric(column: pd.Series) -> bool:
     """False when the first value is text no number parser reads ("000001@stack.mrcs"), so that
     ``pandas.to_numeric`` (which converts the whole column before failing) is not tried."""
@@ -217,8 +241,7 @@ def _loop(mm, view: memoryview, pos: int, size: int) -> tuple[int, pd.DataFrame]
         return stop, pd.DataFrame(np.zeros((0, len(labels))), columns=labels)
     window = view[pos:stop]
     try:
-        df = pd.read_csv(io.BufferedReader(_Window(window), buffer_size=1 << 20), delimiter=r"\s+", header=None,
-                         comment="#", keep_default_na=False, na_values=["nan", "NaN", "<NA>"], engine="c")
+        df = _read_csv_in_chunks(window)
     finally:
         window.release()
     df.columns = labels
@@ -549,6 +572,8 @@ def read_star(path, *, project_dir=None) -> ParticleStack:
         table["image_size_px"] = images.box
     table = coerce_dtypes(table.reset_index(drop=True))
     pixel_size = _single_pixel_size(table)
+    del blocks, particles, optics, df
+    release_freed_memory()
     return ParticleStack(table=table, images=images, pixel_size_A=pixel_size, path=str(path))
 
 
