@@ -211,21 +211,21 @@ def _child(path: str, chunk: int, subset: int) -> dict:
 
     baseline = _status_mb("VmHWM")
     fds0 = _open_fds()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     stack = isavar.read_particles(path)
-    t_open = time.perf_counter() - t0
+    t_open, c_open = time.perf_counter() - t0, time.process_time() - c0
     rss_open = _status_mb("VmRSS")
     first = stack.images[0]
     t_first = time.perf_counter() - t0
     table_mb = stack.table.memory_usage(deep=True).sum() / 1e6
     max_fds, count, check = _open_fds(), 0, 0.0
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     for _, _, block in stack.images.chunks(chunk):
         count += block.shape[0]
         check += float(block[:, 0, 0].sum())
         max_fds = max(max_fds, _open_fds())
-    t_pass = time.perf_counter() - t1
-    peak_pass = _status_mb("VmHWM")
+    t_pass, c_pass = time.perf_counter() - t1, time.process_time() - c1
+    peak_pass, rss_pass = _status_mb("VmHWM"), _status_mb("VmRSS")
     rng = np.random.default_rng(1)
     rows = rng.choice(len(stack), size=min(subset, len(stack)), replace=False)
     t2 = time.perf_counter()
@@ -235,11 +235,11 @@ def _child(path: str, chunk: int, subset: int) -> dict:
     nbytes = count * stack.images.box ** 2 * 4
     stack.close()
     return {"file": path, "n": len(stack.table), "stacks": len(stack.images.sources), "box": stack.images.box,
-            "first_pixel": float(first[0, 0]), "open_s": t_open, "first_image_s": t_first,
-            "pass_s": t_pass, "pass_MB_per_s": nbytes / t_pass / 1e6, "images_per_s": count / t_pass,
+            "first_pixel": float(first[0, 0]), "open_s": t_open, "open_cpu_s": c_open, "first_image_s": t_first,
+            "pass_s": t_pass, "pass_cpu_s": c_pass, "pass_MB_per_s": nbytes / t_pass / 1e6, "images_per_s": count / t_pass,
             "subset": int(rows.size), "subset_s": t_subset, "subset_checksum": float(sub[:, 0, 0].sum()),
             "fds_before": fds0, "max_fds": max_fds, "baseline_rss_MB": baseline, "rss_after_open_MB": rss_open,
-            "peak_rss_open_and_pass_MB": peak_pass, "peak_rss_MB": _status_mb("VmHWM"), "table_MB": table_mb, "checksum": check}
+            "rss_after_pass_MB": rss_pass, "peak_rss_open_and_pass_MB": peak_pass, "peak_rss_MB": _status_mb("VmHWM"), "table_MB": table_mb, "checksum": check}
 
 
 def _run_child(folder: Path, rel: Path, chunk: int, subset: int) -> dict:
