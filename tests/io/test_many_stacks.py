@@ -303,3 +303,17 @@ def test_chunked_star_parse_equals_one_read(tmp_path, monkeypatch):
     fast = _read_loop_blocks(path)["particles"]
     pd.testing.assert_frame_equal(fast, starfile.read(path))
     assert fast["rlnX"].dtype == np.int64 and fast["rlnZ"].tolist()[6:8] == ["6", "text"]
+
+
+def test_file_order_streams_every_file_once(shuffled, monkeypatch):
+    root, truth = shuffled
+    stack = read_particles(root / "Extract/job007/particles.star", project_dir=root)
+    order = stack.images.file_order()
+    assert sorted(order.tolist()) == list(range(len(order)))
+    calls = _record_reads(monkeypatch)
+    values = np.concatenate([b[:, 0, 0] for _, _, b in stack.images.subset(order).chunks(64)])
+    np.testing.assert_array_equal(values, truth["expected"][order])
+    assert np.all(np.diff(values) > 0)                       # file by file, front to back
+    chunks = -(-FILES * PER_FILE // 64)
+    assert len({p for p, _ in calls}) == FILES and len(calls) <= FILES + chunks   # a file split by a chunk edge
+    stack.close()

@@ -174,8 +174,10 @@ class LazyImages:
     def chunks(self, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[tuple[int, int, np.ndarray]]:
         """Iterate over consecutive images in bounded memory.
 
-        Each chunk is read file by file, in the order of the images in each file (one read per run of
-        consecutive images), whatever the row order; at most :data:`MAX_OPEN_FILES` files are open at once.
+        Each chunk is read file by file (files in the order of their paths), in the order of the images
+        in each file (one read per run of consecutive images), whatever the row order; at most
+        :data:`MAX_OPEN_FILES` files are open at once. For a table whose rows are not in file order,
+        iterate ``images.subset(images.file_order())`` to read every file once, front to back.
 
         Parameters
         ----------
@@ -201,6 +203,28 @@ class LazyImages:
         if rows.dtype == bool:
             rows = np.flatnonzero(rows)
         return LazyImages(self._sources, self._source_ids[rows], self._indices[rows])
+
+    def file_order(self) -> np.ndarray:
+        """Rows sorted by file, then by position in the file: the order in which the disk streams.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(n,)`` int64 permutation of the rows. ``images.subset(order).chunks()`` reads every file
+            once, front to back, even when the table's order is shuffled (a chunk of a shuffled table
+            touches hundreds of files).
+        """
+        return np.lexsort((self._indices, self._file_rank()[self._source_ids]))
+
+    def _file_rank(self) -> np.ndarray:
+        """Rank of each source's path in sorted order (files named in order usually lie in order on disk)."""
+        rank = self.__dict__.get("_rank")
+        if rank is None or rank.size != len(self._sources):
+            paths = np.array([s.path for s in self._sources], dtype=object)
+            rank = np.empty(len(paths), dtype=np.int64)
+            rank[np.argsort(paths, kind="stable")] = np.arange(len(paths))
+            self._rank = rank
+        return rank
 
     def path_column(self):
         """The file of each image as a categorical column (one string per file, a small code per row).
@@ -267,7 +291,7 @@ class LazyImages:
             return block
         # Grouped by file and sorted by position in it, so that each file is read front to back once
         # (the disk streams); the rows come back in the order asked for.
-        order = np.lexsort((idx, sids))
+        order = np.lexsort((idx, self._file_rank()[sids]))
         s_sorted, i_sorted = sids[order], idx[order]
         bounds = np.flatnonzero(s_sorted[1:] != s_sorted[:-1]) + 1
         for a, b in zip(np.concatenate(([0], bounds)).tolist(), np.concatenate((bounds, [rows.size])).tolist()):

@@ -222,7 +222,7 @@ def _simple(mm, pos: int, size: int) -> int:
     for raw in mm[pos:stop].decode("utf-8").splitlines():
         raw = raw.strip()
         if raw.startswith("_"):
-            shlex.split(raw)[1]
+            key, value = shlex.split(raw)          # starfile's check: exactly a key and a value
     return stop
 
 
