@@ -20,11 +20,14 @@ files only) and then warm, and reports: time to open (parse the table, resolve t
 descriptors seen during the pass (counted in ``/proc/self/fd`` after every chunk), peak resident memory
 (``VmHWM``) and the table's own size (``DataFrame.memory_usage(deep=True)``); then a random subset of
 5,000 particles read with one ``images[rows]`` (grouped by file) and ``isavar info`` on the STAR file.
+``shuffled`` reads the first ``--n`` particles in a random row order, cold, once in table order and once in
+``images.file_order()``.
 
 Usage::
 
     PYTHONPATH=src python bench/io_many_bench.py make --dir /tmp/isavar_io_many --n 1000000 --files 5000 --box 64
     OMP_NUM_THREADS=1 PYTHONPATH=src python bench/io_many_bench.py measure --dir /tmp/isavar_io_many
+    OMP_NUM_THREADS=1 PYTHONPATH=src python bench/io_many_bench.py shuffled --dir /tmp/isavar_io_many --n 100000
     python bench/io_many_bench.py clean --dir /tmp/isavar_io_many
 
 ``--sparse`` (make) writes every stack as a sparse file (a real header, the pixels a hole reading as zeros)
@@ -242,6 +245,32 @@ def _child(path: str, chunk: int, subset: int) -> dict:
             "rss_after_pass_MB": rss_pass, "peak_rss_open_and_pass_MB": peak_pass, "peak_rss_MB": _status_mb("VmHWM"), "table_MB": table_mb, "checksum": check}
 
 
+def shuffled(folder: Path, n: int, chunk: int, seed: int) -> dict:
+    """A shuffled table: the first ``n`` particles in random row order, read cold in table order and then
+    cold in ``images.file_order()``; same process, the stacks evicted before each pass."""
+    import isavar
+
+    os.chdir(folder)
+    stack = isavar.read_particles(STAR)
+    rows = np.random.default_rng(seed).permutation(n)
+    images = stack.images.subset(rows)
+    files = sorted({stack.images.sources[s].path for s in np.unique(images._source_ids)})
+    out = {"n": n, "files": len(files), "chunk": chunk}
+    for label, view in (("table_order", images), ("file_order", images.subset(images.file_order()))):
+        for p in files:
+            fd = os.open(p, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+        t0, check = time.perf_counter(), 0.0
+        for _, _, block in view.chunks(chunk):
+            check += float(block[:, 0, 0].sum())
+        seconds = time.perf_counter() - t0
+        out[label] = {"seconds": seconds, "MB_per_s": n * stack.images.box ** 2 * 4 / seconds / 1e6,
+                      "checksum": check}
+        view.close()
+    return out
+
+
 def _run_child(folder: Path, rel: Path, chunk: int, subset: int) -> dict:
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
     out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "child", str(rel), "--chunk", str(chunk),
@@ -299,6 +328,11 @@ def main(argv=None) -> int:
     p.add_argument("--chunk", type=int, default=1024)
     p.add_argument("--subset", type=int, default=5_000)
     p.add_argument("--no-warm", action="store_true")
+    p = sub.add_parser("shuffled")
+    p.add_argument("--dir", default="/tmp/isavar_io_many")
+    p.add_argument("--n", type=int, default=100_000)
+    p.add_argument("--chunk", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("clean")
     p.add_argument("--dir", default="/tmp/isavar_io_many")
     p = sub.add_parser("child")
@@ -311,6 +345,8 @@ def main(argv=None) -> int:
     elif args.command == "make":
         folder = Path(args.dir)
         print(json.dumps(make(folder, args.n, args.files, args.box, args.seed, args.sparse), indent=2))
+    elif args.command == "shuffled":
+        print(json.dumps(shuffled(Path(args.dir), args.n, args.chunk, args.seed), indent=2))
     elif args.command == "measure":
         print(json.dumps(measure(Path(args.dir), args.chunk, args.subset, not args.no_warm), indent=2))
     else:
