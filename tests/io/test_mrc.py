@@ -176,3 +176,41 @@ def test_stack_round_trip_property(tmp_path_factory, n, box, chunk, seed):
     blocks = [b for _, _, b in stack.images.chunks(chunk)]
     np.testing.assert_array_equal(np.concatenate(blocks), images)
     stack.close()
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.uint16, np.float16, np.float32])
+@pytest.mark.parametrize("byte_order", ["<", ">"])
+@pytest.mark.parametrize("extended", [0, 96])
+def test_header_fast_path_agrees_with_mrcfile(tmp_path, rng, dtype, byte_order, extended):
+    from isavar.io.mrc import MrcSource, _mrcfile_header, _quick_header
+
+    data = (rng.normal(size=(5, 6, 6)) * 20).astype(dtype)
+    path = tmp_path / "s.mrcs"
+    with mrcfile.new(path) as mrc:
+        if extended:
+            mrc.set_extended_header(np.zeros(extended, dtype="V1"))
+        mrc.set_data(data)
+        mrc.set_image_stack()
+        mrc.voxel_size = 1.37
+    if byte_order == ">":                                    # rewrite big-endian, as some programs write
+        with mrcfile.open(path) as mrc:
+            header = mrc.header.copy().astype(mrc.header.dtype.newbyteorder(">"))
+            header["machst"] = [0x11, 0x11, 0, 0]
+            ext = bytes(mrc.extended_header.tobytes()) if extended else b""
+        path.write_bytes(header.tobytes() + ext + data.astype(data.dtype.newbyteorder(">")).tobytes())
+    fast, slow = _quick_header(path), _mrcfile_header(path)
+    assert fast is not None and fast == slow
+    np.testing.assert_array_equal(read_particles(path).images[[3, 1]], data[[3, 1]].astype(np.float32))
+    assert MrcSource(path).offset == 1024 + extended
+
+
+def test_header_fast_path_leaves_odd_files_to_mrcfile(tmp_path, rng):
+    from isavar.io.mrc import _quick_header
+
+    path = tmp_path / "s.mrcs"
+    write_image_stack(path, random_images(rng, 3, 8), 1.0)
+    raw = bytearray(path.read_bytes())
+    raw[212:216] = b"\x00\x00\x00\x00"                        # unknown machine stamp
+    path.write_bytes(bytes(raw))
+    assert _quick_header(path) is None
+    assert read_particles(path).images.shape == (3, 8, 8)   # mrcfile reads it (little-endian default)

@@ -126,7 +126,12 @@ def _pread_exact(fd: int, view: memoryview, offset: int, path: str, first: int, 
     """Fill ``view`` from ``offset`` of the file; InputError naming the images when the file is short."""
     got = 0
     while got < view.nbytes:
-        n = os.preadv(fd, [view[got:]], offset + got)
+        if hasattr(os, "preadv"):
+            n = os.preadv(fd, [view[got:]], offset + got)
+        else:                                                   # pragma: no cover - platforms without preadv
+            data = os.pread(fd, view.nbytes - got, offset + got)
+            n = len(data)
+            view[got:got + n] = data
         if not n:
             raise InputError(f"truncated: images {first + 1}..{last + 1} cannot be read", path=path)
         got += n

@@ -2,7 +2,7 @@
 
 :class:`LazyImages` presents the images of a particle table as one virtual
 ``(n, ny, nx)`` float32 stack, in the table's row order. Pixels are read only
-when indexed (MRC stacks through ``numpy.memmap``, HDF datasets through h5py),
+when indexed (MRC stacks with ``os.preadv``, HDF datasets through h5py),
 so a million-particle data set costs no more memory than the chunk being
 processed. Every read is checked for NaN/Inf.
 
