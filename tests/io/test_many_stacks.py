@@ -317,3 +317,23 @@ def test_file_order_streams_every_file_once(shuffled, monkeypatch):
     chunks = -(-FILES * PER_FILE // 64)
     assert len({p for p, _ in calls}) == FILES and len(calls) <= FILES + chunks   # a file split by a chunk edge
     stack.close()
+
+
+@pytest.mark.skipif(shutil.which("relion_stack_create") is None, reason="RELION binaries not installed")
+def test_relion_reads_the_same_images_from_the_project_directory(shuffled, tmp_path):
+    """relion_stack_create, run from the project directory, gathers the images of the shuffled 200-stack
+    STAR; isavar's read of that STAR (and of the .cs naming the same stacks) gives the same pixels."""
+    import subprocess
+
+    import mrcfile
+
+    root, truth = shuffled
+    out = tmp_path / "relion_out"
+    subprocess.run(["relion_stack_create", "--i", "Extract/job007/particles.star", "--o", str(out)], cwd=root,
+                   check=True, capture_output=True, timeout=300)
+    relion = mrcfile.read(str(out) + ".mrcs")
+    np.testing.assert_array_equal(relion[:, 0, 0], truth["expected"])
+    for path in ("Extract/job007/particles.star", "J12/J12_particles.cs"):
+        stack = read_particles(root / path, project_dir=root)
+        np.testing.assert_array_equal(stack.images[:], relion)
+        stack.close()
