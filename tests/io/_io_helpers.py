@@ -65,3 +65,16 @@ def assert_tables_match(got, expected, columns=None):
         g = got[c].to_numpy(float)
         diff = angle_diff(g, e) if c.endswith("_deg") and "angle" in c else np.abs(g - e)
         assert diff.max() <= tol, f"{c}: max difference {diff.max()}"
+
+
+def open_files() -> list[str]:
+    """Targets of this process's open file descriptors (Linux ``/proc/self/fd``; the listing's own is skipped)."""
+    import os
+
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass
+    return out

@@ -14,7 +14,7 @@ from isavar.errors import InputError
 from isavar.io import read_particles, read_volume, write_image_stack, write_particles, write_volume
 from isavar.io.particles import new_table
 
-from _io_helpers import random_images
+from _io_helpers import open_files, random_images
 
 
 def _valid(path) -> bool:
@@ -135,15 +135,16 @@ def test_existing_output_not_overwritten(tmp_path, rng):
     assert read_particles(path).images.shape == (3, 8, 8)
 
 
-def test_reads_are_memory_mapped_and_inputs_unchanged(tmp_path, rng):
+def test_an_open_stack_is_one_file_descriptor_and_inputs_unchanged(tmp_path, rng):
     path = tmp_path / "s.mrcs"
-    write_image_stack(path, random_images(rng, 6, 8), 1.0)
+    images = random_images(rng, 6, 8)
+    write_image_stack(path, images, 1.0)
     before = path.read_bytes()
     stack = read_particles(path)
-    stack.images[:]
-    handle = stack.images._handle(0)
-    assert isinstance(handle.data, np.memmap)
+    np.testing.assert_array_equal(stack.images[[4, 0, 2, 3]], images[[4, 0, 2, 3]])
+    assert open_files().count(str(path.resolve())) == 1
     stack.close()
+    assert str(path.resolve()) not in open_files()
     assert path.read_bytes() == before
 
 
@@ -175,3 +176,41 @@ def test_stack_round_trip_property(tmp_path_factory, n, box, chunk, seed):
     blocks = [b for _, _, b in stack.images.chunks(chunk)]
     np.testing.assert_array_equal(np.concatenate(blocks), images)
     stack.close()
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.uint16, np.float16, np.float32])
+@pytest.mark.parametrize("byte_order", ["<", ">"])
+@pytest.mark.parametrize("extended", [0, 96])
+def test_header_fast_path_agrees_with_mrcfile(tmp_path, rng, dtype, byte_order, extended):
+    from isavar.io.mrc import MrcSource, _mrcfile_header, _quick_header
+
+    data = (rng.normal(size=(5, 6, 6)) * 20).astype(dtype)
+    path = tmp_path / "s.mrcs"
+    with mrcfile.new(path) as mrc:
+        if extended:
+            mrc.set_extended_header(np.zeros(extended, dtype="V1"))
+        mrc.set_data(data)
+        mrc.set_image_stack()
+        mrc.voxel_size = 1.37
+    if byte_order == ">":                                    # rewrite big-endian, as some programs write
+        with mrcfile.open(path) as mrc:
+            header = mrc.header.copy().astype(mrc.header.dtype.newbyteorder(">"))
+            header["machst"] = [0x11, 0x11, 0, 0]
+            ext = bytes(mrc.extended_header.tobytes()) if extended else b""
+        path.write_bytes(header.tobytes() + ext + data.astype(data.dtype.newbyteorder(">")).tobytes())
+    fast, slow = _quick_header(path), _mrcfile_header(path)
+    assert fast is not None and fast == slow
+    np.testing.assert_array_equal(read_particles(path).images[[3, 1]], data[[3, 1]].astype(np.float32))
+    assert MrcSource(path).offset == 1024 + extended
+
+
+def test_header_fast_path_leaves_odd_files_to_mrcfile(tmp_path, rng):
+    from isavar.io.mrc import _quick_header
+
+    path = tmp_path / "s.mrcs"
+    write_image_stack(path, random_images(rng, 3, 8), 1.0)
+    raw = bytearray(path.read_bytes())
+    raw[212:216] = b"\x00\x00\x00\x00"                        # unknown machine stamp
+    path.write_bytes(bytes(raw))
+    assert _quick_header(path) is None
+    assert read_particles(path).images.shape == (3, 8, 8)   # mrcfile reads it (little-endian default)

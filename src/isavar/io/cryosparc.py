@@ -73,7 +73,7 @@ from isavar.io.particles import (
     ORIENTATION_COLUMNS,
     coerce_dtypes,
 )
-from isavar.io.stack import LazyImages, ParticleStack
+from isavar.io.stack import LazyImages, ParticleStack, release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,37 @@ def _load(path: Path) -> np.ndarray:
 
 def _text(values) -> list[str]:
     return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
+
+
+def _text_column(values: np.ndarray):
+    """A text field as a column: a categorical when values repeat (a micrograph path per particle), else str."""
+    from isavar.io.star import factorize_runs
+
+    if values.dtype.kind == "O":
+        return _text(values)
+    codes, uniques = factorize_runs(values)
+    if len(uniques) * 4 > len(values):
+        return _text(values)
+    return pd.Categorical.from_codes(codes, categories=pd.Index(_text(uniques), dtype=object))
+
+
+def _resolve_blobs(names: list[str], folder: Path) -> list[Path]:
+    """:func:`_resolve_blob` of many names, with the candidate folders looked up once per directory named."""
+    bases = [folder, *list(folder.parents)[:3]]
+    dirs_of: dict[str, list[str]] = {}
+    out = []
+    for raw in names:
+        name = raw.lstrip(">")
+        if os.path.isabs(name):
+            out.append(Path(name))
+            continue
+        sub, base = os.path.split(name)
+        dirs = dirs_of.get(sub)
+        if dirs is None:
+            dirs = dirs_of[sub] = [os.path.join(b, sub) for b in bases if os.path.isdir(os.path.join(b, sub))]
+        hit = next((os.path.join(d, base) for d in dirs if os.path.exists(os.path.join(d, base))), None)
+        out.append(Path(os.path.realpath(hit)) if hit is not None else (folder / name).resolve())
+    return out
 
 
 def _resolve_blob(raw: str, folder: Path) -> Path:
@@ -181,27 +212,33 @@ def read_cs(path) -> ParticleStack:
     if "blob/path" not in names or "blob/idx" not in names:
         raise InputError("no blob/path and blob/idx fields (not a particle .cs file)", path=path)
     _check_field_types(cs, path)
-    raw = _text(cs["blob/path"])
-    unique = list(dict.fromkeys(raw))
-    resolved = {r: _resolve_blob(r, path.parent) for r in unique}
-    sources, sid = [], {}
-    for r in unique:
-        if not resolved[r].exists():
-            raise InputError(f"image stack {r} referenced by blob/path not found (looked for {resolved[r]})",
-                             path=path)
-        sid[r] = len(sources)
-        sources.append(MrcSource(resolved[r]))
+    from isavar.io.star import factorize_runs
+
+    codes, unique = factorize_runs(cs["blob/path"])
+    unique = [u.decode("utf-8") if isinstance(u, bytes) else str(u) for u in unique]
+    resolved = _resolve_blobs(unique, path.parent)
+    missing = [k for k, p in enumerate(resolved) if not p.exists()]
+    if missing:
+        r = unique[missing[0]]
+        more = f"; {len(missing)} of the {len(unique)} image stacks it names are missing" if len(unique) > 1 else ""
+        raise InputError(f"image stack {r} referenced by blob/path not found (looked for {resolved[missing[0]]}"
+                         f"{more})", path=path)
+    sources, sid_of_path, sid = [], {}, np.empty(len(unique), dtype=np.int64)
+    for k, p in enumerate(resolved):
+        if p not in sid_of_path:
+            sid_of_path[p] = len(sources)
+            sources.append(MrcSource(p))
+        sid[k] = sid_of_path[p]
     indices = cs["blob/idx"].astype(np.int64)
-    images = LazyImages(sources, np.array([sid[r] for r in raw], dtype=np.int64), indices)
+    images = LazyImages(sources, sid[codes], indices)
     _check_blob_shape(cs, images, path)
 
-    cols: dict[str, np.ndarray] = {"image_path": np.array([str(resolved[r]) for r in raw], dtype=object),
-                                   "image_index": indices}
+    cols: dict[str, np.ndarray] = {"image_path": images.path_column(), "image_index": indices}
     if "uid" in names:
         cols["uid"] = cs["uid"]
     for field, column in _SIMPLE_FIELDS.items():
         if field in names:
-            cols[column] = _text(cs[field]) if cs[field].dtype.kind in "SOU" else cs[field].astype(np.float64)
+            cols[column] = _text_column(cs[field]) if cs[field].dtype.kind in "SOU" else cs[field].astype(np.float64)
     if "blob/shape" in names:
         cols["image_size_px"] = np.asarray(cs["blob/shape"]).reshape(len(cs), -1)[:, 0].astype(np.int64)
     if "ctf/df_angle_rad" in names:
@@ -218,13 +255,13 @@ def read_cs(path) -> ParticleStack:
         values = cs[field]
         if field.startswith(CRYOSPARC_CUSTOM_PREFIX):
             name = field[len(CRYOSPARC_CUSTOM_PREFIX):]
-            cols[name] = _text(values) if values.dtype.kind in "SOU" else values
+            cols[name] = _text_column(values) if values.dtype.kind in "SOU" else values
         elif values.ndim > 1:
             flat = values.reshape(len(cs), -1)
             for k in range(flat.shape[1]):
                 cols[f"{field}/{k}"] = flat[:, k]
         else:
-            cols[field] = _text(values) if values.dtype.kind in "SOU" else values
+            cols[field] = _text_column(values) if values.dtype.kind in "SOU" else values
     if not has_3d and all(c in cols for c in ALIGN2D_COLUMNS) and "pixel_size_A" in cols:
         _relion_2d_pose(cols)
     for column in ("pixel_size_A", "alignments3D/psize_A", "alignments2D/psize_A"):
@@ -236,6 +273,8 @@ def read_cs(path) -> ParticleStack:
     pixel = float(table["pixel_size_A"].iloc[0]) if "pixel_size_A" in table else None
     if pixel is None and sources[0].pixel_size_A:
         pixel = sources[0].pixel_size_A
+    del cs, cols
+    release_freed_memory()
     return ParticleStack(table=table, images=images, pixel_size_A=pixel, path=str(path))
 
 
@@ -460,6 +499,8 @@ def _add_other_fields(table: pd.DataFrame, used: set, fields: dict) -> None:
 
 
 def _field_values(series: pd.Series):
+    if isinstance(series.dtype, pd.CategoricalDtype):
+        series = series.astype(object)
     if pd.api.types.is_bool_dtype(series):
         return series.to_numpy(bool)
     if pd.api.types.is_integer_dtype(series) and not series.isna().any():

@@ -10,7 +10,8 @@ Canonical columns
 ======================  ======  ======================================================
 column                  dtype   meaning
 ======================  ======  ======================================================
-image_path              str     path of the stack file holding the image (absolute)
+image_path              str     path of the stack file holding the image (absolute; read from a
+                                file naming many stacks it is a categorical: one string per file)
 image_index             int     0-based position of the image in that stack
 pixel_size_A            float   pixel size, Å
 image_size_px           int     box size, pixels
@@ -253,7 +254,7 @@ def coerce_dtypes(table: pd.DataFrame) -> pd.DataFrame:
     -------
     pandas.DataFrame
     """
-    out = table.copy()
+    out = table.copy(deep=False)          # columns are replaced, never changed in place
     for c in _FLOAT_COLUMNS:
         if c in out.columns:
             out[c] = pd.to_numeric(out[c], errors="coerce").astype(np.float64)
@@ -266,8 +267,37 @@ def coerce_dtypes(table: pd.DataFrame) -> pd.DataFrame:
                 out[c] = np.round(values.to_numpy(dtype=np.float64)).astype(np.int64)
     for c in ("image_path", "micrograph_name"):
         if c in out.columns:
-            out[c] = out[c].astype(str)
+            if isinstance(out[c].dtype, pd.CategoricalDtype):     # a few files named by many rows
+                out[c] = out[c].cat.rename_categories([str(v) for v in out[c].cat.categories])
+            else:
+                out[c] = out[c].astype(str)
     return out
+
+
+def compact_column(values):
+    """A column's values for a particle table: text that repeats (a micrograph name per particle) as a
+    categorical, other values unchanged.
+
+    Parameters
+    ----------
+    values : pandas.Series or array_like
+        ``(n,)`` values of one column.
+
+    Returns
+    -------
+    pandas.Categorical or pandas.api.extensions.ExtensionArray or numpy.ndarray
+        A categorical when the values are text with at most one distinct value per four rows (one string
+        per micrograph instead of one per particle: 40 MB less per million rows and name); otherwise the
+        values as they are (no copy).
+    """
+    series = values if isinstance(values, pd.Series) else pd.Series(values)
+    if not (pd.api.types.is_object_dtype(series.dtype) or pd.api.types.is_string_dtype(series.dtype)) \
+            or isinstance(series.dtype, pd.CategoricalDtype) or len(series) < 8:
+        return series.array if isinstance(series.dtype, pd.api.extensions.ExtensionDtype) else series.to_numpy()
+    codes, uniques = pd.factorize(series, use_na_sentinel=True)
+    if len(uniques) * 4 > len(series) or not all(isinstance(u, str) for u in uniques):
+        return series.array if isinstance(series.dtype, pd.api.extensions.ExtensionDtype) else series.to_numpy()
+    return pd.Categorical.from_codes(codes, categories=pd.Index(list(uniques), dtype=object))
 
 
 def validate(table: pd.DataFrame, *, permissive: bool = False) -> list[str]:
@@ -373,11 +403,18 @@ def duplicated_rows(table: pd.DataFrame, columns=None) -> np.ndarray:
     """
     if any(c not in table.columns for c in IMAGE_COLUMNS) or len(table) < 2:
         return np.zeros(len(table), bool)
+    # Only rows naming an image named by another row can repeat one: compare the rest on those alone.
+    same_image = table.duplicated(subset=list(IMAGE_COLUMNS), keep=False).to_numpy()
+    out = np.zeros(len(table), bool)
+    if not same_image.any():
+        return out
+    table = table[same_image]
     if columns is None:
         columns = [c for c in table.columns if table[c].dtype != object
                    or table[c].map(lambda v: isinstance(v, (str, bytes, int, float))).all()]
     keys = list(IMAGE_COLUMNS) + [c for c in columns if c in table.columns and c not in IMAGE_COLUMNS]
-    return table.duplicated(subset=keys, keep="first").to_numpy()
+    out[same_image] = table.duplicated(subset=keys, keep="first").to_numpy()
+    return out
 
 
 def describe_duplicates(table: pd.DataFrame, duplicated: np.ndarray) -> str:

@@ -2,7 +2,7 @@
 
 :class:`LazyImages` presents the images of a particle table as one virtual
 ``(n, ny, nx)`` float32 stack, in the table's row order. Pixels are read only
-when indexed (MRC stacks through ``numpy.memmap``, HDF datasets through h5py),
+when indexed (MRC stacks with ``os.preadv``, HDF datasets through h5py),
 so a million-particle data set costs no more memory than the chunk being
 processed. Every read is checked for NaN/Inf.
 
@@ -174,6 +174,11 @@ class LazyImages:
     def chunks(self, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[tuple[int, int, np.ndarray]]:
         """Iterate over consecutive images in bounded memory.
 
+        Each chunk is read file by file (files in the order of their paths), in the order of the images
+        in each file (one read per run of consecutive images), whatever the row order; at most
+        :data:`MAX_OPEN_FILES` files are open at once. For a table whose rows are not in file order,
+        iterate ``images.subset(images.file_order())`` to read every file once, front to back.
+
         Parameters
         ----------
         chunk_size : int
@@ -198,6 +203,41 @@ class LazyImages:
         if rows.dtype == bool:
             rows = np.flatnonzero(rows)
         return LazyImages(self._sources, self._source_ids[rows], self._indices[rows])
+
+    def file_order(self) -> np.ndarray:
+        """Rows sorted by file, then by position in the file: the order in which the disk streams.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(n,)`` int64 permutation of the rows. ``images.subset(order).chunks()`` reads every file
+            once, front to back, even when the table's order is shuffled (a chunk of a shuffled table
+            touches hundreds of files).
+        """
+        return np.lexsort((self._indices, self._file_rank()[self._source_ids]))
+
+    def _file_rank(self) -> np.ndarray:
+        """Rank of each source's path in sorted order (files named in order usually lie in order on disk)."""
+        rank = self.__dict__.get("_rank")
+        if rank is None or rank.size != len(self._sources):
+            paths = np.array([s.path for s in self._sources], dtype=object)
+            rank = np.empty(len(paths), dtype=np.int64)
+            rank[np.argsort(paths, kind="stable")] = np.arange(len(paths))
+            self._rank = rank
+        return rank
+
+    def path_column(self):
+        """The file of each image as a categorical column (one string per file, a small code per row).
+
+        Returns
+        -------
+        pandas.Categorical
+            ``(n,)`` with the sources' paths as categories (an object array if two sources share a path).
+        """
+        paths = [s.path for s in self._sources]
+        if len(set(paths)) != len(paths):
+            return np.array(paths, dtype=object)[self._source_ids]
+        return pd.Categorical.from_codes(self._source_ids, categories=pd.Index(paths, dtype=object))
 
     def close(self) -> None:
         """Close every open file."""
@@ -242,18 +282,62 @@ class LazyImages:
         idx = self._indices[rows]
         if sids[0] == sids[-1] and (sids == sids[0]).all() and (idx.size == 1 or (np.diff(idx) == 1).all()):
             src = self._sources[int(sids[0])]
-            block = np.asarray(src.read(self._handle(int(sids[0])), idx), dtype=np.float32)
+            if _reads_float32_into(src):
+                src.read_into(self._handle(int(sids[0])), idx, out)
+                block = out
+            else:
+                block = np.asarray(src.read(self._handle(int(sids[0])), idx), dtype=np.float32)
             _check_finite(block, src.path, idx)
             return block
-        for sid in np.unique(sids):
-            where = np.flatnonzero(sids == sid)
-            src = self._sources[int(sid)]
-            wanted = idx[where]
-            uniq, inverse = np.unique(wanted, return_inverse=True)
-            block = np.asarray(src.read(self._handle(int(sid)), uniq), dtype=np.float32)
+        # Grouped by file and sorted by position in it, so that each file is read front to back once
+        # (the disk streams); the rows come back in the order asked for.
+        order = np.lexsort((idx, self._file_rank()[sids]))
+        s_sorted, i_sorted = sids[order], idx[order]
+        bounds = np.flatnonzero(s_sorted[1:] != s_sorted[:-1]) + 1
+        for a, b in zip(np.concatenate(([0], bounds)).tolist(), np.concatenate((bounds, [rows.size])).tolist()):
+            sid = int(s_sorted[a])
+            src = self._sources[sid]
+            wanted = i_sorted[a:b]
+            first = np.concatenate(([True], wanted[1:] != wanted[:-1]))
+            uniq = wanted[first]
+            target = order[a:b]
+            if uniq.size == wanted.size and target[-1] - target[0] == b - a - 1 and _reads_float32_into(src) \
+                    and (np.diff(target) == 1).all():
+                view = out[int(target[0]):int(target[-1]) + 1]    # rows of this file are a run: no copy
+                src.read_into(self._handle(sid), uniq, view)
+                _check_finite(view, src.path, uniq)
+                continue
+            block = np.asarray(src.read(self._handle(sid), uniq), dtype=np.float32)
             _check_finite(block, src.path, uniq)
-            out[where] = block[inverse.reshape(-1)]
+            out[target] = block if uniq.size == wanted.size else block[np.cumsum(first) - 1]
         return out
+
+
+def _reads_float32_into(src) -> bool:
+    """True for sources that can fill a float32 array in place (native float32 MRC stacks)."""
+    return hasattr(src, "read_into") and getattr(src, "dtype", None) == np.dtype(np.float32)
+
+
+def release_freed_memory() -> None:
+    """Give the memory freed after parsing a large table back to the system (glibc ``malloc_trim``).
+
+    Parsing a million-row STAR or .cs file frees several hundred MB of temporaries that glibc would
+    otherwise keep in the process (RSS 670 MB instead of 320 MB after reading 1,000,000 particles).
+    Does nothing where the C library has no ``malloc_trim``.
+    """
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
 
 
 def _check_finite(block: np.ndarray, path: str, indices: np.ndarray) -> None:

@@ -31,8 +31,12 @@ optics group) and ``data_particles``; the images are written as
 
 from __future__ import annotations
 
+import io
 import logging
+import mmap
 import os
+import re
+import shlex
 import shutil
 import warnings
 from pathlib import Path
@@ -51,8 +55,9 @@ from isavar.io.particles import (
     RELION_PARTICLE_LABELS,
     STAR_CUSTOM_PREFIX,
     coerce_dtypes,
+    compact_column,
 )
-from isavar.io.stack import LazyImages, ParticleStack
+from isavar.io.stack import LazyImages, ParticleStack, release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +77,185 @@ def _read_blocks(path: Path) -> dict:
     if not path.exists():
         raise InputError("file not found", path=path)
     try:
+        return _read_loop_blocks(path)
+    except _UseStarfile:
+        pass
+    except Exception:       # malformed: let starfile parse it and report
+        pass
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             blocks = starfile.read(path, always_dict=True)
     except Exception as exc:  # starfile raises assorted errors on malformed input
         raise InputError(f"cannot parse STAR file ({type(exc).__name__}: {exc})", path=path) from None
     return {name: df for name, df in blocks.items() if isinstance(df, pd.DataFrame)}
+
+
+class _UseStarfile(Exception):
+    """The file has something the fast reader leaves to starfile (quoted values, unusual block layout)."""
+
+
+_DATA_PREFIX_LINE = re.compile(rb"^[ \t\r\f\v]*data", re.M)
+_NON_BLANK = re.compile(rb"\S")
+
+
+class _Window(io.RawIOBase):
+    """A read-only file over ``buffer[start:stop]`` (no copy), for pandas.read_csv."""
+
+    def __init__(self, view: memoryview):
+        self._view, self._pos = view, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = min(len(b), len(self._view) - self._pos)
+        b[:n] = self._view[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+
+def _read_loop_blocks(path: Path) -> dict:
+    """The loop blocks of a STAR file as DataFrames, as ``starfile.read`` gives them, at pandas.read_csv speed.
+
+    starfile walks the file line by line in Python (about 10 s for a million particles); here only the
+    block and label lines are walked, and each loop's data lines go to one ``pandas.read_csv`` call with
+    starfile's options, then columns are made numeric where they parse as numbers (starfile's rule).
+    Quoted values, and blocks laid out in ways starfile treats specially, raise ``_UseStarfile``.
+    """
+    blocks = {}
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size == 0:
+            return blocks
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            view = memoryview(mm)
+            try:
+                pos = 0
+                while pos < size:
+                    line, nxt = _line(mm, pos, size)
+                    if not line.startswith("data_"):
+                        pos = nxt
+                        continue
+                    name = line[5:]
+                    pos, kind = _block_start(mm, nxt, size)
+                    if kind == "loop":
+                        pos, df = _loop(mm, view, pos, size)
+                        blocks[name] = df
+                    elif kind == "simple":
+                        pos = _simple(mm, pos, size)
+            finally:
+                view.release()
+    return blocks
+
+
+_NUMBER_LIKE = re.compile(r"\s*([-+]?[0-9.]+([eE][-+]?[0-9]+)?|[-+]?(nan|inf|infinity)|<NA>|NaN)?\s*", re.I)
+
+
+#: Rows parsed at a time: the parser's own memory stays at a few times one chunk instead of the whole table.
+CSV_CHUNK_ROWS = 200_000
+
+
+def _read_csv_in_chunks(window: memoryview) -> pd.DataFrame:
+    """``pandas.read_csv`` of a loop's data lines with starfile's options, ``CSV_CHUNK_ROWS`` rows at a time.
+
+    A column that is numeric in some chunks and text in others (the whole file read at once would make
+    it text) is read again in one piece, so the result is always that of a single read.
+    """
+    options = dict(delimiter=r"\s+", header=None, comment="#", keep_default_na=False,
+                   na_values=["nan", "NaN", "<NA>"], engine="c")
+    with pd.read_csv(io.BufferedReader(_Window(window), buffer_size=1 << 20), chunksize=CSV_CHUNK_ROWS,
+                     **options) as reader:
+        parts = list(reader)
+    if len(parts) == 1:
+        return parts[0]
+    numeric = [{c: pd.api.types.is_numeric_dtype(p[c].dtype) for c in p.columns} for p in parts]
+    if any(numeric[k] != numeric[0] for k in range(1, len(parts))):
+        del parts
+        return pd.read_csv(io.BufferedReader(_Window(window), buffer_size=1 << 20), **options)
+    return pd.concat(parts, ignore_index=True)
+
+
+def _looks_numeric(column: pd.Series) -> bool:
+    """False when the first value is text no number parser reads ("000001@stack.mrcs"), so that
+    ``pandas.to_numeric`` (which converts the whole column before failing) is not tried."""
+    first = column.iloc[0] if len(column) else None
+    return not isinstance(first, str) or _NUMBER_LIKE.fullmatch(first) is not None
+
+
+def _next_data_line(mm, pos: int, size: int) -> int:
+    """Start of the next line beginning (after blanks) with ``data_``, or ``size``."""
+    while True:
+        hit = mm.find(b"data_", pos)
+        if hit < 0:
+            return size
+        start = mm.rfind(b"\n", 0, hit) + 1
+        if not mm[start:hit].strip():
+            return start
+        pos = hit + 5
+
+
+def _line(mm, pos: int, size: int) -> tuple[str, int]:
+    end = mm.find(b"\n", pos)
+    end = size if end < 0 else end
+    return mm[pos:end].decode("utf-8").strip(), end + 1
+
+
+def _block_start(mm, pos: int, size: int) -> tuple[int, str | None]:
+    """After a ``data_`` line: the position after ``loop_`` (kind "loop") or of the first ``_`` line ("simple")."""
+    while pos < size:
+        line, nxt = _line(mm, pos, size)
+        if line.startswith("loop_"):
+            return nxt, "loop"
+        if line.startswith("_"):
+            return pos, "simple"
+        if line.startswith("data_"):
+            raise _UseStarfile("empty data block")
+        pos = nxt
+    return size, None
+
+
+def _simple(mm, pos: int, size: int) -> int:
+    """Skip a key-value block (isavar keeps loop blocks only); checks its lines as starfile does."""
+    m = _DATA_PREFIX_LINE.search(mm, pos)
+    stop = size if m is None else m.start()
+    for raw in mm[pos:stop].decode("utf-8").splitlines():
+        raw = raw.strip()
+        if raw.startswith("_"):
+            key, value = shlex.split(raw)          # starfile's check: exactly a key and a value
+    return stop
+
+
+def _loop(mm, view: memoryview, pos: int, size: int) -> tuple[int, pd.DataFrame]:
+    labels = []
+    while pos < size:
+        line, nxt = _line(mm, pos, size)
+        if not line.startswith("_"):
+            break
+        labels.append(line.split()[0][1:])
+        pos = nxt
+    stop = _next_data_line(mm, pos, size)
+    if mm.find(b"'", pos, stop) >= 0 or mm.find(b'"', pos, stop) >= 0:
+        raise _UseStarfile("quoted values")
+    if _NON_BLANK.search(mm, pos, stop) is None:
+        return stop, pd.DataFrame(np.zeros((0, len(labels))), columns=labels)
+    window = view[pos:stop]
+    try:
+        df = _read_csv_in_chunks(window)
+    finally:
+        window.release()
+    df.columns = labels
+    for label in labels:
+        column = df[label]
+        if pd.api.types.is_numeric_dtype(column.dtype) or not _looks_numeric(column):
+            continue                          # to_numeric would return it unchanged or fail on that value
+        try:
+            numeric = pd.to_numeric(column)
+        except (ValueError, TypeError):
+            continue
+        if not numeric.isna().all():
+            df[label] = numeric
+    return stop, df
 
 
 def _particle_block(blocks: dict, path: Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
@@ -98,9 +276,21 @@ def _merge_optics(particles: pd.DataFrame, optics: pd.DataFrame | None, path: Pa
         else:
             raise InputError("data_particles has no rlnOpticsGroup but data_optics has several groups", path=path)
     extra = [c for c in optics.columns if c not in particles.columns or c == "rlnOpticsGroup"]
-    merged = particles.merge(optics[extra], on="rlnOpticsGroup", how="left", sort=False)
-    missing = merged[extra[1]].isna() if len(extra) > 1 else pd.Series(False, index=merged.index)
-    if len(extra) > 1 and missing.any():
+    if optics["rlnOpticsGroup"].is_unique:
+        # Column by column: the particle columns are shared, not copied (a left merge copies them all).
+        merged = particles.copy(deep=False)
+        rows = pd.Index(optics["rlnOpticsGroup"]).get_indexer(particles["rlnOpticsGroup"])
+        for c in extra:
+            if c == "rlnOpticsGroup":
+                continue
+            values = optics[c].to_numpy()[np.maximum(rows, 0)] if len(optics) else np.full(len(rows), np.nan)
+            column = pd.Series(values, index=particles.index, dtype=optics[c].dtype)
+            merged[c] = column.where(rows >= 0) if (rows < 0).any() else column
+    else:
+        merged = particles.merge(optics[extra], on="rlnOpticsGroup", how="left", sort=False)
+    others = [c for c in extra if c != "rlnOpticsGroup"]
+    missing = merged[others[0]].isna() if others else pd.Series(False, index=merged.index)
+    if others and missing.any():
         bad = particles["rlnOpticsGroup"][missing.to_numpy()].iloc[0]
         raise InputError(f"optics group {bad} is not defined in data_optics", path=path)
     merged.index = particles.index
@@ -163,31 +353,161 @@ def resolve_stack_path(name: str, folders: list[Path], star_path) -> Path:
     return found[0]
 
 
-def _stack_sources(names: pd.Series, folders: list[Path], star_path: Path):
-    """Parse rlnImageName into (sources, source ids, 0-based indices, absolute paths)."""
+def split_image_names(names, star_path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Split ``rlnImageName`` values into 0-based indices and stack paths, vectorised.
+
+    Parameters
+    ----------
+    names : pandas.Series or array_like
+        ``index@stack`` values (or bare paths, one image each), as :func:`parse_image_name` reads them.
+    star_path : path
+        The STAR file (for messages).
+
+    Returns
+    -------
+    indices : numpy.ndarray
+        ``(n,)`` int64, 0-based.
+    codes : numpy.ndarray
+        ``(n,)`` int64, position of each row's stack path in ``paths``.
+    paths : list of str
+        The distinct stack paths as written, in order of first appearance.
+
+    Notes
+    -----
+    The usual form (digits, ``@``, a path without surrounding blanks) is split with numpy string
+    functions and the paths are factorised run by run (rows of one stack are consecutive in RELION's
+    files), so a million rows take about a second; any other row goes through :func:`parse_image_name`,
+    which reads bare paths and raises for malformed names.
+    """
+    values = pd.Series(names).astype(str).to_numpy()
+    n = values.size
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), []
     try:
-        parsed = [parse_image_name(str(n)) for n in names]
-    except ValueError as exc:
-        raise InputError(str(exc), path=star_path) from None
-    indices = np.fromiter((p[0] for p in parsed), dtype=np.int64, count=len(parsed))
-    raw = [p[1] for p in parsed]
-    unique_raw = list(dict.fromkeys(raw))
-    resolved = {r: resolve_stack_path(r, folders, star_path) for r in unique_raw}
-    sources, sid_of, sid_of_path = [], {}, {}
-    for r in unique_raw:
-        p = resolved[r]
+        values = values.astype("S")         # ASCII, as RELION writes: 1 byte a character
+    except UnicodeEncodeError:
+        values = values.astype(str)
+    at = b"@" if values.dtype.kind == "S" else "@"
+    head, sep, tail = np.strings.partition(values, at)
+    digits = np.strings.isdigit(head) if values.dtype.kind == "S" else np.strings.isdecimal(head)  # ASCII / \d
+    usual = (sep == at) & digits & ~_blank_ends(tail)
+    indices = np.zeros(n, dtype=np.int64)
+    try:
+        indices[usual] = head[usual].astype(np.int64) - 1
+    except (ValueError, OverflowError):
+        usual[:] = False
+    usual &= indices >= 0
+    if not usual.all():
+        tail = tail.astype(str)
+        try:
+            for r in np.flatnonzero(~usual).tolist():
+                name = values[r].decode() if isinstance(values[r], bytes) else str(values[r])
+                indices[r], tail[r] = parse_image_name(name)
+        except ValueError as exc:
+            raise InputError(str(exc), path=star_path) from None
+    codes, paths = factorize_runs(tail)
+    return indices, codes, [p.decode() if isinstance(p, bytes) else str(p) for p in paths]
+
+
+#: Code points ``str.strip()`` removes.
+_WHITESPACE = np.array([c for c in range(0x3001) if chr(c).isspace()], dtype=np.uint32)
+
+
+def _blank_ends(values: np.ndarray) -> np.ndarray:
+    """True where a string is empty or starts or ends with whitespace (``S`` or ``U`` array, vectorised)."""
+    n = values.size
+    length = np.strings.str_len(values)
+    width = max(values.dtype.itemsize // (1 if values.dtype.kind == "S" else 4), 1)
+    chars = np.ascontiguousarray(values).view(np.uint8 if values.dtype.kind == "S" else np.uint32)
+    chars = chars.reshape(n, width) if chars.size else np.zeros((n, 1), np.uint32)
+    rows = np.arange(n)
+    first = chars[rows, 0].astype(np.uint32)
+    last = chars[rows, np.maximum(length - 1, 0)].astype(np.uint32)
+    return (length == 0) | np.isin(first, _WHITESPACE) | np.isin(last, _WHITESPACE)
+
+
+def factorize_runs(values: np.ndarray) -> tuple[np.ndarray, list]:
+    """Codes and distinct values (first-appearance order) of a 1D array, in time linear in its runs.
+
+    Parameters
+    ----------
+    values : numpy.ndarray
+        ``(n,)`` strings (``U`` or ``S``) or numbers.
+
+    Returns
+    -------
+    codes : numpy.ndarray
+        ``(n,)`` int64 with ``uniques[codes] == values``.
+    uniques : list
+        Distinct values.
+    """
+    values = np.asarray(values)
+    if values.size == 0:
+        return np.zeros(0, np.int64), []
+    heads = np.concatenate(([0], np.flatnonzero(values[1:] != values[:-1]) + 1))
+    head_codes, uniques = pd.factorize(values[heads])
+    lengths = np.diff(np.concatenate((heads, [values.size])))
+    return np.repeat(head_codes.astype(np.int64), lengths), list(uniques)
+
+
+def resolve_stack_paths(names: list[str], folders: list[Path], star_path) -> list[Path | None]:
+    """The files relative (or absolute) ``rlnImageName`` stack paths refer to, None where none exists.
+
+    Same rule as :func:`resolve_stack_path` for each name (first folder holding it; a warning when
+    another folder holds a different file of that name), with the folders resolved once per directory
+    named: about one ``stat`` per stack.
+    """
+    candidates: dict[str, list[str]] = {}
+    out: list[Path | None] = []
+    warned = 0
+    for name in names:
+        if os.path.isabs(name):
+            out.append(Path(os.path.realpath(name)) if os.path.exists(name) else None)
+            continue
+        folder, base = os.path.split(name)
+        dirs = candidates.get(folder)
+        if dirs is None:
+            dirs = [os.path.realpath(os.path.join(f, folder)) for f in folders]
+            dirs = [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
+            candidates[folder] = dirs
+        found = [p for p in (os.path.join(d, base) for d in dirs) if os.path.exists(p)]
+        if not found:
+            out.append(None)
+            continue
+        first = found[0] if not os.path.islink(found[0]) else os.path.realpath(found[0])
+        others = [p for p in found[1:] if not os.path.samefile(p, first)]
+        if others and warned < 3:
+            warned += 1
+            log.warning("%s: image stack %s exists both as %s and as %s; reading %s (RELION's choice from the "
+                        "project directory %s; pass --project-dir to choose another)", star_path, name, first,
+                        others[0], first, folders[0])
+        out.append(Path(first))
+    return out
+
+
+def _stack_sources(names: pd.Series, folders: list[Path], star_path: Path):
+    """Parse rlnImageName into (sources, source id of each row, 0-based indices).
+
+    Every stack is located and its header read once, before any image is; missing stacks are reported
+    together (the first one by name, and how many), before anything else happens.
+    """
+    indices, codes, raw = split_image_names(names, star_path)
+    resolved = resolve_stack_paths(raw, folders, star_path)
+    missing = [r for r, p in zip(raw, resolved) if p is None]
+    if missing:
+        r = missing[0]
+        tried = r if Path(r).is_absolute() else ", ".join(str(f / r) for f in folders[:3]) + ", ..."
+        more = f"; {len(missing)} of the {len(raw)} image stacks it names are missing" if len(raw) > 1 else ""
+        raise InputError(f"image stack {r} referenced by rlnImageName not found (looked for {tried}{more}; "
+                         "RELION reads it relative to the project directory: run from there or pass "
+                         "--project-dir)", path=star_path)
+    sources, sid_of_path, sid_of_raw = [], {}, np.empty(len(raw), dtype=np.int64)
+    for k, p in enumerate(resolved):
         if p not in sid_of_path:
-            if not p.exists():
-                tried = r if Path(r).is_absolute() else ", ".join(str(f / r) for f in folders[:3]) + ", ..."
-                raise InputError(f"image stack {r} referenced by rlnImageName not found (looked for {tried}; "
-                                 "RELION reads it relative to the project directory: run from there or pass "
-                                 "--project-dir)", path=star_path)
             sid_of_path[p] = len(sources)
             sources.append(MrcSource(p))
-        sid_of[r] = sid_of_path[p]
-    source_ids = np.fromiter((sid_of[r] for r in raw), dtype=np.int64, count=len(raw))
-    abs_paths = [str(resolved[r]) for r in raw]
-    return sources, source_ids, indices, abs_paths
+        sid_of_raw[k] = sid_of_path[p]
+    return sources, sid_of_raw[codes], indices
 
 
 def _pixel_size_column(df: pd.DataFrame) -> pd.Series | None:
@@ -221,10 +541,10 @@ def read_star(path, *, project_dir=None) -> ParticleStack:
     particles, optics = _particle_block(blocks, path)
     df = _merge_optics(particles, optics, path)
     folders = search_folders(path, project_dir)
-    sources, source_ids, indices, abs_paths = _stack_sources(df["rlnImageName"], folders, path)
+    sources, source_ids, indices = _stack_sources(df["rlnImageName"], folders, path)
     images = LazyImages(sources, source_ids, indices)
 
-    table = pd.DataFrame({"image_path": abs_paths, "image_index": indices}, index=df.index)
+    table = pd.DataFrame({"image_path": images.path_column(), "image_index": indices}, index=df.index)
     pixel = _pixel_size_column(df)
     if pixel is None or pixel.isna().all():
         header_sizes = np.array([s.pixel_size_A or np.nan for s in sources])[source_ids]
@@ -235,13 +555,13 @@ def read_star(path, *, project_dir=None) -> ParticleStack:
         if label in ("rlnImageName", "rlnImageDimensionality") or label in _LEGACY_PIXEL_LABELS:
             continue
         if label in _LABEL_TO_COLUMN:
-            table[_LABEL_TO_COLUMN[label]] = df[label].to_numpy()
+            table[_LABEL_TO_COLUMN[label]] = compact_column(df[label])
         elif label.startswith(STAR_CUSTOM_PREFIX):
-            table[label[len(STAR_CUSTOM_PREFIX):]] = df[label].to_numpy()
+            table[label[len(STAR_CUSTOM_PREFIX):]] = compact_column(df[label])
         elif label in ("rlnOriginX", "rlnOriginY"):
             continue
         else:
-            table[label] = df[label].to_numpy()
+            table[label] = compact_column(df[label])
     for axis in ("X", "Y"):
         column = f"origin_{axis.lower()}_A"
         if column not in table.columns and f"rlnOrigin{axis}" in df.columns:
@@ -252,6 +572,8 @@ def read_star(path, *, project_dir=None) -> ParticleStack:
         table["image_size_px"] = images.box
     table = coerce_dtypes(table.reset_index(drop=True))
     pixel_size = _single_pixel_size(table)
+    del blocks, particles, optics, df
+    release_freed_memory()
     return ParticleStack(table=table, images=images, pixel_size_A=pixel_size, path=str(path))
 
 
