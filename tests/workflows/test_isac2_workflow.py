@@ -298,7 +298,7 @@ def test_cli_accepts_both_option_spellings(dataset, tmp_path):
             defaults.yr, defaults.ts, defaults.ir, defaults.rs) == \
         (0.7, 29, 76, 18, 90.0, 0.2, 0.45, 0.2, 7, 1, 5, 60, -1, -1, 0, -1, 1.0, 1, 1)   # maxit: SPHIRE's is 30
     # isavar's cheaper searches (issue 11) are defaults; SPHIRE's exact search stays behind these values
-    assert (defaults.within_stop, defaults.prealign_search) == (0.5, "coarse")
+    assert (defaults.within_stop, defaults.prealign_search) == (0.5, "full")
     with pytest.raises(SystemExit):
         parser.parse_args([str(dataset), "o"])                            # --radius is required
 

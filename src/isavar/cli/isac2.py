@@ -112,9 +112,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="within-group runs: stop once a pass after the last discrete-angle pass moves no image "
                              "by more than this many working pixels; 0 runs all --maxit passes, as SPHIRE "
                              "(default 0.5)")
-    parser.add_argument("--prealign_search", choices=["coarse", "full"], default="coarse",
+    parser.add_argument("--prealign_search", choices=["coarse", "full"], default="full",
                         help="pre-alignment passes over the whole translational range: 'coarse' tries every second "
-                             "step, then +-1 step around the best; 'full' every step, as SPHIRE (default coarse)")
+                             "step, then +-1 step around the best; 'full' every step, as SPHIRE (default full)")
     add_executor_arguments(parser)
     add_verbosity_arguments(parser)
 

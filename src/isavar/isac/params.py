@@ -86,7 +86,9 @@ class Isac2Params:
         (cheaper; see ``docs/deviations.md`` for why it is not the default).
     prealign_search : {"coarse", "full"}
         isavar extension: "coarse" searches the full translational range of a pre-alignment pass coarse to
-        fine (every second step, then +-1 step around the best); "full" searches every step (SPHIRE).
+        fine (every second step, then +-1 step around the best); "full" (default) searches every step
+        (SPHIRE). "coarse" is not the default: at test-suite size it let impure classes pass
+        (``docs/deviations.md``).
     within_stop : float
         isavar extension: a within-group run stops once an alignment pass after the last discrete-angle pass
         moves no image by more than this many pixels (a point within ``target_radius``; a changed mirror
@@ -132,7 +134,7 @@ class Isac2Params:
     within_shift_candidates: int = field(default=0, metadata={
         "help": "within-group passes: trial translations per image searched exactly after a coarse score "
                 "(0: all, SPHIRE)"})
-    prealign_search: str = field(default="coarse", metadata={
+    prealign_search: str = field(default="full", metadata={
         "help": "pre-alignment passes over the full translational range: 'coarse' (every second step, then "
                 "+-1 step around the best) or 'full' (every step, SPHIRE)"})
     within_stop: float = field(default=0.5, metadata={

@@ -202,7 +202,7 @@ def _align_all(images, ref, params, p, grid, xr, ts, delta, executor, chunk):
 def _align_range(images, ref, params, p, grid, xr, ts, delta, executor, chunk):
     """One pass over the translational range ``xr`` (step ``ts``).
 
-    With ``p.prealign_search == "coarse"`` a range wider than one step is searched coarse to fine: first on
+    With ``p.prealign_search == "coarse"`` (not the default) a range wider than one step is searched coarse to fine: first on
     the lattice of step ``2 ts`` (range rounded down to a multiple of it), then +-``ts`` around the best
     centre; (2 k + 1)^2 + 9 trial translations instead of (4 k + 1)^2 for ``xr = 2 k ts``.
     """
