@@ -60,8 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="working box; effective box target_nx + xr - 1 (default 76)")
     parser.add_argument("--ir", type=int, default=1, help="inner ring of the polar alignment (default 1)")
     parser.add_argument("--rs", type=int, default=1, help="ring step (default 1)")
-    parser.add_argument("--maxit", type=int, default=18,
-                        help="passes of the within-group alignment (default 18; SPHIRE 30)")
+    parser.add_argument("--maxit", type=int, default=30, help="passes of the within-group alignment (default 30)")
     parser.add_argument("--center_method", type=int, default=-1, choices=range(-1, 8),
                         help="pre-alignment centring: -1 average shift, 0 none, 1 phase centre of gravity, "
                              "2 CCF Gaussian, 3 CCF difference of Gaussians, 4 CCF with the mask, "
@@ -108,10 +107,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--within_shift_candidates", type=non_negative_int, default=0,
                         help="within-group passes: trial translations per image searched exactly after a coarse "
                              "low-frequency score; 0 searches all exactly, as SPHIRE (default 0)")
-    parser.add_argument("--within_stop", type=finite_float, default=0.5,
+    parser.add_argument("--within_stop", type=finite_float, default=0.0,
                         help="within-group runs: stop once a pass after the last discrete-angle pass moves no image "
                              "by more than this many working pixels; 0 runs all --maxit passes, as SPHIRE "
-                             "(default 0.5)")
+                             "(default 0)")
     parser.add_argument("--prealign_search", choices=["coarse", "full"], default="full",
                         help="pre-alignment passes over the whole translational range: 'coarse' tries every second "
                              "step, then +-1 step around the best; 'full' every step, as SPHIRE (default full)")

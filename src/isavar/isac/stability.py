@@ -260,6 +260,10 @@ def within_group_refinement(images, params, p, grid, rng, *, randomize: bool = T
     want_average : bool
         Compute the final average (the last pass only averages); None is returned in its place otherwise.
 
+    With ``p.within_stop > 0`` (isavar extension) the run ends early, once an alignment pass after the last
+    discrete-angle pass moves no image by more than ``within_stop`` pixels (:func:`max_displacement`); the
+    final average is then computed as the last pass would.
+
     Returns
     -------
     average : ndarray, (T, T) float32 or None
@@ -288,15 +292,16 @@ def within_group_refinement(images, params, p, grid, rng, *, randomize: bool = T
         delta = discrete_delta(it, it + 1, p.maxit, p.dst)
         new = _ops.align_single(images, avg, grid, p, params, delta, cache=cache,
                                 coarse_rows=p.within_shift_candidates)
-        converged = stop_tol > 0 and it > last_discrete and max_displacement(params, new, p.target_radius) <= stop_tol
+        converged = (stop_tol > 0 and it > last_discrete
+                     and max_displacement(params, new, p.target_radius) <= stop_tol)
         params = new
         if converged:
             break                     # isavar extension (--within_stop): the remaining passes would not move
     if not want_average:
         return None, params
-    # the last pass only averages (filter FH)
+    # the last pass only averages (SPHIRE's filter of pass maxit - 1, i.e. FH up to rounding)
     avg = _ops.transform_sum(images, params) / np.float32(n)
-    return _ops.tanh_lowpass(avg, p.FH, p.FF), params
+    return _ops.tanh_lowpass(avg, 0.1 + (p.FH - 0.1) * (p.maxit - 1) / (p.maxit - 1), p.FF), params
 
 
 def class_stability_task(task):
