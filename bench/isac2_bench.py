@@ -4,6 +4,7 @@ Usage::
 
     python bench/isac2_bench.py --n 2000 --workers 2 --out /tmp/isac2_bench
     python bench/isac2_bench.py --n 10000 --workers 2 --relion      # also RELION 3.1 Class2D on the same data
+    python bench/isac2_bench.py --n 2000 --workers 2 --set within_stop=0.5 --set maxit=18   # other parameters
 
 Data: the simulator's asymmetric "blob" phantom, box 128, 2 Å/pixel, uniformly random views, CTF
 (defocus 0.8-2.5 µm), SNR 0.05, 10 % pure-noise images. ISAC2 with SPHIRE defaults (--radius 50, --CTF).
