@@ -4,6 +4,7 @@ Usage::
 
     python bench/isac2_bench.py --n 2000 --workers 2 --out /tmp/isac2_bench
     python bench/isac2_bench.py --n 10000 --workers 2 --relion      # also RELION 3.1 Class2D on the same data
+    python bench/isac2_bench.py --n 2000 --workers 2 --set within_stop=0.5 --set maxit=18   # other parameters
 
 Data: the simulator's asymmetric "blob" phantom, box 128, 2 Å/pixel, uniformly random views, CTF
 (defocus 0.8-2.5 µm), SNR 0.05, 10 % pure-noise images. ISAC2 with SPHIRE defaults (--radius 50, --CTF).
@@ -149,6 +150,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="tiny settings to test this script (not a benchmark)")
     ap.add_argument("--skip_prealignment", action="store_true", help="ISAC2's --skip_prealignment")
+    ap.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
+                    help="override an ISAC2 parameter (an Isac2Params field, e.g. maxit=30); repeatable")
     args = ap.parse_args(argv)
 
     from isavar._logging import configure_logging
@@ -173,6 +176,10 @@ def main(argv=None):
     extra = dict(img_per_grp=100, minimum_grp_size=30, maxit=6, init_iter=1, stab_ali=3) if args.quick else {}
     if args.skip_prealignment:
         extra["skip_prealignment"] = True
+    for item in args.set:
+        key, _, value = item.partition("=")
+        kind = type(getattr(Isac2Params(radius=50), key))
+        extra[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
     params = Isac2Params(radius=50, CTF=True, rand_seed=args.seed, **extra)
     result = run_isac2(star, run_dir, params, executor=executor)
     wall = time.time() - t
@@ -191,7 +198,7 @@ def main(argv=None):
     pur, pur_oracle = view_scores(acc, c) if c else (0.0, float("nan"))
     noise_total = int((acc["rlnIsavar_true_is_noise"] == 1).sum() + (una["rlnIsavar_true_is_noise"] == 1).sum())
     noise_unacc = int((una["rlnIsavar_true_is_noise"] == 1).sum()) / max(noise_total, 1)
-    record = {"n": args.n, "workers": args.workers, "wall_s": wall, "cpu_s": cpu_s, "peak_rss_MB": peak_mb,
+    record = {"n": args.n, "workers": args.workers, "overrides": args.set, "wall_s": wall, "cpu_s": cpu_s, "peak_rss_MB": peak_mb,
               "classes": c, "accounted": len(acc), "accounted_fraction": len(acc) / args.n,
               "purity15": pur, "purity15_oracle": pur_oracle,
               "purity_ratio": pur / pur_oracle if c else float("nan"), "noise_unaccounted": noise_unacc,

@@ -297,6 +297,8 @@ def test_cli_accepts_both_option_spellings(dataset, tmp_path):
             defaults.minimum_grp_size, defaults.restart, defaults.filament_width, defaults.delta_good,
             defaults.yr, defaults.ts, defaults.ir, defaults.rs) == \
         (0.7, 29, 76, 30, 90.0, 0.2, 0.45, 0.2, 7, 1, 5, 60, -1, -1, 0, -1, 1.0, 1, 1)
+    # isavar's cheaper within-group and pre-alignment searches (issue 11) are options, SPHIRE's by default
+    assert (defaults.within_stop, defaults.prealign_search) == (0.0, "full")
     with pytest.raises(SystemExit):
         parser.parse_args([str(dataset), "o"])                            # --radius is required
 

@@ -107,6 +107,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--within_shift_candidates", type=non_negative_int, default=0,
                         help="within-group passes: trial translations per image searched exactly after a coarse "
                              "low-frequency score; 0 searches all exactly, as SPHIRE (default 0)")
+    parser.add_argument("--within_stop", type=finite_float, default=0.0,
+                        help="within-group runs: stop once a pass after the last discrete-angle pass moves no image "
+                             "by more than this many working pixels; 0 runs all --maxit passes, as SPHIRE "
+                             "(default 0)")
+    parser.add_argument("--prealign_search", choices=["coarse", "full"], default="full",
+                        help="pre-alignment passes over the whole translational range: 'coarse' tries every second "
+                             "step, then +-1 step around the best; 'full' every step, as SPHIRE (default full)")
     add_executor_arguments(parser)
     add_verbosity_arguments(parser)
 

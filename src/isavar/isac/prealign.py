@@ -199,6 +199,20 @@ def _align_all(images, ref, params, p, grid, xr, ts, delta, executor, chunk):
     return np.concatenate(executor.map(_align_chunk, tasks), axis=0)
 
 
+def _align_range(images, ref, params, p, grid, xr, ts, delta, executor, chunk):
+    """One pass over the translational range ``xr`` (step ``ts``).
+
+    With ``p.prealign_search == "coarse"`` (not the default) a range wider than one step is searched coarse to fine: first on
+    the lattice of step ``2 ts`` (range rounded down to a multiple of it), then +-``ts`` around the best
+    centre; (2 k + 1)^2 + 9 trial translations instead of (4 k + 1)^2 for ``xr = 2 k ts``.
+    """
+    coarse = 2 * ts * int(xr // (2 * ts))
+    if p.prealign_search != "coarse" or coarse < 2 * ts or xr <= ts:
+        return _align_all(images, ref, params, p, grid, xr, ts, delta, executor, chunk)
+    params = _align_all(images, ref, params, p, grid, coarse, 2 * ts, delta, executor, chunk)
+    return _align_all(images, ref, params, p, grid, ts, ts, delta, executor, chunk)
+
+
 def prealign(images, p, executor, *, progress=None, chunk=512, subset_size=PREALIGN_SUBSET):
     """Reference-free alignment of the shrunken images (``ali2d_base``), for centring.
 
@@ -269,7 +283,7 @@ def prealign(images, p, executor, *, progress=None, chunk=512, subset_size=PREAL
                 params = _ops.compose(params, np.array([[0.0, -cs[0], -cs[1], 0.0]]))
             delta = discrete_delta(it, total, maxit * n_steps, p.dst)
             rng_x = xr if it < FULL_RANGE_PASSES else ts
-            params = _align_all(sub, ref, params, p, grid, rng_x, ts, delta, executor, chunk)
+            params = _align_range(sub, ref, params, p, grid, rng_x, ts, delta, executor, chunk)
             prev_delta = delta
             log.debug("pre-alignment step %d pass %d: filter %.3f/%.3f", step + 1, it + 1, fl, ff)
             if progress is not None:
@@ -277,7 +291,7 @@ def prealign(images, p, executor, *, progress=None, chunk=512, subset_size=PREAL
     # every image: one full-range pass per step against the final reference, coarse to fine
     final = np.zeros((n, 4))
     for xr, ts in zip(xrs, tss):
-        final = _align_all(images, ref, final, p, grid, xr, ts, 0.0, executor, chunk)
+        final = _align_range(images, ref, final, p, grid, xr, ts, 0.0, executor, chunk)
     return final, ref
 
 

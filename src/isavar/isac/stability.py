@@ -203,6 +203,41 @@ def discrete_delta(it: int, total_iter: int, maxit_total: int, dst: float) -> fl
     return float(dst) if (dst > 0 and it % 4 == 0 and total_iter <= maxit_total - 10) else 0.0
 
 
+def last_discrete_pass(p) -> int:
+    """Index of the last discrete-angle pass of a within-group run (-1 when there is none)."""
+    its = [it for it in range(p.maxit - 1) if discrete_delta(it, it + 1, p.maxit, p.dst) != 0.0]
+    return its[-1] if its else -1
+
+
+def max_displacement(old: np.ndarray, new: np.ndarray, radius: float) -> float:
+    """Largest movement (pixels) of a point within ``radius`` of the centre between two parameter sets.
+
+    For each image, ``2 sin(|d alpha| / 2) radius + |d t|`` bounds how far ``T_new(q)`` lies from
+    ``T_old(q)`` for ``|q| <= radius`` (same mirror); a changed mirror counts as infinitely far.
+
+    Parameters
+    ----------
+    old, new : ndarray, (n, 4)
+        Rows ``[alpha, sx, sy, mirror]`` (degrees, pixels).
+    radius : float
+        Radius (pixels) of the disc whose points are compared.
+
+    Returns
+    -------
+    float
+        The maximum over the images (0 for no image).
+    """
+    old = np.asarray(old, dtype=np.float64)
+    new = np.asarray(new, dtype=np.float64)
+    if len(old) == 0:
+        return 0.0
+    if np.any(np.rint(old[:, 3]) != np.rint(new[:, 3])):
+        return float("inf")
+    da = np.deg2rad(new[:, 0] - old[:, 0])
+    d = 2.0 * np.abs(np.sin(da / 2.0)) * radius + np.hypot(new[:, 1] - old[:, 1], new[:, 2] - old[:, 2])
+    return float(d.max())
+
+
 def within_group_refinement(images, params, p, grid, rng, *, randomize: bool = True, cache=None,
                             want_average: bool = True):
     """Reference-free alignment of one group (spec §6.5).
@@ -225,6 +260,10 @@ def within_group_refinement(images, params, p, grid, rng, *, randomize: bool = T
     want_average : bool
         Compute the final average (the last pass only averages); None is returned in its place otherwise.
 
+    With ``p.within_stop > 0`` (isavar extension) the run ends early, once an alignment pass after the last
+    discrete-angle pass moves no image by more than ``within_stop`` pixels (:func:`max_displacement`); the
+    final average is then computed as the last pass would.
+
     Returns
     -------
     average : ndarray, (T, T) float32 or None
@@ -243,24 +282,26 @@ def within_group_refinement(images, params, p, grid, rng, *, randomize: bool = T
         rand = np.column_stack([rng.uniform(0.0, 360.0, n), np.zeros(n), np.zeros(n),
                                 rng.integers(0, 2, n)]).astype(np.float64)
         params = _ops.compose(np.column_stack([np.zeros(n), -centre, np.zeros(n)]), rand)
-    for it in range(p.maxit):
-        last = it == p.maxit - 1
-        if last and not want_average:
-            return None, params
+    stop_tol = float(p.within_stop)
+    last_discrete = last_discrete_pass(p) if stop_tol > 0 else -1
+    for it in range(p.maxit - 1):
         # the intermediate references only enter the search through their rings, so they are built from
         # the images' ring spectra; the returned average is a real-space one (deviation note in docs)
-        if last:
-            avg = _ops.transform_sum(images, params) / np.float32(n)
-        else:
-            avg = _ops.polar_mean(images, params, grid, cache)
         fl = 0.1 + (p.FH - 0.1) * it / (p.maxit - 1)
-        avg = _ops.tanh_lowpass(avg, fl, p.FF)
-        if last:
-            return avg, params
+        avg = _ops.tanh_lowpass(_ops.polar_mean(images, params, grid, cache), fl, p.FF)
         delta = discrete_delta(it, it + 1, p.maxit, p.dst)
-        params = _ops.align_single(images, avg, grid, p, params, delta, cache=cache,
-                                   coarse_rows=p.within_shift_candidates)
-    return avg, params  # pragma: no cover - loop always returns
+        new = _ops.align_single(images, avg, grid, p, params, delta, cache=cache,
+                                coarse_rows=p.within_shift_candidates)
+        converged = (stop_tol > 0 and it > last_discrete
+                     and max_displacement(params, new, p.target_radius) <= stop_tol)
+        params = new
+        if converged:
+            break                     # isavar extension (--within_stop): the remaining passes would not move
+    if not want_average:
+        return None, params
+    # the last pass only averages (SPHIRE's filter of pass maxit - 1, i.e. FH up to rounding)
+    avg = _ops.transform_sum(images, params) / np.float32(n)
+    return _ops.tanh_lowpass(avg, 0.1 + (p.FH - 0.1) * (p.maxit - 1) / (p.maxit - 1), p.FF), params
 
 
 def class_stability_task(task):

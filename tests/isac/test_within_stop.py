@@ -1,0 +1,114 @@
+"""Cheaper searches of issue 11: the within-group convergence stop and the coarse-to-fine pre-alignment range."""
+
+import numpy as np
+import pytest
+
+from isavar.isac import _ops, prealign, stability
+from isavar.isac.generation import normalise_for_alignment
+from isavar.isac.params import Isac2Params
+from isavar.isac.run import make_grid
+from isavar.isac.stability import class_stability_task, last_discrete_pass, max_displacement
+from isavar.parallel.serial import SerialExecutor
+
+from isac_data import prototypes, small_params
+
+
+def test_max_displacement_hand_worked():
+    old = np.array([[10.0, 0.0, 0.0, 0], [0.0, 1.0, 1.0, 1]])
+    # image 0: rotated by 60 degrees -> chord 2 sin(30 deg) r = r; image 1: shifted by (3, 4) -> 5 px
+    new = np.array([[70.0, 0.0, 0.0, 0], [0.0, 4.0, 5.0, 1]])
+    assert max_displacement(old, new, 10.0) == pytest.approx(10.0)
+    assert max_displacement(old, new, 2.0) == pytest.approx(5.0)
+    # the angle wraps: 179 -> -179 is a 2 degree turn
+    assert max_displacement(np.array([[179.0, 0, 0, 0]]), np.array([[-179.0, 0, 0, 0]]), 29.0) == pytest.approx(
+        2 * np.sin(np.deg2rad(1.0)) * 29.0)
+    flipped = new.copy()
+    flipped[0, 3] = 1
+    assert max_displacement(old, flipped, 10.0) == np.inf
+    assert max_displacement(np.zeros((0, 4)), np.zeros((0, 4)), 10.0) == 0.0
+
+
+@pytest.mark.parametrize("maxit,dst,expect", [(30, 90.0, 16), (18, 90.0, 4), (14, 90.0, 0), (8, 90.0, -1),
+                                              (30, 0.0, -1)])
+def test_last_discrete_pass_follows_sphire_schedule(maxit, dst, expect):
+    p = Isac2Params(radius=50, maxit=maxit, dst=dst)
+    assert last_discrete_pass(p) == expect
+    passes = [it for it in range(maxit - 1) if stability.discrete_delta(it, it + 1, maxit, dst)]
+    assert (passes[-1] if passes else -1) == expect
+
+
+def _planted_class(n=40, seed=5):
+    rng = np.random.default_rng(seed)
+    proto = prototypes(28)[0]
+    truth = np.column_stack([rng.uniform(-180, 180, n), rng.normal(0, 0.7, n), rng.normal(0, 0.7, n),
+                             rng.integers(0, 2, n)])
+    imgs = _ops.transform(np.repeat(proto[None], n, 0), _ops.inverse(truth))
+    imgs += rng.normal(0, 0.15, imgs.shape).astype(np.float32)
+    return normalise_for_alignment(imgs, _ops.circle(28, 10)), truth, rng
+
+
+def _count_passes(monkeypatch):
+    calls = []
+    orig = _ops.align_single
+
+    def spy(*args, **kwargs):
+        calls.append(args[5])                      # delta of the pass
+        return orig(*args, **kwargs)
+
+    monkeypatch.setattr(_ops, "align_single", spy)
+    return calls
+
+
+@pytest.mark.parametrize("within_stop", [0.0, 0.5])
+def test_within_stop_ends_runs_early_and_keeps_the_planted_alignment(monkeypatch, within_stop):
+    imgs, truth, rng = _planted_class()
+    p = small_params(maxit=18, stab_ali=3, within_stop=within_stop)
+    calls = _count_passes(monkeypatch)
+    out = class_stability_task((imgs, np.zeros((len(imgs), 4)), p, make_grid(p), rng, True))
+    per_run = len(calls) / p.stab_ali
+    if within_stop == 0:
+        assert len(calls) == p.stab_ali * (p.maxit - 1)          # SPHIRE: every pass of every run
+    else:
+        # the discrete passes (0 and 4) are always run; a clean class settles a few passes later
+        assert last_discrete_pass(p) + 2 <= per_run < p.maxit - 1
+        assert sum(d != 0 for d in calls) == 2 * p.stab_ali
+    assert len(out["stable"]) >= 0.9 * len(imgs)
+    rel = _ops.compose(_ops.inverse(truth[out["stable"]]), out["params"][out["stable"]])
+    assert np.all(rel[:, 3] == rel[0, 3])
+    spread = (rel[:, 0] - rel[0, 0] + 180) % 360 - 180
+    assert np.abs(spread).max() < np.rad2deg(p.thld_err / p.target_radius)
+    assert out["pixel_error"] < 1.0
+
+
+def test_within_stop_leaves_pure_noise_unstable():
+    rng = np.random.default_rng(8)
+    imgs = normalise_for_alignment(rng.normal(0, 1, (60, 28, 28)).astype(np.float32), _ops.circle(28, 10))
+    p = small_params(maxit=18, stab_ali=5, thld_err=0.7, within_stop=0.5)
+    out = class_stability_task((imgs, np.zeros((60, 4)), p, make_grid(p), rng, True))
+    assert len(out["stable"]) < p.minimum_grp_size
+
+
+def test_within_stop_average_is_the_final_pass_average():
+    """Stopped or not, the returned average is the FH-filtered real-space average of the returned params."""
+    imgs, _truth, rng = _planted_class()
+    p = small_params(maxit=18, within_stop=0.5)
+    avg, params = stability.within_group_refinement(imgs, np.zeros((len(imgs), 4)), p, make_grid(p), rng)
+    expect = _ops.tanh_lowpass(_ops.transform_sum(imgs, params) / np.float32(len(imgs)), p.FH, p.FF)
+    np.testing.assert_allclose(avg, expect, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("search", ["full", "coarse"])
+def test_prealign_range_recovers_planted_shifts(search):
+    """A full-range pass (+-4 px, step 1) finds integer shifts of a centred reference, coarse to fine or not."""
+    rng = np.random.default_rng(2)
+    proto = prototypes(40)[2]
+    shifts = rng.integers(-4, 5, (30, 2)).astype(float)
+    imgs = _ops.fshift(np.repeat(proto[None], 30, 0), shifts)
+    imgs += rng.normal(0, 0.05, imgs.shape).astype(np.float32)
+    p = Isac2Params(radius=30, target_radius=12, target_nx=40, prealign_search=search)
+    from isavar.core.polar import polar_grid
+
+    out = prealign._align_range(imgs, proto, np.zeros((30, 4)), p, polar_grid(1, 12, 1), 4, 1, 0.0,
+                                SerialExecutor(), 16)
+    # the parameters move the particle back to the centre: its centre in the image is the planted shift
+    np.testing.assert_allclose(_ops.particle_centre(out), shifts, atol=0.3)
