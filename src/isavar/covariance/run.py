@@ -234,15 +234,15 @@ def _pass_task(ctx: _Context, stores: np.ndarray, sigma2_s: np.ndarray, mean_fre
     (``stores[i % 2]``), so the two halves are refined independently.
 
     Returns ``(sums, (rows, latents))`` for :meth:`Executor.map_sum`: ``sums`` is
-    ``(h (2, P, n_band) float32, b (2, J, n_band) complex64, err2 (S,))`` with ``scatter``, else
+    ``(h (2, n_band, P) float32, b (2, n_band, J) complex64, err2 (S,))`` with ``scatter``, else
     ``(err2,)``; the chunk's rows and ``(c, K)`` latents stay on the process that computed them.
     """
     sampler, p = ctx.sampler, ctx.params
     k = stores.shape[2] - 1
     j = k + 1 if mean_free else k
     npair = j * (j + 1) // 2
-    h = np.zeros((2, npair, sampler.n_band), np.float64) if scatter else None
-    b = np.zeros((2, j, sampler.n_band), np.complex128) if scatter else None
+    h = np.zeros((2, sampler.n_band, npair), np.float64) if scatter else None     # voxel-major
+    b = np.zeros((2, sampler.n_band, j), np.complex128) if scatter else None
     err2 = np.zeros(sampler.n_samples)
     ez_all = np.zeros((rows.size, k))
     mult = sampler.multiplicity
@@ -257,15 +257,14 @@ def _pass_task(ctx: _Context, stores: np.ndarray, sigma2_s: np.ndarray, mean_fre
             x = x_all[m]
             ctf = None if ctf_all is None else ctf_all[m]
             for i_op, op in enumerate(sym):
-                geo = sampler.geometry(ctx.rotations[sel] @ op)
-                proj = sampler.gather(stores[half], geo)
-                ez, hv, bv, e2 = em.batch_moments(x, ctf, proj, sigma2_s, mult, mean_free=mean_free)
+                rot = ctx.rotations[sel] @ op
+                proj = sampler.gather_at(stores[half], rot)
+                ez, u, zz, g, zhat, e2 = em.batch_factors(x, ctf, proj, sigma2_s, mult, mean_free=mean_free)
                 if i_op == 0:
                     ez_all[s + np.flatnonzero(m)] = ez
                     err2 += e2
                 if scatter:
-                    h[half] += sampler.scatter(hv, geo)
-                    b[half] += sampler.scatter(bv, geo)
+                    sampler.scatter_moments(u, zz, g, zhat, rot, h[half], b[half])
     sums = (h.astype(np.float32), b.astype(np.complex64), err2) if scatter else (err2,)
     return sums, (rows, ez_all)
 
@@ -406,6 +405,8 @@ def covariance(table: pd.DataFrame, images, params: CovarianceParams, *, geometr
         sums = executor.map_sum(task, chunks, on_result=on_result)
         progress.close()
         h, b, err2 = sums if scatter else (None, None, sums[0])
+        if scatter:                                  # voxel-major chunk sums -> (2, P, n_band), (2, J, n_band)
+            h, b = h.transpose(0, 2, 1), b.transpose(0, 2, 1)
         ez = None
         if latents:                                  # every process calls gather and bcast (collectives)
             parts = executor.gather(mine)
