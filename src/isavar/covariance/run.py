@@ -246,6 +246,7 @@ def _pass_task(ctx: _Context, stores: np.ndarray, sigma2_s: np.ndarray, mean_fre
     err2 = np.zeros(sampler.n_samples)
     ez_all = np.zeros((rows.size, k))
     mult = sampler.multiplicity
+    blank = not np.any(stores)                          # the mean pass projects nothing: skip the gather
     for s in range(0, rows.size, p.batch_size):
         batch = rows[s:s + p.batch_size]
         x_all, ctf_all = _prepare(ctx, batch)
@@ -258,7 +259,8 @@ def _pass_task(ctx: _Context, stores: np.ndarray, sigma2_s: np.ndarray, mean_fre
             ctf = None if ctf_all is None else ctf_all[m]
             for i_op, op in enumerate(sym):
                 rot = ctx.rotations[sel] @ op
-                proj = sampler.gather_at(stores[half], rot)
+                proj = (np.zeros((sel.size, sampler.n_samples, stores.shape[2]), np.complex64) if blank
+                        else sampler.gather_at(stores[half], rot))
                 ez, u, zz, g, zhat, e2 = em.batch_factors(x, ctf, proj, sigma2_s, mult, mean_free=mean_free)
                 if i_op == 0:
                     ez_all[s + np.flatnonzero(m)] = ez
