@@ -184,3 +184,14 @@ def test_symmetric_mean_with_an_automatic_band():
     # the amplitude is the phantom's: least-squares slope near 1 (Wiener shrinkage at high frequency)
     slope = float((res.mean[inside] * vol[inside]).sum() / (vol[inside] ** 2).sum())
     assert 0.85 < slope < 1.15
+
+
+@pytest.mark.parametrize("j", [1, 3, 5])
+def test_voxel_solves_equal_lapack_and_fall_back_when_not_positive_definite(rng, j):
+    a = rng.standard_normal((200, j, j))
+    mat = a @ a.transpose(0, 2, 1) + 0.1 * np.eye(j)
+    mat[:5] = -np.eye(j)                                  # not positive definite: LU fallback
+    rhs = rng.standard_normal((200, j)) + 1j * rng.standard_normal((200, j))
+    ref = np.linalg.solve(mat.astype(np.complex128), rhs[:, :, None])[:, :, 0]
+    got = em._solve_many(mat, rhs).T
+    assert np.allclose(got, ref, rtol=1e-9, atol=1e-12)

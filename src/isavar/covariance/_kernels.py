@@ -153,3 +153,58 @@ def scatter_moments(u, zz, g, zhat, row_start, row_len, r, rot, k2, lim, h_out, 
                             h_out[idx, p] += w * hv[p]
                         for a in range(n_j):
                             b_out[idx, a] += w * bv[a]
+
+
+@njit(cache=True, nogil=True)
+def spd_solve(mat, rhs, out):  # pragma: no cover - compiled
+    """Solve ``mat[v] x = rhs[v]`` for many small symmetric positive definite matrices (Cholesky).
+
+    Parameters
+    ----------
+    mat : (n, J, J) float64
+        Symmetric matrices (only the lower triangle is read).
+    rhs : (n, J) complex128
+        Right-hand sides.
+    out : (n, J) complex128
+        Solutions (left untouched where the matrix is not positive definite).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n,)`` bool, True where the factorisation failed (the caller solves those otherwise).
+    """
+    n = mat.shape[0]
+    j = mat.shape[1]
+    low = np.empty((j, j))
+    y = np.empty(j, np.complex128)
+    bad = np.zeros(n, np.bool_)
+    for v in range(n):
+        ok = True
+        for a in range(j):
+            for b in range(a + 1):
+                s = mat[v, a, b]
+                for c in range(b):
+                    s -= low[a, c] * low[b, c]
+                if a == b:
+                    if not s > 0.0:
+                        ok = False
+                        break
+                    low[a, a] = np.sqrt(s)
+                else:
+                    low[a, b] = s / low[b, b]
+            if not ok:
+                break
+        if not ok:
+            bad[v] = True
+            continue
+        for a in range(j):
+            t = rhs[v, a]
+            for c in range(a):
+                t -= low[a, c] * y[c]
+            y[a] = t / low[a, a]
+        for a in range(j - 1, -1, -1):
+            t = y[a]
+            for c in range(a + 1, j):
+                t -= low[c, a] * out[v, c]
+            out[v, a] = t / low[a, a]
+    return bad

@@ -191,7 +191,24 @@ def _ridge_solve(hm, bm, shell, n_shells, *, ridge=1e-6, extra=None):
     mat = hm + reg[:, None, None] * np.eye(j)[None]
     if extra is not None:
         mat = mat + extra
-    return np.linalg.solve(mat, bm.T[:, :, None])[:, :, 0].T
+    return _solve_many(mat, bm.T)
+
+
+def _solve_many(mat: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """``(n, J, J)`` symmetric matrices, ``(n, J)`` right-hand sides -> ``(J, n)`` solutions.
+
+    Compiled Cholesky per voxel (:func:`isavar.covariance._kernels.spd_solve`; LAPACK's batched solve
+    spends most of its time in per-matrix overhead for J <= 7); LU where a matrix is not positive definite.
+    """
+    from isavar.covariance._kernels import spd_solve
+
+    mat = np.ascontiguousarray(mat, dtype=np.float64)
+    rhs = np.ascontiguousarray(rhs, dtype=np.complex128)
+    out = np.zeros_like(rhs)
+    bad = spd_solve(mat, rhs, out)
+    if bad.any():
+        out[bad] = np.linalg.solve(mat[bad], rhs[bad][:, :, None])[:, :, 0]
+    return out.T
 
 
 def procrustes(va: np.ndarray, vb: np.ndarray) -> np.ndarray:
