@@ -11,7 +11,9 @@ fraction of runs whose first component is flagged (power) and whose extra compon
 
 Usage::
 
-    PYTHONPATH=src python bench/covariance_null.py --seeds 10 --out bench/covariance_null.json
+    PYTHONPATH=src python bench/covariance_null.py --seeds 8 --out /tmp/null_a.json
+    PYTHONPATH=src python bench/covariance_null.py --seeds 8 --first-seed 8 --merge /tmp/null_a.json \
+        --out bench/covariance_null.json
 """
 
 from __future__ import annotations
@@ -50,19 +52,21 @@ def main(argv=None) -> int:
     """Run the repeated simulations and print the rates."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=10)
+    ap.add_argument("--first-seed", type=int, default=0)
+    ap.add_argument("--merge", type=Path, nargs="*", default=[], help="earlier --out files to include in the rates")
     ap.add_argument("--n", type=int, default=1500)
     ap.add_argument("--box", type=int, default=32)
     ap.add_argument("--snr", type=float, default=0.1)
     ap.add_argument("--components", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("covariance_null.json"))
     args = ap.parse_args(argv)
-    rows = []
-    for seed in range(args.seeds):
+    rows = [r for f in args.merge for r in json.loads(f.read_text())["runs"]]
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for case in ("homogeneous", "two_state"):
             row = run_one(case, seed, args.n, args.box, args.snr, args.components)
             rows.append(row)
             print(json.dumps(row), flush=True)
-            args.out.write_text(json.dumps(rows, indent=1) + "\n")
+            args.out.write_text(json.dumps({"runs": rows}, indent=1) + "\n")
     hom = [r for r in rows if r["case"] == "homogeneous"]
     two = [r for r in rows if r["case"] == "two_state"]
     summary = {

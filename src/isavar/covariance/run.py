@@ -396,12 +396,12 @@ def covariance(table: pd.DataFrame, images, params: CovarianceParams, *, geometr
         sig_s = sigma2_shell[sampler.shell].astype(np.float32)
         task = functools.partial(_pass_task, ctx, stores, sig_s, mean_free, scatter, sym)
         mine = []
-        share = int(getattr(executor, "size", 1))   # the root sees its own chunks only: scale the bar
+        share = int(getattr(executor, "size", 1))   # under MPI the root sees its own block only: scale the bar
 
         def on_result(extra):
             if latents:
                 mine.append(extra)
-            progress.advance(min(extra[0].size * share, n))
+            progress.advance(extra[0].size * share)
 
         progress.stage(stage, total=n)
         sums = executor.map_sum(task, chunks, on_result=on_result)
