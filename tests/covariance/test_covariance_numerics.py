@@ -51,6 +51,32 @@ def test_scatter_is_the_adjoint_of_gather(rng):
     assert lhs == pytest.approx(rhs, rel=1e-5)
 
 
+@pytest.mark.parametrize("n, r_max", [(16, 8.0), (21, 6.5)])
+def test_compiled_gather_and_scatter_equal_the_numpy_operators(rng, n, r_max):
+    """The numba kernels (geometry on the fly, M-step values formed on the fly) equal gather/scatter."""
+    s = SliceSampler(n, r_max)
+    rots = random_rotations(9, rng)
+    geo = s.geometry(rots)
+    stores = (rng.standard_normal((s.n_band, 3)) + 1j * rng.standard_normal((s.n_band, 3))).astype(np.complex64)
+    ref = s.gather(stores, geo)
+    fast = s.gather_at(stores, rots)
+    assert np.abs(fast - ref).max() <= 1e-5 * np.abs(ref).max()
+    c, n_s = geo.shape
+    x = (rng.standard_normal((c, n_s)) + 1j * rng.standard_normal((c, n_s))).astype(np.complex64)
+    ctf = rng.uniform(-1, 1, (c, n_s)).astype(np.float32)
+    sigma2 = rng.uniform(0.5, 2.0, n_s)
+    ez, hv, bv, _ = em.batch_moments(x, ctf, ref, sigma2, s.multiplicity, mean_free=True)
+    _, u, zz, g, zhat, _ = em.batch_factors(x, ctf, ref, sigma2, s.multiplicity, mean_free=True)
+    h = np.zeros((s.n_band, zz.shape[1]))
+    b = np.zeros((s.n_band, zhat.shape[1]), np.complex128)
+    s.scatter_moments(u, zz, g, zhat, rots, h, b)
+    h_ref, b_ref = s.scatter(hv, geo), s.scatter(bv, geo)       # float32 values: agree to float32 rounding
+    assert np.abs(h.T - h_ref).max() <= 1e-5 * np.abs(h_ref).max()
+    assert np.abs(b.T - b_ref).max() <= 1e-5 * np.abs(b_ref).max()
+    s.scatter_moments(u, zz, g, zhat, rots, h, b)                 # accumulates in place
+    assert np.abs(h.T - 2 * h_ref).max() <= 2e-5 * np.abs(h_ref).max()
+
+
 def test_ctf_samples_match_the_ctf_image(rng):
     n, apix = 32, 2.0
     params = dict(defocus_u_A=np.array([12000.0, 20000.0]), defocus_v_A=np.array([11000.0, 19500.0]),
@@ -158,3 +184,14 @@ def test_symmetric_mean_with_an_automatic_band():
     # the amplitude is the phantom's: least-squares slope near 1 (Wiener shrinkage at high frequency)
     slope = float((res.mean[inside] * vol[inside]).sum() / (vol[inside] ** 2).sum())
     assert 0.85 < slope < 1.15
+
+
+@pytest.mark.parametrize("j", [1, 3, 5])
+def test_voxel_solves_equal_lapack_and_fall_back_when_not_positive_definite(rng, j):
+    a = rng.standard_normal((200, j, j))
+    mat = a @ a.transpose(0, 2, 1) + 0.1 * np.eye(j)
+    mat[:5] = -np.eye(j)                                  # not positive definite: LU fallback
+    rhs = rng.standard_normal((200, j)) + 1j * rng.standard_normal((200, j))
+    ref = np.linalg.solve(mat.astype(np.complex128), rhs[:, :, None])[:, :, 0]
+    got = em._solve_many(mat, rhs).T
+    assert np.allclose(got, ref, rtol=1e-9, atol=1e-12)

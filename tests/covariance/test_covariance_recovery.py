@@ -139,14 +139,19 @@ def test_same_result_for_any_number_of_workers():
 
 @pytest.mark.mpi
 def test_3dva_under_mpi_equals_serial(tmp_path):
-    """Two MPI ranks give the same components, bit for bit, as one process."""
+    """2 and 3 MPI ranks give the same maps and latents, bit for bit, as one process.
+
+    300 particles in chunks of 64 make 5 chunks: 3 ranks get unequal blocks (2, 2, 1), so the
+    accumulators are summed in another grouping than the serial run's; the exact (fixed-point)
+    reduction makes that irrelevant.
+    """
     import os
     import shutil
     import subprocess
     import sys
 
     from isavar.cli import main
-    from isavar.io import read_volume
+    from isavar.io import read_particles, read_volume
 
     launcher = shutil.which("mpirun")
     if launcher is None:
@@ -155,12 +160,18 @@ def test_3dva_under_mpi_equals_serial(tmp_path):
     data = tmp_path / "data"
     assert main(["simulate", str(data), "--phantom", "two_state", "--n", "300", "--box", "24", "--apix", "8",
                  "--snr", "1", "--seed", "4", "-q"]) == 0
-    opts = ["--components", "2", "--CTF", "--iterations", "2", "--chunk-size", "64", "-q"]
+    opts = ["--components", "2", "--CTF", "--iterations", "3", "--chunk-size", "64", "-q"]
     assert main(["3dva", str(data / "particles.star"), str(tmp_path / "s"), *opts, "--executor", "serial"]) == 0
-    args = [launcher, "-np", "2", "--oversubscribe"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
-    res = subprocess.run(args + [sys.executable, "-m", "isavar", "3dva", str(data / "particles.star"),
-                                 str(tmp_path / "m"), *opts, "--executor", "mpi"], capture_output=True, text=True,
-                         timeout=300, check=False)
-    assert res.returncode == 0, res.stderr
-    for name in ("var3D.mrc", "component_01.mrc", "mean.mrc"):
-        assert np.array_equal(read_volume(tmp_path / "s" / name)[0], read_volume(tmp_path / "m" / name)[0])
+    serial_latents = read_particles(tmp_path / "s" / "particles.star").table[["latent_1", "latent_2"]].to_numpy()
+    assert np.ptp(serial_latents[:, 0]) > 0
+    for ranks in (2, 3):
+        out = tmp_path / f"m{ranks}"
+        args = [launcher, "-np", str(ranks), "--oversubscribe"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
+        res = subprocess.run(args + [sys.executable, "-m", "isavar", "3dva", str(data / "particles.star"), str(out),
+                                     *opts, "--executor", "mpi"], capture_output=True, text=True, timeout=600,
+                             check=False)
+        assert res.returncode == 0, res.stderr
+        for name in ("var3D.mrc", "component_01.mrc", "component_02.mrc", "mean.mrc"):
+            assert np.array_equal(read_volume(tmp_path / "s" / name)[0], read_volume(out / name)[0]), (ranks, name)
+        latents = read_particles(out / "particles.star").table[["latent_1", "latent_2"]].to_numpy()
+        assert np.array_equal(serial_latents, latents), ranks

@@ -25,6 +25,7 @@ import numpy as np
 __all__ = [
     "pair_index",
     "posterior",
+    "batch_factors",
     "batch_moments",
     "solve_voxels",
     "orthogonalise",
@@ -78,8 +79,12 @@ def posterior(a: np.ndarray, r: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, 
     return ez, cov
 
 
-def batch_moments(x, ctf, proj, sigma2_s, multiplicity, *, mean_free: bool):
-    """E-step of one batch and the per-sample quantities the M-step back-projects.
+def batch_factors(x, ctf, proj, sigma2_s, multiplicity, *, mean_free: bool):
+    """E-step of one batch and the factors of the per-sample quantities the M-step back-projects.
+
+    The M-step sums are ``u[i, s] zz[i, p]`` (real, the pairs of :func:`pair_index`) and
+    ``g[i, s] zhat[i, a]`` (complex): :func:`batch_moments` forms them, the compiled
+    back-projection (:func:`isavar.covariance._kernels.scatter_moments`) multiplies on the fly.
 
     Parameters
     ----------
@@ -100,10 +105,14 @@ def batch_moments(x, ctf, proj, sigma2_s, multiplicity, *, mean_free: bool):
     -------
     ez : numpy.ndarray
         ``(c, K)`` posterior means.
-    h_vals : numpy.ndarray
-        ``(P, c, S)`` float32 ``|C|^2/sigma^2 E[z_a z_b]`` for the pairs of :func:`pair_index`.
-    b_vals : numpy.ndarray
-        ``(J, c, S)`` complex64 ``C T / sigma^2 E[z_a]``.
+    u : numpy.ndarray
+        ``(c, S)`` float32 ``|C|^2 / sigma^2``.
+    zz : numpy.ndarray
+        ``(c, P)`` float64 ``E[z_a z_b]`` for the pairs of :func:`pair_index` (augmented latents).
+    g : numpy.ndarray
+        ``(c, S)`` complex64 ``C T / sigma^2`` (``T = X`` with ``mean_free``, else ``R``).
+    zhat : numpy.ndarray
+        ``(c, J)`` float64 ``E[z]`` (augmented latents).
     err2 : numpy.ndarray
         ``(S,)`` float64 sum over the batch of ``E|R - A z|^2`` (for the noise update).
     """
@@ -132,12 +141,31 @@ def batch_moments(x, ctf, proj, sigma2_s, multiplicity, *, mean_free: bool):
         zhat, zz, target = ez, ezz, r
     inv = (1.0 / sigma2_s).astype(np.float32)
     u = inv[None, :] if ctf is None else ctf * ctf * inv[None, :]
-    u = np.broadcast_to(u, (c, s))
-    g = (target if ctf is None else target * ctf) * inv[None, :]
-    pairs = pair_index(zhat.shape[1])
-    h_vals = np.empty((len(pairs), c, s), dtype=np.float32)
-    for p, (ia, ib) in enumerate(pairs):
-        h_vals[p] = u * zz[:, ia, ib, None].astype(np.float32)
+    u = np.ascontiguousarray(np.broadcast_to(u, (c, s)), dtype=np.float32)
+    g = np.ascontiguousarray((target if ctf is None else target * ctf) * inv[None, :], dtype=np.complex64)
+    ia, ib = np.array(pair_index(zhat.shape[1]), dtype=np.int64).reshape(-1, 2).T
+    zz_pairs = np.ascontiguousarray(zz[:, ia, ib], dtype=np.float64)
+    return ez, u, zz_pairs, g, np.ascontiguousarray(zhat, dtype=np.float64), err2
+
+
+def batch_moments(x, ctf, proj, sigma2_s, multiplicity, *, mean_free: bool):
+    """E-step of one batch and the per-sample quantities the M-step back-projects (formed).
+
+    Parameters as :func:`batch_factors`.
+
+    Returns
+    -------
+    ez : numpy.ndarray
+        ``(c, K)`` posterior means.
+    h_vals : numpy.ndarray
+        ``(P, c, S)`` float32 ``|C|^2/sigma^2 E[z_a z_b]`` for the pairs of :func:`pair_index`.
+    b_vals : numpy.ndarray
+        ``(J, c, S)`` complex64 ``C T / sigma^2 E[z_a]``.
+    err2 : numpy.ndarray
+        ``(S,)`` float64 sum over the batch of ``E|R - A z|^2`` (for the noise update).
+    """
+    ez, u, zz, g, zhat, err2 = batch_factors(x, ctf, proj, sigma2_s, multiplicity, mean_free=mean_free)
+    h_vals = (u[None] * zz.T[:, :, None].astype(np.float32)).astype(np.float32)
     b_vals = (g[None] * zhat.T[:, :, None].astype(np.float32)).astype(np.complex64)
     return ez, h_vals, b_vals, err2
 
@@ -163,7 +191,24 @@ def _ridge_solve(hm, bm, shell, n_shells, *, ridge=1e-6, extra=None):
     mat = hm + reg[:, None, None] * np.eye(j)[None]
     if extra is not None:
         mat = mat + extra
-    return np.linalg.solve(mat, bm.T[:, :, None])[:, :, 0].T
+    return _solve_many(mat, bm.T)
+
+
+def _solve_many(mat: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """``(n, J, J)`` symmetric matrices, ``(n, J)`` right-hand sides -> ``(J, n)`` solutions.
+
+    Compiled Cholesky per voxel (:func:`isavar.covariance._kernels.spd_solve`; LAPACK's batched solve
+    spends most of its time in per-matrix overhead for J <= 7); LU where a matrix is not positive definite.
+    """
+    from isavar.covariance._kernels import spd_solve
+
+    mat = np.ascontiguousarray(mat, dtype=np.float64)
+    rhs = np.ascontiguousarray(rhs, dtype=np.complex128)
+    out = np.zeros_like(rhs)
+    bad = spd_solve(mat, rhs, out)
+    if bad.any():
+        out[bad] = np.linalg.solve(mat[bad], rhs[bad][:, :, None])[:, :, 0]
+    return out.T
 
 
 def procrustes(va: np.ndarray, vb: np.ndarray) -> np.ndarray:

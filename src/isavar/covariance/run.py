@@ -1,8 +1,9 @@
 """3D variability analysis by a low-rank covariance model (PPCA with projections), on tables and lazy images.
 
-Passes over the data (each a ``map`` over fixed chunks of consecutive particles,
-results summed in chunk order, so the answer is the same for any executor and worker
-count): one pass for the mean (a Wiener reconstruction, the 0-component case of the
+Passes over the data (each one ``executor.map_sum`` over fixed chunks of consecutive
+particles: the chunk sums are added exactly in fixed point, :mod:`isavar.parallel.reduction`,
+so the answer is the same bit for bit for any executor, worker or rank count, with one
+reduction per pass under MPI): one pass for the mean (a Wiener reconstruction, the 0-component case of the
 same code), then ``iterations`` EM passes (E-step per image, back-projection of the
 M-step sums), then one pass for the final latents. Memory: the accumulators
 (``2 (P + J)`` arrays over the Fourier band of the padded grid) and one chunk of
@@ -231,16 +232,21 @@ def _pass_task(ctx: _Context, stores: np.ndarray, sigma2_s: np.ndarray, mean_fre
 
     Particle ``i`` belongs to half ``i % 2`` and is projected with that half's volumes
     (``stores[i % 2]``), so the two halves are refined independently.
+
+    Returns ``(sums, (rows, latents))`` for :meth:`Executor.map_sum`: ``sums`` is
+    ``(h (2, n_band, P) float32, b (2, n_band, J) complex64, err2 (S,))`` with ``scatter``, else
+    ``(err2,)``; the chunk's rows and ``(c, K)`` latents stay on the process that computed them.
     """
     sampler, p = ctx.sampler, ctx.params
     k = stores.shape[2] - 1
     j = k + 1 if mean_free else k
     npair = j * (j + 1) // 2
-    h = np.zeros((2, npair, sampler.n_band), np.float64) if scatter else None
-    b = np.zeros((2, j, sampler.n_band), np.complex128) if scatter else None
+    h = np.zeros((2, sampler.n_band, npair), np.float64) if scatter else None     # voxel-major
+    b = np.zeros((2, sampler.n_band, j), np.complex128) if scatter else None
     err2 = np.zeros(sampler.n_samples)
     ez_all = np.zeros((rows.size, k))
     mult = sampler.multiplicity
+    blank = not np.any(stores)                          # the mean pass projects nothing: skip the gather
     for s in range(0, rows.size, p.batch_size):
         batch = rows[s:s + p.batch_size]
         x_all, ctf_all = _prepare(ctx, batch)
@@ -252,18 +258,17 @@ def _pass_task(ctx: _Context, stores: np.ndarray, sigma2_s: np.ndarray, mean_fre
             x = x_all[m]
             ctf = None if ctf_all is None else ctf_all[m]
             for i_op, op in enumerate(sym):
-                geo = sampler.geometry(ctx.rotations[sel] @ op)
-                proj = sampler.gather(stores[half], geo)
-                ez, hv, bv, e2 = em.batch_moments(x, ctf, proj, sigma2_s, mult, mean_free=mean_free)
+                rot = ctx.rotations[sel] @ op
+                proj = (np.zeros((sel.size, sampler.n_samples, stores.shape[2]), np.complex64) if blank
+                        else sampler.gather_at(stores[half], rot))
+                ez, u, zz, g, zhat, e2 = em.batch_factors(x, ctf, proj, sigma2_s, mult, mean_free=mean_free)
                 if i_op == 0:
                     ez_all[s + np.flatnonzero(m)] = ez
                     err2 += e2
                 if scatter:
-                    h[half] += sampler.scatter(hv, geo)
-                    b[half] += sampler.scatter(bv, geo)
-    out_h = None if h is None else h.astype(np.float32)
-    out_b = None if b is None else b.astype(np.complex64)
-    return rows, ez_all, out_h, out_b, err2
+                    sampler.scatter_moments(u, zz, g, zhat, rot, h[half], b[half])
+    sums = (h.astype(np.float32), b.astype(np.complex64), err2) if scatter else (err2,)
+    return sums, (rows, ez_all)
 
 
 # --------------------------------------------------------------------------------------
@@ -381,26 +386,37 @@ def covariance(table: pd.DataFrame, images, params: CovarianceParams, *, geometr
     eye = np.eye(3)[None]
     timings = {}
 
-    def run_pass(stage, stores, sigma2_shell, mean_free, scatter, sym=eye):
+    def run_pass(stage, stores, sigma2_shell, mean_free, scatter, sym=eye, latents=False):
+        """One pass over the data: one exact ``map_sum`` (one reduction under MPI) of the chunk sums.
+
+        Returns ``(ez, h, b, sigma2)``: the ``(n, K)`` latents on every process when ``latents``
+        (gathered to the root and broadcast: table-sized), else None; the summed band arrays
+        (None without ``scatter``); the noise power per shell.
+        """
         sig_s = sigma2_shell[sampler.shell].astype(np.float32)
         task = functools.partial(_pass_task, ctx, stores, sig_s, mean_free, scatter, sym)
-        ez = np.zeros((n, stores.shape[2] - 1))
-        h = b = None
-        err2 = np.zeros(sampler.n_samples)
+        mine = []
+        share = int(getattr(executor, "size", 1))   # under MPI the root sees its own block only: scale the bar
+
+        def on_result(extra):
+            if latents:
+                mine.append(extra)
+            progress.advance(extra[0].size * share)
+
         progress.stage(stage, total=n)
-        window = max(1, int(getattr(executor, "workers", 1)))
-        for w in range(0, len(chunks), window):
-            for rows, ez_c, h_c, b_c, e2 in executor.map(task, chunks[w:w + window]):
-                ez[rows] = ez_c
-                err2 += e2
-                if scatter:
-                    h = h_c.astype(np.float64) if h is None else h + h_c
-                    b = b_c.astype(np.complex128) if b is None else b + b_c
-                progress.advance(rows.size)
+        sums = executor.map_sum(task, chunks, on_result=on_result)
         progress.close()
+        h, b, err2 = sums if scatter else (None, None, sums[0])
+        if scatter:                                  # voxel-major chunk sums -> (2, P, n_band), (2, J, n_band)
+            h, b = h.transpose(0, 2, 1), b.transpose(0, 2, 1)
+        ez = None
+        if latents:                                  # every process calls gather and bcast (collectives)
+            parts = executor.gather(mine)
+            ez = _assemble_latents(parts, n, stores.shape[2] - 1) if executor.is_root() else None
+            ez = executor.bcast(ez)
         counts = np.bincount(sampler.shell, minlength=sampler.n_shells) * float(n)
-        sums = np.bincount(sampler.shell, err2, minlength=sampler.n_shells)
-        sigma2 = np.where(counts > 0, sums / np.maximum(counts, 1.0), 0.0)
+        sums_shell = np.bincount(sampler.shell, err2, minlength=sampler.n_shells)
+        sigma2 = np.where(counts > 0, sums_shell / np.maximum(counts, 1.0), 0.0)
         sigma2 = _fill_shells(sigma2, solver.n_shells)
         return ez, h, b, sigma2
 
@@ -512,7 +528,8 @@ def covariance(table: pd.DataFrame, images, params: CovarianceParams, *, geometr
     # ---- final latents with the union's components
     t2 = time.perf_counter()
     if k:
-        z, _, _, _ = run_pass("latents", both_halves(np.concatenate([mean[None], v])), sigma2, False, False)
+        z, _, _, _ = run_pass("latents", both_halves(np.concatenate([mean[None], v])), sigma2, False, False,
+                              latents=True)
     else:
         z = np.zeros((n, 0))
     signs = em.sign_by_skew(z, v) if k else np.ones(0)
@@ -530,6 +547,15 @@ def covariance(table: pd.DataFrame, images, params: CovarianceParams, *, geometr
                             latents=z, var3d=var3d, mask=mask, half_correlation=corr, noise_eigenvalues=noise_eig,
                             half_snr=snr_ratio, sigma2=sigma2, history=history, timings_s=timings,
                             converged=converged)
+
+
+def _assemble_latents(parts, n: int, k: int) -> np.ndarray:
+    """``(n, K)`` latents from every process's list of ``(rows, latents)`` chunk results."""
+    z = np.zeros((n, k))
+    for part in parts:
+        for rows, ez in part:
+            z[rows] = ez
+    return z
 
 
 def background_std(images, *, max_images: int = 1000) -> float:

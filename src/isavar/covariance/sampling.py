@@ -99,6 +99,12 @@ class SliceSampler:
         self.n_band = self.band.size
         self._compact = np.full(g.size, -1, dtype=np.int64)
         self._compact[self.band] = np.arange(self.n_band)
+        # The same map as a table of storage rows (qz, qy): the band holds qx = 0 .. len - 1 of each row.
+        rows = self.band // g.sy
+        self._row_len = np.bincount(rows, minlength=g.shape[0] * g.shape[1]).astype(np.int64)
+        self._row_start = np.concatenate([[0], np.cumsum(self._row_len)[:-1]]).astype(np.int64)
+        if not np.array_equal(self.band % g.sy, np.arange(self.n_band) - self._row_start[rows]):
+            raise AssertionError("band rows must start at qx = 0")  # a half ball always does
 
     # ------------------------------------------------------------------ image side
     def image_samples(self, images: np.ndarray, origins_px: np.ndarray | None = None) -> np.ndarray:
@@ -165,6 +171,31 @@ class SliceSampler:
             else:
                 out[j] = np.bincount(idx, (w * v).ravel(), minlength=size)
         return out
+
+    def gather_at(self, stores: np.ndarray, rotations: np.ndarray) -> np.ndarray:
+        """:meth:`gather` at :meth:`geometry` ``(rotations)``, compiled: ``stores`` (n_band, V) -> (c, S, V)."""
+        from isavar.covariance._kernels import gather_slices
+
+        rot = np.ascontiguousarray(rotations, dtype=np.float32)
+        st = np.ascontiguousarray(stores, dtype=np.complex64)
+        out = np.empty((rot.shape[0], self.n_samples, st.shape[1]), dtype=np.complex64)
+        g = self.grid
+        gather_slices(st, self._row_start, self._row_len, g.r, rot, self._k, float(g.r - f3._EDGE), out)
+        return out
+
+    def scatter_moments(self, u, zz, g, zhat, rotations, h_out: np.ndarray, b_out: np.ndarray) -> None:
+        """Add the back-projection of ``u zz`` and ``g zhat`` (see :func:`em.batch_factors`) in place.
+
+        ``h_out`` is ``(n_band, P)`` float64 and ``b_out`` ``(n_band, J)`` complex128 (voxel-major); equal,
+        up to float64 rounding, to :meth:`scatter` of the formed values at :meth:`geometry` ``(rotations)``.
+        """
+        from isavar.covariance._kernels import scatter_moments
+
+        rot = np.ascontiguousarray(rotations, dtype=np.float32)
+        grid = self.grid
+        scatter_moments(np.ascontiguousarray(u, np.float32), np.ascontiguousarray(zz, np.float64),
+                        np.ascontiguousarray(g, np.complex64), np.ascontiguousarray(zhat, np.float64),
+                        self._row_start, self._row_len, grid.r, rot, self._k, float(grid.r - f3._EDGE), h_out, b_out)
 
     # ------------------------------------------------------------------ volumes <-> storage
     def volumes_to_storage(self, volumes: np.ndarray) -> np.ndarray:
