@@ -29,21 +29,36 @@ MAX_MAGNITUDE = float(2 ** 52)
 
 @numba.njit(cache=True, nogil=True)
 def _add_fixed_point(values, hi, mid, lo):                                  # pragma: no cover - compiled
-    """Add ``values`` (float64, flat) into the limbs; return the index of a bad value or -1."""
+    """Add ``values`` (float64, flat) into the limbs; return the index of a bad value or -1.
+
+    The magnitude is split (``a - floor(a)`` is exact for ``a >= 0``; for a negative value ``v - floor(v)``
+    would round) and the limbs of a negative value are its two's-complement negation.
+    """
     scale = 2.0 ** 40
-    mask = (1 << 40) - 1
+    full = np.int64(1) << 40
+    mask = full - 1
     for i in range(values.size):
         v = values[i]
         if not (abs(v) < 2.0 ** 52):                                      # also catches NaN
             return i
-        h = np.floor(v)
-        r = (v - h) * scale                                              # exact: v - floor(v) in [0, 1)
+        a = abs(v)
+        h = np.floor(a)
+        r = (a - h) * scale                                              # exact: a - floor(a) in [0, 1)
         m = np.floor(r)
-        low = (r - m) * scale                                            # exact, in [0, 2**40)
-        lo[i] += np.int64(np.rint(low))
-        mid[i] += np.int64(m) + (lo[i] >> 40)
+        dh, dm, dl = np.int64(h), np.int64(m), np.int64(np.rint((r - m) * scale))   # dl in [0, 2**40]
+        if v < 0 and (dm != 0 or dl != 0):                               # -(dh + f) = -(dh + 1) + (1 - f)
+            dh = -dh - 1
+            if dl == 0:
+                dm = full - dm
+            else:
+                dl = full - dl
+                dm = mask - dm
+        elif v < 0:
+            dh = -dh
+        lo[i] += dl
+        mid[i] += dm + (lo[i] >> 40)
         lo[i] &= mask
-        hi[i] += np.int64(h) + (mid[i] >> 40)
+        hi[i] += dh + (mid[i] >> 40)
         mid[i] &= mask
     return -1
 
@@ -61,10 +76,28 @@ def _normalise(hi, mid, lo):                                             # pragm
 
 @numba.njit(cache=True, nogil=True)
 def _to_float(hi, mid, lo, out):                                         # pragma: no cover - compiled
-    """``out[i] = hi[i] + (mid[i] + lo[i] * 2**-40) * 2**-40`` (the same operations on every process)."""
+    """``out[i] = hi[i] + (mid[i] + lo[i] * 2**-40) * 2**-40`` (the same operations on every process).
+
+    Negative totals are converted from their sign-magnitude limbs, so a small negative total keeps its
+    relative precision (``-1 + 0.95`` would lose the low bits of ``-0.05``).
+    """
     step = 2.0 ** -40
+    full = np.int64(1) << 40
     for i in range(hi.size):
-        out[i] = np.float64(hi[i]) + (np.float64(mid[i]) + np.float64(lo[i]) * step) * step
+        h, m, low = hi[i], mid[i], lo[i]
+        sign = 1.0
+        if h < 0:                                        # -(|h| - fraction): borrow from the integer part
+            sign = -1.0
+            if m == 0 and low == 0:
+                h = -h
+            else:
+                h = -h - 1
+                if low == 0:
+                    m = full - m
+                else:
+                    low = full - low
+                    m = full - 1 - m
+        out[i] = sign * (np.float64(h) + (np.float64(m) + np.float64(low) * step) * step)
 
 
 def _as_float64_flat(array: np.ndarray) -> np.ndarray:
