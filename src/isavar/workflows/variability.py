@@ -21,8 +21,8 @@ Output directory (must not exist for a new run; nothing is left when the input i
 
 Resuming: while a run is in progress the directory also holds ``.ave2D.scratch`` and
 ``.var2D.scratch`` (the 2D maps computed so far, ``N x nx**2 x 4`` bytes each) and
-``checkpoints/groups.npz`` (the sums after a wave of blocks: the first and the last wave,
-and at most every :data:`CHECKPOINT_SECONDS` in between). Running the same
+``checkpoints/groups.npz`` (the sums after a round of blocks, :data:`isavar.variability.volume.ROUNDS`
+rounds per run: the first and the last round, and at most every :data:`CHECKPOINT_SECONDS` in between). Running the same
 command again on the same input with the same parameters continues an interrupted run
 from its last checkpoint, with a bit-identical result; a finished run, another
 input or other parameters are refused with the reason. The scratch files and the
@@ -78,16 +78,23 @@ class _MapStore:
     """2D maps written into scratch memory-maps in input order, then streamed to STAR + MRCS.
 
     With ``resume`` the scratch files of an interrupted run are reopened (their maps are kept) when they
-    have the expected shape; otherwise they are created afresh. ``resumed`` says which happened.
+    have the expected shape; otherwise they are created afresh. ``resumed`` says which happened. With
+    ``attach`` (MPI ranks other than the root) the root's files are opened to write this rank's rows.
     """
 
-    def __init__(self, outdir: Path, n: int, nx: int, *, ave: bool, var: bool, resume: bool = False):
+    def __init__(self, outdir: Path, n: int, nx: int, *, ave: bool, var: bool, resume: bool = False,
+                 attach: bool = False):
         self.files = {}
         self.maps = {}
         self.resumed = resume
+        self.owner = not attach
         for name, wanted in (("ave2D", ave), ("var2D", var)):
             if wanted:
                 self.files[name] = outdir / f".{name}.scratch"
+        if attach:                 # another MPI rank: write its own rows into the root's files
+            for name, path in self.files.items():
+                self.maps[name] = np.lib.format.open_memmap(path, mode="r+")
+            return
         if resume:
             for name, path in self.files.items():
                 try:
@@ -126,16 +133,14 @@ class _MapStore:
         return written
 
     def close(self) -> None:
+        """Drop the maps; the owner (root) also removes the scratch files."""
         for name in list(self.maps):
             del self.maps[name]
-        for path in self.files.values():
-            if path.exists():
-                os.remove(path)
+        if self.owner:
+            for path in self.files.values():
+                if path.exists():
+                    os.remove(path)
         self.files = {}
-
-
-def _discard_maps(rows, ave, stat) -> None:
-    """Map sink of non-root processes."""
 
 
 def _table_2d(table: pd.DataFrame, box: int, pixel_size_A: float) -> pd.DataFrame:
@@ -326,7 +331,7 @@ def run_variability(stack_path, outdir, params: VariabilityParams, *, executor=N
         and the output STAR files name their stacks relative to it.
     on_checkpoint : callable, optional
         ``on_checkpoint(n)`` is called on every process after the ``n``-th checkpoint of this call is
-        saved (one per wave of group blocks, 2D-map mode). An exception it raises stops the run there,
+        saved (at most one per round of group blocks, 2D-map mode). An exception it raises stops the run there,
         and the same call later continues from that checkpoint.
 
     Returns
@@ -404,18 +409,21 @@ def run_variability(stack_path, outdir, params: VariabilityParams, *, executor=N
         stack.close()
 
 
-#: Least time between two checkpoints (seconds); the first and the last wave are always saved. A checkpoint
-#: holds two Fourier accumulators (about 200 MB for a 128-pixel working box), so it is not saved after
-#: every wave of a large run.
+#: Least time between two checkpoints (seconds); the first and the last round are always saved.
 CHECKPOINT_SECONDS = 30.0
 
 
 class _Checkpoints:
-    """Saves the run state after waves of blocks (root only; scratch maps flushed first)."""
+    """Saves the run state after rounds of blocks (called on every process; the root writes).
+
+    The root decides whether this round is saved (time since the last save) and tells every process; every
+    process then flushes its 2D-map rows, and the root writes the checkpoint once all have.
+    """
 
     def __init__(self, outdir: Path, store, executor, hook):
         self.path = outdir / "checkpoints" / "groups.npz"
         self.store = store
+        self.executor = executor
         self.root = executor.is_root()
         self.hook = hook
         self.count = 0
@@ -427,19 +435,27 @@ class _Checkpoints:
             try:
                 with np.load(self.path) as d:
                     state = {k: d[k] for k in d.files}
-            except (OSError, ValueError, EOFError):
-                log.warning("%s is unreadable; the groups are computed again", self.path)
+                if "rounds_done" not in state:
+                    raise ValueError("a checkpoint of an older version")
+            except (OSError, ValueError, EOFError) as exc:
+                log.warning("%s is unreadable (%s); the groups are computed again", self.path, exc)
+                state = None
         return executor.bcast(state)
 
     def __call__(self, state: dict) -> None:
-        now = time.monotonic()
-        last_wave = state["blocks_done"] == state["n_blocks"]
-        if self.last is not None and now - self.last < CHECKPOINT_SECONDS and not last_wave:
-            return
-        self.last = now
+        save = None
         if self.root:
-            if self.store is not None:
-                self.store.flush()
+            now = time.monotonic()
+            last_round = state["rounds_done"] == state["n_rounds"]
+            save = self.last is None or now - self.last >= CHECKPOINT_SECONDS or last_round
+            if save:
+                self.last = now
+        if not self.executor.bcast(save):
+            return
+        if self.store is not None:
+            self.store.flush()
+        self.executor.barrier()                      # every rank's maps are on disk before the checkpoint
+        if self.root:
             self.path.parent.mkdir(exist_ok=True)
             tmp = self.path.with_name(self.path.name + ".tmp.npz")
             with open(tmp, "wb") as fh:
@@ -476,12 +492,20 @@ def _run(stack, stack_path, outdir, params, executor, progress, symmetrize_only,
         if executor.is_root():
             store = sink = _MapStore(outdir, n, grid.nx, ave=params.save_ave2d, var=params.save_var2d,
                                      resume=resume)
-        else:  # other ranks compute maps for the root but keep none
-            sink = _discard_maps
+        executor.barrier()
+        if not executor.is_root():       # other MPI ranks write the rows they computed into the same files
+            store = sink = _MapStore(outdir, n, grid.nx, ave=params.save_ave2d, var=params.save_var2d,
+                                     attach=True)
+        store.resumed = executor.bcast(store.resumed)
     checkpoints = _Checkpoints(outdir, store, executor, on_checkpoint) if mode_2d else None
     state = checkpoints.load(executor) if (checkpoints is not None and resume) else None
     result = variability(table, images, params, pixel_size_A=pixel, executor=executor, progress=progress,
                          map_sink=sink, source=stack_path, resume=state, checkpoint=checkpoints)
+    if store is not None:
+        store.flush()
+        executor.barrier()                          # every rank's rows are on disk before the root reads them
+        if not executor.is_root():
+            store.close()
     if executor.is_root():
         t0 = time.perf_counter()
         if store is not None:
@@ -565,7 +589,7 @@ def _reconstruct_task(ctx: _ReconstructContext, rows: np.ndarray):
         c = geo.ctf
         ctf = ctf_2d(box, ctx.pixel_size_A, **{k: c[k][rows] for k in c})
     acc.insert(ctx.images[rows], geo.rotations[rows], origins_px=geo.origins_px[rows], ctf=ctf)
-    return rows.size, acc.data, acc.weights
+    return (acc.data, acc.weights), rows.size
 
 
 def run_reconstruct(stack_path, out_path, *, ctf: bool = False, symmetry: str = "c1", npad: int = 2,
@@ -654,12 +678,12 @@ def run_reconstruct(stack_path, out_path, *, ctf: bool = False, symmetry: str = 
     import functools
 
     task = functools.partial(_reconstruct_task, ctx)
-    acc = FourierAccumulator(box, npad=int(npad), symmetry=symmetry, interpolation=interpolation)
     chunks = [np.arange(s, min(n, s + chunk_size)) for s in range(0, n, chunk_size)]
     progress.stage("reconstruction", total=n)
-    vol.accumulate_in_waves(executor, task, chunks, (acc,), lambda r: (r[1:],),
-                            on_result=lambda r: progress.advance(r[0]))
+    data, weights = vol.accumulate_rounds(executor, task, chunks, on_result=progress.advance)
     progress.close()
+    acc = FourierAccumulator(box, npad=int(npad), symmetry=symmetry, interpolation=interpolation)
+    acc.data[...], acc.weights[...] = data, weights
     stack.close()
     volume = acc.finish()
     if mask_radius_px is not None and mask_radius_px > 0:
