@@ -230,11 +230,12 @@ def upsample_maps(maps: np.ndarray, grid: WorkingGrid) -> np.ndarray:
     numpy.ndarray
         ``(k, box, box)`` float32 (pixel values on the input scale).
     """
-    from isavar.core.fft import pad, resample_fourier
+    from isavar.core.fft import pad
+    from isavar.variability.local_stats import upsample
 
     x = np.asarray(maps, np.float32)
     if grid.nx != grid.window:
-        x = resample_fourier(x, grid.window)
+        x = upsample(x, grid.window)
     if grid.window != grid.box:
         x = pad(x, grid.box)
     return np.asarray(x, np.float32)

@@ -304,6 +304,78 @@ def _disk_need(params: VariabilityParams, n: int, box: int, nx: int, symmetrize_
     return need
 
 
+#: Memory of one Python process with isavar's numerical modules loaded (bytes, measured: about 150 MB).
+PROCESS_BASE_BYTES = 200e6
+
+#: Bytes per particle held by every process: orientations, origins, CTF parameters, image index, the
+#: KD-tree of the directions and the centre order (about 200 B), with a margin.
+PER_PARTICLE_BYTES = 300.0
+
+#: Bytes per particle held by the root alone: the particle table (pandas, with its image names), the
+#: per-particle group values and the 2D-map tables written at the end.
+ROOT_PER_PARTICLE_BYTES = 2000.0
+
+
+def estimate_memory(n: int, box: int, nx: int, params: VariabilityParams, workers: int = 1) -> float:
+    """Peak memory (bytes) of a 3dvariability run on one machine, from its largest arrays.
+
+    Every process: :data:`PROCESS_BASE_BYTES` and :data:`PER_PARTICLE_BYTES` per particle. A task (one
+    block of :data:`isavar.variability.run.BLOCK` centres) holds its two Fourier accumulators
+    (``M = (npad nx)**2 (npad nx / 2 + 1)`` voxels, complex64 + float32 each), the block's 2D maps
+    (``BLOCK x nx**2`` float32, about four copies) and, per chunk of ``chunk_size`` centres, the
+    preprocessed images it reads (at most ``chunk_size x min(G, 8)`` of ``nx**2`` float32, plus the
+    ``box**2`` images read 256 at a time). The controlling process (or each MPI rank) holds the exact sum of a
+    round (three int64 limbs per float64, :mod:`isavar.parallel.reduction`), the running float64 totals and,
+    with a pool, the results in flight (``2 workers + 2``); the root also
+    :data:`ROOT_PER_PARTICLE_BYTES` per particle.
+
+    Parameters
+    ----------
+    n, box, nx : int
+        Particles, input box and working box.
+    params : VariabilityParams
+        Settings.
+    workers : int
+        Pool workers on this machine (1 for a serial run or one MPI rank).
+
+    Returns
+    -------
+    float
+        Bytes.
+    """
+    from isavar.variability.run import BLOCK
+
+    g = params.npad * nx
+    voxels = float(g * g * (g // 2 + 1))
+    block = min(BLOCK, n)
+    maps = 4.0 * block * nx * nx
+    chunk = min(int(params.chunk_size), block)
+    prepared = 4.0 * chunk * min(params.img_per_grp, 8) * nx * nx + 4.0 * 256 * box * box * 3
+    task = 2 * 12.0 * voxels + 4 * maps + prepared
+    result = 2 * 12.0 * voxels + (2 * maps if (params.save_ave2d or params.save_var2d) else 0.0)
+    reduction = 2 * 3 * 24.0 * voxels + 2 * 24.0 * voxels          # exact sum of a round + float64 totals
+    per_process = PROCESS_BASE_BYTES + PER_PARTICLE_BYTES * n
+    root = per_process + ROOT_PER_PARTICLE_BYTES * n + reduction + 2 * 24.0 * voxels
+    if workers > 1:
+        return root + (2 * workers + 2) * result + workers * (per_process + task)
+    return root + task
+
+
+def _check_memory(params: VariabilityParams, n: int, box: int, nx: int, executor) -> None:
+    """Refuse up front a run whose estimated memory (:func:`estimate_memory`) exceeds what is available."""
+    from isavar.workflows.outputs import check_memory
+
+    # a pool's workers share this machine's memory; an MPI rank is counted alone (ranks may be on other nodes)
+    workers = int(getattr(executor, "workers", 1)) if getattr(executor, "size", 1) == 1 else 1
+    hint = ("use --fl (with automatic decimation) or --decimate for a smaller working box"
+            if nx > 64 else "use fewer --workers")
+    if workers > 1 and nx > 64:
+        hint += ", or fewer --workers"
+    check_memory(estimate_memory(n, box, nx, params, workers),
+                 f"3dvariability of {n} particles on a {nx}-pixel working box (npad {params.npad}, "
+                 f"{workers} worker{'s' if workers > 1 else ''})", hint)
+
+
 def run_variability(stack_path, outdir, params: VariabilityParams, *, executor=None, progress=None,
                     symmetrize_only: bool = False, pixel_size_A: float | None = None, project_dir=None,
                     on_checkpoint=None) -> VariabilityResult | None:
@@ -378,6 +450,8 @@ def run_variability(stack_path, outdir, params: VariabilityParams, *, executor=N
         if not resume:
             check_disk_space(outdir, _disk_need(params, n, box, grid.nx, symmetrize_only),
                              f"3dvariability of {n} particles (box {box}, working box {grid.nx})")
+        if not symmetrize_only:
+            _check_memory(params, n, box, grid.nx, executor)
         created = not outdir.exists()
         if executor.is_root():
             outdir.mkdir(parents=True, exist_ok=True)
