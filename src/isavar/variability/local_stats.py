@@ -530,16 +530,40 @@ def _ctf_row(ctf: CtfMembers, i: int) -> dict:
     return {f: getattr(ctf, f)[i] for f in CtfMembers.__dataclass_fields__}
 
 
-def _ctf_group(aligned: np.ndarray, params: dict, ctf_grid: "CtfGrid", snr: float):
-    import scipy.fft as sfft
+@numba.njit(cache=True, nogil=True)
+def _wiener_residuals(x, c, inv_snr, mean_out):                                # pragma: no cover - compiled
+    """Wiener mean ``A = sum C X / (sum C^2 + 1/snr)`` into ``mean_out``; ``x`` becomes the residuals
+    ``sign(C) sqrt(G / (sum C^2 + 1/snr)) (X - C A)`` (module notes). Sums in float64."""
+    g, ny, nh = x.shape
+    for y in range(ny):
+        for k in range(nh):
+            s2 = inv_snr
+            num_re = 0.0
+            num_im = 0.0
+            for j in range(g):
+                cj = np.float64(c[j, y, k])
+                v = x[j, y, k]
+                s2 += cj * cj
+                num_re += cj * v.real
+                num_im += cj * v.imag
+            a_re = num_re / s2
+            a_im = num_im / s2
+            mean_out[y, k] = complex(a_re, a_im)
+            scale = np.sqrt(g / s2)
+            for j in range(g):
+                cj = np.float64(c[j, y, k])
+                sg = scale if cj > 0 else (-scale if cj < 0 else 0.0)
+                v = x[j, y, k]
+                x[j, y, k] = complex(sg * (v.real - cj * a_re), sg * (v.imag - cj * a_im))
 
+
+def _ctf_group(aligned: np.ndarray, params: dict, ctf_grid: "CtfGrid", snr: float):
     g, nx, _ = aligned.shape
     c = ctf_grid.evaluate(**params)
     x = sfft.rfft2(aligned)
-    denom = np.einsum("gyx,gyx->yx", c, c) + np.float32(1.0 / snr)
-    mean_f = np.einsum("gyx,gyx->yx", c, x) / denom
-    dev = (np.sign(c) * np.sqrt(np.float32(g) / denom)) * (x - c * mean_f)
-    d = sfft.irfft2(dev, s=(nx, nx))
+    mean_f = np.empty(x.shape[1:], np.complex64)
+    _wiener_residuals(x, c, 1.0 / snr, mean_f)
+    d = sfft.irfft2(x, s=(nx, nx))
     var = np.einsum("gyx,gyx->yx", d, d, dtype=np.float64) / (g - 1)
     ave = sfft.irfft2(mean_f, s=(nx, nx))
     return ave.astype(np.float32), var.astype(np.float32)
