@@ -320,7 +320,7 @@ def downsample(images: np.ndarray, size: int) -> np.ndarray:
     return sfft.irfft2(out, s=(m, m)).astype(np.float32, copy=False)
 
 
-def upsample(images: np.ndarray, size: int) -> np.ndarray:
+def upsample(images: np.ndarray, size: int, *, workers: int | None = None) -> np.ndarray:
     """Fourier-pad square images to ``size`` pixels (values preserved), in single precision.
 
     The inverse of :func:`downsample` and the same as :func:`isavar.core.fft.resample_fourier` (an old
@@ -332,6 +332,8 @@ def upsample(images: np.ndarray, size: int) -> np.ndarray:
         ``(k, m, m)``.
     size : int
         New box ``N >= m``; both even.
+    workers : int, optional
+        Threads of the FFTs (``scipy.fft``); default one.
 
     Returns
     -------
@@ -345,7 +347,7 @@ def upsample(images: np.ndarray, size: int) -> np.ndarray:
     if n % 2 or m % 2 or m > n:
         return resample_fourier(x, n)
     h = m // 2
-    spec = sfft.rfft2(x)
+    spec = sfft.rfft2(x, workers=workers)
     spec[..., :, h] *= 0.5                   # the old Nyquist column: half at +h (and, implicitly, at -h)
     out = np.zeros(x.shape[:-2] + (n, n // 2 + 1), np.complex64)
     out[..., :h, :h + 1] = spec[..., :h, :]
@@ -353,7 +355,7 @@ def upsample(images: np.ndarray, size: int) -> np.ndarray:
     out[..., h, :h + 1] = 0.5 * spec[..., h, :]
     out[..., n - h, :h + 1] = 0.5 * spec[..., h, :]
     out *= np.float32((n * n) / (m * m))
-    return sfft.irfft2(out, s=(n, n)).astype(np.float32, copy=False)
+    return sfft.irfft2(out, s=(n, n), workers=workers).astype(np.float32, copy=False)
 
 
 # --------------------------------------------------------------------------------------

@@ -215,7 +215,7 @@ def finish(acc: FourierAccumulator, grid: WorkingGrid, *, mask_radius_px: float 
     return to_input_grid(acc.finish(), grid, mask_radius_px=mask_radius_px)
 
 
-def upsample_maps(maps: np.ndarray, grid: WorkingGrid) -> np.ndarray:
+def upsample_maps(maps: np.ndarray, grid: WorkingGrid, *, workers: int | None = None) -> np.ndarray:
     """Bring working-grid 2D maps to the input box (Fourier up-sampling, zero padding of a window).
 
     Parameters
@@ -224,6 +224,8 @@ def upsample_maps(maps: np.ndarray, grid: WorkingGrid) -> np.ndarray:
         ``(k, nx, nx)``.
     grid : WorkingGrid
         The working grid.
+    workers : int, optional
+        FFT threads.
 
     Returns
     -------
@@ -235,7 +237,7 @@ def upsample_maps(maps: np.ndarray, grid: WorkingGrid) -> np.ndarray:
 
     x = np.asarray(maps, np.float32)
     if grid.nx != grid.window:
-        x = upsample(x, grid.window)
+        x = upsample(x, grid.window, workers=workers)
     if grid.window != grid.box:
         x = pad(x, grid.box)
     return np.asarray(x, np.float32)

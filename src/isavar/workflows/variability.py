@@ -46,6 +46,7 @@ from isavar._progress import NullProgress
 from isavar.conventions import format_image_name, matrix_to_euler
 from isavar.errors import InputError
 from isavar.variability import volume as vol
+from isavar.parallel.pool import available_cores
 from isavar.variability.params import VariabilityParams
 from isavar.variability.result import VariabilityResult
 from isavar.variability.run import choose_grid, particle_geometry, variability
@@ -120,15 +121,26 @@ class _MapStore:
         if "var2D" in self.maps and stat is not None:
             self.maps["var2D"][rows] = stat
 
-    def write(self, outdir: Path, table2d: pd.DataFrame, grid, pixel_size_A: float, project_dir=None) -> list[str]:
+    def write(self, outdir: Path, table2d: pd.DataFrame, grid, pixel_size_A: float, project_dir=None,
+              progress=None) -> list[str]:
         from isavar.io import write_particles
 
+        progress = progress or NullProgress()
         written = []
+        threads = available_cores()                        # the pool is idle while the root writes
         for name, mm in self.maps.items():
             mm.flush()
-            blocks = (vol.upsample_maps(np.asarray(mm[s:s + 256]), grid) for s in range(0, mm.shape[0], 256))
-            write_particles(outdir / f"{name}.star", blocks, table2d, pixel_size_A=pixel_size_A, overwrite=True,
+            progress.stage(f"writing {name}", total=mm.shape[0])
+
+            def blocks(mm=mm):
+                for s in range(0, mm.shape[0], 256):
+                    maps = vol.upsample_maps(np.asarray(mm[s:s + 256]), grid, workers=threads)
+                    yield maps
+                    progress.advance(maps.shape[0])
+
+            write_particles(outdir / f"{name}.star", blocks(), table2d, pixel_size_A=pixel_size_A, overwrite=True,
                             project_dir=project_dir)
+            progress.close()
             written += [f"{name}.star", f"{name}.mrcs"]
         return written
 
@@ -583,7 +595,7 @@ def _run(stack, stack_path, outdir, params, executor, progress, symmetrize_only,
     if executor.is_root():
         t0 = time.perf_counter()
         if store is not None:
-            files += store.write(outdir, _table_2d(table, box, pixel), grid, pixel, project_dir)
+            files += store.write(outdir, _table_2d(table, box, pixel), grid, pixel, project_dir, progress)
             store.close()
         files += _write_volumes(outdir, result)
         result.timings_s["writing"] = time.perf_counter() - t0
