@@ -364,8 +364,9 @@ def upsample(images: np.ndarray, size: int, *, workers: int | None = None) -> np
 
 
 @numba.njit(cache=True, nogil=True)
-def _rotate_disc(flat, rows, cos_a, sin_a, sgn, dx, dy, n, out):                # pragma: no cover - compiled
-    """Bilinear samples of ``flat[rows[k]]`` (each ``n * n``) at the rotated disc points (float32)."""
+def _rotate_disc(flat, rows, cos_a, sin_a, sgn, dx, dy, n, dest, out):          # pragma: no cover - compiled
+    """Bilinear samples of ``flat[rows[k]]`` (each ``n * n``) at the rotated disc points (float32), written to
+    ``out[k, dest[p]]``."""
     centre = np.float32(n // 2)
     top_index = np.float32(n - 2)
     zero = np.float32(0.0)
@@ -389,7 +390,7 @@ def _rotate_disc(flat, rows, cos_a, sin_a, sgn, dx, dy, n, out):                
             f11 = img[i + n + 1]
             top = f00 + fx * (f01 - f00)
             bottom = f10 + fx * (f11 - f10)
-            out[k, p] = top + fy * (bottom - top)
+            out[k, dest[p]] = top + fy * (bottom - top)
 
 
 class DiscRotator:
@@ -415,6 +416,7 @@ class DiscRotator:
         self.flat_index = np.flatnonzero(inside.ravel())
         self.dy = (yy.ravel()[self.flat_index] - c).astype(np.float32)
         self.dx = (xx.ravel()[self.flat_index] - c).astype(np.float32)
+        self._identity = np.arange(self.flat_index.size, dtype=np.int64)
 
     @property
     def n_pixels(self) -> int:
@@ -452,7 +454,20 @@ class DiscRotator:
         cos_a, sin_a = np.cos(a).astype(np.float32), np.sin(a).astype(np.float32)
         sgn = np.where(np.asarray(mirror, bool), np.float32(-1), np.float32(1))
         src = np.ascontiguousarray(images, dtype=np.float32).reshape(images.shape[0], -1)
-        _rotate_disc(src, np.asarray(rows, np.int64), cos_a, sin_a, sgn, self.dx, self.dy, self.nx, out)
+        _rotate_disc(src, np.asarray(rows, np.int64), cos_a, sin_a, sgn, self.dx, self.dy, self.nx,
+                     self._identity, out)
+        return out
+
+    def rotate_images(self, images: np.ndarray, rows: np.ndarray, alpha_deg: np.ndarray, mirror: np.ndarray,
+                      out: np.ndarray) -> np.ndarray:
+        """As :meth:`rotate`, written straight into images: ``out`` is ``(k, nx, nx)`` float32 whose pixels
+        outside the disc are 0 (they are never written), i.e. ``to_images(rotate(...))`` without the copy."""
+        a = np.deg2rad(np.asarray(alpha_deg, np.float64))
+        cos_a, sin_a = np.cos(a).astype(np.float32), np.sin(a).astype(np.float32)
+        sgn = np.where(np.asarray(mirror, bool), np.float32(-1), np.float32(1))
+        src = np.ascontiguousarray(images, dtype=np.float32).reshape(images.shape[0], -1)
+        _rotate_disc(src, np.asarray(rows, np.int64), cos_a, sin_a, sgn, self.dx, self.dy, self.nx,
+                     self.flat_index, out.reshape(out.shape[0], -1))
         return out
 
     def to_images(self, samples: np.ndarray) -> np.ndarray:
@@ -515,16 +530,18 @@ def group_statistics(prepared: np.ndarray, rows: np.ndarray, alpha_deg: np.ndarr
     var = np.empty((b, nx, nx), np.float32)
     buf = np.empty((g, rotator.n_pixels), np.float32)
     ctf_grid = CtfGrid(nx, pixel_size_A) if ctf is not None else None
+    aligned = np.zeros((g, nx, nx), np.float32) if ctf is not None else None
     for i in range(b):
+        if ctf is not None:
+            rotator.rotate_images(prepared, rows[i], alpha_deg[i], mirror[i], aligned)
+            ave[i], var[i] = _ctf_group(aligned, _ctf_row(ctf, i), ctf_grid, wiener_snr)
+            continue
         a = rotator.rotate(prepared, rows[i], alpha_deg[i], mirror[i], out=buf)
-        if ctf is None:
-            m = a.mean(axis=0, dtype=np.float64)
-            d = a - m.astype(np.float32)
-            v = np.einsum("gp,gp->p", d, d, dtype=np.float64) / (g - 1)
-            ave[i] = rotator.to_images(m[None].astype(np.float32))[0]
-            var[i] = rotator.to_images(v[None].astype(np.float32))[0]
-        else:
-            ave[i], var[i] = _ctf_group(rotator.to_images(a), _ctf_row(ctf, i), ctf_grid, wiener_snr)
+        m = a.mean(axis=0, dtype=np.float64)
+        d = a - m.astype(np.float32)
+        v = np.einsum("gp,gp->p", d, d, dtype=np.float64) / (g - 1)
+        ave[i] = rotator.to_images(m[None].astype(np.float32))[0]
+        var[i] = rotator.to_images(v[None].astype(np.float32))[0]
     return ave, var
 
 
