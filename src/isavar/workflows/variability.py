@@ -75,8 +75,47 @@ _KEEP_2D = ("micrograph_name", "coordinate_x_px", "coordinate_y_px", "optics_gro
             "amplitude_contrast")
 
 
+class _ScratchMaps:
+    """An ``(n, nx, nx)`` float32 ``.npy`` file written and read with positioned I/O (no memory map).
+
+    Rows go to the file through ``os.pwrite``, so the maps written stay in the page cache, not in the
+    resident memory of the process, whatever N.
+    """
+
+    def __init__(self, path: Path, shape=None):
+        if shape is not None:                                     # create (header and full size)
+            mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=tuple(shape))
+            del mm
+        mm = np.load(path, mmap_mode="r")
+        self.shape, self.dtype, self.offset = mm.shape, mm.dtype, int(mm.offset)
+        del mm
+        self.path = path
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * 4
+        self.fd = os.open(path, os.O_RDWR)
+
+    def write(self, rows: np.ndarray, maps: np.ndarray) -> None:
+        maps = np.ascontiguousarray(maps, dtype=np.float32)
+        for i in np.argsort(rows, kind="stable"):
+            os.pwrite(self.fd, maps[i].tobytes(), self.offset + int(rows[i]) * self.row_bytes)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        count = (stop - start) * self.row_bytes
+        data = os.pread(self.fd, count, self.offset + start * self.row_bytes)
+        if len(data) != count:
+            raise OSError(f"{self.path}: short read")
+        return np.frombuffer(data, np.float32).reshape((stop - start,) + tuple(self.shape[1:]))
+
+    def flush(self) -> None:
+        os.fdatasync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 class _MapStore:
-    """2D maps written into scratch memory-maps in input order, then streamed to STAR + MRCS.
+    """2D maps written into scratch files in input order, then streamed to STAR + MRCS.
 
     With ``resume`` the scratch files of an interrupted run are reopened (their maps are kept) when they
     have the expected shape; otherwise they are created afresh. ``resumed`` says which happened. With
@@ -94,12 +133,12 @@ class _MapStore:
                 self.files[name] = outdir / f".{name}.scratch"
         if attach:                 # another MPI rank: write its own rows into the root's files
             for name, path in self.files.items():
-                self.maps[name] = np.lib.format.open_memmap(path, mode="r+")
+                self.maps[name] = _ScratchMaps(path)
             return
         if resume:
             for name, path in self.files.items():
                 try:
-                    mm = np.lib.format.open_memmap(path, mode="r+")
+                    mm = _ScratchMaps(path)
                 except (OSError, ValueError):
                     mm = None
                 if mm is None or mm.shape != (n, nx, nx) or mm.dtype != np.float32:
@@ -107,9 +146,11 @@ class _MapStore:
                     break
                 self.maps[name] = mm
         if not self.resumed:
+            for mm in self.maps.values():
+                mm.close()
             self.maps = {}
             for name, path in self.files.items():
-                self.maps[name] = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, nx, nx))
+                self.maps[name] = _ScratchMaps(path, (n, nx, nx))
 
     def flush(self) -> None:
         for mm in self.maps.values():
@@ -117,9 +158,9 @@ class _MapStore:
 
     def __call__(self, rows, ave, stat):
         if "ave2D" in self.maps and ave is not None:
-            self.maps["ave2D"][rows] = ave
+            self.maps["ave2D"].write(rows, ave)
         if "var2D" in self.maps and stat is not None:
-            self.maps["var2D"][rows] = stat
+            self.maps["var2D"].write(rows, stat)
 
     def write(self, outdir: Path, table2d: pd.DataFrame, grid, pixel_size_A: float, project_dir=None,
               progress=None) -> list[str]:
@@ -129,12 +170,12 @@ class _MapStore:
         written = []
         threads = available_cores()                        # the pool is idle while the root writes
         for name, mm in self.maps.items():
-            mm.flush()
-            progress.stage(f"writing {name}", total=mm.shape[0])
+            n = mm.shape[0]
+            progress.stage(f"writing {name}", total=n)
 
-            def blocks(mm=mm):
-                for s in range(0, mm.shape[0], 256):
-                    maps = vol.upsample_maps(np.asarray(mm[s:s + 256]), grid, workers=threads)
+            def blocks(mm=mm, n=n):
+                for s in range(0, n, 256):
+                    maps = vol.upsample_maps(mm.read(s, min(n, s + 256)), grid, workers=threads)
                     yield maps
                     progress.advance(maps.shape[0])
 
@@ -145,9 +186,9 @@ class _MapStore:
         return written
 
     def close(self) -> None:
-        """Drop the maps; the owner (root) also removes the scratch files."""
+        """Close the files; the owner (root) also removes them."""
         for name in list(self.maps):
-            del self.maps[name]
+            self.maps.pop(name).close()
         if self.owner:
             for path in self.files.values():
                 if path.exists():
