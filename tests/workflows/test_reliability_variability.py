@@ -238,7 +238,8 @@ def test_memory_estimate_grows_with_the_working_box_and_names_the_option(tmp_pat
     outputs.available_memory = lambda: int(small * 1.5)
     try:
         _check_memory(p, 200_000, 128, 40, _Pool())
-        with pytest.raises(InputError, match=r"use --fl \(with automatic decimation\) or --decimate .* fewer --workers"):
+        with pytest.raises(InputError,
+                           match=r"use --fl \(with automatic decimation\) or --decimate .* fewer --workers"):
             _check_memory(p, 200_000, 128, 128, _Pool())
     finally:
         outputs.available_memory = old

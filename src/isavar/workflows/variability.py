@@ -22,8 +22,8 @@ Output directory (must not exist for a new run; nothing is left when the input i
 Resuming: while a run is in progress the directory also holds ``.ave2D.scratch`` and
 ``.var2D.scratch`` (the 2D maps computed so far, ``N x nx**2 x 4`` bytes each) and
 ``checkpoints/groups.npz`` (the sums after a round of blocks, :data:`isavar.variability.volume.ROUNDS`
-rounds per run: the first and the last round, and at most every :data:`CHECKPOINT_SECONDS` in between). Running the same
-command again on the same input with the same parameters continues an interrupted run
+rounds per run: the first and the last round, and at most every :data:`CHECKPOINT_SECONDS` in
+between). Running the same command again on the same input with the same parameters continues an interrupted run
 from its last checkpoint, with a bit-identical result; a finished run, another
 input or other parameters are refused with the reason. The scratch files and the
 checkpoint are removed when the run finishes.
