@@ -203,3 +203,43 @@ def test_ctrl_c_prints_one_line_and_the_same_command_continues(big_run, tmp_path
     assert proc.returncode == 130
     assert err.strip() == "isavar 3dvariability: interrupted; run the same command again to continue", err
     _continue_and_compare(_argv(star, out, 2), out, ref)
+
+
+def test_run_that_memory_cannot_hold_is_refused_up_front(star, tmp_path, monkeypatch):
+    """The estimate (issue 12) is checked before any work: one line naming the need and what to change."""
+    import isavar.workflows.outputs as outputs
+    from isavar.workflows.variability import estimate_memory
+
+    need = estimate_memory(200, BOX, BOX, _params())
+    monkeypatch.setattr(outputs, "available_memory", lambda: int(need * 0.9))
+    with pytest.raises(InputError, match=r"needs about .* of memory but .* is available; use fewer --workers"):
+        run_variability(star, tmp_path / "run", _params())
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setattr(outputs, "available_memory", lambda: int(need * 1.1))
+    run_variability(star, tmp_path / "run", _params(save_ave2d=False, save_var2d=False))
+
+
+def test_memory_estimate_grows_with_the_working_box_and_names_the_option(tmp_path):
+    """At 200,000 particles of box 128 the working box of --fl 0.1 (40 px) fits 2 GB with 2 workers; the
+    full box does not, and the refusal then points at --fl/--decimate."""
+    from isavar.workflows.variability import _check_memory, estimate_memory
+
+    p = _params(img_per_grp=100, lowpass_fl=0.1, lowpass_aa=0.2)
+    small, full = estimate_memory(200_000, 128, 40, p, 2), estimate_memory(200_000, 128, 128, p, 2)
+    assert small < 2e9 < full
+    assert estimate_memory(1_000_000, 128, 40, p, 2) > small        # O(N) per-particle tables only
+
+    class _Pool:
+        workers, size = 2, 1
+
+    import isavar.workflows.outputs as outputs
+
+    old = outputs.available_memory
+    outputs.available_memory = lambda: int(small * 1.5)
+    try:
+        _check_memory(p, 200_000, 128, 40, _Pool())
+        with pytest.raises(InputError,
+                           match=r"use --fl \(with automatic decimation\) or --decimate .* fewer --workers"):
+            _check_memory(p, 200_000, 128, 128, _Pool())
+    finally:
+        outputs.available_memory = old

@@ -11,13 +11,16 @@ angular neighbours and cut into fixed blocks of :data:`BLOCK` centres; one task
 time (the memory bound): it reads only the images those groups need (indexed
 reads of the lazy stack), preprocesses each once and computes the groups' 2D
 maps; it then inserts the whole block's maps at once into its own Fourier
-accumulators, which it returns. Tasks are spread by ``executor.map`` in waves of
-``executor.workers`` tasks and their accumulators summed in block order. Since
-neither the blocks nor the order of any sum depend on ``chunk_size``, the
-executor or the number of workers, the maps are bit-identical whatever they are.
-A run can be checkpointed after every wave (``checkpoint``) and resumed from the
-last checkpoint (``resume``) with the same result. Cost is linear in
-``N * img_per_grp``.
+accumulators, which it returns for summing. The blocks are run in the fixed
+rounds of :func:`isavar.variability.volume.accumulate_rounds`, one exact
+reduction (``executor.map_sum``) per round: under MPI each rank runs only its
+share of a round's blocks, reads only their images and keeps their per-particle
+values and 2D maps (sent to the root, or written into the shared scratch files,
+never to every rank). Since neither the blocks, the rounds nor any sum depend on
+``chunk_size``, the executor or the number of processes, the maps are
+bit-identical whatever they are. A run can be checkpointed after every round
+(``checkpoint``) and resumed from the last checkpoint (``resume``) with the same
+result. Cost is linear in ``N * img_per_grp``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Callable
 
@@ -159,20 +163,35 @@ class _Context:
     grid: ls.WorkingGrid
     sym: np.ndarray
     keep_maps: bool
+    token: str = ""
 
 
 @dataclass(frozen=True)
-class _TaskResult:
+class _TaskExtra:
+    """What a group task keeps besides its summed accumulators (stays on the process that ran it)."""
+
     centres: np.ndarray
-    ave_data: np.ndarray
-    ave_weights: np.ndarray
-    var_data: np.ndarray
-    var_weights: np.ndarray
     ave_maps: np.ndarray | None
     stat_maps: np.ndarray | None
     group_angle: np.ndarray
     group_mean_var: np.ndarray
     n_images_read: int
+
+
+#: The neighbour search of the last context seen by this process (a KD-tree over all directions, built
+#: once per process and run instead of once per chunk).
+_SEARCH_CACHE: dict = {}
+
+
+def _neighbour_search(ctx: "_Context") -> NeighbourSearch:
+    key = ctx.token
+    search = _SEARCH_CACHE.get(key) if key else None
+    if search is None:
+        search = NeighbourSearch(ctx.geometry.rotations, ctx.sym)
+        if key:
+            _SEARCH_CACHE.clear()
+            _SEARCH_CACHE[key] = search
+    return search
 
 
 def _member_ctf(geo: ParticleGeometry, members: np.ndarray, alpha: np.ndarray, mirror: np.ndarray) -> ls.CtfMembers:
@@ -193,8 +212,7 @@ def _levelled(maps: np.ndarray, p) -> np.ndarray:
 def _group_maps(ctx: _Context, centres: np.ndarray):
     """2D group maps of some centres: (ave, var, max group angle, mean 2D variance, images read)."""
     p, geo, grid = ctx.params, ctx.geometry, ctx.grid
-    search = NeighbourSearch(geo.rotations, ctx.sym)
-    groups = search.groups(centres, p.img_per_grp)
+    groups = _neighbour_search(ctx).groups(centres, p.img_per_grp)
     uniq, inverse = np.unique(groups.members, return_inverse=True)
     rows = inverse.reshape(groups.members.shape)
     prepared = np.empty((uniq.size, grid.nx, grid.nx), np.float32)
@@ -217,8 +235,11 @@ def _group_maps(ctx: _Context, centres: np.ndarray):
     return ave, var, groups.angle_deg.max(axis=1), mean_var, int(uniq.size)
 
 
-def _group_task(ctx: _Context, centres: np.ndarray) -> _TaskResult:
-    """Process one block of centres: groups and 2D statistics (``chunk_size`` at a time), insertion."""
+def _group_task(ctx: _Context, centres: np.ndarray):
+    """Process one block of centres: groups and 2D statistics (``chunk_size`` at a time), insertion.
+
+    Returns ``((ave_data, ave_weights, var_data, var_weights), _TaskExtra)`` for ``executor.map_sum``.
+    """
     p, geo, grid = ctx.params, ctx.geometry, ctx.grid
     step = max(1, int(p.chunk_size))
     parts = [_group_maps(ctx, centres[s:s + step]) for s in range(0, len(centres), step)]
@@ -230,10 +251,10 @@ def _group_task(ctx: _Context, centres: np.ndarray) -> _TaskResult:
     acc_var = vol.new_accumulator(grid.nx, p.npad, p.symmetry)
     acc_ave.insert(_levelled(ave, p), frames)             # the whole block at once: the same sums for any step
     acc_var.insert(_levelled(stat, p), frames)
-    return _TaskResult(centres, acc_ave.data, acc_ave.weights, acc_var.data, acc_var.weights,
-                       ave if ctx.keep_maps else None, stat if ctx.keep_maps else None,
+    extra = _TaskExtra(centres, ave if ctx.keep_maps else None, stat if ctx.keep_maps else None,
                        np.concatenate([x[2] for x in parts]), np.concatenate([x[3] for x in parts]),
                        sum(x[4] for x in parts))
+    return (acc_ave.data, acc_ave.weights, acc_var.data, acc_var.weights), extra
 
 
 # --------------------------------------------------------------------------------------
@@ -261,8 +282,10 @@ def variability(table: pd.DataFrame, images, params: VariabilityParams, *, pixel
     progress : Progress, optional
         Progress reporter.
     map_sink : callable, optional
-        Receives ``(input_rows, ave_maps, stat_maps)`` per block on the root
-        (working-grid maps); without it the 2D maps are discarded.
+        Receives ``(input_rows, ave_maps, stat_maps)`` per block (working-grid
+        maps) on the process that computed the block (under MPI every rank
+        needs one, e.g. writing into a shared file); without it the 2D maps
+        are discarded.
     source : path-like, optional
         Input file name for error messages.
     resume : dict, optional
@@ -270,9 +293,10 @@ def variability(table: pd.DataFrame, images, params: VariabilityParams, *, pixel
         input and parameters: the blocks it lists as done are not computed again
         (their 2D maps must already be in the sink's storage).
     checkpoint : callable, optional
-        Called after every wave of blocks with the state to resume from
-        (``blocks_done``, the accumulators' arrays, ``angle``, ``mean_var``,
-        ``n_read``); only in the group-statistics mode.
+        Called on every process after every round of blocks with the state to
+        resume from (``rounds_done``, ``n_rounds``, ``n_blocks``, the summed
+        accumulators ``total_0`` ... ``total_3``, and, complete on the root only,
+        ``angle``, ``mean_var``, ``n_read``); only in the group-statistics mode.
 
     Returns
     -------
@@ -303,43 +327,51 @@ def variability(table: pd.DataFrame, images, params: VariabilityParams, *, pixel
              "CTF (Wiener mean, CTF-corrected variance)" if params.ctf else "no CTF")
     order = centre_order(geo.rotations, BLOCK)
     blocks = [order[s:s + BLOCK] for s in range(0, n, BLOCK)]
-    ctx = _Context(images, geo, params, grid, sym, keep_maps=map_sink is not None)
+    bounds = vol.round_bounds(len(blocks))
+    ctx = _Context(images, geo, params, grid, sym, keep_maps=map_sink is not None, token=uuid.uuid4().hex)
     task = functools.partial(_group_task, ctx)
-    acc_ave = vol.new_accumulator(grid.nx, params.npad, params.symmetry)
-    acc_var = vol.new_accumulator(grid.nx, params.npad, params.symmetry)
-    angle = np.zeros(n)
+    root = executor.is_root()
+    angle = np.zeros(n)                                   # per-particle values: complete on the root only
     mean_var = np.zeros(n)
     n_read = 0
-    done = 0
+    totals = None
+    first = 0
     if resume is not None:
-        done = int(resume["blocks_done"])
-        acc_ave.data[...], acc_ave.weights[...] = resume["ave_data"], resume["ave_weights"]
-        acc_var.data[...], acc_var.weights[...] = resume["var_data"], resume["var_weights"]
+        first = int(resume["rounds_done"])
+        totals = [np.asarray(resume[f"total_{k}"]) for k in range(4)]
         angle[:], mean_var[:], n_read = resume["angle"], resume["mean_var"], int(resume["n_read"])
-        log.info("continuing an interrupted run: %d of %d blocks of groups were done", done, len(blocks))
+        log.info("continuing an interrupted run: %d of %d rounds of groups were done", first, len(bounds))
     progress.stage("groups", total=n)
-    progress.advance(sum(len(b) for b in blocks[:done]))
+    if first:
+        progress.advance(sum(len(b) for b in blocks[:bounds[first - 1][1]]))
+    pending: list = []                                    # this process's per-task values of the current round
 
-    def add(res: _TaskResult) -> None:
-        nonlocal n_read
-        angle[res.centres] = res.group_angle
-        mean_var[res.centres] = res.group_mean_var
-        n_read += res.n_images_read
-        if map_sink is not None and executor.is_root():
-            map_sink(res.centres, res.ave_maps, res.stat_maps)
-        progress.advance(len(res.centres))
+    def add(extra: _TaskExtra) -> None:
+        pending.append((extra.centres, extra.group_angle, extra.group_mean_var, extra.n_images_read))
+        if map_sink is not None:
+            map_sink(extra.centres, extra.ave_maps, extra.stat_maps)
+        progress.advance(len(extra.centres))
         if params.verbose:
-            _log_groups(res)
+            _log_groups(extra)
 
-    def save(n_done: int) -> None:
+    def end_round(done: int, n_rounds: int, tot) -> None:
+        nonlocal n_read
+        gathered = executor.gather(list(pending))          # per-particle values go to the root only
+        pending.clear()
+        if root:
+            for part in gathered:
+                for centres, a, v, k in part:
+                    angle[centres], mean_var[centres] = a, v
+                    n_read += k
         if checkpoint is not None:
-            checkpoint({"blocks_done": done + n_done, "n_blocks": len(blocks), "ave_data": acc_ave.data,
-                        "ave_weights": acc_ave.weights, "var_data": acc_var.data, "var_weights": acc_var.weights,
-                        "angle": angle, "mean_var": mean_var, "n_read": n_read})
+            state = {"rounds_done": done, "n_rounds": n_rounds, "n_blocks": len(blocks), "angle": angle,
+                     "mean_var": mean_var, "n_read": n_read}
+            state.update({f"total_{k}": t for k, t in enumerate(tot)})
+            checkpoint(state)
 
-    vol.accumulate_in_waves(executor, task, blocks[done:], (acc_ave, acc_var),
-                            lambda r: ((r.ave_data, r.ave_weights), (r.var_data, r.var_weights)),
-                            on_result=add, on_wave=save)
+    totals = vol.accumulate_rounds(executor, task, blocks, totals=totals, first_round=first, on_result=add,
+                                   on_round=end_round)
+    acc_ave, acc_var = vol.accumulators_from(totals, grid.nx, params.npad, params.symmetry)
     progress.close()
     t1 = time.perf_counter()
     log.info("groups done in %.1f s (%.2f image reads per particle)", t1 - t0, n_read / max(n, 1))
@@ -355,7 +387,7 @@ def variability(table: pd.DataFrame, images, params: VariabilityParams, *, pixel
                              timings_s={"groups": t1 - t0, "reconstruction": t2 - t1, "total": t2 - t0})
 
 
-def _log_groups(res: _TaskResult) -> None:
+def _log_groups(res: _TaskExtra) -> None:
     for c, a, v in zip(res.centres, res.group_angle, res.group_mean_var):
         log.debug("group of particle %d: radius %.2f deg, mean 2D variance %.4g", int(c), float(a), float(v))
 
@@ -367,7 +399,7 @@ def _insert_task(ctx: _Context, rows: np.ndarray):
                                              normalize=False) for s in range(0, rows.size, step)])
     acc = vol.new_accumulator(grid.nx, p.npad, p.symmetry)
     acc.insert(_levelled(maps, p), geo.rotations[rows])
-    return rows.size, acc.data, acc.weights
+    return (acc.data, acc.weights), rows.size
 
 
 def reconstruct_maps(table: pd.DataFrame, images, params: VariabilityParams, *, pixel_size_A: float,
@@ -397,10 +429,9 @@ def reconstruct_maps(table: pd.DataFrame, images, params: VariabilityParams, *, 
     grid = choose_grid(box, pixel_size_A, params.replace(lowpass_fl=0.0, lowpass_aa=0.0))
     ctx = _Context(images, geo, params, grid, symmetry_matrices(params.symmetry), keep_maps=False)
     chunks = [np.arange(s, min(n, s + BLOCK)) for s in range(0, n, BLOCK)]
-    acc = vol.new_accumulator(grid.nx, params.npad, params.symmetry)
     progress.stage("reconstruction", total=n)
-    vol.accumulate_in_waves(executor, functools.partial(_insert_task, ctx), chunks, (acc,), lambda r: (r[1:],),
-                            on_result=lambda r: progress.advance(r[0]))
+    totals = vol.accumulate_rounds(executor, functools.partial(_insert_task, ctx), chunks, on_result=progress.advance)
+    (acc,) = vol.accumulators_from(totals, grid.nx, params.npad, params.symmetry)
     progress.close()
     var3d = vol.finish(acc, grid, mask_radius_px=params.mask_radius_px)
     t1 = time.perf_counter()

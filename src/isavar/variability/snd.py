@@ -69,7 +69,7 @@ def _reference_task(ctx: _SndContext, rows):
     acc = vol.new_accumulator(grid.nx, p.npad, p.symmetry)
     ctf = _ctf_full(ctx, rows) if p.ctf else None
     acc.insert(_prepared(ctx, rows), geo.rotations[rows], ctf=ctf)
-    return acc.data, acc.weights
+    return (acc.data, acc.weights), None
 
 
 def _difference_task(ctx: _SndContext, rows):
@@ -90,14 +90,15 @@ def _difference_task(ctx: _SndContext, rows):
     d[:, inside] = (a * r + b - y).astype(np.float32)
     acc = vol.new_accumulator(grid.nx, p.npad, p.symmetry)
     acc.insert(d * d, geo.rotations[rows])
-    return acc.data, acc.weights
+    return (acc.data, acc.weights), None
 
 
-def _accumulate(executor, task, chunks, acc, progress, name):
+def _accumulate(executor, task, chunks, grid, params, progress, name):
+    """Exact sums of the tasks' accumulators (:func:`isavar.variability.volume.accumulate_rounds`)."""
     progress.stage(name, total=len(chunks))
-    vol.accumulate_in_waves(executor, task, chunks, (acc,), lambda r: (r,), on_result=lambda r: progress.advance())
+    totals = vol.accumulate_rounds(executor, task, chunks, on_result=lambda _: progress.advance())
     progress.close()
-    return acc
+    return vol.accumulators_from(totals, grid.nx, params.npad, params.symmetry)[0]
 
 
 def squared_normalised_differences(table: pd.DataFrame, images, params: VariabilityParams, *, pixel_size_A: float,
@@ -127,12 +128,12 @@ def squared_normalised_differences(table: pd.DataFrame, images, params: Variabil
     from isavar.variability.run import BLOCK          # fixed blocks: the sums do not depend on chunk_size
 
     chunks = [np.arange(s, min(n, s + BLOCK)) for s in range(0, n, BLOCK)]
-    acc = _accumulate(executor, functools.partial(_reference_task, ctx), chunks,
-                      vol.new_accumulator(grid.nx, params.npad, params.symmetry), progress, "reference")
+    acc = _accumulate(executor, functools.partial(_reference_task, ctx), chunks, grid, params, progress,
+                      "reference")
     reference = acc.finish()
     ctx = dataclasses.replace(ctx, reference=reference)
-    acc2 = _accumulate(executor, functools.partial(_difference_task, ctx), chunks,
-                       vol.new_accumulator(grid.nx, params.npad, params.symmetry), progress, "differences")
+    acc2 = _accumulate(executor, functools.partial(_difference_task, ctx), chunks, grid, params, progress,
+                       "differences")
     var3d = vol.finish(acc2, grid, mask_radius_px=params.mask_radius_px)
     ave3d = vol.to_input_grid(reference, grid, mask_radius_px=params.mask_radius_px)
     t1 = time.perf_counter()

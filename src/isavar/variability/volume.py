@@ -63,42 +63,77 @@ def new_accumulator(nx: int, npad: int, symmetry: str) -> FourierAccumulator:
     return FourierAccumulator(nx, npad=npad, symmetry=symmetry, interpolation=INSERT_INTERPOLATION)
 
 
-def accumulate_in_waves(executor, task, items, accumulators, parts, *, on_result=None, on_wave=None) -> None:
-    """Sum the Fourier accumulators of tasks run in waves (the one accumulation loop of 3D reconstruction).
+#: Rounds a run's tasks are cut into (checkpoints fall between rounds). Fixed, and the round boundaries
+#: depend on the number of tasks only, never on the executor or the number of processes, so the sums are
+#: the same bits however the run is spread and wherever it was interrupted.
+ROUNDS = 8
 
-    ``task`` runs over ``items`` in waves of ``executor.workers`` tasks; every result's partial sums are
-    added to ``accumulators`` in item order, whatever the executor, so the sums are bit-identical for
-    any number of processes (the items themselves must not depend on it either).
+
+def round_bounds(n_items: int, rounds: int | None = None) -> list[tuple[int, int]]:
+    """Item ranges ``[(start, stop), ...]`` of the rounds of a run of ``n_items`` tasks.
+
+    ``ceil(n_items / rounds)`` tasks per round (the last may be shorter); depends on ``n_items`` only.
+    """
+    rounds = ROUNDS if rounds is None else int(rounds)
+    step = max(1, -(-int(n_items) // max(1, rounds)))
+    return [(s, min(int(n_items), s + step)) for s in range(0, int(n_items), step)]
+
+
+def accumulate_rounds(executor, task, items, *, totals=None, first_round: int = 0, on_result=None,
+                      on_round=None) -> list | None:
+    """Sum the arrays the tasks return, one exact reduction per round (the one accumulation loop of 3D sums).
+
+    The items are cut into the rounds of :func:`round_bounds`; each round is one ``executor.map_sum``:
+    every process runs its share of the round's tasks (reading only their images) and the arrays are
+    summed exactly (fixed point, :mod:`isavar.parallel.reduction`), with one ``Allreduce`` under MPI.
+    The round totals (float64) are added in round order. Neither the rounds nor any sum depend on the
+    executor or the number of processes, so the totals are bit-identical for serial, pool and MPI runs,
+    and for a run resumed from any round.
 
     Parameters
     ----------
     executor : Executor
-        ``map(task, wave)`` returns the results of a wave in order.
+        Provides ``map_sum``.
     task : callable
-        ``task(item) -> result`` (picklable for a pool or MPI).
+        ``task(item) -> (arrays, extra)``: a tuple of arrays of fixed shapes to sum, and any per-task
+        value, which stays on the process that ran the task (picklable for a pool or MPI).
     items : sequence
         One task each (e.g. fixed blocks of particle rows).
-    accumulators : sequence of FourierAccumulator
-        Updated in place.
-    parts : callable
-        ``parts(result)`` -> one ``(data, weights)`` pair per accumulator.
+    totals : list of numpy.ndarray, optional
+        The totals of the rounds before ``first_round`` (resuming); None when starting.
+    first_round : int
+        Index of the first round to run.
     on_result : callable, optional
-        ``on_result(result)`` after its sums are added (progress, per-particle values, 2D maps).
-    on_wave : callable, optional
-        ``on_wave(n_done)`` after each wave, with the number of items done so far in this call
-        (checkpoints).
+        ``on_result(extra)`` on the process that ran the task, in task order there (progress,
+        per-particle values, 2D maps).
+    on_round : callable, optional
+        ``on_round(rounds_done, n_rounds, totals)`` on every process after each round (checkpoints).
+
+    Returns
+    -------
+    list of numpy.ndarray or None
+        The float64 (complex128) totals, identical on every process; None without any task.
     """
-    step = max(1, int(getattr(executor, "workers", 1)))
-    for start in range(0, len(items), step):
-        wave = items[start:start + step]
-        for result in executor.map(task, wave):
-            for acc, (data, weights) in zip(accumulators, parts(result), strict=True):
-                acc.data += data
-                acc.weights += weights
-            if on_result is not None:
-                on_result(result)
-        if on_wave is not None:
-            on_wave(start + len(wave))
+    bounds = round_bounds(len(items))
+    for r in range(int(first_round), len(bounds)):
+        start, stop = bounds[r]
+        sums = executor.map_sum(task, items[start:stop], on_result=on_result)
+        if sums is not None:
+            totals = list(sums) if totals is None else [t + s for t, s in zip(totals, sums, strict=True)]
+        if on_round is not None:
+            on_round(r + 1, len(bounds), totals)
+    return totals
+
+
+def accumulators_from(totals, nx: int, npad: int, symmetry: str) -> list[FourierAccumulator]:
+    """Accumulators holding summed ``(data, weights, data, weights, ...)`` totals (cast to their dtypes)."""
+    out = []
+    for k in range(0, len(totals), 2):
+        acc = new_accumulator(nx, npad, symmetry)
+        acc.data[...] = totals[k]
+        acc.weights[...] = totals[k + 1]
+        out.append(acc)
+    return out
 
 
 def resample_volume(volume: np.ndarray, size: int) -> np.ndarray:
@@ -180,7 +215,7 @@ def finish(acc: FourierAccumulator, grid: WorkingGrid, *, mask_radius_px: float 
     return to_input_grid(acc.finish(), grid, mask_radius_px=mask_radius_px)
 
 
-def upsample_maps(maps: np.ndarray, grid: WorkingGrid) -> np.ndarray:
+def upsample_maps(maps: np.ndarray, grid: WorkingGrid, *, workers: int | None = None) -> np.ndarray:
     """Bring working-grid 2D maps to the input box (Fourier up-sampling, zero padding of a window).
 
     Parameters
@@ -189,17 +224,20 @@ def upsample_maps(maps: np.ndarray, grid: WorkingGrid) -> np.ndarray:
         ``(k, nx, nx)``.
     grid : WorkingGrid
         The working grid.
+    workers : int, optional
+        FFT threads.
 
     Returns
     -------
     numpy.ndarray
         ``(k, box, box)`` float32 (pixel values on the input scale).
     """
-    from isavar.core.fft import pad, resample_fourier
+    from isavar.core.fft import pad
+    from isavar.variability.local_stats import upsample
 
     x = np.asarray(maps, np.float32)
     if grid.nx != grid.window:
-        x = resample_fourier(x, grid.window)
+        x = upsample(x, grid.window, workers=workers)
     if grid.window != grid.box:
         x = pad(x, grid.box)
     return np.asarray(x, np.float32)

@@ -21,9 +21,9 @@ Output directory (must not exist for a new run; nothing is left when the input i
 
 Resuming: while a run is in progress the directory also holds ``.ave2D.scratch`` and
 ``.var2D.scratch`` (the 2D maps computed so far, ``N x nx**2 x 4`` bytes each) and
-``checkpoints/groups.npz`` (the sums after a wave of blocks: the first and the last wave,
-and at most every :data:`CHECKPOINT_SECONDS` in between). Running the same
-command again on the same input with the same parameters continues an interrupted run
+``checkpoints/groups.npz`` (the sums after a round of blocks, :data:`isavar.variability.volume.ROUNDS`
+rounds per run: the first and the last round, and at most every :data:`CHECKPOINT_SECONDS` in
+between). Running the same command again on the same input with the same parameters continues an interrupted run
 from its last checkpoint, with a bit-identical result; a finished run, another
 input or other parameters are refused with the reason. The scratch files and the
 checkpoint are removed when the run finishes.
@@ -46,6 +46,7 @@ from isavar._progress import NullProgress
 from isavar.conventions import format_image_name, matrix_to_euler
 from isavar.errors import InputError
 from isavar.variability import volume as vol
+from isavar.parallel.pool import available_cores
 from isavar.variability.params import VariabilityParams
 from isavar.variability.result import VariabilityResult
 from isavar.variability.run import choose_grid, particle_geometry, variability
@@ -74,24 +75,70 @@ _KEEP_2D = ("micrograph_name", "coordinate_x_px", "coordinate_y_px", "optics_gro
             "amplitude_contrast")
 
 
-class _MapStore:
-    """2D maps written into scratch memory-maps in input order, then streamed to STAR + MRCS.
+class _ScratchMaps:
+    """An ``(n, nx, nx)`` float32 ``.npy`` file written and read with positioned I/O (no memory map).
 
-    With ``resume`` the scratch files of an interrupted run are reopened (their maps are kept) when they
-    have the expected shape; otherwise they are created afresh. ``resumed`` says which happened.
+    Rows go to the file through ``os.pwrite``, so the maps written stay in the page cache, not in the
+    resident memory of the process, whatever N.
     """
 
-    def __init__(self, outdir: Path, n: int, nx: int, *, ave: bool, var: bool, resume: bool = False):
+    def __init__(self, path: Path, shape=None):
+        if shape is not None:                                     # create (header and full size)
+            mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=tuple(shape))
+            del mm
+        mm = np.load(path, mmap_mode="r")
+        self.shape, self.dtype, self.offset = mm.shape, mm.dtype, int(mm.offset)
+        del mm
+        self.path = path
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * 4
+        self.fd = os.open(path, os.O_RDWR)
+
+    def write(self, rows: np.ndarray, maps: np.ndarray) -> None:
+        maps = np.ascontiguousarray(maps, dtype=np.float32)
+        for i in np.argsort(rows, kind="stable"):
+            os.pwrite(self.fd, maps[i].tobytes(), self.offset + int(rows[i]) * self.row_bytes)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        count = (stop - start) * self.row_bytes
+        data = os.pread(self.fd, count, self.offset + start * self.row_bytes)
+        if len(data) != count:
+            raise OSError(f"{self.path}: short read")
+        return np.frombuffer(data, np.float32).reshape((stop - start,) + tuple(self.shape[1:]))
+
+    def flush(self) -> None:
+        os.fdatasync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class _MapStore:
+    """2D maps written into scratch files in input order, then streamed to STAR + MRCS.
+
+    With ``resume`` the scratch files of an interrupted run are reopened (their maps are kept) when they
+    have the expected shape; otherwise they are created afresh. ``resumed`` says which happened. With
+    ``attach`` (MPI ranks other than the root) the root's files are opened to write this rank's rows.
+    """
+
+    def __init__(self, outdir: Path, n: int, nx: int, *, ave: bool, var: bool, resume: bool = False,
+                 attach: bool = False):
         self.files = {}
         self.maps = {}
         self.resumed = resume
+        self.owner = not attach
         for name, wanted in (("ave2D", ave), ("var2D", var)):
             if wanted:
                 self.files[name] = outdir / f".{name}.scratch"
+        if attach:                 # another MPI rank: write its own rows into the root's files
+            for name, path in self.files.items():
+                self.maps[name] = _ScratchMaps(path)
+            return
         if resume:
             for name, path in self.files.items():
                 try:
-                    mm = np.lib.format.open_memmap(path, mode="r+")
+                    mm = _ScratchMaps(path)
                 except (OSError, ValueError):
                     mm = None
                 if mm is None or mm.shape != (n, nx, nx) or mm.dtype != np.float32:
@@ -99,9 +146,11 @@ class _MapStore:
                     break
                 self.maps[name] = mm
         if not self.resumed:
+            for mm in self.maps.values():
+                mm.close()
             self.maps = {}
             for name, path in self.files.items():
-                self.maps[name] = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, nx, nx))
+                self.maps[name] = _ScratchMaps(path, (n, nx, nx))
 
     def flush(self) -> None:
         for mm in self.maps.values():
@@ -109,33 +158,42 @@ class _MapStore:
 
     def __call__(self, rows, ave, stat):
         if "ave2D" in self.maps and ave is not None:
-            self.maps["ave2D"][rows] = ave
+            self.maps["ave2D"].write(rows, ave)
         if "var2D" in self.maps and stat is not None:
-            self.maps["var2D"][rows] = stat
+            self.maps["var2D"].write(rows, stat)
 
-    def write(self, outdir: Path, table2d: pd.DataFrame, grid, pixel_size_A: float, project_dir=None) -> list[str]:
+    def write(self, outdir: Path, table2d: pd.DataFrame, grid, pixel_size_A: float, project_dir=None,
+              progress=None) -> list[str]:
         from isavar.io import write_particles
 
+        progress = progress or NullProgress()
         written = []
+        threads = available_cores()                        # the pool is idle while the root writes
         for name, mm in self.maps.items():
-            mm.flush()
-            blocks = (vol.upsample_maps(np.asarray(mm[s:s + 256]), grid) for s in range(0, mm.shape[0], 256))
-            write_particles(outdir / f"{name}.star", blocks, table2d, pixel_size_A=pixel_size_A, overwrite=True,
+            n = mm.shape[0]
+            progress.stage(f"writing {name}", total=n)
+
+            def blocks(mm=mm, n=n):
+                for s in range(0, n, 256):
+                    maps = vol.upsample_maps(mm.read(s, min(n, s + 256)), grid, workers=threads)
+                    yield maps
+                    progress.advance(maps.shape[0])
+
+            write_particles(outdir / f"{name}.star", blocks(), table2d, pixel_size_A=pixel_size_A, overwrite=True,
                             project_dir=project_dir)
+            progress.close()
             written += [f"{name}.star", f"{name}.mrcs"]
         return written
 
     def close(self) -> None:
+        """Close the files; the owner (root) also removes them."""
         for name in list(self.maps):
-            del self.maps[name]
-        for path in self.files.values():
-            if path.exists():
-                os.remove(path)
+            self.maps.pop(name).close()
+        if self.owner:
+            for path in self.files.values():
+                if path.exists():
+                    os.remove(path)
         self.files = {}
-
-
-def _discard_maps(rows, ave, stat) -> None:
-    """Map sink of non-root processes."""
 
 
 def _table_2d(table: pd.DataFrame, box: int, pixel_size_A: float) -> pd.DataFrame:
@@ -299,6 +357,78 @@ def _disk_need(params: VariabilityParams, n: int, box: int, nx: int, symmetrize_
     return need
 
 
+#: Memory of one Python process with isavar's numerical modules loaded (bytes, measured: about 150 MB).
+PROCESS_BASE_BYTES = 200e6
+
+#: Bytes per particle held by every process: orientations, origins, CTF parameters, image index, the
+#: KD-tree of the directions and the centre order (about 200 B), with a margin.
+PER_PARTICLE_BYTES = 300.0
+
+#: Bytes per particle held by the root alone: the particle table (pandas, with its image names), the
+#: per-particle group values and the 2D-map tables written at the end.
+ROOT_PER_PARTICLE_BYTES = 2000.0
+
+
+def estimate_memory(n: int, box: int, nx: int, params: VariabilityParams, workers: int = 1) -> float:
+    """Peak memory (bytes) of a 3dvariability run on one machine, from its largest arrays.
+
+    Every process: :data:`PROCESS_BASE_BYTES` and :data:`PER_PARTICLE_BYTES` per particle. A task (one
+    block of :data:`isavar.variability.run.BLOCK` centres) holds its two Fourier accumulators
+    (``M = (npad nx)**2 (npad nx / 2 + 1)`` voxels, complex64 + float32 each), the block's 2D maps
+    (``BLOCK x nx**2`` float32, about four copies) and, per chunk of ``chunk_size`` centres, the
+    preprocessed images it reads (at most ``chunk_size x min(G, 8)`` of ``nx**2`` float32, plus the
+    ``box**2`` images read 256 at a time). The controlling process (or each MPI rank) holds the exact sum of a
+    round (three int64 limbs per float64, :mod:`isavar.parallel.reduction`), the running float64 totals and,
+    with a pool, the results in flight (``2 workers + 2``); the root also
+    :data:`ROOT_PER_PARTICLE_BYTES` per particle.
+
+    Parameters
+    ----------
+    n, box, nx : int
+        Particles, input box and working box.
+    params : VariabilityParams
+        Settings.
+    workers : int
+        Pool workers on this machine (1 for a serial run or one MPI rank).
+
+    Returns
+    -------
+    float
+        Bytes.
+    """
+    from isavar.variability.run import BLOCK
+
+    g = params.npad * nx
+    voxels = float(g * g * (g // 2 + 1))
+    block = min(BLOCK, n)
+    maps = 4.0 * block * nx * nx
+    chunk = min(int(params.chunk_size), block)
+    prepared = 4.0 * chunk * min(params.img_per_grp, 8) * nx * nx + 4.0 * 256 * box * box * 3
+    task = 2 * 12.0 * voxels + 4 * maps + prepared
+    result = 2 * 12.0 * voxels + (2 * maps if (params.save_ave2d or params.save_var2d) else 0.0)
+    reduction = 2 * 3 * 24.0 * voxels + 2 * 24.0 * voxels          # exact sum of a round + float64 totals
+    per_process = PROCESS_BASE_BYTES + PER_PARTICLE_BYTES * n
+    root = per_process + ROOT_PER_PARTICLE_BYTES * n + reduction + 2 * 24.0 * voxels
+    if workers > 1:
+        return root + (2 * workers + 2) * result + workers * (per_process + task)
+    return root + task
+
+
+def _check_memory(params: VariabilityParams, n: int, box: int, nx: int, executor) -> None:
+    """Refuse up front a run whose estimated memory (:func:`estimate_memory`) exceeds what is available."""
+    from isavar.workflows.outputs import check_memory
+
+    # a pool's workers share this machine's memory; an MPI rank is counted alone (ranks may be on other nodes)
+    workers = int(getattr(executor, "workers", 1)) if getattr(executor, "size", 1) == 1 else 1
+    hint = ("use --fl (with automatic decimation) or --decimate for a smaller working box"
+            if nx > 64 else "use fewer --workers")
+    if workers > 1 and nx > 64:
+        hint += ", or fewer --workers"
+    check_memory(estimate_memory(n, box, nx, params, workers),
+                 f"3dvariability of {n} particles on a {nx}-pixel working box (npad {params.npad}, "
+                 f"{workers} worker{'s' if workers > 1 else ''})", hint)
+
+
 def run_variability(stack_path, outdir, params: VariabilityParams, *, executor=None, progress=None,
                     symmetrize_only: bool = False, pixel_size_A: float | None = None, project_dir=None,
                     on_checkpoint=None) -> VariabilityResult | None:
@@ -326,7 +456,7 @@ def run_variability(stack_path, outdir, params: VariabilityParams, *, executor=N
         and the output STAR files name their stacks relative to it.
     on_checkpoint : callable, optional
         ``on_checkpoint(n)`` is called on every process after the ``n``-th checkpoint of this call is
-        saved (one per wave of group blocks, 2D-map mode). An exception it raises stops the run there,
+        saved (at most one per round of group blocks, 2D-map mode). An exception it raises stops the run there,
         and the same call later continues from that checkpoint.
 
     Returns
@@ -373,6 +503,8 @@ def run_variability(stack_path, outdir, params: VariabilityParams, *, executor=N
         if not resume:
             check_disk_space(outdir, _disk_need(params, n, box, grid.nx, symmetrize_only),
                              f"3dvariability of {n} particles (box {box}, working box {grid.nx})")
+        if not symmetrize_only:
+            _check_memory(params, n, box, grid.nx, executor)
         created = not outdir.exists()
         if executor.is_root():
             outdir.mkdir(parents=True, exist_ok=True)
@@ -404,18 +536,21 @@ def run_variability(stack_path, outdir, params: VariabilityParams, *, executor=N
         stack.close()
 
 
-#: Least time between two checkpoints (seconds); the first and the last wave are always saved. A checkpoint
-#: holds two Fourier accumulators (about 200 MB for a 128-pixel working box), so it is not saved after
-#: every wave of a large run.
+#: Least time between two checkpoints (seconds); the first and the last round are always saved.
 CHECKPOINT_SECONDS = 30.0
 
 
 class _Checkpoints:
-    """Saves the run state after waves of blocks (root only; scratch maps flushed first)."""
+    """Saves the run state after rounds of blocks (called on every process; the root writes).
+
+    The root decides whether this round is saved (time since the last save) and tells every process; every
+    process then flushes its 2D-map rows, and the root writes the checkpoint once all have.
+    """
 
     def __init__(self, outdir: Path, store, executor, hook):
         self.path = outdir / "checkpoints" / "groups.npz"
         self.store = store
+        self.executor = executor
         self.root = executor.is_root()
         self.hook = hook
         self.count = 0
@@ -427,19 +562,27 @@ class _Checkpoints:
             try:
                 with np.load(self.path) as d:
                     state = {k: d[k] for k in d.files}
-            except (OSError, ValueError, EOFError):
-                log.warning("%s is unreadable; the groups are computed again", self.path)
+                if "rounds_done" not in state:
+                    raise ValueError("a checkpoint of an older version")
+            except (OSError, ValueError, EOFError) as exc:
+                log.warning("%s is unreadable (%s); the groups are computed again", self.path, exc)
+                state = None
         return executor.bcast(state)
 
     def __call__(self, state: dict) -> None:
-        now = time.monotonic()
-        last_wave = state["blocks_done"] == state["n_blocks"]
-        if self.last is not None and now - self.last < CHECKPOINT_SECONDS and not last_wave:
-            return
-        self.last = now
+        save = None
         if self.root:
-            if self.store is not None:
-                self.store.flush()
+            now = time.monotonic()
+            last_round = state["rounds_done"] == state["n_rounds"]
+            save = self.last is None or now - self.last >= CHECKPOINT_SECONDS or last_round
+            if save:
+                self.last = now
+        if not self.executor.bcast(save):
+            return
+        if self.store is not None:
+            self.store.flush()
+        self.executor.barrier()                      # every rank's maps are on disk before the checkpoint
+        if self.root:
             self.path.parent.mkdir(exist_ok=True)
             tmp = self.path.with_name(self.path.name + ".tmp.npz")
             with open(tmp, "wb") as fh:
@@ -476,16 +619,24 @@ def _run(stack, stack_path, outdir, params, executor, progress, symmetrize_only,
         if executor.is_root():
             store = sink = _MapStore(outdir, n, grid.nx, ave=params.save_ave2d, var=params.save_var2d,
                                      resume=resume)
-        else:  # other ranks compute maps for the root but keep none
-            sink = _discard_maps
+        executor.barrier()
+        if not executor.is_root():       # other MPI ranks write the rows they computed into the same files
+            store = sink = _MapStore(outdir, n, grid.nx, ave=params.save_ave2d, var=params.save_var2d,
+                                     attach=True)
+        store.resumed = executor.bcast(store.resumed)
     checkpoints = _Checkpoints(outdir, store, executor, on_checkpoint) if mode_2d else None
     state = checkpoints.load(executor) if (checkpoints is not None and resume) else None
     result = variability(table, images, params, pixel_size_A=pixel, executor=executor, progress=progress,
                          map_sink=sink, source=stack_path, resume=state, checkpoint=checkpoints)
+    if store is not None:
+        store.flush()
+        executor.barrier()                          # every rank's rows are on disk before the root reads them
+        if not executor.is_root():
+            store.close()
     if executor.is_root():
         t0 = time.perf_counter()
         if store is not None:
-            files += store.write(outdir, _table_2d(table, box, pixel), grid, pixel, project_dir)
+            files += store.write(outdir, _table_2d(table, box, pixel), grid, pixel, project_dir, progress)
             store.close()
         files += _write_volumes(outdir, result)
         result.timings_s["writing"] = time.perf_counter() - t0
@@ -565,7 +716,7 @@ def _reconstruct_task(ctx: _ReconstructContext, rows: np.ndarray):
         c = geo.ctf
         ctf = ctf_2d(box, ctx.pixel_size_A, **{k: c[k][rows] for k in c})
     acc.insert(ctx.images[rows], geo.rotations[rows], origins_px=geo.origins_px[rows], ctf=ctf)
-    return rows.size, acc.data, acc.weights
+    return (acc.data, acc.weights), rows.size
 
 
 def run_reconstruct(stack_path, out_path, *, ctf: bool = False, symmetry: str = "c1", npad: int = 2,
@@ -654,12 +805,12 @@ def run_reconstruct(stack_path, out_path, *, ctf: bool = False, symmetry: str = 
     import functools
 
     task = functools.partial(_reconstruct_task, ctx)
-    acc = FourierAccumulator(box, npad=int(npad), symmetry=symmetry, interpolation=interpolation)
     chunks = [np.arange(s, min(n, s + chunk_size)) for s in range(0, n, chunk_size)]
     progress.stage("reconstruction", total=n)
-    vol.accumulate_in_waves(executor, task, chunks, (acc,), lambda r: (r[1:],),
-                            on_result=lambda r: progress.advance(r[0]))
+    data, weights = vol.accumulate_rounds(executor, task, chunks, on_result=progress.advance)
     progress.close()
+    acc = FourierAccumulator(box, npad=int(npad), symmetry=symmetry, interpolation=interpolation)
+    acc.data[...], acc.weights[...] = data, weights
     stack.close()
     volume = acc.finish()
     if mask_radius_px is not None and mask_radius_px > 0:
