@@ -37,7 +37,6 @@ from isavar._progress import NullProgress
 from isavar.errors import InputError
 from isavar.isac import run as isac_run
 from isavar.isac.params import Isac2Params
-from isavar.parallel import map_in_windows
 from isavar.workflows.outputs import (
     check_can_write,
     check_disk_space,
@@ -93,16 +92,6 @@ def _save_npz_atomic(path, arrays: dict) -> None:
     tmp = path.with_name(path.name + ".tmp.npz")
     with open(tmp, "wb") as fh:
         np.savez(fh, **arrays)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _save_npy_atomic(path, array) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.npy")
-    with open(tmp, "wb") as fh:
-        np.save(fh, array)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
@@ -414,14 +403,107 @@ def _correct_and_shrink_task(task: PreprocessChunk):
     """CTF correction and shrinking of one chunk: ``(shrunk, pre-alignment images or None)``."""
     from isavar.isac.preprocess import correct_and_shrink
 
-    return correct_and_shrink(task.images, task.table, task.params, task.pixel_size_A, rpw=task.rpw)
+    return correct_and_shrink(np.asarray(task.images, np.float32), task.table, task.params, task.pixel_size_A,
+                              rpw=task.rpw)
+
+
+@dataclasses.dataclass(frozen=True)
+class FinishChunk:
+    """One chunk of the working stack (an executor task): rows of the shrunken stack, their shifts."""
+
+    images: object
+    shifts: np.ndarray
+    table: object
+    params: Isac2Params
+
+
+def _finish_task(task: FinishChunk):
+    from isavar.isac.preprocess import finish_working_images
+
+    return (finish_working_images(np.asarray(task.images, np.float32), task.shifts, task.table, task.params),)
+
+
+def _new_npy(path: Path, shape) -> None:
+    """An ``.npy`` file of float32 zeros of ``shape`` (sparse on most file systems)."""
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=tuple(int(s) for s in shape))
+    del arr
+
+
+class _RowWriter:
+    """Writes blocks of rows into ``.npy`` files at their byte offsets (any process, any order).
+
+    Each process writes only the rows of the tasks it ran, with plain positioned writes (safe on a shared
+    file system where ranks on other nodes write other rows).
+    """
+
+    def __init__(self, paths):
+        self.files = []
+        for path in paths:
+            offset = np.load(path, mmap_mode="r").offset
+            row = int(np.prod(np.load(path, mmap_mode="r").shape[1:])) * 4
+            self.files.append((os.open(path, os.O_WRONLY), offset, row))
+
+    def write(self, start: int, blocks) -> None:
+        for (fd, offset, row), block in zip(self.files, blocks):
+            if block is None:
+                continue
+            data = np.ascontiguousarray(block, dtype=np.float32).tobytes()
+            pos = offset + start * row
+            while data:
+                done = os.pwrite(fd, data, pos)
+                data, pos = data[done:], pos + done
+
+    def close(self) -> None:
+        for fd, _, _ in self.files:
+            os.fsync(fd)
+            os.close(fd)
+
+
+def _fill_rows(executor, fn, tasks, starts, paths, progress=None) -> None:
+    """Run ``tasks`` (each returning a tuple of row blocks) and write their rows into the ``.npy`` ``paths``.
+
+    Nothing of size N x box² is held by any process: each result is written where it was computed, then
+    dropped. Every process must make the call (MPI).
+    """
+    writer = _RowWriter(paths)
+
+    def put(item):
+        number, blocks = item
+        writer.write(starts[number], blocks)
+        if progress is not None:
+            progress.advance(len(next(b for b in blocks if b is not None)))
+
+    try:
+        executor.map_sum(_TaggedRows(fn), enumerate(tasks), on_result=put)
+    finally:
+        writer.close()
+    executor.barrier()
+
+
+_ONE = np.ones(1)
+
+
+class _TaggedRows:
+    """``fn`` as a :meth:`map_sum` task whose ``extra`` is ``(task number, row blocks)``."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, item):
+        number, task = item
+        return (_ONE,), (number, tuple(self.fn(task)))
 
 
 def _prepare(run: _Run, stack):
-    """Pre-alignment and the working stack (skipped when already finished)."""
+    """Pre-alignment and the working stack on disk (skipped when already finished).
+
+    Returns the working stack as a :class:`~isavar.isac.working.MappedStack` (tasks read their rows from
+    ``stack_ali2d.npy``), the pre-alignment shifts and the shrink ratio. The shrunken images live in a
+    temporary ``.npy`` in the output directory until the working stack is written.
+    """
     from isavar.isac.prealign import centring_shifts, prealign
-    from isavar.isac.preprocess import finish_working_images, radial_amplitude_sum, \
-        shrunk_size, vpp_table
+    from isavar.isac.preprocess import radial_amplitude_sum, shrunk_size, vpp_table
+    from isavar.isac.working import LazyRows, MappedStack, RawRows
 
     p, outdir = run.p, run.outdir
     ali_dir = outdir / "2dalignment"
@@ -429,10 +511,10 @@ def _prepare(run: _Run, stack):
     box = stack.images.box
     nd = shrunk_size(box, p.shrink)
     shrink_eff = nd / box
-    if done.exists() and (outdir / "stack_ali2d.npy").exists():
-        working = np.load(outdir / "stack_ali2d.npy", mmap_mode="r")
+    final = outdir / "stack_ali2d.npy"
+    if done.exists() and final.exists():
         shifts = np.loadtxt(ali_dir / "initial2Dparams.txt", ndmin=2)[:, 1:3]
-        return working, shifts, shrink_eff
+        return MappedStack(final), shifts, shrink_eff
     root = run.root
     if root:
         ali_dir.mkdir(parents=True, exist_ok=True)
@@ -451,43 +533,46 @@ def _prepare(run: _Run, stack):
         table_rpw = rpw if rpw is not None else np.zeros(box // 2 + 1)
         write_text_atomic(outdir / "rpw.txt", _fmt_rows(table_rpw, ["%14.6f"]))
     run.progress.stage("preprocessing", total=n)
-    shrunk = np.empty((n, nd, nd), np.float32)
-    pre = np.empty((n, nd, nd), np.float32) if p.VPP else None
-    tasks = (PreprocessChunk(images=block, table=table.iloc[s:e], params=p, pixel_size_A=apix, rpw=rpw)
-             for s, e, block in stack.images.chunks(CHUNK))
-    s = 0
-    for out, pr in map_in_windows(run.executor, _correct_and_shrink_task, tasks):
-        e = s + len(out)
-        shrunk[s:e] = out
-        if pre is not None:
-            pre[s:e] = pr
-        run.progress.advance(e - s)
-        s = e
+    shrunk_path = outdir / ".stack_shrunk.work.npy"
+    pre_path = outdir / ".stack_prealign.work.npy"
+    paths = [shrunk_path] + ([pre_path] if p.VPP else [])
+    if root:
+        for path in paths:
+            _new_npy(path, (n, nd, nd))
+    run.executor.barrier()
+    ranges = [(s, min(n, s + CHUNK)) for s in range(0, n, CHUNK)]
+    tasks = (PreprocessChunk(images=RawRows(stack.images, s, e), table=table.iloc[s:e], params=p,
+                             pixel_size_A=apix, rpw=rpw) for s, e in ranges)
+    _fill_rows(run.executor, _correct_and_shrink_task, tasks, [s for s, _ in ranges], paths, run.progress)
+    shrunk = MappedStack(shrunk_path)
     if p.skip_prealignment:
         shifts = np.zeros((n, 2))
     else:
         t = time.time()
         run.progress.stage("pre-alignment", total=None)
         log.info("pre-alignment (centring) of %d images", n)
-        ali, _ = prealign(pre if pre is not None else shrunk, p, run.executor, progress=run.progress)
+        ali, _ = prealign(MappedStack(pre_path) if p.VPP else shrunk, p, run.executor, progress=run.progress)
         shifts = centring_shifts(ali, shrink_eff)
         run.timings["prealign_s"] = time.time() - t
-    del pre
     rows = np.column_stack([np.zeros(n), shifts, np.zeros(n)])
     if root:
         write_params_file(ali_dir / "initial2Dparams.txt", rows)
     run.executor.barrier()
     shifts = np.loadtxt(ali_dir / "initial2Dparams.txt", ndmin=2)[:, 1:3]   # as a resumed run will read them
-    working = np.empty((n, p.box, p.box), np.float32)
-    for s in range(0, n, CHUNK):
-        e = min(n, s + CHUNK)
-        working[s:e] = finish_working_images(shrunk[s:e], shifts[s:e] * shrink_eff, table.iloc[s:e], p)
-    del shrunk
+    work_path = outdir / ".stack_ali2d.work.npy"
+    if root:
+        _new_npy(work_path, (n, p.box, p.box))
+    run.executor.barrier()
+    tasks = (FinishChunk(images=LazyRows(shrunk, np.arange(s, e)), shifts=shifts[s:e] * shrink_eff,
+                         table=table.iloc[s:e], params=p) for s, e in ranges)
+    _fill_rows(run.executor, _finish_task, tasks, [s for s, _ in ranges], [work_path])
     if not root:
         run.executor.barrier()
         run._tick()
-        return working, shifts, shrink_eff
-    _save_npy_atomic(outdir / "stack_ali2d.npy", working)
+        return MappedStack(final), shifts, shrink_eff
+    os.replace(work_path, final)
+    for path in paths:
+        path.unlink(missing_ok=True)
     lines = ["This file contains the shrink ratio and the particle radius used by ISAC2 (isavar).",
              "Working images were resampled from the input box by the ratio below;",
              "shifts in all_parameters.txt are in working pixels: divide by the ratio for input pixels.",
@@ -501,7 +586,7 @@ def _prepare(run: _Run, stack):
     run.save_manifest(stage="prepared")
     run.executor.barrier()
     run._tick()
-    return working, shifts, shrink_eff
+    return MappedStack(final), shifts, shrink_eff
 
 
 # ------------------------------------------------------------------------------------- resume / restart
