@@ -152,39 +152,90 @@ def validate_inputs(stack, p: Isac2Params) -> None:
                          "twice: remove the duplicated rows", path=path)
 
 
-def estimate_memory(n: int, box: int, p: Isac2Params, workers: int = 1) -> float:
-    """Peak memory (bytes) of an ISAC2 run, from its largest arrays.
+#: Memory of one Python process with isavar's modules loaded (numpy, scipy, numba kernels), bytes.
+PROCESS_BASE_BYTES = 200 << 20
 
-    The working stack ``(n, B, B)`` with ``B = target_nx + xr - 1`` and the shrunken stack before it,
-    and per worker, for one image: the polar samples at every trial shift, ``(2 xr / ts + 1) x
-    (2 yr / ts + 1)`` shifts x the ring samples, held about three times over (samples and their ring
-    spectra), and the shift lattice of the image padded by the search range, ``(B + 2 r + 4)**2 x
-    (2 xr + 2)`` values (``r = max(xr, yr)``).
+
+def memory_terms(n: int, box: int, p: Isac2Params, workers: int = 1) -> dict:
+    """The parts of an ISAC2 run's peak memory (bytes), each with the option that changes it.
+
+    The working stack and the shrunken stack stay on disk (memory-mapped; the kernel's page cache is not
+    counted). What is held:
+
+    * ``images``: per image of the run, the parameters and assignment (about 200 bytes) and what the EQK
+      assignment needs: with ``--eqk_search candidates`` the ``C = --eqk_candidates`` candidates and at most
+      ``U = 5 C`` exact scores, image/class numbers and parameters per image (about 80 U bytes); with the
+      flat search all ``K = n / img_per_grp`` scores and parameters (about 70 K bytes per image);
+    * ``classes``: the ``K`` references, their class sums and prepared polar spectra (about 40 T² bytes per
+      class, T the working box) and the exact-sum accumulator (at most 64 MB);
+    * ``workers``: per process (the main one and each pool worker): the interpreter and modules, a chunk of
+      512 working images held three times over, the translational search of one image (the polar samples
+      at every trial shift, ``(2 xr / ts + 1) x (2 yr / ts + 1)`` shifts x the ring samples, three times
+      over, and the shift lattice of the image padded by the search range) and, in the main process, the
+      pre-alignment's reference subset (2,000 shrunken images, twice).
     """
+    from isavar.isac.generation import EQK_CHUNK, SUM_BLOCK_BYTES, UNION_FACTOR
+    from isavar.isac.prealign import PREALIGN_SUBSET
     from isavar.isac.preprocess import shrunk_size
 
     grid = isac_run.make_grid(p)
-    shifts = (2 * int(p.xr / p.ts) + 1) * (2 * int(p.yr_eff / p.ts) + 1)
+    t = p.box
+    k = max(1, n // p.img_per_grp)
     nd = shrunk_size(box, p.shrink)
-    stacks = 4.0 * n * (p.box ** 2 + nd ** 2)
+    shifts = (2 * int(p.xr / p.ts) + 1) * (2 * int(p.yr_eff / p.ts) + 1)
     reach = max(p.xr, p.yr_eff) + 2
-    lattice = 4.0 * (p.box + 2 * reach) ** 2 * (2 * p.xr + 2)
-    per_worker = 3 * 4.0 * shifts * grid.lcirc + lattice
-    return stacks + workers * per_worker
+    lattice = 4.0 * (t + 2 * reach) ** 2 * (2 * p.xr + 2)
+    search = 3 * 4.0 * shifts * grid.lcirc + lattice
+    if p.eqk_search == "candidates" and k > 2 * p.eqk_candidates:
+        per_image = 200.0 + 80.0 * min(k, UNION_FACTOR * p.eqk_candidates)
+        images_hint = "a smaller --eqk_candidates"
+    else:
+        per_image = 200.0 + 72.0 * k
+        images_hint = "--eqk_search candidates or a larger --img_per_grp"
+    per_process = PROCESS_BASE_BYTES + 3 * 4.0 * EQK_CHUNK * t * t + search
+    processes = workers + (1 if workers > 1 else 0)
+    return {
+        "images": (n * per_image, f"{n} images, {k} classes: {images_hint}"),
+        "classes": (40.0 * k * t * t + min(SUM_BLOCK_BYTES, 24.0 * k * t * t),
+                    f"{k} classes of {t} px: a larger --img_per_grp or a smaller --target_nx"),
+        "workers": (processes * per_process + 2 * 4.0 * min(n, PREALIGN_SUBSET) * nd * nd,
+                    f"{workers} worker{'s' if workers > 1 else ''}, --xr {p.xr} --yr {p.yr_eff} --ts {p.ts:g} "
+                    f"({shifts} trial shifts per image): fewer --workers, a smaller --xr/--yr or a larger --ts"),
+    }
+
+
+def estimate_memory(n: int, box: int, p: Isac2Params, workers: int = 1) -> float:
+    """Peak memory (bytes) of an ISAC2 run: the sum of :func:`memory_terms`."""
+    return float(sum(v for v, _ in memory_terms(n, box, p, workers).values()))
+
+
+def estimate_disk(n: int, box: int, p: Isac2Params, *, own_image_stack: bool) -> float:
+    """Disk space (bytes) an ISAC2 run writes: the working stack and, while it is built, the shrunken stack
+    (twice with ``--VPP``), the checkpoints and text files (about 200 bytes per image), and an image stack of
+    its own for ``particles.star`` when the input images are not MRC stacks."""
+    from isavar.isac.preprocess import shrunk_size
+
+    nd = shrunk_size(box, p.shrink)
+    need = 4.0 * n * p.box ** 2 + 4.0 * n * nd * nd * (2 if p.VPP else 1) + 200.0 * n + (1 << 24)
+    if own_image_stack:
+        need += 4.0 * n * box ** 2
+    return need
 
 
 def check_resources(stack, p: Isac2Params, outdir, workers: int) -> None:
-    """Refuse up front a run the machine cannot hold: memory (search ranges) and disk (working stack)."""
+    """Refuse up front a run the machine cannot hold: memory (per part, naming the option) and disk."""
     n, box = len(stack.table), stack.images.box
-    shifts = f"{2 * int(p.xr / p.ts) + 1} x {2 * int(p.yr_eff / p.ts) + 1} trial shifts"
-    check_memory(estimate_memory(n, box, p, workers), f"--xr {p.xr} --yr {p.yr_eff} --ts {p.ts:g} ({shifts} per "
-                 f"image, {workers} worker{'s' if workers > 1 else ''}, {n} images)",
-                 "use a smaller --xr/--yr (in working pixels), a larger --ts or fewer --workers")
-    need = 4.0 * n * p.box ** 2 + (1 << 24)
-    if not all(str(src.path).lower().endswith((".mrcs", ".mrc")) for src in stack.images.sources):
-        need += 4.0 * n * box ** 2                      # particles.star then gets its own image stack
-    if not (Path(outdir) / "stack_ali2d.npy").exists():
-        check_disk_space(outdir, need, f"ISAC2 on {n} images (working stack of {p.box} px)")
+    terms = memory_terms(n, box, p, workers)
+    largest = max(terms.values(), key=lambda v: v[0])[1]
+    what, hint = largest.split(": ", 1)
+    check_memory(sum(v for v, _ in terms.values()), f"ISAC2 on {what}", f"use {hint}")
+    own = not all(str(src.path).lower().endswith((".mrcs", ".mrc")) for src in stack.images.sources)
+    if (Path(outdir) / "stack_ali2d.npy").exists():
+        need = 200.0 * n + (1 << 24) + (4.0 * n * box ** 2 if own else 0.0)
+    else:
+        need = estimate_disk(n, box, p, own_image_stack=own)
+    check_disk_space(outdir, need, f"ISAC2 on {n} images (working stack of {p.box} px, kept in the output "
+                     "directory)")
 
 
 # ------------------------------------------------------------------------------------- the workflow
