@@ -534,6 +534,7 @@ def sac_round(images, state: EngineState, p, grid, executor, *, main: int, gen: 
         rng = task_rngs(p.rand_seed, 1, key=stream_key(main, gen, rnd, it, _CENTRE))[0]
         refs, params, assignment = eqk_iteration(images, refs, params, fl, p, grid, executor, rng)
         it += 1
+        log.debug("main %d generation %d round %d: EQK iteration %d done", main, gen, rnd + 1, it)
         if progress is not None:
             progress.advance(0)
         fl += 0.05
