@@ -126,7 +126,9 @@ def test_map_sum_is_bit_identical_to_serial_at_any_rank_count(ranks):
 
 def test_isac2_candidate_search_under_three_ranks_equals_serial(tmp_path):
     """The candidate EQK search (K > 2 x eqk_candidates) on 3 ranks: each rank reads its own rows of the
-    working stack, scores go to the root, class sums are reduced; results identical to one process."""
+    working stack, scores go to the root, class sums are reduced; results identical to one process.
+
+    All outputs are compared, the full-size averages included, so ``--skip_ordering`` keeps it short."""
     import mrcfile
     import numpy as np
 
@@ -150,4 +152,7 @@ def test_isac2_candidate_search_under_three_ranks_equals_serial(tmp_path):
     assert len(a) > 0
     np.testing.assert_array_equal(a, b)
     assert (serial / "all_parameters.txt").read_text() == (parallel / "all_parameters.txt").read_text()
+    # the full-size averages: every rank sums the members it reads, one exact reduction
+    np.testing.assert_array_equal(mrcfile.read(serial / "class_averages_fullres.mrcs"),
+                                  mrcfile.read(parallel / "class_averages_fullres.mrcs"))
     assert not list(parallel.glob(".*.work.npy"))            # the temporary stacks are gone

@@ -206,3 +206,20 @@ def as_subset(images) -> SubsetImages:
     if isinstance(images, SubsetImages):
         return images
     return SubsetImages(np.asarray(images, dtype=np.float32))
+
+
+class PickRows:
+    """Rows ``rows`` (any order) of an image source, read where the task runs (see :class:`RawRows`)."""
+
+    def __init__(self, images, rows):
+        self.images, self.rows = images, np.asarray(rows, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __array__(self, dtype=None, copy=None):
+        block = np.asarray(self.images[self.rows], dtype=np.float32)
+        return block if dtype is None else block.astype(dtype, copy=False)
+
+    def __reduce__(self):
+        return (np.asarray, (np.asarray(self, dtype=np.float32),))

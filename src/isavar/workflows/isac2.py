@@ -765,6 +765,21 @@ def _finish(run: _Run, stack, state, shifts, shrink):
     run.timings["ordering_s"] = time.time() - t
     result = isac_run.result_from_state(state, shifts, shrink, order=None if p.skip_ordering else order,
                                         order_params=None if p.skip_ordering else oparams)
+    # full-parameter bookkeeping for the original images
+    full = original_image_params(state.params, shifts, shrink)
+    class_rank = np.full(c, -1, np.int64)
+    class_rank[order] = np.arange(c)
+    full_ordered = full.copy()
+    cls_of = result.class_of(state.n_total)
+    acc = cls_of >= 0
+    if c:
+        from isavar.isac._ops import compose
+
+        full_ordered[acc] = compose(full[acc], oparams[cls_of[acc]])
+    t = time.time()
+    # every process sums the members it reads (exact sums: the same bits on any executor)
+    fullres = fullres_averages(stack, result, full_ordered, p, chunk=CHUNK, executor=run.executor) if c else None
+    run.timings["fullres_s"] = time.time() - t
     if not executor_root(run):
         return result
     if c and not p.skip_ordering:
@@ -782,22 +797,6 @@ def _finish(run: _Run, stack, state, shifts, shrink):
     write_index_file(outdir / "processed_images.txt", state.processed)
     write_index_file(outdir / "not_processed_images.txt",
                      np.setdiff1d(np.arange(state.n_total), state.processed))
-    # full-parameter bookkeeping for the original images
-    full = original_image_params(state.params, shifts, shrink)
-    class_rank = np.full(c, -1, np.int64)
-    class_rank[order] = np.arange(c)
-    full_ordered = full.copy()
-    cls_of = result.class_of(state.n_total)
-    acc = cls_of >= 0
-    if c:
-        from isavar.isac._ops import compose
-
-        full_ordered[acc] = compose(full[acc], oparams[cls_of[acc]])
-    t = time.time()
-    # the averages run on the root alone: an executor that needs every rank (MPI) is not used here
-    local = run.executor if getattr(run.executor, "size", 1) == 1 else None
-    fullres = fullres_averages(stack, result, full_ordered, p, chunk=CHUNK, executor=local) if c else None
-    run.timings["fullres_s"] = time.time() - t
     _write_relion_outputs(run, stack, state, result, ordered, order, class_rank, full_ordered, fullres, work_apix)
     if getattr(run, "write_aligned", False) and c:
         t = time.time()
