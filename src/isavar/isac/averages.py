@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from isavar.isac import _ops
-from isavar.parallel import map_in_windows
 
 
 def _centred_ctf_squared(table, rows, box, apix) -> np.ndarray:
@@ -58,10 +57,10 @@ class FullresChunk:
 
 
 def _fullres_chunk(task: FullresChunk):
-    """Per-class sums of one chunk of members: (sums, CTF^2 sums or None, counts)."""
+    """Per-class sums of one chunk of members: ``((sums, counts[, CTF^2 sums]), None)`` (a map_sum task)."""
     import scipy.fft
 
-    imgs, table, rows, k = task.images, task.table, task.rows, task.classes
+    imgs, table, rows, k = np.asarray(task.images, np.float32), task.table, task.rows, task.classes
     params, c, ctf_on, apix = task.params, task.n_classes, task.ctf, task.pixel_size_A
     box = imgs.shape[-1]
     wsum = None
@@ -72,7 +71,12 @@ def _fullres_chunk(task: FullresChunk):
         rot[:, 1:3] = 0.0
         wsum = _ops.group_sums(_ops.transform(c2, rot, interpolation="linear"), k, c)
     sums = _ops.group_sums(_ops.transform(imgs, params), k, c)
-    return sums, wsum, np.bincount(k, minlength=c)
+    counts = np.bincount(k, minlength=c).astype(np.float64)
+    return ((sums, counts) if wsum is None else (sums, counts, wsum)), None
+
+
+#: The exact sums are reduced for at most this many bytes of accumulator at a time (classes in blocks).
+SUM_BLOCK_BYTES = 64 << 20
 
 
 def fullres_averages(stack, result, params, p, *, chunk: int = 1024, eps_fraction: float = 1e-3,
@@ -89,12 +93,13 @@ def fullres_averages(stack, result, params, p, *, chunk: int = 1024, eps_fractio
         Parameters taking each original image into its class frame (original pixels).
     p : Isac2Params
     chunk : int
-        Images read at a time (one task each).
+        Members per task (in input order within a block of classes).
     eps_fraction : float
         ``sum CTF^2`` is floored at this fraction of its maximum per class (numerical guard).
     executor : Executor, optional
-        Runs the chunks (results are summed in chunk order, so the answer does not depend on it);
-        must be callable from this process alone (serial or pool).
+        Runs the chunks (serial, pool or MPI: every process makes the call, each reads only the images of its
+        tasks). The sums are exact and order-independent (:meth:`map_sum`), so the answer does not depend on
+        it; classes are summed in blocks whose accumulator stays below :data:`SUM_BLOCK_BYTES`.
 
     Returns
     -------
@@ -102,30 +107,40 @@ def fullres_averages(stack, result, params, p, *, chunk: int = 1024, eps_fractio
         In class-index order (acceptance order). With CTF: ``F^-1[sum_i R_i(CTF_i F_i) / sum_i R_i(CTF_i^2)]``
         (the CTF-squared images rotated/mirrored like the images; no SNR term, as SPHIRE); without CTF: the mean.
     """
+    from isavar.isac.working import PickRows
+    from isavar.parallel.serial import SerialExecutor
+
+    executor = executor or SerialExecutor()
     c = result.n_classes
     box = stack.images.box
     cls_of = result.class_of(len(stack.table))
-    sums = np.zeros((c, box, box), np.float64)
-    wsum = np.zeros((c, box, box), np.float64) if p.CTF else None
-    counts = np.zeros(c, np.int64)
     apix = stack.pixel_size_A
     members = np.flatnonzero(cls_of >= 0)
+    per_class = 24 * box * box * (2 if p.CTF else 1)
+    block = max(1, SUM_BLOCK_BYTES // per_class)
+    out = np.zeros((c, box, box), np.float32)
+    for k0 in range(0, c, block):
+        k1 = min(c, k0 + block)
+        mine = members[(cls_of[members] >= k0) & (cls_of[members] < k1)]
 
-    def tasks():
-        for s in range(0, len(members), chunk):
-            rows = members[s:s + chunk]
-            yield FullresChunk(images=stack.images[rows], table=stack.table.iloc[rows] if p.CTF else None,
-                               rows=np.arange(len(rows)), classes=cls_of[rows], params=params[rows],
-                               n_classes=c, ctf=bool(p.CTF), pixel_size_A=apix)
+        def tasks(mine=mine, k0=k0, k1=k1):
+            for s in range(0, len(mine), chunk):
+                rows = mine[s:s + chunk]
+                yield FullresChunk(images=PickRows(stack.images, rows),
+                                   table=stack.table.iloc[rows] if p.CTF else None,
+                                   rows=np.arange(len(rows)), classes=cls_of[rows] - k0, params=params[rows],
+                                   n_classes=k1 - k0, ctf=bool(p.CTF), pixel_size_A=apix)
 
-    for part_sums, part_w, part_counts in map_in_windows(executor, _fullres_chunk, tasks()):
-        sums += part_sums
-        counts += part_counts
-        if p.CTF:
-            wsum += part_w
-    if not p.CTF:
-        return (sums / np.maximum(counts, 1)[:, None, None]).astype(np.float32)
-    denom = np.fft.ifftshift(wsum, axes=(-2, -1))
-    floor = eps_fraction * denom.reshape(c, -1).max(axis=1)[:, None, None]
-    spec = np.fft.fft2(sums) / np.maximum(denom, np.maximum(floor, 1e-12))
-    return np.fft.ifft2(spec).real.astype(np.float32)
+        total = executor.map_sum(_fullres_chunk, tasks())
+        if total is None:
+            continue
+        sums, counts = total[0], total[1]
+        if not p.CTF:
+            out[k0:k1] = (sums / np.maximum(counts, 1)[:, None, None]).astype(np.float32)
+            continue
+        wsum = total[2]
+        denom = np.fft.ifftshift(wsum, axes=(-2, -1))
+        floor = eps_fraction * denom.reshape(k1 - k0, -1).max(axis=1)[:, None, None]
+        spec = np.fft.fft2(sums) / np.maximum(denom, np.maximum(floor, 1e-12))
+        out[k0:k1] = np.fft.ifft2(spec).real.astype(np.float32)
+    return out

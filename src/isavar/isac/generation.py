@@ -22,6 +22,7 @@ import numpy as np
 from isavar.isac import _ops
 from isavar.isac.kmeans import assign_groups, assign_groups_sparse
 from isavar.isac.stability import class_stability_task, within_group_refinement
+from isavar.isac.working import as_subset, normalise_for_alignment, resolve  # noqa: F401 (re-exported)
 from isavar.parallel.partition import chunk_ranges, task_rngs
 
 log = logging.getLogger(__name__)
@@ -137,13 +138,6 @@ class GenerationResult:
     rounds: int
 
 
-def normalise_for_alignment(images, mask) -> np.ndarray:
-    """Subtract the mean inside the mask from every image (spec §5.2, images)."""
-    inside = mask > 0.5
-    means = images[:, inside].mean(axis=1, dtype=np.float64).astype(np.float32)
-    return images - means[:, None, None]
-
-
 def normalise_references(refs, mask) -> np.ndarray:
     """Zero mean and unit standard deviation inside the mask (spec §5.2, references)."""
     inside = mask > 0.5
@@ -154,48 +148,101 @@ def normalise_references(refs, mask) -> np.ndarray:
     return ((refs - mean[:, None, None]) / std[:, None, None]).astype(np.float32)
 
 
+# ------------------------------------------------------------------------------------- where results live
+# Tasks name rows of the working stack (isavar.isac.working) and run on any process. Per-image results that
+# only the assignment needs (scores) are gathered at the root; per-image parameters stay on the process that
+# computed them until the assignment says which are kept; sums (class references) are reduced exactly.
+
+_ONE = np.ones(1)
+
+
+class _Tagged:
+    """``fn`` as a :meth:`map_sum` task: sums nothing of use, keeps ``(task number, result)`` where it ran."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, item):
+        number, task = item
+        return (_ONE,), (number, self.fn(task))
+
+
+def run_here(executor, fn, tasks) -> dict:
+    """Run ``tasks`` spread over the executor; ``{task number: result}`` of those this process ran.
+
+    A serial or pool executor returns every result to this process; under MPI each rank keeps its own
+    block and nothing per task is sent between ranks (:meth:`map_sum`, whose sum here is a task count).
+    ``tasks`` may be a generator (a pool then takes them as it goes).
+    """
+    out: dict = {}
+    executor.map_sum(_Tagged(fn), enumerate(tasks), on_result=lambda r: out.__setitem__(r[0], r[1]))
+    return out
+
+
+def at_root(executor, local: dict) -> dict | None:
+    """Every process's ``{key: value}`` merged at the root (None on the other processes)."""
+    parts = executor.gather(local)
+    if parts is None:
+        return None
+    merged: dict = {}
+    for part in parts:
+        merged.update(part)
+    return merged
+
+
+def assemble_rows(executor, pieces, n: int, width: int = 4) -> np.ndarray:
+    """``(n, width)`` rows from ``[(rows, values), ...]`` spread over processes, on every process."""
+    parts = executor.gather(list(pieces))
+    full = None
+    if parts is not None:
+        full = np.full((n, width), np.nan)
+        for part in parts:
+            for rows, values in part:
+                full[rows] = values
+    return executor.bcast(full)
+
+
+# ------------------------------------------------------------------------------------- EQK search
+
 def _eqk_chunk(task):
     images, refs, params, p, grid = task
-    return _ops.align_multi(images, refs, grid, p, params)
+    return _ops.align_multi(resolve(images), refs, grid, p, params)
 
 
 def _coarse_chunk(task):
-    images, prep, params = task
-    return _ops.coarse_scores(images, prep, params, COARSE_MAX_FREQ)
+    """Top candidates of a chunk of images: ``(order (m, C) int32, best first; full scores or None)``."""
+    images, prep, params, n_cand, keep_all = task
+    scores = _ops.coarse_scores(resolve(images), prep, params, COARSE_MAX_FREQ)          # (m, K) float32
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :n_cand].astype(np.int32)
+    return order, (scores if keep_all else None)
 
 
-def eqk_search_candidates(images, prep, params, p, grid, executor):
-    """The EQK search against a few candidate references per image (linear cost in the number of images).
+def members_by_class(labels, n_classes: int) -> list:
+    """``[np.flatnonzero(labels == k) for k in range(n_classes)]`` in O(n log n) instead of O(n K)."""
+    labels = np.asarray(labels, np.int64)
+    order = np.argsort(labels, kind="stable")
+    bounds = np.searchsorted(labels[order], np.arange(n_classes + 1))
+    return [order[bounds[k]:bounds[k + 1]] for k in range(n_classes)]
 
-    1. Coarse scores of every image against every reference (:func:`isavar.core.align2d.coarse_scores`: low
-       ring frequencies, current centre only; about 1/40 of the full search per pair).
-    2. The ``p.eqk_candidates`` (C) best references of every image by coarse score are its candidates.
-       Images are grouped by their best candidate; each group is aligned exactly (the full search of
-       :func:`_ops.align_multi`) against the references most often among its members' candidates (the
-       group's own first, at most ``UNION_FACTOR * C``), so every image gets exact scores and parameters
-       for its best candidate and, usually, for all of them.
 
-    With ``K`` references the cost per image is ``K`` coarse pairs (about 1/100 of an exact one each) plus at
-    most ``UNION_FACTOR * C`` exact ones, instead of ``K`` exact ones.
+def candidate_groups(order, n_classes: int):
+    """Images grouped by their best candidate, each group with the references it is aligned to exactly.
+
+    Parameters
+    ----------
+    order : ndarray of int, (n, C)
+        Every image's candidate references, best first.
+    n_classes : int
 
     Returns
     -------
-    pair_image, pair_class : ndarray of int, (P,)
-        The (image, reference) pairs aligned exactly, grouped by image group.
-    pair_score : ndarray of float32, (P,)
-    pair_params : ndarray, (P, 4)
-    coarse : ndarray of float32, (n, K)
-        The coarse scores.
+    list of (members, union)
+        Image positions (at most ``EQK_CHUNK``) and the sorted references they are aligned to: those most
+        often among the members' candidates, the group's own first, at most ``UNION_FACTOR * C``.
     """
-    n, n_classes = len(images), prep.n_refs
-    coarse_prep = _ops.truncate(prep, COARSE_MAX_FREQ)
-    tasks = [(images[s:e], coarse_prep, params[s:e]) for s, e in chunk_ranges(n, EQK_CHUNK)]
-    coarse = np.concatenate(list(executor.map(_coarse_chunk, tasks)), axis=0)       # (n, K)
-    n_cand = min(int(p.eqk_candidates), n_classes)
-    order = np.argsort(-coarse, axis=1, kind="stable")[:, :n_cand]                   # (n, C), best first
+    n_cand = order.shape[1]
     groups = []
-    for k in range(n_classes):
-        members = np.flatnonzero(order[:, 0] == k)
+    for k, members in enumerate(members_by_class(order[:, 0], n_classes)):
         if members.size == 0:
             continue
         # the references most often among the members' candidates, at most UNION_FACTOR x C of them (the
@@ -203,36 +250,122 @@ def eqk_search_candidates(images, prep, params, p, grid, executor):
         refs_, counts = np.unique(order[members], return_counts=True)
         counts[refs_ == k] = members.size * n_cand + 1
         keep = np.argsort(-counts, kind="stable")[:UNION_FACTOR * n_cand]
-        union = np.sort(refs_[keep])
+        union = np.sort(refs_[keep]).astype(np.int64)
         for s, e in chunk_ranges(members.size, EQK_CHUNK):
             groups.append((members[s:e], union))
-    # lazy: image copies and reference subsets are made as the executor takes the tasks
-    tasks = ((images[idx], _ops.subset(prep, union), params[idx], p, grid) for idx, union in groups)
-    pair_image, pair_class, pair_score, pair_params = [], [], [], []
-    for (idx, union), (score, par) in zip(groups, executor.map(_eqk_chunk, tasks)):
-        pair_image.append(np.repeat(idx, union.size))
-        pair_class.append(np.tile(union, idx.size))
-        pair_score.append(score.reshape(-1))
-        pair_params.append(par.reshape(-1, 4))
-    return (np.concatenate(pair_image), np.concatenate(pair_class), np.concatenate(pair_score),
-            np.concatenate(pair_params), coarse)
+    return groups
+
+
+def _coarse_fallback(images, coarse_prep, params, left, classes):
+    """Coarse scores of images ``left`` against ``classes``, bit-identical to those of the candidate step.
+
+    The scores are recomputed on the same image chunks as :func:`_coarse_chunk` (a batch of other shape
+    can round differently), for the chunks that hold ``left`` only.
+    """
+    out = np.empty((left.size, classes.size), np.float64)
+    pos = np.arange(left.size)
+    for s, e in chunk_ranges(len(images), EQK_CHUNK):
+        inside = (left >= s) & (left < e)
+        if not inside.any():
+            continue
+        chunk = np.arange(s, e)
+        sc = _ops.coarse_scores(images.take(chunk), coarse_prep, params[s:e], COARSE_MAX_FREQ)
+        out[pos[inside]] = sc[np.ix_(left[inside] - s, classes)]
+    return out
+
+
+def eqk_search_candidates(images, prep, params, p, grid, executor, *, keep_all=False):
+    """The EQK search against a few candidate references per image (linear cost in the number of images).
+
+    1. Coarse scores of every image against every reference (:func:`isavar.core.align2d.coarse_scores`: low
+       ring frequencies, current centre only; about 1/40 of the full search per pair); each task keeps the
+       ``p.eqk_candidates`` (C) best references of its images only.
+    2. At the root, images are grouped by their best candidate (:func:`candidate_groups`); each group is
+       aligned exactly (the full search of :func:`_ops.align_multi`) against the references most often among
+       its members' candidates (the group's own first, at most ``UNION_FACTOR * C``), so every image gets
+       exact scores and parameters for its best candidate and, usually, for all of them.
+
+    With ``K`` references the cost per image is ``K`` coarse pairs (about 1/100 of an exact one each) plus at
+    most ``UNION_FACTOR * C`` exact ones, instead of ``K`` exact ones; the memory per image is ``C`` candidate
+    numbers and at most ``UNION_FACTOR * C`` exact scores and parameters.
+
+    Parameters
+    ----------
+    images : SubsetImages or ndarray, (n, T, T)
+    prep : PreparedReferences
+    params : ndarray, (n, 4)
+    p : Isac2Params
+    grid : PolarGrid
+    executor : Executor
+    keep_all : bool
+        Also return the full ``(n, K)`` coarse scores (diagnostics only).
+
+    Returns
+    -------
+    groups : list of (members, union)
+        The same on every process.
+    local : dict
+        ``{group number: (scores (m, u) float32, params (m, u, 4))}`` of the groups this process aligned.
+    coarse : ndarray, (n, K) float32 or None
+        At the root with ``keep_all``.
+    """
+    images = as_subset(images)
+    n, n_classes = len(images), prep.n_refs
+    coarse_prep = _ops.truncate(prep, COARSE_MAX_FREQ)
+    n_cand = min(int(p.eqk_candidates), n_classes)
+    ranges = chunk_ranges(n, EQK_CHUNK)
+    tasks = ((images.for_task(np.arange(s, e)), coarse_prep, params[s:e], n_cand, keep_all) for s, e in ranges)
+    found = at_root(executor, run_here(executor, _coarse_chunk, tasks))
+    groups, coarse = None, None
+    if found is not None:
+        order = np.concatenate([found[t][0] for t in range(len(ranges))], axis=0)           # (n, C)
+        if keep_all:
+            coarse = np.concatenate([found[t][1] for t in range(len(ranges))], axis=0)
+        del found
+        groups = candidate_groups(order, n_classes)
+    groups = executor.bcast(groups)
+    # lazy: image copies (or row lists) and reference subsets are made as the executor takes the tasks
+    tasks = ((images.for_task(idx), _ops.subset(prep, union), params[idx], p, grid) for idx, union in groups)
+    local = run_here(executor, _eqk_chunk, tasks)
+    return groups, local, coarse
 
 
 def _assign_candidates(images, prep, params, p, grid, executor, assign):
-    """Assignment and chosen parameters of the candidate search (see :func:`eqk_search_candidates`)."""
+    """Assignment and chosen parameters of the candidate search (see :func:`eqk_search_candidates`).
+
+    Returns the assignment and the chosen parameters, the same on every process.
+    """
     n, n_classes = len(images), prep.n_refs
-    pi, pk, ps, pp, coarse = eqk_search_candidates(images, prep, params, p, grid, executor)
-    if assign is not assign_groups:
-        # a diagnostic rule needs the full (K, n) matrix: exact scores where known, coarse ones elsewhere
-        full = coarse.T.astype(np.float64).copy()
-        full[pk, pi] = ps
-        assignment = np.asarray(assign(full), dtype=np.int64)
-    else:
-        assignment = assign_groups_sparse(pk, pi, ps, n, n_classes, lambda li, ok: coarse[np.ix_(li, ok)])
-    chosen = np.full((n, 4), np.nan)
-    hit = pk == assignment[pi]
-    chosen[pi[hit]] = pp[hit]
-    missing = np.flatnonzero(np.isnan(chosen[:, 0]))
+    diagnostic = assign is not assign_groups
+    groups, local, coarse = eqk_search_candidates(images, prep, params, p, grid, executor, keep_all=diagnostic)
+    scores = at_root(executor, {g: score for g, (score, _par) in local.items()})
+    decided = None
+    if scores is not None:
+        pi = np.concatenate([np.repeat(idx, union.size) for idx, union in groups])
+        pk = np.concatenate([np.tile(union, idx.size) for idx, union in groups])
+        ps = np.concatenate([scores[g].reshape(-1) for g in range(len(groups))])
+        del scores
+        if diagnostic:
+            # a diagnostic rule needs the full (K, n) matrix: exact scores where known, coarse ones elsewhere
+            full = coarse.T.astype(np.float64).copy()
+            full[pk, pi] = ps
+            assignment = np.asarray(assign(full), dtype=np.int64)
+        else:
+            coarse_prep = _ops.truncate(prep, COARSE_MAX_FREQ)
+            assignment = assign_groups_sparse(
+                pk, pi, ps, n, n_classes,
+                lambda li, ok: _coarse_fallback(images, coarse_prep, params, li, ok))
+        aligned = np.zeros(n, bool)
+        aligned[pi[pk == assignment[pi]]] = True
+        decided = (assignment, np.flatnonzero(~aligned))
+    assignment, missing = executor.bcast(decided)
+    pieces = []
+    for g, (_score, par) in local.items():
+        idx, union = groups[g]
+        pos = np.minimum(np.searchsorted(union, assignment[idx]), union.size - 1)
+        hit = union[pos] == assignment[idx]
+        pieces.append((idx[hit], par[np.flatnonzero(hit), pos[hit]]))
+    del local
     if missing.size:
         # images that ended in a class they were not aligned to: align them to it now
         tasks, where = [], []
@@ -241,21 +374,80 @@ def _assign_candidates(images, prep, params, p, grid, executor, assign):
             sub = _ops.subset(prep, np.array([k]))
             for s, e in chunk_ranges(idx.size, EQK_CHUNK):
                 where.append(idx[s:e])
-                tasks.append((images[idx[s:e]], sub, params[idx[s:e]], p, grid))
-        for idx, (_score, par) in zip(where, executor.map(_eqk_chunk, tasks)):
-            chosen[idx] = par[:, 0]
-    return assignment, chosen
+                tasks.append((images.for_task(idx[s:e]), sub, params[idx[s:e]], p, grid))
+        for t, (_score, par) in run_here(executor, _eqk_chunk, tasks).items():
+            pieces.append((where[t], par[:, 0]))
+    return assignment, assemble_rows(executor, pieces, n)
+
+
+def _assign_flat(images, prep, params, p, grid, executor, assign):
+    """SPHIRE's EQK search: every image against every reference; scores to the root, parameters kept local."""
+    n = len(images)
+    ranges = chunk_ranges(n, EQK_CHUNK)
+    tasks = ((images.for_task(np.arange(s, e)), prep, params[s:e], p, grid) for s, e in ranges)
+    local = run_here(executor, _eqk_chunk, tasks)
+    scores = at_root(executor, {t: score for t, (score, _par) in local.items()})
+    assignment = None
+    if scores is not None:
+        full = np.concatenate([scores[t] for t in range(len(ranges))], axis=0)       # (n, K) float32
+        del scores
+        assignment = np.asarray(assign(full.T), dtype=np.int64)
+        del full
+    assignment = executor.bcast(assignment)
+    pieces = []
+    for t, (_score, par) in local.items():
+        s, e = ranges[t]
+        pieces.append((np.arange(s, e), par[np.arange(e - s), assignment[s:e]]))
+    del local
+    return assignment, assemble_rows(executor, pieces, n)
+
+
+# ------------------------------------------------------------------------------------- class sums
+
+#: The exact class sums are reduced for at most this many bytes of accumulator at a time (classes in blocks).
+SUM_BLOCK_BYTES = 64 << 20
 
 
 def _class_sum_chunk(task):
-    images, params, assignment, n_classes = task
-    return _ops.group_sums(_ops.transform(images, params), assignment, n_classes)
+    images, params, labels, n_classes = task
+    return (_ops.group_sums(_ops.transform(resolve(images), params), labels, n_classes),), None
+
+
+def class_sums(images, chosen, assignment, n_classes: int, executor) -> np.ndarray:
+    """Sums of the images of each class with their chosen parameters, ``(K, T, T)`` float64.
+
+    Exact and order-independent (:meth:`map_sum`): the same bits on any executor. Each task is one fixed
+    chunk of ``EQK_CHUNK`` images (in subset order) restricted to a block of classes; the classes come in
+    blocks so that the accumulator stays below :data:`SUM_BLOCK_BYTES`.
+    """
+    images = as_subset(images)
+    n = len(images)
+    shape = tuple(images.shape[1:])
+    per_class = 24 * int(np.prod(shape))                 # ExactSum: three int64 limbs per element
+    block = max(1, SUM_BLOCK_BYTES // per_class)
+    sums = np.zeros((n_classes,) + shape, np.float64)
+    ranges = chunk_ranges(n, EQK_CHUNK)
+    for k0 in range(0, n_classes, block):
+        k1 = min(n_classes, k0 + block)
+
+        def tasks(k0=k0, k1=k1):
+            for s, e in ranges:
+                a = assignment[s:e]
+                idx = np.arange(s, e) if (k0 == 0 and k1 == n_classes) else s + np.flatnonzero((a >= k0) & (a < k1))
+                if idx.size:
+                    yield images.for_task(idx), chosen[idx], assignment[idx] - k0, k1 - k0
+
+        total = executor.map_sum(_class_sum_chunk, tasks())
+        if total is not None:
+            sums[k0:k1] = total[0]
+    return sums
 
 
 def initial_references(images, n_classes, rng) -> np.ndarray:
     """``K`` distinct random images as the first references (spec §6.1, seeded from the run seed)."""
+    images = as_subset(images)
     pick = rng.permutation(len(images))[:n_classes]
-    return np.array(images[np.sort(pick)], dtype=np.float32)
+    return np.array(images.take(np.sort(pick)), dtype=np.float32)
 
 
 def eqk_iteration(images, refs, params, fl, p, grid, executor, rng, *, assign=assign_groups):
@@ -263,8 +455,8 @@ def eqk_iteration(images, refs, params, fl, p, grid, executor, rng, *, assign=as
 
     Parameters
     ----------
-    images : ndarray, (n, T, T) float32
-        Subset images (mean inside the mask already subtracted).
+    images : SubsetImages or ndarray, (n, T, T) float32
+        Subset images (an array: the mean inside the mask already subtracted).
     refs : ndarray, (K, T, T) float32
     params : ndarray, (n, 4)
         Current parameters (their particle centres start the translational search).
@@ -273,6 +465,7 @@ def eqk_iteration(images, refs, params, fl, p, grid, executor, rng, *, assign=as
     p : Isac2Params
     grid : PolarGrid
     executor : Executor
+        Every process of it makes the same call (MPI); the results are the same on all.
     rng : numpy.random.Generator
         For the random start of the reference centring.
     assign : callable, optional
@@ -286,23 +479,16 @@ def eqk_iteration(images, refs, params, fl, p, grid, executor, rng, *, assign=as
     params : ndarray, (n, 4)
     assignment : ndarray, (n,)
     """
+    images = as_subset(images)
     n, n_classes = len(images), len(refs)
     mask = _ops.circle(images.shape[-1], p.target_radius)
     prep = _ops.prepare(normalise_references(refs, mask), grid)
     if p.eqk_search == "candidates" and n_classes > 2 * p.eqk_candidates:
         assignment, chosen = _assign_candidates(images, prep, params, p, grid, executor, assign)
     else:
-        tasks = [(images[s:e], prep, params[s:e], p, grid) for s, e in chunk_ranges(n, EQK_CHUNK)]
-        results = executor.map(_eqk_chunk, tasks)
-        scores = np.concatenate([r[0] for r in results], axis=0)      # (n, K)
-        cand = np.concatenate([r[1] for r in results], axis=0)        # (n, K, 4)
-        assignment = np.asarray(assign(scores.T), dtype=np.int64)
-        chosen = cand[np.arange(n), assignment]
+        assignment, chosen = _assign_flat(images, prep, params, p, grid, executor, assign)
     # class sums with the chosen parameters (before re-centring)
-    tasks = [(images[s:e], chosen[s:e], assignment[s:e], n_classes) for s, e in chunk_ranges(n, EQK_CHUNK)]
-    sums = np.zeros((n_classes,) + images.shape[1:], dtype=np.float64)
-    for part in executor.map(_class_sum_chunk, tasks):
-        sums += part
+    sums = class_sums(images, chosen, assignment, n_classes, executor)
     counts = np.bincount(assignment, minlength=n_classes)
     sign = np.where(chosen[:, 3] > 0.5, -1.0, 1.0)
     eff = np.column_stack([sign * chosen[:, 1], chosen[:, 2]])
@@ -313,6 +499,7 @@ def eqk_iteration(images, refs, params, fl, p, grid, executor, rng, *, assign=as
     new_params[:, 1] -= sign * ms[assignment, 0]
     new_params[:, 2] -= ms[assignment, 1]
     new_refs = (sums / np.maximum(counts, 1)[:, None, None]).astype(np.float32)
+    del sums
     new_refs = _ops.tanh_lowpass(new_refs, fl, p.FF)
     new_refs = _ops.fshift(new_refs, -ms)
     # "centring": reference-free alignment of the K references to each other (spec §6.2, Q6)
@@ -321,6 +508,12 @@ def eqk_iteration(images, refs, params, fl, p, grid, executor, rng, *, assign=as
         new_refs = _ops.transform(new_refs, g)
         new_params = _ops.compose(new_params, g[assignment])
     return new_refs, new_params, assignment
+
+
+def _within_task(task):
+    """:func:`class_stability_task` on a class whose images the task names (read here)."""
+    images, *rest = task
+    return class_stability_task((resolve(images), *rest))
 
 
 def agreement(prev: list, cur: list) -> float:
@@ -332,6 +525,7 @@ def agreement(prev: list, cur: list) -> float:
 
 def sac_round(images, state: EngineState, p, grid, executor, *, main: int, gen: int, progress=None) -> EngineState:
     """One SAC round: EQK iterations over the filter ramp FL -> FH, then the within-group stage."""
+    images = as_subset(images)
     rnd = state.rounds_done
     params, refs = state.params, state.refs
     fl, it = p.FL, 0
@@ -340,6 +534,7 @@ def sac_round(images, state: EngineState, p, grid, executor, *, main: int, gen: 
         rng = task_rngs(p.rand_seed, 1, key=stream_key(main, gen, rnd, it, _CENTRE))[0]
         refs, params, assignment = eqk_iteration(images, refs, params, fl, p, grid, executor, rng)
         it += 1
+        log.debug("main %d generation %d round %d: EQK iteration %d done", main, gen, rnd + 1, it)
         if progress is not None:
             progress.advance(0)
         fl += 0.05
@@ -350,9 +545,9 @@ def sac_round(images, state: EngineState, p, grid, executor, *, main: int, gen: 
     last_round = rnd + 1 >= p.init_iter
     check = (rnd % p.iter_reali == 0) or last_round        # Q10: the last round is always checked
     rngs = task_rngs(p.rand_seed, n_classes, key=stream_key(main, gen, rnd, 0, _WITHIN))
-    groups = [np.flatnonzero(assignment == k) for k in range(n_classes)]
-    tasks = ((images[g], params[g], p, grid, rngs[k], check) for k, g in enumerate(groups))   # lazy copies
-    outs = executor.map(class_stability_task, tasks)
+    groups = members_by_class(assignment, n_classes)
+    tasks = ((images.for_task(g), params[g], p, grid, rngs[k], check) for k, g in enumerate(groups))   # lazy
+    outs = executor.map(_within_task, tasks)
     log.debug("main %d generation %d round %d: %d EQK iterations %.1f s, within-group stage %.1f s",
               main, gen, rnd + 1, it, t1 - t0, time.perf_counter() - t1)
     params = params.copy()
@@ -384,6 +579,7 @@ def sac_round(images, state: EngineState, p, grid, executor, *, main: int, gen: 
 
 def start_generation(images, p, *, main: int, gen: int) -> EngineState:
     """Initial state: identity parameters and ``K = n // img_per_grp`` random images as references."""
+    images = as_subset(images)
     n = len(images)
     n_classes = n // p.img_per_grp
     if n_classes < 1:
@@ -415,6 +611,7 @@ def run_generation(images, p, grid, executor, *, main: int, gen: int, state: Eng
     -------
     GenerationResult
     """
+    images = as_subset(images)
     if state is None:
         state = start_generation(images, p, main=main, gen=gen)
     while not state.done:

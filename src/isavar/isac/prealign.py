@@ -238,13 +238,14 @@ def prealign(images, p, executor, *, progress=None, chunk=512, subset_size=PREAL
         The final reference.
     """
     from isavar.core.polar import polar_grid
+    from isavar.isac.working import centred_outside
     from isavar.parallel.partition import task_rngs
 
     n, nxs, _ = images.shape
     ou = p.target_radius
     mask = _ops.circle(nxs, ou)
     outside = mask <= 0.5
-    images = images - images[:, outside].mean(axis=1)[:, None, None].astype(np.float32)
+    images = centred_outside(images, outside)      # on demand for a memory-mapped stack (isac.working)
     grid = polar_grid(1, ou, 1)
     xrs, tss = search_schedule(nxs, ou)
     if n > subset_size:

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from isavar.errors import InputError
-from isavar.isac import _ops
-from isavar.isac.generation import EngineState, normalise_for_alignment, sac_round, start_generation
+from isavar.isac.generation import EngineState, sac_round, start_generation
+from isavar.isac.working import SubsetImages
 from isavar.isac.result import Isac2Result
 
 log = logging.getLogger(__name__)
@@ -192,10 +192,13 @@ def initial_state(n_total: int, p) -> RunState:
                     processed=np.zeros(0, np.int64))
 
 
-def subset_images(working, subset, p) -> np.ndarray:
-    """The subset's working images with the mean inside the alignment mask subtracted."""
-    imgs = np.asarray(working[np.asarray(subset)], dtype=np.float32)
-    return normalise_for_alignment(imgs, _ops.circle(imgs.shape[-1], p.target_radius))
+def subset_images(working, subset, p) -> SubsetImages:
+    """The subset's working images with the mean inside the alignment mask subtracted, read on demand.
+
+    With a :class:`~isavar.isac.working.MappedStack` each task reads its own rows from the file; with an
+    array, tasks get normalised copies of their rows.
+    """
+    return SubsetImages(working, subset, p.target_radius)
 
 
 def step(state: RunState, working, p, grid, executor, *, progress=None) -> tuple[RunState, RunEvent | None]:

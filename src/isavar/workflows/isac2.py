@@ -37,7 +37,6 @@ from isavar._progress import NullProgress
 from isavar.errors import InputError
 from isavar.isac import run as isac_run
 from isavar.isac.params import Isac2Params
-from isavar.parallel import map_in_windows
 from isavar.workflows.outputs import (
     check_can_write,
     check_disk_space,
@@ -98,16 +97,6 @@ def _save_npz_atomic(path, arrays: dict) -> None:
     os.replace(tmp, path)
 
 
-def _save_npy_atomic(path, array) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.npy")
-    with open(tmp, "wb") as fh:
-        np.save(fh, array)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _write_hdf_averages(path, averages, members, pixel_size_A, extra=None) -> None:
     from isavar.io import write_particles
 
@@ -163,39 +152,90 @@ def validate_inputs(stack, p: Isac2Params) -> None:
                          "twice: remove the duplicated rows", path=path)
 
 
-def estimate_memory(n: int, box: int, p: Isac2Params, workers: int = 1) -> float:
-    """Peak memory (bytes) of an ISAC2 run, from its largest arrays.
+#: Memory of one Python process with isavar's modules loaded (numpy, scipy, numba kernels), bytes.
+PROCESS_BASE_BYTES = 200 << 20
 
-    The working stack ``(n, B, B)`` with ``B = target_nx + xr - 1`` and the shrunken stack before it,
-    and per worker, for one image: the polar samples at every trial shift, ``(2 xr / ts + 1) x
-    (2 yr / ts + 1)`` shifts x the ring samples, held about three times over (samples and their ring
-    spectra), and the shift lattice of the image padded by the search range, ``(B + 2 r + 4)**2 x
-    (2 xr + 2)`` values (``r = max(xr, yr)``).
+
+def memory_terms(n: int, box: int, p: Isac2Params, workers: int = 1) -> dict:
+    """The parts of an ISAC2 run's peak memory (bytes), each with the option that changes it.
+
+    The working stack and the shrunken stack stay on disk (memory-mapped; the kernel's page cache is not
+    counted). What is held:
+
+    * ``images``: per image of the run, the parameters and assignment (about 200 bytes) and what the EQK
+      assignment needs: with ``--eqk_search candidates`` the ``C = --eqk_candidates`` candidates and at most
+      ``U = 5 C`` exact scores, image/class numbers and parameters per image (about 80 U bytes); with the
+      flat search all ``K = n / img_per_grp`` scores and parameters (about 70 K bytes per image);
+    * ``classes``: the ``K`` references, their class sums and prepared polar spectra (about 40 T² bytes per
+      class, T the working box) and the exact-sum accumulator (at most 64 MB);
+    * ``workers``: per process (the main one and each pool worker): the interpreter and modules, a chunk of
+      512 working images held three times over, the translational search of one image (the polar samples
+      at every trial shift, ``(2 xr / ts + 1) x (2 yr / ts + 1)`` shifts x the ring samples, three times
+      over, and the shift lattice of the image padded by the search range) and, in the main process, the
+      pre-alignment's reference subset (2,000 shrunken images, twice).
     """
+    from isavar.isac.generation import EQK_CHUNK, SUM_BLOCK_BYTES, UNION_FACTOR
+    from isavar.isac.prealign import PREALIGN_SUBSET
     from isavar.isac.preprocess import shrunk_size
 
     grid = isac_run.make_grid(p)
-    shifts = (2 * int(p.xr / p.ts) + 1) * (2 * int(p.yr_eff / p.ts) + 1)
+    t = p.box
+    k = max(1, n // p.img_per_grp)
     nd = shrunk_size(box, p.shrink)
-    stacks = 4.0 * n * (p.box ** 2 + nd ** 2)
+    shifts = (2 * int(p.xr / p.ts) + 1) * (2 * int(p.yr_eff / p.ts) + 1)
     reach = max(p.xr, p.yr_eff) + 2
-    lattice = 4.0 * (p.box + 2 * reach) ** 2 * (2 * p.xr + 2)
-    per_worker = 3 * 4.0 * shifts * grid.lcirc + lattice
-    return stacks + workers * per_worker
+    lattice = 4.0 * (t + 2 * reach) ** 2 * (2 * p.xr + 2)
+    search = 3 * 4.0 * shifts * grid.lcirc + lattice
+    if p.eqk_search == "candidates" and k > 2 * p.eqk_candidates:
+        per_image = 200.0 + 80.0 * min(k, UNION_FACTOR * p.eqk_candidates)
+        images_hint = "a smaller --eqk_candidates"
+    else:
+        per_image = 200.0 + 72.0 * k
+        images_hint = "--eqk_search candidates or a larger --img_per_grp"
+    per_process = PROCESS_BASE_BYTES + 3 * 4.0 * EQK_CHUNK * t * t + search
+    processes = workers + (1 if workers > 1 else 0)
+    return {
+        "images": (n * per_image, f"{n} images, {k} classes: {images_hint}"),
+        "classes": (40.0 * k * t * t + min(SUM_BLOCK_BYTES, 24.0 * k * t * t),
+                    f"{k} classes of {t} px: a larger --img_per_grp or a smaller --target_nx"),
+        "workers": (processes * per_process + 2 * 4.0 * min(n, PREALIGN_SUBSET) * nd * nd,
+                    f"{workers} worker{'s' if workers > 1 else ''}, --xr {p.xr} --yr {p.yr_eff} --ts {p.ts:g} "
+                    f"({shifts} trial shifts per image): fewer --workers, a smaller --xr/--yr or a larger --ts"),
+    }
+
+
+def estimate_memory(n: int, box: int, p: Isac2Params, workers: int = 1) -> float:
+    """Peak memory (bytes) of an ISAC2 run: the sum of :func:`memory_terms`."""
+    return float(sum(v for v, _ in memory_terms(n, box, p, workers).values()))
+
+
+def estimate_disk(n: int, box: int, p: Isac2Params, *, own_image_stack: bool) -> float:
+    """Disk space (bytes) an ISAC2 run writes: the working stack and, while it is built, the shrunken stack
+    (twice with ``--VPP``), the checkpoints and text files (about 200 bytes per image), and an image stack of
+    its own for ``particles.star`` when the input images are not MRC stacks."""
+    from isavar.isac.preprocess import shrunk_size
+
+    nd = shrunk_size(box, p.shrink)
+    need = 4.0 * n * p.box ** 2 + 4.0 * n * nd * nd * (2 if p.VPP else 1) + 200.0 * n + (1 << 24)
+    if own_image_stack:
+        need += 4.0 * n * box ** 2
+    return need
 
 
 def check_resources(stack, p: Isac2Params, outdir, workers: int) -> None:
-    """Refuse up front a run the machine cannot hold: memory (search ranges) and disk (working stack)."""
+    """Refuse up front a run the machine cannot hold: memory (per part, naming the option) and disk."""
     n, box = len(stack.table), stack.images.box
-    shifts = f"{2 * int(p.xr / p.ts) + 1} x {2 * int(p.yr_eff / p.ts) + 1} trial shifts"
-    check_memory(estimate_memory(n, box, p, workers), f"--xr {p.xr} --yr {p.yr_eff} --ts {p.ts:g} ({shifts} per "
-                 f"image, {workers} worker{'s' if workers > 1 else ''}, {n} images)",
-                 "use a smaller --xr/--yr (in working pixels), a larger --ts or fewer --workers")
-    need = 4.0 * n * p.box ** 2 + (1 << 24)
-    if not all(str(src.path).lower().endswith((".mrcs", ".mrc")) for src in stack.images.sources):
-        need += 4.0 * n * box ** 2                      # particles.star then gets its own image stack
-    if not (Path(outdir) / "stack_ali2d.npy").exists():
-        check_disk_space(outdir, need, f"ISAC2 on {n} images (working stack of {p.box} px)")
+    terms = memory_terms(n, box, p, workers)
+    largest = max(terms.values(), key=lambda v: v[0])[1]
+    what, hint = largest.split(": ", 1)
+    check_memory(sum(v for v, _ in terms.values()), f"ISAC2 on {what}", f"use {hint}")
+    own = not all(str(src.path).lower().endswith((".mrcs", ".mrc")) for src in stack.images.sources)
+    if (Path(outdir) / "stack_ali2d.npy").exists():
+        need = 200.0 * n + (1 << 24) + (4.0 * n * box ** 2 if own else 0.0)
+    else:
+        need = estimate_disk(n, box, p, own_image_stack=own)
+    check_disk_space(outdir, need, f"ISAC2 on {n} images (working stack of {p.box} px, kept in the output "
+                     "directory)")
 
 
 # ------------------------------------------------------------------------------------- the workflow
@@ -414,14 +454,107 @@ def _correct_and_shrink_task(task: PreprocessChunk):
     """CTF correction and shrinking of one chunk: ``(shrunk, pre-alignment images or None)``."""
     from isavar.isac.preprocess import correct_and_shrink
 
-    return correct_and_shrink(task.images, task.table, task.params, task.pixel_size_A, rpw=task.rpw)
+    return correct_and_shrink(np.asarray(task.images, np.float32), task.table, task.params, task.pixel_size_A,
+                              rpw=task.rpw)
+
+
+@dataclasses.dataclass(frozen=True)
+class FinishChunk:
+    """One chunk of the working stack (an executor task): rows of the shrunken stack, their shifts."""
+
+    images: object
+    shifts: np.ndarray
+    table: object
+    params: Isac2Params
+
+
+def _finish_task(task: FinishChunk):
+    from isavar.isac.preprocess import finish_working_images
+
+    return (finish_working_images(np.asarray(task.images, np.float32), task.shifts, task.table, task.params),)
+
+
+def _new_npy(path: Path, shape) -> None:
+    """An ``.npy`` file of float32 zeros of ``shape`` (sparse on most file systems)."""
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=tuple(int(s) for s in shape))
+    del arr
+
+
+class _RowWriter:
+    """Writes blocks of rows into ``.npy`` files at their byte offsets (any process, any order).
+
+    Each process writes only the rows of the tasks it ran, with plain positioned writes (safe on a shared
+    file system where ranks on other nodes write other rows).
+    """
+
+    def __init__(self, paths):
+        self.files = []
+        for path in paths:
+            offset = np.load(path, mmap_mode="r").offset
+            row = int(np.prod(np.load(path, mmap_mode="r").shape[1:])) * 4
+            self.files.append((os.open(path, os.O_WRONLY), offset, row))
+
+    def write(self, start: int, blocks) -> None:
+        for (fd, offset, row), block in zip(self.files, blocks):
+            if block is None:
+                continue
+            data = np.ascontiguousarray(block, dtype=np.float32).tobytes()
+            pos = offset + start * row
+            while data:
+                done = os.pwrite(fd, data, pos)
+                data, pos = data[done:], pos + done
+
+    def close(self) -> None:
+        for fd, _, _ in self.files:
+            os.fsync(fd)
+            os.close(fd)
+
+
+def _fill_rows(executor, fn, tasks, starts, paths, progress=None) -> None:
+    """Run ``tasks`` (each returning a tuple of row blocks) and write their rows into the ``.npy`` ``paths``.
+
+    Nothing of size N x box² is held by any process: each result is written where it was computed, then
+    dropped. Every process must make the call (MPI).
+    """
+    writer = _RowWriter(paths)
+
+    def put(item):
+        number, blocks = item
+        writer.write(starts[number], blocks)
+        if progress is not None:
+            progress.advance(len(next(b for b in blocks if b is not None)))
+
+    try:
+        executor.map_sum(_TaggedRows(fn), enumerate(tasks), on_result=put)
+    finally:
+        writer.close()
+    executor.barrier()
+
+
+_ONE = np.ones(1)
+
+
+class _TaggedRows:
+    """``fn`` as a :meth:`map_sum` task whose ``extra`` is ``(task number, row blocks)``."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, item):
+        number, task = item
+        return (_ONE,), (number, tuple(self.fn(task)))
 
 
 def _prepare(run: _Run, stack):
-    """Pre-alignment and the working stack (skipped when already finished)."""
+    """Pre-alignment and the working stack on disk (skipped when already finished).
+
+    Returns the working stack as a :class:`~isavar.isac.working.MappedStack` (tasks read their rows from
+    ``stack_ali2d.npy``), the pre-alignment shifts and the shrink ratio. The shrunken images live in a
+    temporary ``.npy`` in the output directory until the working stack is written.
+    """
     from isavar.isac.prealign import centring_shifts, prealign
-    from isavar.isac.preprocess import finish_working_images, radial_amplitude_sum, \
-        shrunk_size, vpp_table
+    from isavar.isac.preprocess import radial_amplitude_sum, shrunk_size, vpp_table
+    from isavar.isac.working import LazyRows, MappedStack, RawRows
 
     p, outdir = run.p, run.outdir
     ali_dir = outdir / "2dalignment"
@@ -429,10 +562,10 @@ def _prepare(run: _Run, stack):
     box = stack.images.box
     nd = shrunk_size(box, p.shrink)
     shrink_eff = nd / box
-    if done.exists() and (outdir / "stack_ali2d.npy").exists():
-        working = np.load(outdir / "stack_ali2d.npy", mmap_mode="r")
+    final = outdir / "stack_ali2d.npy"
+    if done.exists() and final.exists():
         shifts = np.loadtxt(ali_dir / "initial2Dparams.txt", ndmin=2)[:, 1:3]
-        return working, shifts, shrink_eff
+        return MappedStack(final), shifts, shrink_eff
     root = run.root
     if root:
         ali_dir.mkdir(parents=True, exist_ok=True)
@@ -451,43 +584,46 @@ def _prepare(run: _Run, stack):
         table_rpw = rpw if rpw is not None else np.zeros(box // 2 + 1)
         write_text_atomic(outdir / "rpw.txt", _fmt_rows(table_rpw, ["%14.6f"]))
     run.progress.stage("preprocessing", total=n)
-    shrunk = np.empty((n, nd, nd), np.float32)
-    pre = np.empty((n, nd, nd), np.float32) if p.VPP else None
-    tasks = (PreprocessChunk(images=block, table=table.iloc[s:e], params=p, pixel_size_A=apix, rpw=rpw)
-             for s, e, block in stack.images.chunks(CHUNK))
-    s = 0
-    for out, pr in map_in_windows(run.executor, _correct_and_shrink_task, tasks):
-        e = s + len(out)
-        shrunk[s:e] = out
-        if pre is not None:
-            pre[s:e] = pr
-        run.progress.advance(e - s)
-        s = e
+    shrunk_path = outdir / ".stack_shrunk.work.npy"
+    pre_path = outdir / ".stack_prealign.work.npy"
+    paths = [shrunk_path] + ([pre_path] if p.VPP else [])
+    if root:
+        for path in paths:
+            _new_npy(path, (n, nd, nd))
+    run.executor.barrier()
+    ranges = [(s, min(n, s + CHUNK)) for s in range(0, n, CHUNK)]
+    tasks = (PreprocessChunk(images=RawRows(stack.images, s, e), table=table.iloc[s:e], params=p,
+                             pixel_size_A=apix, rpw=rpw) for s, e in ranges)
+    _fill_rows(run.executor, _correct_and_shrink_task, tasks, [s for s, _ in ranges], paths, run.progress)
+    shrunk = MappedStack(shrunk_path)
     if p.skip_prealignment:
         shifts = np.zeros((n, 2))
     else:
         t = time.time()
         run.progress.stage("pre-alignment", total=None)
         log.info("pre-alignment (centring) of %d images", n)
-        ali, _ = prealign(pre if pre is not None else shrunk, p, run.executor, progress=run.progress)
+        ali, _ = prealign(MappedStack(pre_path) if p.VPP else shrunk, p, run.executor, progress=run.progress)
         shifts = centring_shifts(ali, shrink_eff)
         run.timings["prealign_s"] = time.time() - t
-    del pre
     rows = np.column_stack([np.zeros(n), shifts, np.zeros(n)])
     if root:
         write_params_file(ali_dir / "initial2Dparams.txt", rows)
     run.executor.barrier()
     shifts = np.loadtxt(ali_dir / "initial2Dparams.txt", ndmin=2)[:, 1:3]   # as a resumed run will read them
-    working = np.empty((n, p.box, p.box), np.float32)
-    for s in range(0, n, CHUNK):
-        e = min(n, s + CHUNK)
-        working[s:e] = finish_working_images(shrunk[s:e], shifts[s:e] * shrink_eff, table.iloc[s:e], p)
-    del shrunk
+    work_path = outdir / ".stack_ali2d.work.npy"
+    if root:
+        _new_npy(work_path, (n, p.box, p.box))
+    run.executor.barrier()
+    tasks = (FinishChunk(images=LazyRows(shrunk, np.arange(s, e)), shifts=shifts[s:e] * shrink_eff,
+                         table=table.iloc[s:e], params=p) for s, e in ranges)
+    _fill_rows(run.executor, _finish_task, tasks, [s for s, _ in ranges], [work_path])
     if not root:
         run.executor.barrier()
         run._tick()
-        return working, shifts, shrink_eff
-    _save_npy_atomic(outdir / "stack_ali2d.npy", working)
+        return MappedStack(final), shifts, shrink_eff
+    os.replace(work_path, final)
+    for path in paths:
+        path.unlink(missing_ok=True)
     lines = ["This file contains the shrink ratio and the particle radius used by ISAC2 (isavar).",
              "Working images were resampled from the input box by the ratio below;",
              "shifts in all_parameters.txt are in working pixels: divide by the ratio for input pixels.",
@@ -501,7 +637,7 @@ def _prepare(run: _Run, stack):
     run.save_manifest(stage="prepared")
     run.executor.barrier()
     run._tick()
-    return working, shifts, shrink_eff
+    return MappedStack(final), shifts, shrink_eff
 
 
 # ------------------------------------------------------------------------------------- resume / restart
@@ -629,6 +765,21 @@ def _finish(run: _Run, stack, state, shifts, shrink):
     run.timings["ordering_s"] = time.time() - t
     result = isac_run.result_from_state(state, shifts, shrink, order=None if p.skip_ordering else order,
                                         order_params=None if p.skip_ordering else oparams)
+    # full-parameter bookkeeping for the original images
+    full = original_image_params(state.params, shifts, shrink)
+    class_rank = np.full(c, -1, np.int64)
+    class_rank[order] = np.arange(c)
+    full_ordered = full.copy()
+    cls_of = result.class_of(state.n_total)
+    acc = cls_of >= 0
+    if c:
+        from isavar.isac._ops import compose
+
+        full_ordered[acc] = compose(full[acc], oparams[cls_of[acc]])
+    t = time.time()
+    # every process sums the members it reads (exact sums: the same bits on any executor)
+    fullres = fullres_averages(stack, result, full_ordered, p, chunk=CHUNK, executor=run.executor) if c else None
+    run.timings["fullres_s"] = time.time() - t
     if not executor_root(run):
         return result
     if c and not p.skip_ordering:
@@ -646,22 +797,6 @@ def _finish(run: _Run, stack, state, shifts, shrink):
     write_index_file(outdir / "processed_images.txt", state.processed)
     write_index_file(outdir / "not_processed_images.txt",
                      np.setdiff1d(np.arange(state.n_total), state.processed))
-    # full-parameter bookkeeping for the original images
-    full = original_image_params(state.params, shifts, shrink)
-    class_rank = np.full(c, -1, np.int64)
-    class_rank[order] = np.arange(c)
-    full_ordered = full.copy()
-    cls_of = result.class_of(state.n_total)
-    acc = cls_of >= 0
-    if c:
-        from isavar.isac._ops import compose
-
-        full_ordered[acc] = compose(full[acc], oparams[cls_of[acc]])
-    t = time.time()
-    # the averages run on the root alone: an executor that needs every rank (MPI) is not used here
-    local = run.executor if getattr(run.executor, "size", 1) == 1 else None
-    fullres = fullres_averages(stack, result, full_ordered, p, chunk=CHUNK, executor=local) if c else None
-    run.timings["fullres_s"] = time.time() - t
     _write_relion_outputs(run, stack, state, result, ordered, order, class_rank, full_ordered, fullres, work_apix)
     if getattr(run, "write_aligned", False) and c:
         t = time.time()
