@@ -114,31 +114,39 @@ def test_3dvariability_maps_under_mpi_equal_serial_and_pool(variability_runs, tm
         assert not list(run.glob(".*scratch"))
 
 
-def test_isac2_under_mpi_equals_serial(tmp_path):
-    """One seed: two MPI ranks and one process give identical class averages and parameters (Q4)."""
+def _isac2_serial_and_mpi(tmp_path, simulate: list[str], options: list[str], ranks: int):
+    """Simulate a data set, run ``isac2`` on one process and on ``ranks`` MPI ranks; check the class averages
+    and parameters are identical; return both output directories."""
     import mrcfile
     import numpy as np
 
     from isavar.cli import main
 
     data = tmp_path / "data"
-    assert main(["simulate", str(data), "--phantom", "blob", "--n", "300", "--box", "64", "--apix", "3",
-                 "--snr", "0.3", "--orientations", "views:4", "--seed", "3", "-q"]) == 0
+    assert main(["simulate", str(data), *simulate, "-q"]) == 0
     serial, parallel = tmp_path / "serial", tmp_path / "mpi"
-    options = ["--radius=26", "--CTF", "--img_per_grp=60", "--minimum_grp_size=25", "--init_iter=2", "--maxit=8",
-               "--stab_ali=3", "--rand_seed=5", "-q"]
     assert main(["isac2", str(data / "particles.star"), str(serial), *options, "--executor", "serial"]) == 0
     res = mpirun(f"""
         from isavar.cli import main
         status = main(["isac2", {str(data / "particles.star")!r}, {str(parallel)!r}, *{options!r},
                        "--executor", "mpi"])
         assert status == 0, status
-    """)
+    """, n=ranks)
     assert res.returncode == 0, res.stderr
     a, b = mrcfile.read(serial / "class_averages.mrcs"), mrcfile.read(parallel / "class_averages.mrcs")
     assert len(a) > 0
     np.testing.assert_array_equal(a, b)
     assert (serial / "all_parameters.txt").read_text() == (parallel / "all_parameters.txt").read_text()
+    return serial, parallel
+
+
+def test_isac2_under_mpi_equals_serial(tmp_path):
+    """One seed: two MPI ranks and one process give identical class averages and parameters (Q4)."""
+    _isac2_serial_and_mpi(
+        tmp_path, ["--phantom", "blob", "--n", "300", "--box", "64", "--apix", "3", "--snr", "0.3",
+                   "--orientations", "views:4", "--seed", "3"],
+        ["--radius=26", "--CTF", "--img_per_grp=60", "--minimum_grp_size=25", "--init_iter=2", "--maxit=8",
+         "--stab_ali=3", "--rand_seed=5", "-q"], ranks=2)
 
 
 @pytest.mark.parametrize("ranks", [2, 3])
@@ -177,26 +185,11 @@ def test_isac2_candidate_search_under_three_ranks_equals_serial(tmp_path):
     import mrcfile
     import numpy as np
 
-    from isavar.cli import main
-
-    data = tmp_path / "data"
-    assert main(["simulate", str(data), "--phantom", "blob", "--n", "340", "--box", "48", "--apix", "4",
-                 "--snr", "0.5", "--orientations", "views:6", "--seed", "8", "-q"]) == 0
-    serial, parallel = tmp_path / "serial", tmp_path / "mpi"
-    options = ["--radius=18", "--CTF", "--img_per_grp=17", "--minimum_grp_size=8", "--init_iter=1", "--maxit=4",
-               "--stab_ali=2", "--rand_seed=11", "--skip_ordering", "-q"]
-    assert main(["isac2", str(data / "particles.star"), str(serial), *options, "--executor", "serial"]) == 0
-    res = mpirun(f"""
-        from isavar.cli import main
-        status = main(["isac2", {str(data / "particles.star")!r}, {str(parallel)!r}, *{options!r},
-                       "--executor", "mpi"])
-        assert status == 0, status
-    """, n=3)
-    assert res.returncode == 0, res.stderr
-    a, b = mrcfile.read(serial / "class_averages.mrcs"), mrcfile.read(parallel / "class_averages.mrcs")
-    assert len(a) > 0
-    np.testing.assert_array_equal(a, b)
-    assert (serial / "all_parameters.txt").read_text() == (parallel / "all_parameters.txt").read_text()
+    serial, parallel = _isac2_serial_and_mpi(
+        tmp_path, ["--phantom", "blob", "--n", "340", "--box", "48", "--apix", "4", "--snr", "0.5",
+                   "--orientations", "views:6", "--seed", "8"],
+        ["--radius=18", "--CTF", "--img_per_grp=17", "--minimum_grp_size=8", "--init_iter=1", "--maxit=4",
+         "--stab_ali=2", "--rand_seed=11", "--skip_ordering", "-q"], ranks=3)
     # the full-size averages: every rank sums the members it reads, one exact reduction
     np.testing.assert_array_equal(mrcfile.read(serial / "class_averages_fullres.mrcs"),
                                   mrcfile.read(parallel / "class_averages_fullres.mrcs"))
