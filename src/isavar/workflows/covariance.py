@@ -172,6 +172,7 @@ def run_3dva(stack_path, outdir, params, *, executor=None, progress=None, mask_p
         raise InputError("mask values must lie in [0, 1] with some voxels > 0", path=mask_path)
     mean = _read_map(mean_path, box, "mean map") if mean_path else None
     state = _load_checkpoint(outdir, params) if resume else None
+    executor.barrier()            # every rank has checked that the directory did not exist before the root makes it
     if executor.is_root() and not resume:
         create_output_dir(outdir, must_not_exist=True)
     executor.barrier()
