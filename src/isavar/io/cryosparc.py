@@ -63,7 +63,7 @@ from isavar.conventions import (
     relion_to_align2d,
 )
 from isavar.errors import InputError
-from isavar.io.mrc import MrcSource, float32_value
+from isavar.io.mrc import float32_value, sources_for_paths
 from isavar.io.particles import (
     ALIGN2D_COLUMNS,
     CANONICAL_COLUMNS,
@@ -223,12 +223,7 @@ def read_cs(path) -> ParticleStack:
         more = f"; {len(missing)} of the {len(unique)} image stacks it names are missing" if len(unique) > 1 else ""
         raise InputError(f"image stack {r} referenced by blob/path not found (looked for {resolved[missing[0]]}"
                          f"{more})", path=path)
-    sources, sid_of_path, sid = [], {}, np.empty(len(unique), dtype=np.int64)
-    for k, p in enumerate(resolved):
-        if p not in sid_of_path:
-            sid_of_path[p] = len(sources)
-            sources.append(MrcSource(p))
-        sid[k] = sid_of_path[p]
+    sources, sid = sources_for_paths(resolved)
     indices = cs["blob/idx"].astype(np.int64)
     images = LazyImages(sources, sid[codes], indices)
     _check_blob_shape(cs, images, path)

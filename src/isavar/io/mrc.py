@@ -122,6 +122,30 @@ class MrcSource(ImageSource):
         os.close(handle)
 
 
+def sources_for_paths(paths) -> tuple[list[MrcSource], np.ndarray]:
+    """One :class:`MrcSource` per distinct stack path (its header read once) and each path's source index.
+
+    Parameters
+    ----------
+    paths : sequence of path-like
+        Resolved stack paths, possibly repeated (several names of one file).
+
+    Returns
+    -------
+    sources : list of MrcSource
+        In order of first appearance.
+    source_of_path : numpy.ndarray
+        ``(len(paths),)`` int64 index into ``sources``.
+    """
+    sources, index_of, source_of_path = [], {}, np.empty(len(paths), dtype=np.int64)
+    for k, p in enumerate(paths):
+        if p not in index_of:
+            index_of[p] = len(sources)
+            sources.append(MrcSource(p))
+        source_of_path[k] = index_of[p]
+    return sources, source_of_path
+
+
 def _pread_exact(fd: int, view: memoryview, offset: int, path: str, first: int, last: int) -> None:
     """Fill ``view`` from ``offset`` of the file; InputError naming the images when the file is short."""
     got = 0

@@ -47,7 +47,7 @@ import starfile
 
 from isavar.conventions import format_image_name, parse_image_name
 from isavar.errors import InputError
-from isavar.io.mrc import MrcSource, check_writable, write_mrc_stack
+from isavar.io.mrc import MrcSource, check_writable, sources_for_paths, write_mrc_stack
 from isavar.io.particles import (
     CANONICAL_COLUMNS,
     RELION_LABELS,
@@ -501,12 +501,7 @@ def _stack_sources(names: pd.Series, folders: list[Path], star_path: Path):
         raise InputError(f"image stack {r} referenced by rlnImageName not found (looked for {tried}{more}; "
                          "RELION reads it relative to the project directory: run from there or pass "
                          "--project-dir)", path=star_path)
-    sources, sid_of_path, sid_of_raw = [], {}, np.empty(len(raw), dtype=np.int64)
-    for k, p in enumerate(resolved):
-        if p not in sid_of_path:
-            sid_of_path[p] = len(sources)
-            sources.append(MrcSource(p))
-        sid_of_raw[k] = sid_of_path[p]
+    sources, sid_of_raw = sources_for_paths(resolved)
     return sources, sid_of_raw[codes], indices
 
 
