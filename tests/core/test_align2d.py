@@ -20,6 +20,7 @@ from isavar.core.align2d import (
     aligned_average,
     align_to_reference,
     align_to_references,
+    band_limit,
     coarse_scores,
     particle_centres,
     peak_offset,
@@ -497,3 +498,76 @@ def test_coarse_to_fine_translations_agree_with_the_full_search(rng, delta):
     assert np.all(fast.score <= full.score + 1e-4 * np.abs(full.score))     # never better than the full search
     if delta == 0:
         assert np.median(_angle_err(fast.alpha, p.alpha)) < 2.0
+
+
+# ------------------------------------------------------------------------------ band-limited references
+
+
+def _kept_fraction(prep):
+    full = sum(w.shape[0] * w.shape[1] for *_, w in prep.bands)
+    return sum(blk[4].shape[0] * blk[4].shape[1] for blk in prep.blocks) / full
+
+
+def test_band_limit_zero_tolerance_is_the_full_search(rng):
+    prep = prepare_references(_blob(rng), GRID)
+    assert band_limit(prep, 0.0) is prep
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_band_limited_low_pass_reference_finds_the_same_parameters(rng, use_cache):
+    # a reference low-passed at 0.15 cycles/pixel has (almost) no energy at high ring frequencies: the
+    # band-limited search reads a fraction of the coefficients and finds the planted parameters as the
+    # full search does (noisy images, so the curves differ by the left-out terms of the noise)
+    from isavar.core.filters import tanh_lowpass
+
+    ref = tanh_lowpass(_blob(rng), 0.15, 0.2)
+    n = 40
+    p = _on_grid_params(rng, n, rng.integers(0, 2, n))
+    images = _planted(ref, p) + 0.05 * rng.standard_normal((n, N, N)).astype(np.float32)
+    prep = prepare_references(ref, GRID)
+    limited = band_limit(prep, 1e-4)
+    assert 0.0 < _kept_fraction(limited) < 0.4
+    kw = dict(x_range=2, y_range=2, step=1)
+    full = align_to_reference(images, prep, GRID, **kw, cache=SpectraCache() if use_cache else None)
+    lim = align_to_reference(images, limited, GRID, **kw, cache=SpectraCache() if use_cache else None)
+    np.testing.assert_array_equal(lim.mirror, full.mirror)
+    np.testing.assert_array_equal(lim.mirror, p.mirror)
+    assert _angle_err(lim.alpha, full.alpha).max() < 0.2
+    assert _angle_err(lim.alpha, p.alpha).max() < 1.0
+    assert np.abs(lim.sx - full.sx).max() < 0.05 and np.abs(lim.sy - full.sy).max() < 0.05
+    # the left-out coefficients hold at most 1e-4 of the energy: scores within sqrt(1e-4) of the scale
+    assert np.abs(lim.score - full.score).max() <= 1e-2 * np.abs(full.score).max()
+
+
+def test_band_limit_keeps_what_a_full_band_reference_needs(rng):
+    # white noise has energy at every ring frequency: nothing may be left out
+    ref = rng.standard_normal((N, N)).astype(np.float32)
+    prep = prepare_references(ref, GRID)
+    assert _kept_fraction(band_limit(prep, 1e-4)) > 0.95
+
+
+def test_band_limited_multireference_search_and_subsets(rng):
+    from isavar.core.filters import tanh_lowpass
+
+    refs, images, _truth, _p = _noisy_copies(rng, k=4, per=3)
+    refs = tanh_lowpass(refs, 0.2, 0.2)
+    prep = prepare_references(refs, GRID)
+    limited = band_limit(prep, 1e-4)
+    assert _kept_fraction(limited) < 0.6
+    full = align_to_references(images, prep, GRID, x_range=1, y_range=1, step=1)
+    lim = align_to_references(images, limited, GRID, x_range=1, y_range=1, step=1)
+    np.testing.assert_array_equal(np.argmax(lim.score, axis=1), np.argmax(full.score, axis=1))
+    pick = np.array([3, 1])
+    sub = align_to_references(images, subset_references(limited, pick), GRID, x_range=1, y_range=1, step=1)
+    np.testing.assert_allclose(sub.score, lim.score[:, pick], rtol=1e-5, atol=1e-3)
+    np.testing.assert_array_equal(sub.mirror, lim.mirror[:, pick])
+
+
+def test_take_block_kernel_equals_numpy_indexing(rng):
+    from isavar.core import _kernels
+
+    src = rng.standard_normal((50, 16, 20)).astype(np.float32)
+    index = rng.integers(0, 50, 30)
+    out = np.empty((30, 5, 12), np.float32)
+    _kernels.take_block(src, index, 3, 8, out)
+    np.testing.assert_array_equal(out, src[index, 3:8, 8:20])

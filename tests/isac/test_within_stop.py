@@ -112,3 +112,31 @@ def test_prealign_range_recovers_planted_shifts(search):
                                 SerialExecutor(), 16)
     # the parameters move the particle back to the centre: its centre in the image is the planted shift
     np.testing.assert_allclose(_ops.particle_centre(out), shifts, atol=0.3)
+
+
+@pytest.mark.parametrize("now,before,sphire,plateau", [
+    (0.80, 0.79, True, True),        # rose by less than 0.05
+    (0.80, 0.70, False, False),      # still rising
+    (0.75, 0.80, False, True),       # fell: SPHIRE runs on, "plateau" stops
+    (0.80, 0.80, False, True),       # unchanged
+    (0.45, 0.44, False, False),      # below 0.5: never
+    (0.45, 0.60, False, False),
+])
+def test_round_stop_rules(now, before, sphire, plateau):
+    from isavar.isac.generation import converged
+
+    assert converged(now, before, "sphire") is sphire
+    assert converged(now, before, "plateau") is plateau
+
+
+def test_band_limited_within_group_keeps_the_planted_alignment():
+    # the band-limited correlations (--band_tol) keep the stability stage's outcome on a planted class
+    imgs, truth, _rng = _planted_class()
+    grid = make_grid(small_params())
+    outs = {}
+    for tol in (0.0, 1e-4):
+        p = small_params(maxit=18, stab_ali=3, band_tol=tol)
+        outs[tol] = class_stability_task((imgs, np.zeros((len(imgs), 4)), p, grid, np.random.default_rng(3), True))
+    full, lim = outs[0.0], outs[1e-4]
+    assert len(lim["stable"]) >= 0.9 * len(imgs)
+    assert abs(len(lim["stable"]) - len(full["stable"])) <= 2

@@ -114,6 +114,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prealign_search", choices=["coarse", "full"], default="full",
                         help="pre-alignment passes over the whole translational range: 'coarse' tries every second "
                              "step, then +-1 step around the best; 'full' every step, as SPHIRE (default full)")
+    parser.add_argument("--band_tol", type=finite_float, default=0.0,
+                        help="alignment correlations leave out the ring frequencies of a reference that hold at "
+                             "most this fraction of its energy (its low-pass filter leaves almost none there); 0 "
+                             "uses all, as SPHIRE (default 0)")
+    parser.add_argument("--round_stop", choices=["plateau", "sphire"], default="sphire",
+                        help="a generation's SAC rounds stop once the membership agreement (above 0.5) rose by "
+                             "less than 0.05: 'plateau' also when it fell; 'sphire' only when it rose, as SPHIRE "
+                             "(default sphire)")
     add_executor_arguments(parser)
     add_verbosity_arguments(parser)
 

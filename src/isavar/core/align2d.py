@@ -37,6 +37,7 @@ peak values are transformed.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,6 +70,7 @@ __all__ = [
     "aligned_average",
     "subset_references",
     "coarse_scores",
+    "band_limit",
 ]
 
 #: default number of (image x trial shift x reference) pairs whose correlation curves are computed at
@@ -140,6 +142,10 @@ class PreparedReferences:
         ``(m_hi - m_lo, 2 * n_band_rings, n_refs * n_cols)`` (rows: ring-major, then Re/Im of the image
         coefficient; columns: reference-major, then Re/Im of the straight and mirrored cross-spectrum),
         ``n_cols`` = 4 (mirror) or 2.
+    blocks : tuple
+        Empty, or (a band-limited reference, :func:`band_limit`) the parts of the bands the correlations
+        read: ``(band, m_offset, m_count, ring_skip, W_block)`` with ``W_block`` the band's ``W`` restricted
+        to frequencies ``m_lo + m_offset ...`` and its outer rings. Empty means every band whole.
     """
 
     grid: PolarGrid
@@ -148,6 +154,7 @@ class PreparedReferences:
     mirror: bool
     ring_sum: np.ndarray
     bands: tuple
+    blocks: tuple = ()
 
 
 class SpectraCache:
@@ -296,15 +303,17 @@ class SpectraCache:
         """Band spectra, mean and std of all trial rows of images [i0, i0 + n) into the out arrays."""
         index, extra, mean, std = self._lookup(prep, images, i0, s, kx, ky, step)
         ok = index >= 0
-        if ok.all():
-            for dst, sb in zip(out_spectra, self._store(prep)):
+        store = self._store(prep)
+        for dst, block in zip(out_spectra, _blocks(prep)):
+            sb = store[block[0]]
+            if ok.all() and dst.shape[1:] == sb.shape[1:]:
                 np.take(sb, index, axis=0, out=dst, mode="clip")
-            out_mean[...], out_std[...] = mean, std
-            return
-        for dst, sb, eb in zip(out_spectra, self._store(prep), extra):
-            if ok.any():
-                dst[ok] = sb[index[ok]]
-            dst[~ok] = eb[-1 - index[~ok]]
+            elif ok.all():                                        # a band-limited reference reads a block
+                _kernels.take_block(sb, index, block[1], 2 * block[3], dst)
+            else:
+                if ok.any():
+                    dst[ok] = _block_part(sb, block)[index[ok]]
+                dst[~ok] = _block_part(extra[block[0]], block)[-1 - index[~ok]]
         out_mean[...], out_std[...] = mean, std
 
     def _store(self, prep):
@@ -341,6 +350,95 @@ def _freq_bands(grid: PolarGrid):
             bands.append((m_lo, m_hi, r0, gi))
         m_lo = m_hi
     return bands
+
+
+def _blocks(prep: "PreparedReferences") -> tuple:
+    """``(band, m_offset, m_count, ring_skip, W)`` parts of the bands the correlations read (all by default)."""
+    if prep.blocks:
+        return prep.blocks
+    return tuple((b, 0, m_hi - m_lo, 0, w) for b, (m_lo, m_hi, _r, w) in enumerate(prep.bands))
+
+
+def _block_part(band_spectra: np.ndarray, block) -> np.ndarray:
+    """The part ``(rows, m_count, 2 (R_b - ring_skip))`` of band spectra ``(rows, m_b, 2 R_b)`` a block reads."""
+    _b, m_off, m_count, skip, _w = block
+    if m_off == 0 and skip == 0 and m_count == band_spectra.shape[1]:
+        return band_spectra
+    return band_spectra[:, m_off:m_off + m_count, 2 * skip:]
+
+
+#: frequencies per block of a band-limited reference (each block keeps its own outer rings)
+BLOCK_FREQS = 8
+
+
+def band_limit(prep: "PreparedReferences", tolerance: float) -> "PreparedReferences":
+    """The references with the ring-frequency coefficients that hold (almost) none of their energy left out.
+
+    Low-pass filtered references (ISAC's references are tanh-filtered at 0.1-0.45 cycles/pixel) have
+    (almost) no energy at ring frequencies ``m`` well above ``2 pi r f_c`` on ring ``r``; the products with
+    those coefficients add (almost) nothing to the correlation curves. Every frequency band is cut into
+    blocks of :data:`BLOCK_FREQS` frequencies; a block leaves out its innermost rings, or is left out whole,
+    as long as all the coefficients left out hold together at most ``tolerance`` of the ring-weighted energy
+    of every reference (each reference's share is measured against its own energy, and the largest share
+    over the references is summed). The block holding ``m = 0`` keeps all its rings (the ring normalisation
+    of the images uses the whole ``m = 0`` term).
+
+    By Cauchy-Schwarz a curve changes by at most ``sqrt(tolerance)`` times the product of the norms of the
+    image and reference spectra; the change is far smaller in practice (``docs/deviations.md``).
+
+    Parameters
+    ----------
+    prep : PreparedReferences
+    tolerance : float
+        Fraction of the energy that may be left out; 0 returns ``prep`` unchanged.
+
+    Returns
+    -------
+    PreparedReferences
+        ``prep`` with :attr:`PreparedReferences.blocks` set (``bands`` unchanged).
+    """
+    if not tolerance > 0:
+        return prep
+    n_cols = 4 if prep.mirror else 2
+    parts, energies = [], []                                  # (band, m_offset, m_count), (K, rings)
+    for b, (m_lo, m_hi, _r, w) in enumerate(prep.bands):
+        a = w.reshape(w.shape[0], w.shape[1] // 2, 2, prep.n_refs, n_cols)[..., 0].astype(np.float64)
+        e = (a * a).sum(axis=2)                                                       # (m, rings, K)
+        for m_off in range(0, m_hi - m_lo, BLOCK_FREQS):
+            m_count = min(BLOCK_FREQS, m_hi - m_lo - m_off)
+            parts.append((b, m_off, m_count))
+            energies.append(e[m_off:m_off + m_count].sum(axis=0).T)                   # (K, rings)
+    width = max(e.shape[1] for e in energies)
+    share = np.zeros((len(parts), width))                   # rings left-aligned at the innermost ring
+    total = sum(e.sum(axis=1) for e in energies)
+    total = np.where(total > 0, total, 1.0)
+    for i, e in enumerate(energies):
+        share[i, :e.shape[1]] = (e / total[:, None]).max(axis=0)
+    n_rings = np.array([e.shape[1] for e in energies])
+    share[0] = np.inf                                         # the m = 0 block keeps every ring
+    # a block may skip its rings up to (not including) the first ring whose share reaches the threshold
+    key = np.maximum.accumulate(share, axis=1)                # (blocks, rings) non-decreasing
+    prefix = np.concatenate([np.zeros((len(parts), 1)), np.cumsum(np.where(np.isinf(share), 0, share), axis=1)], 1)
+
+    def skips(threshold):
+        sk = np.minimum((key < threshold).sum(axis=1), n_rings)
+        return sk, prefix[np.arange(len(parts)), sk].sum()
+
+    lo, hi = 0.0, float(np.nanmax(np.where(np.isinf(share), 0, share))) * 2 + 1e-30
+    for _ in range(40):                                       # the largest threshold that drops <= tolerance
+        mid = 0.5 * (lo + hi)
+        if skips(mid)[1] <= tolerance:
+            lo = mid
+        else:
+            hi = mid
+    skip, _ = skips(lo)
+    blocks = []
+    for (b, m_off, m_count), sk, nr in zip(parts, skip, n_rings):
+        if sk >= nr:
+            continue                                          # the whole block holds (almost) nothing
+        w = prep.bands[b][3]
+        blocks.append((b, m_off, m_count, int(sk), np.ascontiguousarray(w[m_off:m_off + m_count, 2 * int(sk):])))
+    return dataclasses.replace(prep, blocks=tuple(blocks))
 
 
 def prepare_references(references, grid: PolarGrid, *, mirror: bool = True) -> PreparedReferences:
@@ -530,10 +628,12 @@ def _curves_peaks(prep: PreparedReferences, spectra, q0: int, q1: int, k0: int, 
     n_cols = 4 if prep.mirror else 2
     n_k = k1 - k0
     n_rows = q1 - q0
-    x = np.empty((grid.n_freq, n_rows, n_k * n_cols), dtype=np.float32)
-    for (m_lo, m_hi, _r, w), b in zip(prep.bands, spectra):
+    # every frequency is written by a block unless the reference is band-limited (zeros in the gaps)
+    x = (np.zeros if prep.blocks else np.empty)((grid.n_freq, n_rows, n_k * n_cols), dtype=np.float32)
+    for (band, m_off, m_count, _skip, w), b in zip(_blocks(prep), spectra):
         wk = w[:, :, k0 * n_cols:k1 * n_cols] if (k0, k1) != (0, prep.n_refs) else w
-        np.matmul(b[q0:q1].transpose(1, 0, 2), wk, out=x[m_lo:m_hi])
+        m0 = prep.bands[band][0] + m_off
+        np.matmul(b[q0:q1].transpose(1, 0, 2), wk, out=x[m0:m0 + m_count])
     xc = x.view(np.complex64)                                                # (M, rows, n_k * n_cols / 2)
     corr = scipy.fft.irfft(xc, n=grid.maxrin, axis=0)                       # (maxrin, rows, n_k * curves)
     n_curves = n_cols // 2
@@ -623,7 +723,8 @@ def _search_chunk(prep: PreparedReferences, images: np.ndarray, s: np.ndarray, k
             and (delta_cols is None or not np.any(delta_cols * (2 * fmax) % prep.grid.maxrin))):
         return _search_chunk_coarse_to_fine(prep, images, s, kx, ky, step, valid, delta_cols, normalize, cache, i0,
                                             coarse_rows)
-    spectra = [np.empty((n * n_sh,) + w.shape[:2], np.float32) for (_a, _b, _c, w) in prep.bands]
+    blocks = _blocks(prep)
+    spectra = [np.empty((n * n_sh,) + blk[4].shape[:2], np.float32) for blk in blocks]
     mean = np.empty(n * n_sh)
     std = np.empty(n * n_sh)
     if cache is not None:                                                    # one lookup for the whole chunk
@@ -646,8 +747,9 @@ def _search_chunk(prep: PreparedReferences, images: np.ndarray, s: np.ndarray, k
             polar = polar.reshape(m * n_sh, grid.lcirc)                      # rows = (image, iy, ix)
             if normalize:
                 mean[r0:r1], std[r0:r1] = _ring_stats(polar, grid)
-            for dst, src in zip(spectra, _band_spectra(prep, polar)):
-                dst[r0:r1] = src
+            band_spec = _band_spectra(prep, polar)
+            for dst, blk in zip(spectra, blocks):
+                dst[r0:r1] = _block_part(band_spec[blk[0]], blk)
     n_refs = prep.n_refs
     n_curves = 2 if prep.mirror else 1
     peak = np.empty((n, n_sh, n_refs, n_curves), np.float64)
@@ -748,6 +850,7 @@ def _search_chunk_coarse_to_fine(prep, images, s, kx, ky, step, valid, delta_col
     order = n_sh - 1 - np.argsort(-coarse[:, ::-1], axis=1, kind="stable")[:, :coarse_rows]   # (n, R)
     rows = (np.arange(n)[:, None] * n_sh + order).reshape(-1)
     spec = _rows_spectra(store, extra, index, rows, range(len(prep.bands)))
+    spec = [_block_part(spec[blk[0]], blk) for blk in _blocks(prep)]
     pk, ps = _curves_peaks(prep, spec, 0, rows.size, 0, 1, delta_cols)         # (n R, 1, curves)
     peak = pk.reshape(n, coarse_rows, n_curves)
     pos = ps.reshape(n, coarse_rows, n_curves)
@@ -1087,8 +1190,13 @@ def subset_references(prep: PreparedReferences, indices) -> PreparedReferences:
         w4 = w.reshape(w.shape[0], w.shape[1], prep.n_refs, n_cols)
         bands.append((m_lo, m_hi, r_first,
                       np.ascontiguousarray(w4[:, :, idx]).reshape(w.shape[0], w.shape[1], idx.size * n_cols)))
+    def columns(w):
+        w4 = w.reshape(w.shape[0], w.shape[1], prep.n_refs, n_cols)
+        return np.ascontiguousarray(w4[:, :, idx]).reshape(w.shape[0], w.shape[1], idx.size * n_cols)
+
+    blocks = tuple(blk[:4] + (columns(blk[4]),) for blk in prep.blocks)
     return PreparedReferences(grid=prep.grid, box=prep.box, n_refs=int(idx.size), mirror=prep.mirror,
-                              ring_sum=prep.ring_sum[idx].copy(), bands=tuple(bands))
+                              ring_sum=prep.ring_sum[idx].copy(), bands=tuple(bands), blocks=blocks)
 
 
 def coarse_scores(images, prep: PreparedReferences, *, initial_params=None, out_of_range: str = "reset",

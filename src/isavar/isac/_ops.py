@@ -89,8 +89,10 @@ def align_multi(images, refs, grid, p, params, *, xr=None, yr=None, normalize=Tr
     params : ndarray, (n, K, 4) float64
         Parameters aligning each image to each reference.
     """
-    from isavar.core.align2d import align_to_references
+    from isavar.core.align2d import PreparedReferences, align_to_references, band_limit
 
+    if isinstance(refs, PreparedReferences):
+        refs = band_limit(refs, p.band_tol)
     res = align_to_references(np.asarray(images, dtype=np.float32), refs, grid,
                               x_range=p.xr if xr is None else xr, y_range=p.yr_eff if yr is None else yr,
                               step=p.ts, mirror=True, delta=0.0, normalize_images=normalize,
@@ -103,8 +105,12 @@ def align_single(images, ref, grid, p, params, delta, *, xr=None, yr=None, ts=No
 
     ``coarse_rows > 0``: only that many trial translations per image, chosen by a coarse score, are searched
     exactly (needs ``cache``)."""
-    from isavar.core.align2d import align_to_reference
+    from isavar.core.align2d import PreparedReferences, align_to_reference, band_limit
 
+    if p.band_tol > 0:
+        if not isinstance(ref, PreparedReferences):
+            ref = prepare(ref, grid)
+        ref = band_limit(ref, p.band_tol)
     res = align_to_reference(np.asarray(images, dtype=np.float32), ref, grid,
                              x_range=p.xr if xr is None else xr, y_range=p.yr_eff if yr is None else yr,
                              step=p.ts if ts is None else ts, mirror=True, delta=float(delta),
@@ -141,7 +147,7 @@ def truncate(prep, max_freq):
 
     bands = tuple((m_lo, min(m_hi, max_freq + 1), r, w[:min(m_hi, max_freq + 1) - m_lo])
                   for m_lo, m_hi, r, w in prep.bands if m_lo <= max_freq)
-    return dataclasses.replace(prep, bands=bands)
+    return dataclasses.replace(prep, bands=bands, blocks=())
 
 
 def coarse_scores(images, prep, params, max_freq=None):

@@ -523,6 +523,27 @@ def agreement(prev: list, cur: list) -> float:
     return inter / total if total > 0 else 0.0
 
 
+def converged(agreement_now: float, agreement_before: float, rule: str = "sphire") -> bool:
+    """Whether a generation stops after a stability check (spec §6.4, ``--round_stop``).
+
+    Parameters
+    ----------
+    agreement_now, agreement_before : float
+        Membership agreement (:func:`agreement`) of this check and of the previous one (0 before the second).
+    rule : {"sphire", "plateau"}
+        "sphire": agreement above 0.5 that rose by more than 0 and less than 0.05. "plateau" (isavar): above
+        0.5 and rose by less than 0.05 or fell; SPHIRE's rule runs on to ``init_iter`` rounds after a fall.
+
+    Returns
+    -------
+    bool
+    """
+    change = agreement_now - agreement_before
+    if rule == "sphire":
+        return agreement_now > 0.5 and 0.0 < change < 0.05
+    return agreement_now > 0.5 and change < 0.05
+
+
 def sac_round(images, state: EngineState, p, grid, executor, *, main: int, gen: int, progress=None) -> EngineState:
     """One SAC round: EQK iterations over the filter ramp FL -> FH, then the within-group stage."""
     images = as_subset(images)
@@ -564,7 +585,7 @@ def sac_round(images, state: EngineState, p, grid, executor, *, main: int, gen: 
         terminate = False
         if state.prev_members is not None:
             agr = agreement(state.prev_members, members)
-            terminate = agr > 0.5 and 0.0 < agr - state.prev_agreement < 0.05
+            terminate = converged(agr, state.prev_agreement, p.round_stop)
             log.debug("generation %d round %d: agreement %.3f", gen, rnd + 1, agr)
             st.prev_agreement = agr
         st.prev_members = members

@@ -96,6 +96,16 @@ class Isac2Params:
         always counts); 0 (default) runs all ``maxit`` passes (SPHIRE). Not the default: on the
         2,000-particle benchmark it moved the accounted fraction and noise rejection by more than 0.02
         (``bench/isac2.md``).
+    band_tol : float
+        isavar extension: the correlations leave out a reference's highest ring frequencies and innermost
+        rings of each frequency band as long as the coefficients left out hold at most this fraction of the
+        reference's (ring-weighted) energy (:func:`isavar.core.align2d.band_limit`); the tanh-filtered
+        references of ISAC have almost none there. 0 uses every coefficient (SPHIRE).
+    round_stop : {"plateau", "sphire"}
+        isavar extension: when a generation's SAC rounds stop before ``init_iter``. Both need a membership
+        agreement above 0.5 with the previous check; "sphire" stops only when the agreement rose by less
+        than 0.05 but more than 0 (SPHIRE: a round whose agreement fell never stops the generation);
+        "plateau" also stops when it fell (the memberships have stopped improving).
     """
 
     radius: int
@@ -143,6 +153,12 @@ class Isac2Params:
     within_stop: float = field(default=0.0, metadata={
         "help": "within-group runs: stop once an alignment pass after the last discrete-angle pass moves no "
                 "image by more than this many pixels (0: all maxit passes, SPHIRE)"})
+    band_tol: float = field(default=0.0, metadata={
+        "help": "fraction of a reference's energy its left-out ring coefficients may hold in the correlations "
+                "(0: all coefficients, SPHIRE)"})
+    round_stop: str = field(default="sphire", metadata={
+        "help": "SAC rounds stop once the membership agreement (above 0.5) rose by less than 0.05: 'plateau' "
+                "also when it fell, 'sphire' only when it rose"})
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -210,6 +226,10 @@ class Isac2Params:
             bad("within_shift_candidates", "must be >= 0")
         if self.prealign_search not in ("coarse", "full"):
             bad("prealign_search", f"must be 'coarse' or 'full', got {self.prealign_search!r}")
+        if self.round_stop not in ("plateau", "sphire"):
+            bad("round_stop", f"must be 'plateau' or 'sphire', got {self.round_stop!r}")
+        if not 0 <= self.band_tol < 1:
+            bad("band_tol", "must be >= 0 and < 1")
         if not self.within_stop >= 0:
             bad("within_stop", "must be >= 0")
         return self

@@ -258,6 +258,8 @@ def prealign(images, p, executor, *, progress=None, chunk=512, subset_size=PREAL
     params = np.zeros((m, 4))
     n_steps = len(xrs)
     maxit = p.prealign_maxit
+    if progress is not None:
+        progress.stage("pre-alignment", total=n_steps * maxit)     # one step per reference pass
     total = 0
     prev_delta = 0.0
     ref = None

@@ -403,8 +403,6 @@ def _run(run: _Run, stack):
     grid = isac_run.make_grid(p)
     t = time.time()
     if not state.finished:
-        run.progress.stage("ISAC2 generations", total=None)
-
         def on_step(st, event):
             if run.root:                                 # every process holds the same state; one writes
                 ended = isinstance(event, isac_run.GenerationFinished)
@@ -416,7 +414,12 @@ def _run(run: _Run, stack):
                     _save_npz_atomic(outdir / "checkpoints" / f"main_{event.main:03d}_end.npz",
                                      st.to_arrays())
                     _write_text_lists(run, st, event)
-            run.progress.advance(1)
+            if isinstance(event, isac_run.GenerationStarted):
+                # one bar per generation; its time estimate assumes all init_iter rounds (an upper bound)
+                run.progress.stage(f"main {event.main} generation {event.gen}: SAC rounds (at most "
+                                   f"{p.init_iter})", total=p.init_iter)
+            elif isinstance(event, isac_run.RoundDone):
+                run.progress.advance(1)
             run._tick()
 
         state = isac_run.run_classification(working, p, grid, run.executor, state=state, on_step=on_step,
@@ -600,7 +603,6 @@ def _prepare(run: _Run, stack):
         shifts = np.zeros((n, 2))
     else:
         t = time.time()
-        run.progress.stage("pre-alignment", total=None)
         log.info("pre-alignment (centring) of %d images", n)
         ali, _ = prealign(MappedStack(pre_path) if p.VPP else shrunk, p, run.executor, progress=run.progress)
         shifts = centring_shifts(ali, shrink_eff)
