@@ -16,10 +16,10 @@ class _Recording(SerialExecutor):
     def __init__(self):
         self.calls = []
 
-    def map_sum(self, fn, tasks, on_result=None):
+    def map_sum(self, fn, tasks, on_result=None, *, shared=None):
         tasks = list(tasks)
         self.calls.append(tasks)
-        return super().map_sum(fn, tasks, on_result)
+        return super().map_sum(fn, tasks, on_result, shared=shared)
 
 
 def _part(seed):

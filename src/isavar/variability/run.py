@@ -25,7 +25,6 @@ result. Cost is linear in ``N * img_per_grp``.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 import uuid
@@ -329,7 +328,6 @@ def variability(table: pd.DataFrame, images, params: VariabilityParams, *, pixel
     blocks = [order[s:s + BLOCK] for s in range(0, n, BLOCK)]
     bounds = vol.round_bounds(len(blocks))
     ctx = _Context(images, geo, params, grid, sym, keep_maps=map_sink is not None, token=uuid.uuid4().hex)
-    task = functools.partial(_group_task, ctx)
     root = executor.is_root()
     angle = np.zeros(n)                                   # per-particle values: complete on the root only
     mean_var = np.zeros(n)
@@ -369,8 +367,8 @@ def variability(table: pd.DataFrame, images, params: VariabilityParams, *, pixel
             state.update({f"total_{k}": t for k, t in enumerate(tot)})
             checkpoint(state)
 
-    totals = vol.accumulate_rounds(executor, task, blocks, totals=totals, first_round=first, on_result=add,
-                                   on_round=end_round)
+    totals = vol.accumulate_rounds(executor, _group_task, blocks, shared=ctx, totals=totals, first_round=first,
+                                   on_result=add, on_round=end_round)
     acc_ave, acc_var = vol.accumulators_from(totals, grid.nx, params.npad, params.symmetry)
     progress.close()
     t1 = time.perf_counter()
@@ -430,7 +428,7 @@ def reconstruct_maps(table: pd.DataFrame, images, params: VariabilityParams, *, 
     ctx = _Context(images, geo, params, grid, symmetry_matrices(params.symmetry), keep_maps=False)
     chunks = [np.arange(s, min(n, s + BLOCK)) for s in range(0, n, BLOCK)]
     progress.stage("reconstruction", total=n)
-    totals = vol.accumulate_rounds(executor, functools.partial(_insert_task, ctx), chunks, on_result=progress.advance)
+    totals = vol.accumulate_rounds(executor, _insert_task, chunks, shared=ctx, on_result=progress.advance)
     (acc,) = vol.accumulators_from(totals, grid.nx, params.npad, params.symmetry)
     progress.close()
     var3d = vol.finish(acc, grid, mask_radius_px=params.mask_radius_px)

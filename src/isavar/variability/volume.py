@@ -79,7 +79,7 @@ def round_bounds(n_items: int, rounds: int | None = None) -> list[tuple[int, int
     return [(s, min(int(n_items), s + step)) for s in range(0, int(n_items), step)]
 
 
-def accumulate_rounds(executor, task, items, *, totals=None, first_round: int = 0, on_result=None,
+def accumulate_rounds(executor, task, items, *, shared=None, totals=None, first_round: int = 0, on_result=None,
                       on_round=None) -> list | None:
     """Sum the arrays the tasks return, one exact reduction per round (the one accumulation loop of 3D sums).
 
@@ -96,9 +96,13 @@ def accumulate_rounds(executor, task, items, *, totals=None, first_round: int = 
         Provides ``map_sum``.
     task : callable
         ``task(item) -> (arrays, extra)``: a tuple of arrays of fixed shapes to sum, and any per-task
-        value, which stays on the process that ran the task (picklable for a pool or MPI).
+        value, which stays on the process that ran the task (picklable for a pool or MPI);
+        ``task(shared, item)`` with ``shared``.
     items : sequence
         One task each (e.g. fixed blocks of particle rows).
+    shared : object, optional
+        A read-only context every task needs (per-particle tables, the image source): it reaches each
+        pool worker once per round instead of once per task (``map_sum(..., shared=)``).
     totals : list of numpy.ndarray, optional
         The totals of the rounds before ``first_round`` (resuming); None when starting.
     first_round : int
@@ -117,7 +121,7 @@ def accumulate_rounds(executor, task, items, *, totals=None, first_round: int = 
     bounds = round_bounds(len(items))
     for r in range(int(first_round), len(bounds)):
         start, stop = bounds[r]
-        sums = executor.map_sum(task, items[start:stop], on_result=on_result)
+        sums = executor.map_sum(task, items[start:stop], on_result=on_result, shared=shared)
         if sums is not None:
             totals = list(sums) if totals is None else [t + s for t, s in zip(totals, sums, strict=True)]
         if on_round is not None:
