@@ -426,7 +426,7 @@ def reconstruct_maps(table: pd.DataFrame, images, params: VariabilityParams, *, 
     geo = particle_geometry(table, pixel_size_A, need_ctf=False, source=source)
     grid = choose_grid(box, pixel_size_A, params.replace(lowpass_fl=0.0, lowpass_aa=0.0))
     ctx = _Context(images, geo, params, grid, symmetry_matrices(params.symmetry), keep_maps=False)
-    chunks = [np.arange(s, min(n, s + BLOCK)) for s in range(0, n, BLOCK)]
+    chunks = vol.file_order_chunks(images, BLOCK)
     progress.stage("reconstruction", total=n)
     totals = vol.accumulate_rounds(executor, _insert_task, chunks, shared=ctx, on_result=progress.advance)
     (acc,) = vol.accumulators_from(totals, grid.nx, params.npad, params.symmetry)

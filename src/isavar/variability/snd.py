@@ -126,7 +126,7 @@ def squared_normalised_differences(table: pd.DataFrame, images, params: Variabil
     ctx = _SndContext(params=params, geometry=geo, grid=grid, images=images)
     from isavar.variability.run import BLOCK          # fixed blocks: the sums do not depend on chunk_size
 
-    chunks = [np.arange(s, min(n, s + BLOCK)) for s in range(0, n, BLOCK)]
+    chunks = vol.file_order_chunks(images, BLOCK)
     acc = _accumulate(executor, _reference_task, ctx, chunks, grid, params, progress,
                       "reference")
     reference = acc.finish()

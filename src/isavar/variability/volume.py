@@ -79,6 +79,20 @@ def round_bounds(n_items: int, rounds: int | None = None) -> list[tuple[int, int
     return [(s, min(int(n_items), s + step)) for s in range(0, int(n_items), step)]
 
 
+def file_order_chunks(images, size: int) -> list[np.ndarray]:
+    """The rows of ``images`` in file order, cut into chunks of ``size`` (the tasks of a pass over every image).
+
+    Each file is read once, front to back, over the whole pass even when the particle table is shuffled
+    (:func:`isavar.io.stack.file_order_of`); a task sums its chunk's images, wherever their rows are. A table
+    already in file order gives the consecutive chunks ``arange(s, s + size)``; a shuffled copy of it gives
+    the same chunks of the same images, so the same sums, bit for bit.
+    """
+    from isavar.io.stack import file_order_of
+
+    order = file_order_of(images)
+    return [order[s:s + int(size)] for s in range(0, order.size, int(size))]
+
+
 def accumulate_rounds(executor, task, items, *, shared=None, totals=None, first_round: int = 0, on_result=None,
                       on_round=None) -> list | None:
     """Sum the arrays the tasks return, one exact reduction per round (the one accumulation loop of 3D sums).

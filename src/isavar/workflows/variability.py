@@ -802,7 +802,7 @@ def run_reconstruct(stack_path, out_path, *, ctf: bool = False, symmetry: str = 
     geo = particle_geometry(stack.table, pixel, need_ctf=ctf, source=stack_path)
     ctx = _ReconstructContext(geometry=geo, box=box, npad=int(npad), symmetry=symmetry, interpolation=interpolation,
                               pixel_size_A=pixel, images=stack.images)
-    chunks = [np.arange(s, min(n, s + chunk_size)) for s in range(0, n, chunk_size)]
+    chunks = vol.file_order_chunks(stack.images, int(chunk_size))
     progress.stage("reconstruction", total=n)
     data, weights = vol.accumulate_rounds(executor, _reconstruct_task, chunks, shared=ctx,
                                           on_result=progress.advance)
