@@ -166,6 +166,9 @@ def test_map_sum_is_bit_identical_to_serial_at_any_rank_count(ranks):
         got = ex.map_sum(task, range(13), on_result=mine.append)
         want = SerialExecutor().map_sum(task, range(13))
         assert all(a.tobytes() == b.tobytes() for a, b in zip(got, want))
+        limbs = ex.map_sum(task, range(13), exact=True)               # the exact sum itself, on every rank
+        serial = SerialExecutor().map_sum(task, range(13), exact=True)
+        assert np.array_equal(limbs.limbs, serial.limbs) and limbs.count == serial.count == 13
         everyone = ex.gather(mine)
         if ex.is_root():
             assert sorted(x for part in everyone for x in part) == list(range(13))

@@ -41,11 +41,13 @@ class Executor(Protocol):
         """Apply ``fn`` to every task (``fn(shared, task)`` with ``shared``); results in task order."""
 
     def map_sum(self, fn: Callable[..., Any], tasks: Iterable[Any], on_result=None, *,
-                shared: Any = None) -> list | None:
+                shared: Any = None, exact: bool = False):
         """Exact, order-independent sum of the arrays of each task's ``(arrays, extra)`` result.
 
         The totals (float64/complex128, on every process) are bit-identical for any number of workers or
         ranks; ``on_result(extra)`` runs where the result is (in task order there). One reduction under MPI.
+        ``exact=True`` returns the :class:`~isavar.parallel.reduction.ExactSum` (limbs) instead, so that
+        several calls can be added exactly (``merge``) before rounding once. ``None`` without tasks.
         """
 
     def gather(self, obj: Any, root: int = 0) -> list | None:

@@ -45,7 +45,7 @@ class MpiExecutor:
         return [r for block in blocks for r in block]
 
     def map_sum(self, fn: Callable[..., Any], tasks: Iterable[Any], on_result=None, *,
-                shared: Any = None) -> list | None:
+                shared: Any = None, exact: bool = False):
         """Sum the arrays of every task's ``(arrays, extra)`` over all ranks with one reduction.
 
         Each rank runs its block of tasks and adds their arrays exactly (fixed point,
@@ -53,7 +53,8 @@ class MpiExecutor:
         the same totals, bit-identical to a serial run's whatever the number of ranks. ``on_result(extra)``
         is called on the rank that ran the task, in task order; nothing per task is sent between ranks.
         Returns ``None`` without tasks. With ``shared`` each task runs ``fn(shared, task)`` (every rank
-        holds its own ``shared``; nothing of it is sent).
+        holds its own ``shared``; nothing of it is sent). ``exact=True``: the reduced
+        :class:`~isavar.parallel.reduction.ExactSum` itself (the same limbs on every rank).
         """
         fn = with_shared(fn, shared)
         tasks = list(tasks)
@@ -68,7 +69,7 @@ class MpiExecutor:
         self.comm.Allreduce(local.limbs, limbs, op=self._mpi.SUM)
         total = ExactSum(layout)
         total.merge_limbs(limbs, len(tasks))
-        return total.values()
+        return total if exact else total.values()
 
     def gather(self, obj: Any, root: int = 0) -> list | None:
         """Every rank's ``obj`` in rank order at ``root``; ``None`` on the other ranks."""

@@ -160,15 +160,16 @@ class PoolExecutor:
         return list(self.imap(fn, tasks, shared=shared))
 
     def map_sum(self, fn: Callable[..., Any], tasks: Iterable[Any], on_result=None, *,
-                shared: Any = None) -> list | None:
+                shared: Any = None, exact: bool = False):
         """Sum the arrays of every task's ``(arrays, extra)`` exactly; ``on_result(extra)`` in task order.
 
         Each result is added as it arrives (bounded memory); the totals are bit-identical to a serial
         run's (:mod:`isavar.parallel.reduction`). ``None`` without tasks. ``shared``: as for :meth:`imap`
-        (each task runs ``fn(shared, task)``; ``shared`` reaches each worker once per call).
+        (each task runs ``fn(shared, task)``; ``shared`` reaches each worker once per call). ``exact=True``:
+        the :class:`~isavar.parallel.reduction.ExactSum` itself (its limbs, not rounded to float64).
         """
         total = sum_locally(self.imap(fn, tasks, shared=shared), on_result)
-        return None if total is None else total.values()
+        return total if (exact or total is None) else total.values()
 
     def gather(self, obj: Any, root: int = 0) -> list:
         """``[obj]`` (one controlling process)."""

@@ -27,15 +27,16 @@ class SerialExecutor:
         return [fn(t) for t in tasks]
 
     def map_sum(self, fn: Callable[..., Any], tasks: Iterable[Any], on_result=None, *,
-                shared: Any = None) -> list | None:
+                shared: Any = None, exact: bool = False):
         """Sum the arrays of every task's ``(arrays, extra)`` exactly; ``on_result(extra)`` in task order.
 
         Returns the float64/complex128 totals (``None`` without tasks); see :mod:`isavar.parallel.reduction`.
-        With ``shared``, each task runs ``fn(shared, task)``.
+        With ``shared``, each task runs ``fn(shared, task)``. ``exact=True``: the
+        :class:`~isavar.parallel.reduction.ExactSum` itself (its limbs, not rounded to float64).
         """
         fn = with_shared(fn, shared)
         total = sum_locally((fn(t) for t in tasks), on_result)
-        return None if total is None else total.values()
+        return total if (exact or total is None) else total.values()
 
     def gather(self, obj: Any, root: int = 0) -> list:
         """``[obj]`` (one process)."""
