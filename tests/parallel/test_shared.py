@@ -104,3 +104,16 @@ def test_a_failing_task_propagates_and_the_file_is_removed(pool, tmp_path):
     it.close()
     assert _leftovers(tmp_path) == []
     assert pool.map(_failing_task, [0, 1], shared=ctx) == ctx.table[:2].tolist()   # the pool still works
+
+
+def test_without_a_writable_temporary_directory_the_context_goes_with_every_task(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    ctx = _Context(4, n=100)
+    ex = PoolExecutor(2)
+    try:
+        with caplog.at_level("WARNING", logger="isavar.parallel.pool"):
+            got = ex.map(_where_task, range(6), shared=ctx)
+    finally:
+        ex.close()
+    assert [r[2] for r in got] == ctx.table[:6].tolist()
+    assert "sent with every task" in caplog.text

@@ -8,6 +8,8 @@ alone, which stops the workers (:meth:`PoolExecutor.terminate`) and reports one 
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import pickle
 import signal
@@ -22,6 +24,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from isavar.parallel.reduction import sum_locally
+
+log = logging.getLogger(__name__)
 
 #: Seconds between two checks of a worker's parent.
 PARENT_CHECK_INTERVAL = 0.5
@@ -134,9 +138,17 @@ class PoolExecutor:
         With ``shared`` (not None), each task runs ``fn(shared, task)``: ``shared`` is pickled once for the
         call into a temporary file and each worker unpickles it once, on its first task of the call, so a
         large read-only context (per-particle tables, prepared references) is not sent with every task.
-        ``shared`` must not change during the call.
+        ``shared`` must not change during the call. The file is written where :mod:`tempfile` puts
+        temporary files (``TMPDIR``); if it cannot be written, ``shared`` goes with every task (a warning).
         """
-        handle = None if shared is None else _SharedFile(shared)
+        handle = None
+        if shared is not None:
+            try:
+                handle = _SharedFile(shared)
+            except OSError as exc:                 # e.g. a full temporary directory: send it with every task
+                log.warning("cannot write the shared task context to %s (%s); it is sent with every task",
+                            tempfile.gettempdir(), exc.strerror or exc)
+                fn = functools.partial(fn, shared)
         window = 2 * self.workers + 2
         pending: deque = deque()
         try:
