@@ -93,13 +93,13 @@ def file_order_chunks(images, size: int) -> list[np.ndarray]:
     """The rows of ``images`` in file order, cut into chunks of ``size`` (the tasks of a pass over every image).
 
     Each file is read once, front to back, over the whole pass even when the particle table is shuffled
-    (:func:`isavar.io.stack.file_order_of`); a task sums its chunk's images, wherever their rows are. A table
-    already in file order gives the consecutive chunks ``arange(s, s + size)``; a shuffled copy of it gives
-    the same chunks of the same images, so the same sums, bit for bit.
+    (the order of ``images.file_order()``, :meth:`isavar.io.stack.LazyImages.file_order`; images without
+    it, e.g. an array, are taken in row order); a task sums its chunk's images, wherever their rows are. A
+    table already in file order gives the consecutive chunks ``arange(s, s + size)``; a shuffled copy of it
+    gives the same chunks of the same images, so the same sums, bit for bit.
     """
-    from isavar.io.stack import file_order_of
-
-    order = file_order_of(images)
+    file_order = getattr(images, "file_order", None)
+    order = np.asarray(file_order(), np.int64) if callable(file_order) else np.arange(len(images), dtype=np.int64)
     return [order[s:s + int(size)] for s in range(0, order.size, int(size))]
 
 
