@@ -52,7 +52,7 @@ def main(argv=None) -> int:
         print("the run ended before it could be killed")
         return 1
     with __import__("numpy").load(ck) as state:
-        rounds = int(state["rounds_done"]), int(state["n_rounds"])
+        rounds = int(state["blocks_done"]), int(state["n_blocks"])
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     killed_at = time.perf_counter() - t0
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     # streamed comparison: the 2D stacks are 13 GB each at 200,000 particles (reading both whole would not fit)
     same = {name: filecmp.cmp(args.ref / name, args.out / name, shallow=False) for name in OUTPUTS}
     log = (args.out / "log.txt").read_text()
-    report = {"killed_after_s": round(killed_at, 1), "rounds_done_at_kill": rounds, "rerun_exit": rc,
+    report = {"killed_after_s": round(killed_at, 1), "blocks_done_at_kill": rounds, "rerun_exit": rc,
               "rerun_s": round(resumed, 1), "continued": "continuing an interrupted run" in log,
               "identical": same}
     print(json.dumps(report))

@@ -166,6 +166,9 @@ def test_map_sum_is_bit_identical_to_serial_at_any_rank_count(ranks):
         got = ex.map_sum(task, range(13), on_result=mine.append)
         want = SerialExecutor().map_sum(task, range(13))
         assert all(a.tobytes() == b.tobytes() for a, b in zip(got, want))
+        limbs = ex.map_sum(task, range(13), exact=True)               # the exact sum itself, on every rank
+        serial = SerialExecutor().map_sum(task, range(13), exact=True)
+        assert np.array_equal(limbs.limbs, serial.limbs) and limbs.count == serial.count == 13
         everyone = ex.gather(mine)
         if ex.is_root():
             assert sorted(x for part in everyone for x in part) == list(range(13))
@@ -175,6 +178,32 @@ def test_map_sum_is_bit_identical_to_serial_at_any_rank_count(ranks):
     """, n=ranks)
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("ok") == 1, res.stdout       # numba adds an ANSI reset at exit under mpirun
+
+
+def test_shared_context_under_mpi_gives_the_bits_of_partial():
+    """``shared=``: every rank uses its own context; map and map_sum equal a serial ``partial(fn, ctx)``."""
+    res = mpirun("""
+        import functools
+        import numpy as np
+        from isavar.parallel import make_executor
+        from isavar.parallel.serial import SerialExecutor
+
+        def task(ctx, seed):
+            rng = np.random.default_rng(seed)
+            rows = rng.integers(0, ctx.size, size=20)
+            return (ctx[rows].reshape(5, 4) * 10.0 ** rng.integers(-8, 8), ctx[rows[:3]] + 2j), seed
+
+        ctx = np.random.default_rng(4).normal(size=10_000)     # built the same on every rank
+        ex = make_executor("auto")
+        got = ex.map_sum(task, range(13), shared=ctx)
+        want = SerialExecutor().map_sum(functools.partial(task, ctx), range(13))
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(got, want))
+        assert ex.map(lambda c, i: float(c[i]), range(5), shared=ctx) == ctx[:5].tolist()
+        if ex.is_root():
+            print("ok")
+    """)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("ok") == 1, res.stdout
 
 
 def test_isac2_candidate_search_under_three_ranks_equals_serial(tmp_path):

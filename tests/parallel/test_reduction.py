@@ -113,3 +113,19 @@ def test_serial_and_pool_map_sum_are_bit_identical():
         pool.close()
     for a, b in zip(serial, pooled, strict=True):
         assert a.tobytes() == b.tobytes()
+
+
+def test_exact_sums_merge_and_survive_a_save_exactly(tmp_path):
+    """Two halves merged = one sum; saved with np.savez and loaded, the sum continues to the same bits."""
+    serial = SerialExecutor()
+    whole = serial.map_sum(_task, range(10), exact=True)
+    first, second = serial.map_sum(_task, range(4), exact=True), serial.map_sum(_task, range(4, 10), exact=True)
+    np.savez(tmp_path / "sum.npz", **first.to_arrays("total"))
+    with np.load(tmp_path / "sum.npz") as saved:
+        resumed = ExactSum.from_arrays(saved, "total")
+    merged = resumed.merge(second)
+    assert merged.count == whole.count == 10
+    assert np.array_equal(merged.limbs, whole.limbs)
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(merged.values(), serial.map_sum(_task, range(10))))
+    with pytest.raises(ValueError, match="layout"):
+        merged.merge(ExactSum(layout_of((np.zeros(2),))))

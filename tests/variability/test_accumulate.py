@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from isavar.parallel.pool import PoolExecutor
+from isavar.parallel.reduction import ExactSum, layout_of
 from isavar.parallel.serial import SerialExecutor
 from isavar.variability import volume as vol
 
@@ -16,10 +17,10 @@ class _Recording(SerialExecutor):
     def __init__(self):
         self.calls = []
 
-    def map_sum(self, fn, tasks, on_result=None):
+    def map_sum(self, fn, tasks, on_result=None, *, shared=None, exact=False):
         tasks = list(tasks)
         self.calls.append(tasks)
-        return super().map_sum(fn, tasks, on_result)
+        return super().map_sum(fn, tasks, on_result, shared=shared, exact=exact)
 
 
 def _part(seed):
@@ -32,12 +33,20 @@ def _part(seed):
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 23, 100])
-def test_rounds_cover_the_items_once_and_depend_on_their_number_only(n):
-    bounds = vol.round_bounds(n)
+@pytest.mark.parametrize("processes", [1, 2, 3, 16])
+def test_rounds_cover_the_items_once_and_give_every_process_a_share(n, processes):
+    bounds = vol.round_bounds(n, processes=processes)
     assert bounds[0][0] == 0 and bounds[-1][1] == n
     assert all(a < b for a, b in bounds) and all(b == c for (_, b), (c, _) in zip(bounds, bounds[1:]))
     assert len(bounds) <= vol.ROUNDS
-    assert len({b - a for a, b in bounds[:-1]}) <= 1                # equal rounds but the last
+    widths = {b - a for a, b in bounds[:-1]}
+    assert len(widths) <= 1                                          # equal rounds but the last
+    assert all(w % processes == 0 for w in widths)                   # each process the same share
+    least = -(-n // vol.ROUNDS)                                      # tasks per round for ROUNDS rounds
+    width = bounds[0][1] - bounds[0][0]
+    assert width >= min(n, least) and (len(bounds) == 1 or width - processes < least)   # no wider than needed
+    resumed = vol.round_bounds(n, processes=processes, start=bounds[0][1])
+    assert resumed == bounds[1:]
 
 
 def test_one_reduction_per_round_and_every_result_seen_once():
@@ -45,38 +54,61 @@ def test_one_reduction_per_round_and_every_result_seen_once():
     items = list(range(19))
     seen, rounds = [], []
     totals = vol.accumulate_rounds(ex, _part, items, on_result=seen.append,
-                                   on_round=lambda done, count, tot: rounds.append((done, count)))
+                                   on_round=lambda done, count, tot: rounds.append((done, count, tot.count)))
     assert seen == items
-    assert [len(c) for c in ex.calls] == [b - a for a, b in vol.round_bounds(len(items))]
-    assert rounds == [(k + 1, len(ex.calls)) for k in range(len(ex.calls))]
-    # the totals are the float64 sums, in round order, of each round's exact sums
-    expect = None
-    for a, b in vol.round_bounds(len(items)):
-        parts = [_part(i)[0] for i in items[a:b]]
-        exact = [np.sum([p[k].astype(np.complex128 if k == 0 else np.float64) for p in parts], axis=0)
-                 for k in range(2)]
-        expect = exact if expect is None else [e + x for e, x in zip(expect, exact)]
+    bounds = vol.round_bounds(len(items))
+    assert [len(c) for c in ex.calls] == [b - a for a, b in bounds]
+    assert rounds == [(b, len(items), b) for _, b in bounds]
+    # the totals are the sums of every part, rounded once
+    parts = [_part(i)[0] for i in items]
+    expect = [np.sum([p[k].astype(np.complex128 if k == 0 else np.float64) for p in parts], axis=0) for k in range(2)]
     for t, e in zip(totals, expect):
         np.testing.assert_allclose(t, e, rtol=1e-12, atol=1e-9)
 
 
-def test_totals_are_bit_identical_for_a_pool_and_after_a_resume():
+class _Processes(_Recording):
+    """Serial, recording, claiming ``workers`` processes (the rounds are sized for them)."""
+
+    def __init__(self, workers):
+        super().__init__()
+        self.workers = workers
+
+
+def test_totals_are_the_same_bits_whatever_the_rounds_the_executor_or_a_resume():
     items = list(range(13))
     ref = vol.accumulate_rounds(SerialExecutor(), _part, items)
+    one_round = ReductionSum(items)
+    for a, b in zip(ref, one_round):
+        assert a.tobytes() == b.tobytes()                           # 8 rounds = 1 round: sums added exactly
+    for workers in (2, 5):
+        ex = _Processes(workers)
+        got = vol.accumulate_rounds(ex, _part, items)
+        assert all(len(c) % workers == 0 for c in ex.calls[:-1]) and len(ex.calls) < 8
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(ref, got))
     pool = PoolExecutor(2)
     try:
         got = vol.accumulate_rounds(pool, _part, items)
     finally:
         pool.close()
-    for a, b in zip(ref, got):
-        assert np.array_equal(a, b)
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(ref, got))
     saved = {}
     vol.accumulate_rounds(SerialExecutor(), _part, items,
-                          on_round=lambda done, count, tot: saved.setdefault(done, [t.copy() for t in tot]))
-    for done in (1, 3, len(saved) - 1):                              # resume after any round
-        again = vol.accumulate_rounds(SerialExecutor(), _part, items, totals=saved[done], first_round=done)
-        for a, b in zip(ref, again):
-            assert np.array_equal(a, b)
+                          on_round=lambda done, count, tot: saved.setdefault(done, tot.to_arrays("total")))
+    for done, arrays in saved.items():                              # resume after any round, on 1 or 3 processes
+        for ex in (SerialExecutor(), _Processes(3)):
+            again = vol.accumulate_rounds(ex, _part, items, total=ExactSum.from_arrays(arrays, "total"),
+                                          items_done=done)
+            assert all(a.tobytes() == b.tobytes() for a, b in zip(ref, again))
+
+
+def ReductionSum(items):
+    """The totals of every part summed in one exact sum (one round)."""
+    total = None
+    for i in items:
+        arrays, _ = _part(i)
+        total = total or ExactSum(layout_of(arrays))
+        total.add(arrays)
+    return total.values()
 
 
 def test_accumulators_from_totals():

@@ -313,6 +313,27 @@ class LazyImages:
         return out
 
 
+def file_order_of(images) -> np.ndarray:
+    """The rows of ``images`` in the order their files hold them (:meth:`LazyImages.file_order`).
+
+    A pass over every image that takes its chunks of rows in this order reads each file once, front to back
+    (the disk streams), even when the particle table is shuffled; the rows of a table already in file order
+    come back as ``arange(n)``. Images not read from files (an array) are in row order.
+
+    Parameters
+    ----------
+    images : LazyImages or array-like, (n, box, box)
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n,)`` int64 permutation of the rows.
+    """
+    if isinstance(images, LazyImages):
+        return images.file_order().astype(np.int64, copy=False)
+    return np.arange(len(images), dtype=np.int64)
+
+
 def _reads_float32_into(src) -> bool:
     """True for sources that can fill a float32 array in place (native float32 MRC stacks)."""
     return hasattr(src, "read_into") and getattr(src, "dtype", None) == np.dtype(np.float32)

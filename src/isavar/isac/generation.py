@@ -157,25 +157,30 @@ _ONE = np.ones(1)
 
 
 class _Tagged:
-    """``fn`` as a :meth:`map_sum` task: sums nothing of use, keeps ``(task number, result)`` where it ran."""
+    """``fn`` as a :meth:`map_sum` task: sums nothing of use, keeps ``(task number, result)`` where it ran.
+
+    Called as ``(item)`` or, with a shared context, ``(shared, item)``; ``fn`` gets the same arguments.
+    """
 
     def __init__(self, fn):
         self.fn = fn
 
-    def __call__(self, item):
-        number, task = item
-        return (_ONE,), (number, self.fn(task))
+    def __call__(self, *args):
+        *shared, (number, task) = args
+        return (_ONE,), (number, self.fn(*shared, task))
 
 
-def run_here(executor, fn, tasks) -> dict:
+def run_here(executor, fn, tasks, *, shared=None) -> dict:
     """Run ``tasks`` spread over the executor; ``{task number: result}`` of those this process ran.
 
     A serial or pool executor returns every result to this process; under MPI each rank keeps its own
     block and nothing per task is sent between ranks (:meth:`map_sum`, whose sum here is a task count).
-    ``tasks`` may be a generator (a pool then takes them as it goes).
+    ``tasks`` may be a generator (a pool then takes them as it goes). With ``shared`` each task runs
+    ``fn(shared, task)`` and ``shared`` (e.g. prepared references) reaches each pool worker once per call.
     """
     out: dict = {}
-    executor.map_sum(_Tagged(fn), enumerate(tasks), on_result=lambda r: out.__setitem__(r[0], r[1]))
+    executor.map_sum(_Tagged(fn), enumerate(tasks), on_result=lambda r: out.__setitem__(r[0], r[1]),
+                     shared=shared)
     return out
 
 
@@ -209,9 +214,17 @@ def _eqk_chunk(task):
     return _ops.align_multi(resolve(images), refs, grid, p, params)
 
 
-def _coarse_chunk(task):
-    """Top candidates of a chunk of images: ``(order (m, C) int32, best first; full scores or None)``."""
-    images, prep, params, n_cand, keep_all = task
+def _eqk_all_refs(refs, task):
+    """:func:`_eqk_chunk` of a chunk of images against every reference ``refs`` (a shared context)."""
+    images, params, p, grid = task
+    return _eqk_chunk((images, refs, params, p, grid))
+
+
+def _coarse_chunk(prep, task):
+    """Top candidates of a chunk of images: ``(order (m, C) int32, best first; full scores or None)``.
+
+    ``prep``: the references truncated to the coarse frequencies (shared by every task of the call)."""
+    images, params, n_cand, keep_all = task
     scores = _ops.coarse_scores(resolve(images), prep, params, COARSE_MAX_FREQ)          # (m, K) float32
     order = np.argsort(-scores, axis=1, kind="stable")[:, :n_cand].astype(np.int32)
     return order, (scores if keep_all else None)
@@ -314,8 +327,8 @@ def eqk_search_candidates(images, prep, params, p, grid, executor, *, keep_all=F
     coarse_prep = _ops.truncate(prep, COARSE_MAX_FREQ)
     n_cand = min(int(p.eqk_candidates), n_classes)
     ranges = chunk_ranges(n, EQK_CHUNK)
-    tasks = ((images.for_task(np.arange(s, e)), coarse_prep, params[s:e], n_cand, keep_all) for s, e in ranges)
-    found = at_root(executor, run_here(executor, _coarse_chunk, tasks))
+    tasks = ((images.for_task(np.arange(s, e)), params[s:e], n_cand, keep_all) for s, e in ranges)
+    found = at_root(executor, run_here(executor, _coarse_chunk, tasks, shared=coarse_prep))
     groups, coarse = None, None
     if found is not None:
         order = np.concatenate([found[t][0] for t in range(len(ranges))], axis=0)           # (n, C)
@@ -384,8 +397,8 @@ def _assign_flat(images, prep, params, p, grid, executor, assign):
     """SPHIRE's EQK search: every image against every reference; scores to the root, parameters kept local."""
     n = len(images)
     ranges = chunk_ranges(n, EQK_CHUNK)
-    tasks = ((images.for_task(np.arange(s, e)), prep, params[s:e], p, grid) for s, e in ranges)
-    local = run_here(executor, _eqk_chunk, tasks)
+    tasks = ((images.for_task(np.arange(s, e)), params[s:e], p, grid) for s, e in ranges)
+    local = run_here(executor, _eqk_all_refs, tasks, shared=prep)          # prep reaches each worker once
     scores = at_root(executor, {t: score for t, (score, _par) in local.items()})
     assignment = None
     if scores is not None:

@@ -129,27 +129,6 @@ def centred_outside(images, outside):
     return subtract_outside_mean(images, outside)
 
 
-class RawRows:
-    """Rows ``start:stop`` of an image source (e.g. a particle file), read where the task runs.
-
-    Under MPI or serially the task is never pickled and the rows are read by the process that uses them;
-    sent to a pool worker, the rows are read when the task is pickled and travel as pixels.
-    """
-
-    def __init__(self, images, start: int, stop: int):
-        self.images, self.start, self.stop = images, int(start), int(stop)
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-    def __array__(self, dtype=None, copy=None):
-        block = np.asarray(self.images[self.start:self.stop], dtype=np.float32)
-        return block if dtype is None else block.astype(dtype, copy=False)
-
-    def __reduce__(self):
-        return (np.asarray, (np.asarray(self, dtype=np.float32),))
-
-
 def resolve(images) -> np.ndarray:
     """The pixels of a task's images: a :class:`LazyRows` is read here, an array passes through."""
     return np.asarray(images, dtype=np.float32)
@@ -209,7 +188,11 @@ def as_subset(images) -> SubsetImages:
 
 
 class PickRows:
-    """Rows ``rows`` (any order) of an image source, read where the task runs (see :class:`RawRows`)."""
+    """Rows ``rows`` (any order) of an image source (e.g. a particle file), read where the task runs.
+
+    Under MPI or serially the task is never pickled and the rows are read by the process that uses them;
+    sent to a pool worker, the rows are read when the task is pickled and travel as pixels.
+    """
 
     def __init__(self, images, rows):
         self.images, self.rows = images, np.asarray(rows, np.int64)

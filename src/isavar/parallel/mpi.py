@@ -6,6 +6,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from isavar.parallel.base import with_shared
 from isavar.parallel.partition import balanced_ranges
 from isavar.parallel.reduction import ExactSum, sum_locally
 
@@ -30,23 +31,32 @@ class MpiExecutor:
         """True on rank 0."""
         return self.rank == 0
 
-    def map(self, fn: Callable[[Any], Any], tasks: Iterable[Any]) -> list:
-        """Run this rank's block of tasks; return all results in task order on every rank."""
+    def map(self, fn: Callable[..., Any], tasks: Iterable[Any], *, shared: Any = None) -> list:
+        """Run this rank's block of tasks; return all results in task order on every rank.
+
+        With ``shared`` each task runs ``fn(shared, task)``; every rank holds its own ``shared``, nothing
+        of it is sent.
+        """
+        fn = with_shared(fn, shared)
         tasks = list(tasks)
         start, stop = balanced_ranges(len(tasks), self.size)[self.rank]
         mine = [fn(t) for t in tasks[start:stop]]
         blocks = self.comm.allgather(mine)
         return [r for block in blocks for r in block]
 
-    def map_sum(self, fn: Callable[[Any], Any], tasks: Iterable[Any], on_result=None) -> list | None:
+    def map_sum(self, fn: Callable[..., Any], tasks: Iterable[Any], on_result=None, *,
+                shared: Any = None, exact: bool = False):
         """Sum the arrays of every task's ``(arrays, extra)`` over all ranks with one reduction.
 
         Each rank runs its block of tasks and adds their arrays exactly (fixed point,
         :mod:`isavar.parallel.reduction`); one ``Allreduce`` of the integer limbs then gives every rank
         the same totals, bit-identical to a serial run's whatever the number of ranks. ``on_result(extra)``
         is called on the rank that ran the task, in task order; nothing per task is sent between ranks.
-        Returns ``None`` without tasks.
+        Returns ``None`` without tasks. With ``shared`` each task runs ``fn(shared, task)`` (every rank
+        holds its own ``shared``; nothing of it is sent). ``exact=True``: the reduced
+        :class:`~isavar.parallel.reduction.ExactSum` itself (the same limbs on every rank).
         """
+        fn = with_shared(fn, shared)
         tasks = list(tasks)
         start, stop = balanced_ranges(len(tasks), self.size)[self.rank]
         local = sum_locally((fn(t) for t in tasks[start:stop]), on_result)
@@ -59,7 +69,7 @@ class MpiExecutor:
         self.comm.Allreduce(local.limbs, limbs, op=self._mpi.SUM)
         total = ExactSum(layout)
         total.merge_limbs(limbs, len(tasks))
-        return total.values()
+        return total if exact else total.values()
 
     def gather(self, obj: Any, root: int = 0) -> list | None:
         """Every rank's ``obj`` in rank order at ``root``; ``None`` on the other ranks."""

@@ -8,10 +8,15 @@ alone, which stops the workers (:meth:`PoolExecutor.terminate`) and reports one 
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
+import pickle
 import signal
+import tempfile
 import threading
 import time
+import uuid
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Callable, Iterable
@@ -19,6 +24,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from isavar.parallel.reduction import sum_locally
+
+log = logging.getLogger(__name__)
 
 #: Seconds between two checks of a worker's parent.
 PARENT_CHECK_INTERVAL = 0.5
@@ -46,6 +53,49 @@ def _worker_init(parent_pid: int, interval: float) -> None:
         os._exit(1)
     threading.Thread(target=_watch_parent, args=(parent_pid, interval), daemon=True,
                      name="isavar-parent-watch").start()
+
+
+#: The shared object of the current call in a worker: ``{key: object}`` (one entry at most).
+_WORKER_SHARED: dict = {}
+
+
+def _shared_in_worker(key: str, path: str):
+    """The shared object ``key``, loaded from ``path`` on the first task of the call this worker runs."""
+    if key not in _WORKER_SHARED:
+        _WORKER_SHARED.clear()                            # the previous call's object is no longer needed
+        with open(path, "rb") as f:
+            _WORKER_SHARED[key] = pickle.load(f)
+    return _WORKER_SHARED[key]
+
+
+def _call_with_shared(key: str, path: str, fn: Callable[[Any, Any], Any], task: Any) -> Any:
+    return fn(_shared_in_worker(key, path), task)
+
+
+class _SharedFile:
+    """A read-only object pickled once into a temporary file for the length of one call.
+
+    Each task then carries the file's name and a key (about 100 bytes) instead of the object, and each
+    worker unpickles the object once, on the first task of the call it runs (:func:`_shared_in_worker`).
+    The file is removed when the call ends (normally or not).
+    """
+
+    def __init__(self, obj: Any):
+        self.key = uuid.uuid4().hex
+        fd, self.path = tempfile.mkstemp(prefix="isavar-shared-", suffix=".pkl")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
+            self.nbytes = os.path.getsize(self.path)
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
 
 
 class PoolExecutor:
@@ -79,33 +129,59 @@ class PoolExecutor:
         """Always True (one controlling process)."""
         return True
 
-    def imap(self, fn: Callable[[Any], Any], tasks: Iterable[Any]):
+    def imap(self, fn: Callable[..., Any], tasks: Iterable[Any], *, shared: Any = None):
         """Apply ``fn`` to every task in the pool; yield the results in task order.
 
         At most ``2 * workers + 2`` tasks are submitted at a time (a sliding window), so a generator of
         tasks is consumed lazily and the data in flight stay bounded.
+
+        With ``shared`` (not None), each task runs ``fn(shared, task)``: ``shared`` is pickled once for the
+        call into a temporary file and each worker unpickles it once, on its first task of the call, so a
+        large read-only context (per-particle tables, prepared references) is not sent with every task.
+        ``shared`` must not change during the call. The file is written where :mod:`tempfile` puts
+        temporary files (``TMPDIR``); if it cannot be written, ``shared`` goes with every task (a warning).
         """
+        handle = None
+        if shared is not None:
+            try:
+                handle = _SharedFile(shared)
+            except OSError as exc:                 # e.g. a full temporary directory: send it with every task
+                log.warning("cannot write the shared task context to %s (%s); it is sent with every task",
+                            tempfile.gettempdir(), exc.strerror or exc)
+                fn = functools.partial(fn, shared)
         window = 2 * self.workers + 2
         pending: deque = deque()
-        for task in tasks:
-            if len(pending) >= window:
+        try:
+            for task in tasks:
+                if len(pending) >= window:
+                    yield pending.popleft().result()
+                if handle is None:
+                    pending.append(self._pool.submit(fn, task))
+                else:
+                    pending.append(self._pool.submit(_call_with_shared, handle.key, handle.path, fn, task))
+            while pending:
                 yield pending.popleft().result()
-            pending.append(self._pool.submit(fn, task))
-        while pending:
-            yield pending.popleft().result()
+        finally:                                   # all results taken, or the caller gave up (error, Ctrl-C)
+            for future in pending:
+                future.cancel()                    # the results of tasks still running are never looked at
+            if handle is not None:
+                handle.remove()
 
-    def map(self, fn: Callable[[Any], Any], tasks: Iterable[Any]) -> list:
-        """Apply ``fn`` to every task in the pool; results in task order (see :meth:`imap`)."""
-        return list(self.imap(fn, tasks))
+    def map(self, fn: Callable[..., Any], tasks: Iterable[Any], *, shared: Any = None) -> list:
+        """Apply ``fn`` to every task in the pool; results in task order (see :meth:`imap`, ``shared``)."""
+        return list(self.imap(fn, tasks, shared=shared))
 
-    def map_sum(self, fn: Callable[[Any], Any], tasks: Iterable[Any], on_result=None) -> list | None:
+    def map_sum(self, fn: Callable[..., Any], tasks: Iterable[Any], on_result=None, *,
+                shared: Any = None, exact: bool = False):
         """Sum the arrays of every task's ``(arrays, extra)`` exactly; ``on_result(extra)`` in task order.
 
         Each result is added as it arrives (bounded memory); the totals are bit-identical to a serial
-        run's (:mod:`isavar.parallel.reduction`). ``None`` without tasks.
+        run's (:mod:`isavar.parallel.reduction`). ``None`` without tasks. ``shared``: as for :meth:`imap`
+        (each task runs ``fn(shared, task)``; ``shared`` reaches each worker once per call). ``exact=True``:
+        the :class:`~isavar.parallel.reduction.ExactSum` itself (its limbs, not rounded to float64).
         """
-        total = sum_locally(self.imap(fn, tasks), on_result)
-        return None if total is None else total.values()
+        total = sum_locally(self.imap(fn, tasks, shared=shared), on_result)
+        return total if (exact or total is None) else total.values()
 
     def gather(self, obj: Any, root: int = 0) -> list:
         """``[obj]`` (one controlling process)."""

@@ -17,6 +17,8 @@ Memory: 24 bytes per summed float64 element (complex values count as two).
 
 from __future__ import annotations
 
+import json
+
 import numba
 import numpy as np
 
@@ -160,6 +162,31 @@ class ExactSum:
         self.limbs += limbs
         _normalise(*self.limbs)
         self.count += int(count)
+
+    def merge(self, other: "ExactSum") -> "ExactSum":
+        """Add another sum with the same layout into this one, exactly; returns ``self``."""
+        if other.layout != self.layout:
+            raise ValueError(f"cannot merge sums of layouts {other.layout} and {self.layout}")
+        self.merge_limbs(other.limbs, other.count)
+        return self
+
+    def to_arrays(self, prefix: str = "sum") -> dict:
+        """The sum as a dict of arrays (for ``np.savez``): limbs, count and layout; see :meth:`from_arrays`."""
+        shapes = [list(shape) for shape, _ in self.layout]
+        return {f"{prefix}_limbs": self.limbs.copy(), f"{prefix}_count": np.int64(self.count),
+                f"{prefix}_layout": np.array(json.dumps([shapes, [c for _, c in self.layout]]))}
+
+    @classmethod
+    def from_arrays(cls, arrays, prefix: str = "sum") -> "ExactSum":
+        """The sum saved by :meth:`to_arrays` (exactly: continuing it gives the bits of an uninterrupted sum)."""
+        shapes, cplx = json.loads(str(np.asarray(arrays[f"{prefix}_layout"])))
+        total = cls(list(zip(shapes, cplx)))
+        limbs = np.asarray(arrays[f"{prefix}_limbs"], np.int64)
+        if limbs.shape != total.limbs.shape:
+            raise ValueError(f"saved limbs have shape {limbs.shape}, expected {total.limbs.shape}")
+        total.limbs[...] = limbs
+        total.count = int(arrays[f"{prefix}_count"])
+        return total
 
     def values(self) -> list[np.ndarray]:
         """The totals: float64 (or complex128) arrays in the layout's shapes."""

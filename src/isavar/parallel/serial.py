@@ -6,6 +6,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from isavar.parallel.base import with_shared
 from isavar.parallel.reduction import sum_locally
 
 
@@ -20,17 +21,22 @@ class SerialExecutor:
         """Always True."""
         return True
 
-    def map(self, fn: Callable[[Any], Any], tasks: Iterable[Any]) -> list:
-        """Apply ``fn`` to every task in order."""
+    def map(self, fn: Callable[..., Any], tasks: Iterable[Any], *, shared: Any = None) -> list:
+        """Apply ``fn`` to every task in order (``fn(shared, task)`` with ``shared``)."""
+        fn = with_shared(fn, shared)
         return [fn(t) for t in tasks]
 
-    def map_sum(self, fn: Callable[[Any], Any], tasks: Iterable[Any], on_result=None) -> list | None:
+    def map_sum(self, fn: Callable[..., Any], tasks: Iterable[Any], on_result=None, *,
+                shared: Any = None, exact: bool = False):
         """Sum the arrays of every task's ``(arrays, extra)`` exactly; ``on_result(extra)`` in task order.
 
         Returns the float64/complex128 totals (``None`` without tasks); see :mod:`isavar.parallel.reduction`.
+        With ``shared``, each task runs ``fn(shared, task)``. ``exact=True``: the
+        :class:`~isavar.parallel.reduction.ExactSum` itself (its limbs, not rounded to float64).
         """
+        fn = with_shared(fn, shared)
         total = sum_locally((fn(t) for t in tasks), on_result)
-        return None if total is None else total.values()
+        return total if (exact or total is None) else total.values()
 
     def gather(self, obj: Any, root: int = 0) -> list:
         """``[obj]`` (one process)."""

@@ -25,7 +25,6 @@ result. Cost is linear in ``N * img_per_grp``.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 import uuid
@@ -40,6 +39,7 @@ from isavar.conventions import euler_to_matrix
 from isavar.core.geometry import symmetry_matrices
 from isavar.errors import InputError
 from isavar.io.particles import CTF_COLUMNS, ORIENTATION_COLUMNS, missing_columns
+from isavar.parallel.reduction import ExactSum
 from isavar.variability import local_stats as ls
 from isavar.variability import volume as vol
 from isavar.variability.neighbourhoods import NeighbourSearch, centre_order
@@ -294,9 +294,10 @@ def variability(table: pd.DataFrame, images, params: VariabilityParams, *, pixel
         (their 2D maps must already be in the sink's storage).
     checkpoint : callable, optional
         Called on every process after every round of blocks with the state to
-        resume from (``rounds_done``, ``n_rounds``, ``n_blocks``, the summed
-        accumulators ``total_0`` ... ``total_3``, and, complete on the root only,
-        ``angle``, ``mean_var``, ``n_read``); only in the group-statistics mode.
+        resume from (``blocks_done``, ``n_blocks``, the exact sums of the
+        accumulators of the blocks done, ``total_limbs``, ``total_count``,
+        ``total_layout`` (:meth:`ExactSum.to_arrays`), and, complete on the root
+        only, ``angle``, ``mean_var``, ``n_read``); only in the group-statistics mode.
 
     Returns
     -------
@@ -327,23 +328,21 @@ def variability(table: pd.DataFrame, images, params: VariabilityParams, *, pixel
              "CTF (Wiener mean, CTF-corrected variance)" if params.ctf else "no CTF")
     order = centre_order(geo.rotations, BLOCK)
     blocks = [order[s:s + BLOCK] for s in range(0, n, BLOCK)]
-    bounds = vol.round_bounds(len(blocks))
     ctx = _Context(images, geo, params, grid, sym, keep_maps=map_sink is not None, token=uuid.uuid4().hex)
-    task = functools.partial(_group_task, ctx)
     root = executor.is_root()
     angle = np.zeros(n)                                   # per-particle values: complete on the root only
     mean_var = np.zeros(n)
     n_read = 0
-    totals = None
+    total = None
     first = 0
     if resume is not None:
-        first = int(resume["rounds_done"])
-        totals = [np.asarray(resume[f"total_{k}"]) for k in range(4)]
+        first = int(resume["blocks_done"])
+        total = ExactSum.from_arrays(resume, "total")
         angle[:], mean_var[:], n_read = resume["angle"], resume["mean_var"], int(resume["n_read"])
-        log.info("continuing an interrupted run: %d of %d rounds of groups were done", first, len(bounds))
+        log.info("continuing an interrupted run: %d of %d blocks of groups were done", first, len(blocks))
     progress.stage("groups", total=n)
     if first:
-        progress.advance(sum(len(b) for b in blocks[:bounds[first - 1][1]]))
+        progress.advance(sum(len(b) for b in blocks[:first]))
     pending: list = []                                    # this process's per-task values of the current round
 
     def add(extra: _TaskExtra) -> None:
@@ -354,7 +353,7 @@ def variability(table: pd.DataFrame, images, params: VariabilityParams, *, pixel
         if params.verbose:
             _log_groups(extra)
 
-    def end_round(done: int, n_rounds: int, tot) -> None:
+    def end_round(done: int, n_blocks: int, tot) -> None:
         nonlocal n_read
         gathered = executor.gather(list(pending))          # per-particle values go to the root only
         pending.clear()
@@ -364,13 +363,13 @@ def variability(table: pd.DataFrame, images, params: VariabilityParams, *, pixel
                     angle[centres], mean_var[centres] = a, v
                     n_read += k
         if checkpoint is not None:
-            state = {"rounds_done": done, "n_rounds": n_rounds, "n_blocks": len(blocks), "angle": angle,
-                     "mean_var": mean_var, "n_read": n_read}
-            state.update({f"total_{k}": t for k, t in enumerate(tot)})
+            state = {"blocks_done": done, "n_blocks": n_blocks, "angle": angle, "mean_var": mean_var,
+                     "n_read": n_read}
+            state.update(tot.to_arrays("total"))
             checkpoint(state)
 
-    totals = vol.accumulate_rounds(executor, task, blocks, totals=totals, first_round=first, on_result=add,
-                                   on_round=end_round)
+    totals = vol.accumulate_rounds(executor, _group_task, blocks, shared=ctx, total=total, items_done=first,
+                                   on_result=add, on_round=end_round)
     acc_ave, acc_var = vol.accumulators_from(totals, grid.nx, params.npad, params.symmetry)
     progress.close()
     t1 = time.perf_counter()
@@ -428,9 +427,9 @@ def reconstruct_maps(table: pd.DataFrame, images, params: VariabilityParams, *, 
     geo = particle_geometry(table, pixel_size_A, need_ctf=False, source=source)
     grid = choose_grid(box, pixel_size_A, params.replace(lowpass_fl=0.0, lowpass_aa=0.0))
     ctx = _Context(images, geo, params, grid, symmetry_matrices(params.symmetry), keep_maps=False)
-    chunks = [np.arange(s, min(n, s + BLOCK)) for s in range(0, n, BLOCK)]
+    chunks = vol.file_order_chunks(images, BLOCK)
     progress.stage("reconstruction", total=n)
-    totals = vol.accumulate_rounds(executor, functools.partial(_insert_task, ctx), chunks, on_result=progress.advance)
+    totals = vol.accumulate_rounds(executor, _insert_task, chunks, shared=ctx, on_result=progress.advance)
     (acc,) = vol.accumulators_from(totals, grid.nx, params.npad, params.symmetry)
     progress.close()
     var3d = vol.finish(acc, grid, mask_radius_px=params.mask_radius_px)

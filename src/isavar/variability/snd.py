@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 
 import numpy as np
@@ -31,7 +30,7 @@ from isavar.variability.result import VariabilityResult
 
 @dataclasses.dataclass(frozen=True)
 class _SndContext:
-    """What every task needs (sent once per task; picklable).
+    """What every task needs (picklable; reaches each worker once per round of tasks).
 
     Attributes
     ----------
@@ -93,10 +92,10 @@ def _difference_task(ctx: _SndContext, rows):
     return (acc.data, acc.weights), None
 
 
-def _accumulate(executor, task, chunks, grid, params, progress, name):
-    """Exact sums of the tasks' accumulators (:func:`isavar.variability.volume.accumulate_rounds`)."""
+def _accumulate(executor, task, ctx, chunks, grid, params, progress, name):
+    """Exact sums of ``task(ctx, chunk)``'s accumulators (:func:`isavar.variability.volume.accumulate_rounds`)."""
     progress.stage(name, total=len(chunks))
-    totals = vol.accumulate_rounds(executor, task, chunks, on_result=lambda _: progress.advance())
+    totals = vol.accumulate_rounds(executor, task, chunks, shared=ctx, on_result=lambda _: progress.advance())
     progress.close()
     return vol.accumulators_from(totals, grid.nx, params.npad, params.symmetry)[0]
 
@@ -127,12 +126,12 @@ def squared_normalised_differences(table: pd.DataFrame, images, params: Variabil
     ctx = _SndContext(params=params, geometry=geo, grid=grid, images=images)
     from isavar.variability.run import BLOCK          # fixed blocks: the sums do not depend on chunk_size
 
-    chunks = [np.arange(s, min(n, s + BLOCK)) for s in range(0, n, BLOCK)]
-    acc = _accumulate(executor, functools.partial(_reference_task, ctx), chunks, grid, params, progress,
+    chunks = vol.file_order_chunks(images, BLOCK)
+    acc = _accumulate(executor, _reference_task, ctx, chunks, grid, params, progress,
                       "reference")
     reference = acc.finish()
     ctx = dataclasses.replace(ctx, reference=reference)
-    acc2 = _accumulate(executor, functools.partial(_difference_task, ctx), chunks, grid, params, progress,
+    acc2 = _accumulate(executor, _difference_task, ctx, chunks, grid, params, progress,
                        "differences")
     var3d = vol.finish(acc2, grid, mask_radius_px=params.mask_radius_px)
     ave3d = vol.to_input_grid(reference, grid, mask_radius_px=params.mask_radius_px)

@@ -63,32 +63,58 @@ def new_accumulator(nx: int, npad: int, symmetry: str) -> FourierAccumulator:
     return FourierAccumulator(nx, npad=npad, symmetry=symmetry, interpolation=INSERT_INTERPOLATION)
 
 
-#: Rounds a run's tasks are cut into (checkpoints fall between rounds). Fixed, and the round boundaries
-#: depend on the number of tasks only, never on the executor or the number of processes, so the sums are
-#: the same bits however the run is spread and wherever it was interrupted.
+#: Rounds a run's tasks are cut into (checkpoints fall between rounds), at most; fewer when the rounds are
+#: widened to give every process a share of each (:func:`round_bounds`). The sums over the rounds are exact,
+#: so the totals are the same bits however the run is cut, spread or interrupted.
 ROUNDS = 8
 
 
-def round_bounds(n_items: int, rounds: int | None = None) -> list[tuple[int, int]]:
+def round_bounds(n_items: int, rounds: int | None = None, *, processes: int = 1,
+                 start: int = 0) -> list[tuple[int, int]]:
     """Item ranges ``[(start, stop), ...]`` of the rounds of a run of ``n_items`` tasks.
 
-    ``ceil(n_items / rounds)`` tasks per round (the last may be shorter); depends on ``n_items`` only.
+    ``ceil(n_items / rounds)`` tasks per round, rounded up to a multiple of ``processes`` so that every
+    process (MPI rank, pool worker) has the same share of every round, none waits idle while another works
+    (the last round may be shorter). ``start``: the first item of the first round (a resumed run).
     """
     rounds = ROUNDS if rounds is None else int(rounds)
+    processes = max(1, int(processes))
     step = max(1, -(-int(n_items) // max(1, rounds)))
-    return [(s, min(int(n_items), s + step)) for s in range(0, int(n_items), step)]
+    step = processes * -(-step // processes)
+    return [(s, min(int(n_items), s + step)) for s in range(int(start), int(n_items), step)]
 
 
-def accumulate_rounds(executor, task, items, *, totals=None, first_round: int = 0, on_result=None,
+def executor_processes(executor) -> int:
+    """The processes that run an executor's tasks at once: MPI ranks, pool workers, or 1."""
+    return max(1, int(getattr(executor, "workers", None) or getattr(executor, "size", 1) or 1))
+
+
+def file_order_chunks(images, size: int) -> list[np.ndarray]:
+    """The rows of ``images`` in file order, cut into chunks of ``size`` (the tasks of a pass over every image).
+
+    Each file is read once, front to back, over the whole pass even when the particle table is shuffled
+    (the order of ``images.file_order()``, :meth:`isavar.io.stack.LazyImages.file_order`; images without
+    it, e.g. an array, are taken in row order); a task sums its chunk's images, wherever their rows are. A
+    table already in file order gives the consecutive chunks ``arange(s, s + size)``; a shuffled copy of it
+    gives the same chunks of the same images, so the same sums, bit for bit.
+    """
+    file_order = getattr(images, "file_order", None)
+    order = np.asarray(file_order(), np.int64) if callable(file_order) else np.arange(len(images), dtype=np.int64)
+    return [order[s:s + int(size)] for s in range(0, order.size, int(size))]
+
+
+def accumulate_rounds(executor, task, items, *, shared=None, total=None, items_done: int = 0, on_result=None,
                       on_round=None) -> list | None:
     """Sum the arrays the tasks return, one exact reduction per round (the one accumulation loop of 3D sums).
 
-    The items are cut into the rounds of :func:`round_bounds`; each round is one ``executor.map_sum``:
-    every process runs its share of the round's tasks (reading only their images) and the arrays are
-    summed exactly (fixed point, :mod:`isavar.parallel.reduction`), with one ``Allreduce`` under MPI.
-    The round totals (float64) are added in round order. Neither the rounds nor any sum depend on the
-    executor or the number of processes, so the totals are bit-identical for serial, pool and MPI runs,
-    and for a run resumed from any round.
+    The items are cut into the rounds of :func:`round_bounds`, widened to a multiple of the executor's
+    processes (:func:`executor_processes`) so that no MPI rank or pool worker idles during a round; each
+    round is one ``executor.map_sum``: every process runs its share of the round's tasks (reading only
+    their images) and the arrays are summed exactly (fixed point, :mod:`isavar.parallel.reduction`), with
+    one ``Allreduce`` under MPI. The rounds' exact sums are added exactly (their limbs) and rounded to
+    float64 once at the end, so the totals depend neither on the rounds nor on the executor or the number of
+    processes: bit-identical for serial, pool and MPI runs, and for a run resumed after any round, even on
+    another number of processes.
 
     Parameters
     ----------
@@ -96,33 +122,38 @@ def accumulate_rounds(executor, task, items, *, totals=None, first_round: int = 
         Provides ``map_sum``.
     task : callable
         ``task(item) -> (arrays, extra)``: a tuple of arrays of fixed shapes to sum, and any per-task
-        value, which stays on the process that ran the task (picklable for a pool or MPI).
+        value, which stays on the process that ran the task (picklable for a pool or MPI);
+        ``task(shared, item)`` with ``shared``.
     items : sequence
         One task each (e.g. fixed blocks of particle rows).
-    totals : list of numpy.ndarray, optional
-        The totals of the rounds before ``first_round`` (resuming); None when starting.
-    first_round : int
-        Index of the first round to run.
+    shared : object, optional
+        A read-only context every task needs (per-particle tables, the image source): it reaches each
+        pool worker once per round instead of once per task (``map_sum(..., shared=)``).
+    total : ExactSum, optional
+        The exact sum of the tasks ``items[:items_done]`` (resuming); None when starting.
+    items_done : int
+        Tasks already summed in ``total``; the run continues with ``items[items_done:]``.
     on_result : callable, optional
         ``on_result(extra)`` on the process that ran the task, in task order there (progress,
         per-particle values, 2D maps).
     on_round : callable, optional
-        ``on_round(rounds_done, n_rounds, totals)`` on every process after each round (checkpoints).
+        ``on_round(items_done, n_items, total)`` on every process after each round, ``total`` the
+        :class:`~isavar.parallel.reduction.ExactSum` of the tasks done (checkpoints: save
+        ``total.to_arrays()``).
 
     Returns
     -------
     list of numpy.ndarray or None
         The float64 (complex128) totals, identical on every process; None without any task.
     """
-    bounds = round_bounds(len(items))
-    for r in range(int(first_round), len(bounds)):
-        start, stop = bounds[r]
-        sums = executor.map_sum(task, items[start:stop], on_result=on_result)
-        if sums is not None:
-            totals = list(sums) if totals is None else [t + s for t, s in zip(totals, sums, strict=True)]
+    bounds = round_bounds(len(items), processes=executor_processes(executor), start=int(items_done))
+    for start, stop in bounds:
+        part = executor.map_sum(task, items[start:stop], on_result=on_result, shared=shared, exact=True)
+        if part is not None:
+            total = part if total is None else total.merge(part)
         if on_round is not None:
-            on_round(r + 1, len(bounds), totals)
-    return totals
+            on_round(stop, len(items), total)
+    return None if total is None else total.values()
 
 
 def accumulators_from(totals, nx: int, npad: int, symmetry: str) -> list[FourierAccumulator]:

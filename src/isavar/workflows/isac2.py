@@ -487,7 +487,7 @@ class _RowWriter:
     """Writes blocks of rows into ``.npy`` files at their byte offsets (any process, any order).
 
     Each process writes only the rows of the tasks it ran, with plain positioned writes (safe on a shared
-    file system where ranks on other nodes write other rows).
+    file system where ranks on other nodes write other rows); one write per run of consecutive rows.
     """
 
     def __init__(self, paths):
@@ -497,15 +497,21 @@ class _RowWriter:
             row = int(np.prod(np.load(path, mmap_mode="r").shape[1:])) * 4
             self.files.append((os.open(path, os.O_WRONLY), offset, row))
 
-    def write(self, start: int, blocks) -> None:
+    def write(self, rows, blocks) -> None:
+        """Write ``block[j]`` into row ``rows[j]`` of each file (``rows``: distinct row numbers, any order)."""
+        rows = np.asarray(rows, np.int64)
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        runs = list(zip(np.concatenate(([0], breaks)).tolist(), np.concatenate((breaks, [rows.size])).tolist()))
         for (fd, offset, row), block in zip(self.files, blocks):
             if block is None:
                 continue
-            data = np.ascontiguousarray(block, dtype=np.float32).tobytes()
-            pos = offset + start * row
-            while data:
-                done = os.pwrite(fd, data, pos)
-                data, pos = data[done:], pos + done
+            block = np.ascontiguousarray(block, dtype=np.float32)
+            for a, b in runs:
+                data = memoryview(block[a:b]).cast("B")
+                pos = offset + int(rows[a]) * row
+                while data:
+                    done = os.pwrite(fd, data, pos)
+                    data, pos = data[done:], pos + done
 
     def close(self) -> None:
         for fd, _, _ in self.files:
@@ -513,17 +519,19 @@ class _RowWriter:
             os.close(fd)
 
 
-def _fill_rows(executor, fn, tasks, starts, paths, progress=None) -> None:
+def _fill_rows(executor, fn, tasks, rows, paths, progress=None) -> None:
     """Run ``tasks`` (each returning a tuple of row blocks) and write their rows into the ``.npy`` ``paths``.
 
-    Nothing of size N x box² is held by any process: each result is written where it was computed, then
-    dropped. Every process must make the call (MPI).
+    ``rows[t]``: the rows of the files that task ``t``'s blocks fill, in block order (any rows: a task may
+    take its images in file order and put them back in table order). Nothing of size N x box² is held by
+    any process: each result is written where it was computed, then dropped. Every process must make the
+    call (MPI).
     """
     writer = _RowWriter(paths)
 
     def put(item):
         number, blocks = item
-        writer.write(starts[number], blocks)
+        writer.write(rows[number], blocks)
         if progress is not None:
             progress.advance(len(next(b for b in blocks if b is not None)))
 
@@ -557,7 +565,8 @@ def _prepare(run: _Run, stack):
     """
     from isavar.isac.prealign import centring_shifts, prealign
     from isavar.isac.preprocess import radial_amplitude_sum, shrunk_size, vpp_table
-    from isavar.isac.working import LazyRows, MappedStack, RawRows
+    from isavar.io.stack import file_order_of
+    from isavar.isac.working import LazyRows, MappedStack, PickRows
 
     p, outdir = run.p, run.outdir
     ali_dir = outdir / "2dalignment"
@@ -595,9 +604,14 @@ def _prepare(run: _Run, stack):
             _new_npy(path, (n, nd, nd))
     run.executor.barrier()
     ranges = [(s, min(n, s + CHUNK)) for s in range(0, n, CHUNK)]
-    tasks = (PreprocessChunk(images=RawRows(stack.images, s, e), table=table.iloc[s:e], params=p,
-                             pixel_size_A=apix, rpw=rpw) for s, e in ranges)
-    _fill_rows(run.executor, _correct_and_shrink_task, tasks, [s for s, _ in ranges], paths, run.progress)
+    # the images are read in file order (each stack once, front to back, even for a shuffled table) and their
+    # results written back to their table rows; each image's result depends on that image alone, so the
+    # working stack is the same bits as with chunks in table order
+    order = file_order_of(stack.images)
+    chunks = [order[s:e] for s, e in ranges]
+    tasks = (PreprocessChunk(images=PickRows(stack.images, rows), table=table.iloc[rows], params=p,
+                             pixel_size_A=apix, rpw=rpw) for rows in chunks)
+    _fill_rows(run.executor, _correct_and_shrink_task, tasks, chunks, paths, run.progress)
     shrunk = MappedStack(shrunk_path)
     if p.skip_prealignment:
         shifts = np.zeros((n, 2))
@@ -618,7 +632,7 @@ def _prepare(run: _Run, stack):
     run.executor.barrier()
     tasks = (FinishChunk(images=LazyRows(shrunk, np.arange(s, e)), shifts=shifts[s:e] * shrink_eff,
                          table=table.iloc[s:e], params=p) for s, e in ranges)
-    _fill_rows(run.executor, _finish_task, tasks, [s for s, _ in ranges], [work_path])
+    _fill_rows(run.executor, _finish_task, tasks, [np.arange(s, e) for s, e in ranges], [work_path])
     if not root:
         run.executor.barrier()
         run._tick()

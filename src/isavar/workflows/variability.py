@@ -21,9 +21,9 @@ Output directory (must not exist for a new run; nothing is left when the input i
 
 Resuming: while a run is in progress the directory also holds ``.ave2D.scratch`` and
 ``.var2D.scratch`` (the 2D maps computed so far, ``N x nx**2 x 4`` bytes each) and
-``checkpoints/groups.npz`` (the sums after a round of blocks, :data:`isavar.variability.volume.ROUNDS`
-rounds per run: the first and the last round, and at most every :data:`CHECKPOINT_SECONDS` in
-between). Running the same command again on the same input with the same parameters continues an interrupted run
+``checkpoints/groups.npz`` (the exact sums after a round of blocks, at most
+:data:`isavar.variability.volume.ROUNDS` rounds per run: the first and the last round, and at most every
+:data:`CHECKPOINT_SECONDS` in between). Running the same command again on the same input with the same parameters continues an interrupted run
 from its last checkpoint, with a bit-identical result; a finished run, another
 input or other parameters are refused with the reason. The scratch files and the
 checkpoint are removed when the run finishes.
@@ -562,7 +562,7 @@ class _Checkpoints:
             try:
                 with np.load(self.path) as d:
                     state = {k: d[k] for k in d.files}
-                if "rounds_done" not in state:
+                if "blocks_done" not in state:
                     raise ValueError("a checkpoint of an older version")
             except (OSError, ValueError, EOFError) as exc:
                 log.warning("%s is unreadable (%s); the groups are computed again", self.path, exc)
@@ -573,7 +573,7 @@ class _Checkpoints:
         save = None
         if self.root:
             now = time.monotonic()
-            last_round = state["rounds_done"] == state["n_rounds"]
+            last_round = state["blocks_done"] == state["n_blocks"]
             save = self.last is None or now - self.last >= CHECKPOINT_SECONDS or last_round
             if save:
                 self.last = now
@@ -802,12 +802,10 @@ def run_reconstruct(stack_path, out_path, *, ctf: bool = False, symmetry: str = 
     geo = particle_geometry(stack.table, pixel, need_ctf=ctf, source=stack_path)
     ctx = _ReconstructContext(geometry=geo, box=box, npad=int(npad), symmetry=symmetry, interpolation=interpolation,
                               pixel_size_A=pixel, images=stack.images)
-    import functools
-
-    task = functools.partial(_reconstruct_task, ctx)
-    chunks = [np.arange(s, min(n, s + chunk_size)) for s in range(0, n, chunk_size)]
+    chunks = vol.file_order_chunks(stack.images, int(chunk_size))
     progress.stage("reconstruction", total=n)
-    data, weights = vol.accumulate_rounds(executor, task, chunks, on_result=progress.advance)
+    data, weights = vol.accumulate_rounds(executor, _reconstruct_task, chunks, shared=ctx,
+                                          on_result=progress.advance)
     progress.close()
     acc = FourierAccumulator(box, npad=int(npad), symmetry=symmetry, interpolation=interpolation)
     acc.data[...], acc.weights[...] = data, weights
