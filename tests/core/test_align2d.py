@@ -563,11 +563,60 @@ def test_band_limited_multireference_search_and_subsets(rng):
     np.testing.assert_array_equal(sub.mirror, lim.mirror[:, pick])
 
 
-def test_take_block_kernel_equals_numpy_indexing(rng):
-    from isavar.core import _kernels
 
-    src = rng.standard_normal((50, 16, 20)).astype(np.float32)
-    index = rng.integers(0, 50, 30)
-    out = np.empty((30, 5, 12), np.float32)
-    _kernels.take_block(src, index, 3, 8, out)
-    np.testing.assert_array_equal(out, src[index, 3:8, 8:20])
+def _zeroed_outside_blocks(prep):
+    """``prep`` with every weight the blocks of a band-limited ``prep`` leave out set to zero (whole bands)."""
+    import dataclasses
+
+    bands = []
+    for b, (m_lo, m_hi, r_first, w) in enumerate(prep.bands):
+        z = np.zeros_like(w)
+        for blk in prep.blocks:
+            if blk.band == b:
+                z[blk.m_offset:blk.m_offset + blk.m_count, 2 * blk.ring_skip:] = blk.w
+        bands.append((m_lo, m_hi, r_first, z))
+    return dataclasses.replace(prep, bands=tuple(bands), blocks=())
+
+
+@pytest.mark.parametrize("mirror", [True, False])
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_band_limited_search_is_the_full_search_without_the_left_out_terms(rng, mirror, use_cache):
+    from isavar.core.filters import tanh_lowpass
+
+    ref = tanh_lowpass(_blob(rng), 0.2, 0.2)
+    images = _noisy_copies(rng, k=2, per=5, noise=0.5)[1]
+    limited = band_limit(prepare_references(ref, GRID, mirror=mirror), 1e-3)
+    assert limited.blocks
+    zeroed = _zeroed_outside_blocks(limited)
+    kw = dict(x_range=2, y_range=2, step=1, mirror=mirror, delta=0.0)
+    a = align_to_reference(images, limited, GRID, **kw, cache=SpectraCache() if use_cache else None)
+    b = align_to_reference(images, zeroed, GRID, **kw, cache=SpectraCache() if use_cache else None)
+    np.testing.assert_allclose(a.score, b.score, rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(a.mirror, b.mirror)
+    assert _angle_err(a.alpha, b.alpha).max() < 1e-3
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), fl=st.floats(0.05, 0.5), tol=st.sampled_from([1e-5, 1e-4, 1e-3, 1e-2]))
+def test_band_limit_leaves_out_at_most_the_tolerance_of_each_reference(seed, fl, tol):
+    from isavar.core.filters import tanh_lowpass
+
+    rng = np.random.default_rng(seed)
+    refs = tanh_lowpass(np.stack([_blob(rng) for _ in range(3)]), fl, 0.2)
+    prep = prepare_references(refs, GRID)
+    limited = band_limit(prep, tol)
+    zeroed = _zeroed_outside_blocks(limited)
+
+    def energy(p):
+        # ring-weighted energy of every reference; m >= 1 counts twice, as in the real correlation curve
+        out = np.zeros(p.n_refs)
+        for m_lo, m_hi, _r, w in p.bands:
+            a = w.reshape(w.shape[0], w.shape[1] // 2, 2, p.n_refs, 4)[..., 0].astype(np.float64)
+            twice = np.where(np.arange(m_lo, m_hi) == 0, 1.0, 2.0)[:, None, None]
+            out += (twice * (a * a).sum(axis=2)).sum(axis=(0, 1))
+        return out
+
+    left_out = 1.0 - energy(zeroed) / energy(prep)
+    assert np.all(left_out <= tol * (1 + 1e-9))
+    first = [blk for blk in limited.blocks if blk.band == 0 and blk.m_offset == 0]
+    assert first and first[0].ring_skip == 0                    # m = 0 keeps every ring

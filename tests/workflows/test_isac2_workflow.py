@@ -119,7 +119,8 @@ def test_input_columns_are_kept(dataset, finished_run):
 
     rows = pd.Series(range(len(inp)), index=short(inp["rlnImageName"]))[short(una["rlnImageName"])].to_numpy()
     for col in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnDefocusU"):
-        assert np.allclose(una[col].to_numpy(), inp[col].to_numpy()[rows]), col
+        # the STAR writer keeps 6 decimals: |a - b| <= 5e-7 near zero, where a relative tolerance cannot help
+        assert np.allclose(una[col].to_numpy(), inp[col].to_numpy()[rows], atol=1e-6), col
     assert "rlnAngleRot" not in acc.columns
     assert {"rlnIsavar_input_angle_rot_deg", "rlnIsavar_input_angle_psi_deg",
             "rlnIsavar_input_origin_x_A"} <= set(acc.columns)
@@ -212,7 +213,10 @@ def test_rerun_of_finished_run_and_restart(dataset, finished_run, tmp_path):
 
 
 def _two_main_params(**kw):
-    return _params(img_per_grp=25, minimum_grp_size=15, maxit=6, init_iter=2, stab_ali=3, thld_err=0.5, **kw)
+    # SPHIRE's within-group search: with it this data set needs a second main iteration (the restart tests'
+    # subject); isavar's cheaper defaults account for it in one
+    return _params(img_per_grp=25, minimum_grp_size=15, maxit=6, init_iter=2, stab_ali=3, thld_err=0.5,
+                   within_stop=0.0, band_tol=0.0, round_stop="sphire", **kw)
 
 
 def test_restart_rolls_back_to_a_main_iteration_without_duplicating_classes(dataset, tmp_path):
@@ -297,8 +301,10 @@ def test_cli_accepts_both_option_spellings(dataset, tmp_path):
             defaults.minimum_grp_size, defaults.restart, defaults.filament_width, defaults.delta_good,
             defaults.yr, defaults.ts, defaults.ir, defaults.rs) == \
         (0.7, 29, 76, 30, 90.0, 0.2, 0.45, 0.2, 7, 1, 5, 60, -1, -1, 0, -1, 1.0, 1, 1)
-    # isavar's cheaper within-group and pre-alignment searches (issue 11) are options, SPHIRE's by default
-    assert (defaults.within_stop, defaults.prealign_search) == (0.0, "full")
+    # issue 11: the within-group stop, band-limited correlations and the plateau rule are the defaults (their
+    # quality measured over five seeds, bench/isac2.md); the coarse pre-alignment is an option
+    assert (defaults.within_stop, defaults.band_tol, defaults.round_stop, defaults.prealign_search) == \
+        (0.5, 1e-4, "plateau", "full")
     with pytest.raises(SystemExit):
         parser.parse_args([str(dataset), "o"])                            # --radius is required
 

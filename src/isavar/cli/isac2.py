@@ -107,21 +107,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--within_shift_candidates", type=non_negative_int, default=0,
                         help="within-group passes: trial translations per image searched exactly after a coarse "
                              "low-frequency score; 0 searches all exactly, as SPHIRE (default 0)")
-    parser.add_argument("--within_stop", type=finite_float, default=0.0,
+    parser.add_argument("--within_stop", type=finite_float, default=0.5,
                         help="within-group runs: stop once a pass after the last discrete-angle pass moves no image "
                              "by more than this many working pixels; 0 runs all --maxit passes, as SPHIRE "
-                             "(default 0)")
+                             "(default 0.5)")
     parser.add_argument("--prealign_search", choices=["coarse", "full"], default="full",
                         help="pre-alignment passes over the whole translational range: 'coarse' tries every second "
                              "step, then +-1 step around the best; 'full' every step, as SPHIRE (default full)")
-    parser.add_argument("--band_tol", type=finite_float, default=0.0,
+    parser.add_argument("--band_tol", type=finite_float, default=1e-4,
                         help="alignment correlations leave out the ring frequencies of a reference that hold at "
                              "most this fraction of its energy (its low-pass filter leaves almost none there); 0 "
-                             "uses all, as SPHIRE (default 0)")
-    parser.add_argument("--round_stop", choices=["plateau", "sphire"], default="sphire",
+                             "uses all, as SPHIRE (default 1e-4)")
+    parser.add_argument("--round_stop", choices=["plateau", "sphire"], default="plateau",
                         help="a generation's SAC rounds stop once the membership agreement (above 0.5) rose by "
                              "less than 0.05: 'plateau' also when it fell; 'sphire' only when it rose, as SPHIRE "
-                             "(default sphire)")
+                             "(default plateau)")
     add_executor_arguments(parser)
     add_verbosity_arguments(parser)
 

@@ -155,21 +155,3 @@ def to_band(spec, r_off, m_lo, m_hi, out):
     ``out`` (rows, m_hi - m_lo, 2 * band_rings) float32 at ring offset ``r_off`` (Re, Im interleaved)."""
     _to_band(spec, int(r_off), int(m_lo), int(m_hi), out)
 
-
-@njit(cache=True, nogil=True)
-def _take_block(src, index, m_off, col_off, out):  # pragma: no cover - compiled
-    n_rows, n_m, width = out.shape
-    for q in range(n_rows):
-        i = index[q]
-        for m in range(n_m):
-            for j in range(width):
-                out[q, m, j] = src[i, m_off + m, col_off + j]
-
-
-def take_block(src, index, m_off, col_off, out):
-    """``out[q] = src[index[q], m_off:m_off + m, col_off:col_off + width]`` for ``out`` (rows, m, width) float32.
-
-    The rows of a band spectra store that one block of a band-limited reference reads, copied without the
-    slow strided path of ``numpy.take``.
-    """
-    _take_block(src, np.ascontiguousarray(index, dtype=np.int64), int(m_off), int(col_off), out)

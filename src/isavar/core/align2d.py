@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import scipy.fft
@@ -71,6 +72,7 @@ __all__ = [
     "subset_references",
     "coarse_scores",
     "band_limit",
+    "Block",
 ]
 
 #: default number of (image x trial shift x reference) pairs whose correlation curves are computed at
@@ -304,16 +306,19 @@ class SpectraCache:
         index, extra, mean, std = self._lookup(prep, images, i0, s, kx, ky, step)
         ok = index >= 0
         store = self._store(prep)
+        gathered = {}                                   # band -> its stored rows, gathered once per chunk
         for dst, block in zip(out_spectra, _blocks(prep)):
-            sb = store[block[0]]
-            if ok.all() and dst.shape[1:] == sb.shape[1:]:
+            sb = store[block.band]
+            if ok.all() and block.covers(sb.shape[1]):
                 np.take(sb, index, axis=0, out=dst, mode="clip")
-            elif ok.all():                                        # a band-limited reference reads a block
-                _kernels.take_block(sb, index, block[1], 2 * block[3], dst)
+            elif ok.all():                              # a band-limited reference reads part of the band
+                if block.band not in gathered:
+                    gathered[block.band] = np.take(sb, index, axis=0, mode="clip")
+                dst[...] = _block_part(gathered[block.band], block)
             else:
                 if ok.any():
                     dst[ok] = _block_part(sb, block)[index[ok]]
-                dst[~ok] = _block_part(extra[block[0]], block)[-1 - index[~ok]]
+                dst[~ok] = _block_part(extra[block.band], block)[-1 - index[~ok]]
         out_mean[...], out_std[...] = mean, std
 
     def _store(self, prep):
@@ -352,23 +357,99 @@ def _freq_bands(grid: PolarGrid):
     return bands
 
 
+class Block(NamedTuple):
+    """A part of a frequency band that the correlations read (:attr:`PreparedReferences.blocks`).
+
+    Frequencies ``m_lo + m_offset ... m_lo + m_offset + m_count - 1`` of band ``band``, its rings from
+    ``ring_skip`` on (counted from the band's first ring); ``w`` is the band's weight matrix restricted to
+    them, ``(m_count, 2 * (R_b - ring_skip), n_refs * n_cols)``.
+    """
+
+    band: int
+    m_offset: int
+    m_count: int
+    ring_skip: int
+    w: np.ndarray
+
+    def covers(self, band_freqs: int) -> bool:
+        """Whether the block is the whole band (``band_freqs`` frequencies)."""
+        return self.m_offset == 0 and self.ring_skip == 0 and self.m_count == band_freqs
+
+
 def _blocks(prep: "PreparedReferences") -> tuple:
-    """``(band, m_offset, m_count, ring_skip, W)`` parts of the bands the correlations read (all by default)."""
+    """The :class:`Block` s the correlations read: ``prep.blocks``, or every band whole."""
     if prep.blocks:
         return prep.blocks
-    return tuple((b, 0, m_hi - m_lo, 0, w) for b, (m_lo, m_hi, _r, w) in enumerate(prep.bands))
+    return tuple(Block(b, 0, m_hi - m_lo, 0, w) for b, (m_lo, m_hi, _r, w) in enumerate(prep.bands))
 
 
-def _block_part(band_spectra: np.ndarray, block) -> np.ndarray:
+def _block_part(band_spectra: np.ndarray, block: Block) -> np.ndarray:
     """The part ``(rows, m_count, 2 (R_b - ring_skip))`` of band spectra ``(rows, m_b, 2 R_b)`` a block reads."""
-    _b, m_off, m_count, skip, _w = block
-    if m_off == 0 and skip == 0 and m_count == band_spectra.shape[1]:
+    if block.covers(band_spectra.shape[1]):
         return band_spectra
-    return band_spectra[:, m_off:m_off + m_count, 2 * skip:]
+    return band_spectra[:, block.m_offset:block.m_offset + block.m_count, 2 * block.ring_skip:]
 
 
 #: frequencies per block of a band-limited reference (each block keeps its own outer rings)
 BLOCK_FREQS = 8
+
+
+def _block_energy_shares(prep: "PreparedReferences"):
+    """Per block of :data:`BLOCK_FREQS` frequencies, the largest share of a reference's energy on each ring.
+
+    Returns
+    -------
+    parts : list of (band, m_offset, m_count)
+    share : ndarray, (n_parts, max rings)
+        ``max_k E_k(part, ring) / E_k``, rings counted from the band's first ring (0 beyond the band's rings);
+        ``E`` is the ring-weighted energy of the reference's coefficients, ``m >= 1`` counted twice as in the
+        real correlation curve.
+    n_rings : ndarray of int, (n_parts,)
+    """
+    n_cols = 4 if prep.mirror else 2
+    parts, energies = [], []
+    for b, (m_lo, m_hi, _r, w) in enumerate(prep.bands):
+        a = w.reshape(w.shape[0], w.shape[1] // 2, 2, prep.n_refs, n_cols)[..., 0].astype(np.float64)
+        e = (a * a).sum(axis=2)                                                       # (m, rings, K)
+        e *= np.where(np.arange(m_lo, m_hi) == 0, 1.0, 2.0)[:, None, None]
+        for m_off in range(0, m_hi - m_lo, BLOCK_FREQS):
+            m_count = min(BLOCK_FREQS, m_hi - m_lo - m_off)
+            parts.append((b, m_off, m_count))
+            energies.append(e[m_off:m_off + m_count].sum(axis=0).T)                   # (K, rings)
+    total = sum(e.sum(axis=1) for e in energies)
+    total = np.where(total > 0, total, 1.0)
+    n_rings = np.array([e.shape[1] for e in energies])
+    share = np.zeros((len(parts), n_rings.max()))
+    for i, e in enumerate(energies):
+        share[i, :e.shape[1]] = (e / total[:, None]).max(axis=0)
+    return parts, share, n_rings
+
+
+def _ring_skips(share: np.ndarray, n_rings: np.ndarray, tolerance: float, keep_all: int) -> np.ndarray:
+    """Inner rings each block may leave out, together holding at most ``tolerance`` (block ``keep_all`` none).
+
+    A block skips its rings up to the first one whose share reaches a threshold; the threshold is the largest
+    (found by bisection) for which the skipped shares add up to at most ``tolerance``.
+    """
+    share = share.copy()
+    share[keep_all] = np.inf
+    key = np.maximum.accumulate(share, axis=1)                                        # non-decreasing
+    finite = np.where(np.isinf(share), 0.0, share)
+    prefix = np.concatenate([np.zeros((len(share), 1)), np.cumsum(finite, axis=1)], axis=1)
+    rows = np.arange(len(share))
+
+    def skips(threshold):
+        sk = np.minimum((key < threshold).sum(axis=1), n_rings)
+        return sk, prefix[rows, sk].sum()
+
+    lo, hi = 0.0, 2.0 * float(finite.max()) + 1e-30
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        if skips(mid)[1] <= tolerance:
+            lo = mid
+        else:
+            hi = mid
+    return skips(lo)[0]
 
 
 def band_limit(prep: "PreparedReferences", tolerance: float) -> "PreparedReferences":
@@ -379,12 +460,13 @@ def band_limit(prep: "PreparedReferences", tolerance: float) -> "PreparedReferen
     those coefficients add (almost) nothing to the correlation curves. Every frequency band is cut into
     blocks of :data:`BLOCK_FREQS` frequencies; a block leaves out its innermost rings, or is left out whole,
     as long as all the coefficients left out hold together at most ``tolerance`` of the ring-weighted energy
-    of every reference (each reference's share is measured against its own energy, and the largest share
-    over the references is summed). The block holding ``m = 0`` keeps all its rings (the ring normalisation
-    of the images uses the whole ``m = 0`` term).
+    of every reference (each reference's share measured against its own energy, ``m >= 1`` counted twice as
+    in the correlation curve; the largest share over the references is summed). The block holding ``m = 0``
+    keeps all its rings (the ring normalisation of the images uses the whole ``m = 0`` term). Neighbouring
+    blocks of a band that skip the same rings are merged.
 
-    By Cauchy-Schwarz a curve changes by at most ``sqrt(tolerance)`` times the product of the norms of the
-    image and reference spectra; the change is far smaller in practice (``docs/deviations.md``).
+    By Cauchy-Schwarz a curve then changes by at most ``sqrt(tolerance)`` times the product of the norms of
+    the image's and the reference's spectra; in practice far less (``docs/deviations.md``).
 
     Parameters
     ----------
@@ -399,46 +481,21 @@ def band_limit(prep: "PreparedReferences", tolerance: float) -> "PreparedReferen
     """
     if not tolerance > 0:
         return prep
-    n_cols = 4 if prep.mirror else 2
-    parts, energies = [], []                                  # (band, m_offset, m_count), (K, rings)
-    for b, (m_lo, m_hi, _r, w) in enumerate(prep.bands):
-        a = w.reshape(w.shape[0], w.shape[1] // 2, 2, prep.n_refs, n_cols)[..., 0].astype(np.float64)
-        e = (a * a).sum(axis=2)                                                       # (m, rings, K)
-        for m_off in range(0, m_hi - m_lo, BLOCK_FREQS):
-            m_count = min(BLOCK_FREQS, m_hi - m_lo - m_off)
-            parts.append((b, m_off, m_count))
-            energies.append(e[m_off:m_off + m_count].sum(axis=0).T)                   # (K, rings)
-    width = max(e.shape[1] for e in energies)
-    share = np.zeros((len(parts), width))                   # rings left-aligned at the innermost ring
-    total = sum(e.sum(axis=1) for e in energies)
-    total = np.where(total > 0, total, 1.0)
-    for i, e in enumerate(energies):
-        share[i, :e.shape[1]] = (e / total[:, None]).max(axis=0)
-    n_rings = np.array([e.shape[1] for e in energies])
-    share[0] = np.inf                                         # the m = 0 block keeps every ring
-    # a block may skip its rings up to (not including) the first ring whose share reaches the threshold
-    key = np.maximum.accumulate(share, axis=1)                # (blocks, rings) non-decreasing
-    prefix = np.concatenate([np.zeros((len(parts), 1)), np.cumsum(np.where(np.isinf(share), 0, share), axis=1)], 1)
-
-    def skips(threshold):
-        sk = np.minimum((key < threshold).sum(axis=1), n_rings)
-        return sk, prefix[np.arange(len(parts)), sk].sum()
-
-    lo, hi = 0.0, float(np.nanmax(np.where(np.isinf(share), 0, share))) * 2 + 1e-30
-    for _ in range(40):                                       # the largest threshold that drops <= tolerance
-        mid = 0.5 * (lo + hi)
-        if skips(mid)[1] <= tolerance:
-            lo = mid
-        else:
-            hi = mid
-    skip, _ = skips(lo)
-    blocks = []
+    parts, share, n_rings = _block_energy_shares(prep)
+    skip = _ring_skips(share, n_rings, tolerance, keep_all=0)
+    merged = []                                                 # [band, m_offset, m_count, skip]
     for (b, m_off, m_count), sk, nr in zip(parts, skip, n_rings):
         if sk >= nr:
-            continue                                          # the whole block holds (almost) nothing
-        w = prep.bands[b][3]
-        blocks.append((b, m_off, m_count, int(sk), np.ascontiguousarray(w[m_off:m_off + m_count, 2 * int(sk):])))
-    return dataclasses.replace(prep, blocks=tuple(blocks))
+            continue                                            # the whole block holds (almost) nothing
+        last = merged[-1] if merged else None
+        if last and last[0] == b and last[3] == sk and last[1] + last[2] == m_off:
+            last[2] += m_count
+        else:
+            merged.append([b, m_off, m_count, int(sk)])
+    blocks = tuple(Block(b, m_off, m_count, sk,
+                         np.ascontiguousarray(prep.bands[b][3][m_off:m_off + m_count, 2 * sk:]))
+                   for b, m_off, m_count, sk in merged)
+    return dataclasses.replace(prep, blocks=blocks)
 
 
 def prepare_references(references, grid: PolarGrid, *, mirror: bool = True) -> PreparedReferences:
@@ -630,7 +687,7 @@ def _curves_peaks(prep: PreparedReferences, spectra, q0: int, q1: int, k0: int, 
     n_rows = q1 - q0
     # every frequency is written by a block unless the reference is band-limited (zeros in the gaps)
     x = (np.zeros if prep.blocks else np.empty)((grid.n_freq, n_rows, n_k * n_cols), dtype=np.float32)
-    for (band, m_off, m_count, _skip, w), b in zip(_blocks(prep), spectra):
+    for (band, m_off, m_count, _skip, w), b in zip(_blocks(prep), spectra):  # Block fields
         wk = w[:, :, k0 * n_cols:k1 * n_cols] if (k0, k1) != (0, prep.n_refs) else w
         m0 = prep.bands[band][0] + m_off
         np.matmul(b[q0:q1].transpose(1, 0, 2), wk, out=x[m0:m0 + m_count])
@@ -724,7 +781,7 @@ def _search_chunk(prep: PreparedReferences, images: np.ndarray, s: np.ndarray, k
         return _search_chunk_coarse_to_fine(prep, images, s, kx, ky, step, valid, delta_cols, normalize, cache, i0,
                                             coarse_rows)
     blocks = _blocks(prep)
-    spectra = [np.empty((n * n_sh,) + blk[4].shape[:2], np.float32) for blk in blocks]
+    spectra = [np.empty((n * n_sh,) + blk.w.shape[:2], np.float32) for blk in blocks]
     mean = np.empty(n * n_sh)
     std = np.empty(n * n_sh)
     if cache is not None:                                                    # one lookup for the whole chunk
@@ -749,7 +806,7 @@ def _search_chunk(prep: PreparedReferences, images: np.ndarray, s: np.ndarray, k
                 mean[r0:r1], std[r0:r1] = _ring_stats(polar, grid)
             band_spec = _band_spectra(prep, polar)
             for dst, blk in zip(spectra, blocks):
-                dst[r0:r1] = _block_part(band_spec[blk[0]], blk)
+                dst[r0:r1] = _block_part(band_spec[blk.band], blk)
     n_refs = prep.n_refs
     n_curves = 2 if prep.mirror else 1
     peak = np.empty((n, n_sh, n_refs, n_curves), np.float64)
@@ -850,7 +907,7 @@ def _search_chunk_coarse_to_fine(prep, images, s, kx, ky, step, valid, delta_col
     order = n_sh - 1 - np.argsort(-coarse[:, ::-1], axis=1, kind="stable")[:, :coarse_rows]   # (n, R)
     rows = (np.arange(n)[:, None] * n_sh + order).reshape(-1)
     spec = _rows_spectra(store, extra, index, rows, range(len(prep.bands)))
-    spec = [_block_part(spec[blk[0]], blk) for blk in _blocks(prep)]
+    spec = [_block_part(spec[blk.band], blk) for blk in _blocks(prep)]
     pk, ps = _curves_peaks(prep, spec, 0, rows.size, 0, 1, delta_cols)         # (n R, 1, curves)
     peak = pk.reshape(n, coarse_rows, n_curves)
     pos = ps.reshape(n, coarse_rows, n_curves)
@@ -1185,16 +1242,13 @@ def subset_references(prep: PreparedReferences, indices) -> PreparedReferences:
     if idx.size == 0 or idx.min() < 0 or idx.max() >= prep.n_refs:
         raise ValueError(f"reference indices must lie in [0, {prep.n_refs}), got {idx.tolist()[:10]}")
     n_cols = 4 if prep.mirror else 2
-    bands = []
-    for m_lo, m_hi, r_first, w in prep.bands:
-        w4 = w.reshape(w.shape[0], w.shape[1], prep.n_refs, n_cols)
-        bands.append((m_lo, m_hi, r_first,
-                      np.ascontiguousarray(w4[:, :, idx]).reshape(w.shape[0], w.shape[1], idx.size * n_cols)))
+
     def columns(w):
         w4 = w.reshape(w.shape[0], w.shape[1], prep.n_refs, n_cols)
         return np.ascontiguousarray(w4[:, :, idx]).reshape(w.shape[0], w.shape[1], idx.size * n_cols)
 
-    blocks = tuple(blk[:4] + (columns(blk[4]),) for blk in prep.blocks)
+    bands = [(m_lo, m_hi, r_first, columns(w)) for m_lo, m_hi, r_first, w in prep.bands]
+    blocks = tuple(blk._replace(w=columns(blk.w)) for blk in prep.blocks)
     return PreparedReferences(grid=prep.grid, box=prep.box, n_refs=int(idx.size), mirror=prep.mirror,
                               ring_sum=prep.ring_sum[idx].copy(), bands=tuple(bands), blocks=blocks)
 

@@ -73,11 +73,11 @@ def circle(size, radius) -> np.ndarray:
     return np.asarray(circular_mask(size, radius), dtype=np.float32)
 
 
-def prepare(refs, grid, *, mirror=True):
-    """References prepared once for many image chunks."""
-    from isavar.core.align2d import prepare_references
+def prepare(refs, grid, *, mirror=True, band_tol=0.0):
+    """References prepared once for many image chunks (band-limited with ``band_tol > 0``, ``--band_tol``)."""
+    from isavar.core.align2d import band_limit, prepare_references
 
-    return prepare_references(np.asarray(refs, dtype=np.float32), grid, mirror=mirror)
+    return band_limit(prepare_references(np.asarray(refs, dtype=np.float32), grid, mirror=mirror), band_tol)
 
 
 def align_multi(images, refs, grid, p, params, *, xr=None, yr=None, normalize=True):
@@ -89,10 +89,8 @@ def align_multi(images, refs, grid, p, params, *, xr=None, yr=None, normalize=Tr
     params : ndarray, (n, K, 4) float64
         Parameters aligning each image to each reference.
     """
-    from isavar.core.align2d import PreparedReferences, align_to_references, band_limit
+    from isavar.core.align2d import align_to_references
 
-    if isinstance(refs, PreparedReferences):
-        refs = band_limit(refs, p.band_tol)
     res = align_to_references(np.asarray(images, dtype=np.float32), refs, grid,
                               x_range=p.xr if xr is None else xr, y_range=p.yr_eff if yr is None else yr,
                               step=p.ts, mirror=True, delta=0.0, normalize_images=normalize,
@@ -108,9 +106,7 @@ def align_single(images, ref, grid, p, params, delta, *, xr=None, yr=None, ts=No
     from isavar.core.align2d import PreparedReferences, align_to_reference, band_limit
 
     if p.band_tol > 0:
-        if not isinstance(ref, PreparedReferences):
-            ref = prepare(ref, grid)
-        ref = band_limit(ref, p.band_tol)
+        ref = band_limit(ref if isinstance(ref, PreparedReferences) else prepare(ref, grid), p.band_tol)
     res = align_to_reference(np.asarray(images, dtype=np.float32), ref, grid,
                              x_range=p.xr if xr is None else xr, y_range=p.yr_eff if yr is None else yr,
                              step=p.ts if ts is None else ts, mirror=True, delta=float(delta),

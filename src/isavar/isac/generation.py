@@ -495,7 +495,7 @@ def eqk_iteration(images, refs, params, fl, p, grid, executor, rng, *, assign=as
     images = as_subset(images)
     n, n_classes = len(images), len(refs)
     mask = _ops.circle(images.shape[-1], p.target_radius)
-    prep = _ops.prepare(normalise_references(refs, mask), grid)
+    prep = _ops.prepare(normalise_references(refs, mask), grid, band_tol=p.band_tol)
     if p.eqk_search == "candidates" and n_classes > 2 * p.eqk_candidates:
         assignment, chosen = _assign_candidates(images, prep, params, p, grid, executor, assign)
     else:

@@ -93,19 +93,18 @@ class Isac2Params:
     within_stop : float
         isavar extension: a within-group run stops once an alignment pass after the last discrete-angle pass
         moves no image by more than this many pixels (a point within ``target_radius``; a changed mirror
-        always counts); 0 (default) runs all ``maxit`` passes (SPHIRE). Not the default: on the
-        2,000-particle benchmark it moved the accounted fraction and noise rejection by more than 0.02
-        (``bench/isac2.md``).
+        always counts); default 0.5; 0 runs all ``maxit`` passes (SPHIRE). Quality over five seeds of the
+        2,000-particle benchmark with ``band_tol`` and ``round_stop`` at their defaults: ``bench/isac2.md``.
     band_tol : float
         isavar extension: the correlations leave out a reference's highest ring frequencies and innermost
         rings of each frequency band as long as the coefficients left out hold at most this fraction of the
         reference's (ring-weighted) energy (:func:`isavar.core.align2d.band_limit`); the tanh-filtered
-        references of ISAC have almost none there. 0 uses every coefficient (SPHIRE).
+        references of ISAC have almost none there. Default 1e-4; 0 uses every coefficient (SPHIRE).
     round_stop : {"plateau", "sphire"}
         isavar extension: when a generation's SAC rounds stop before ``init_iter``. Both need a membership
         agreement above 0.5 with the previous check; "sphire" stops only when the agreement rose by less
         than 0.05 but more than 0 (SPHIRE: a round whose agreement fell never stops the generation);
-        "plateau" also stops when it fell (the memberships have stopped improving).
+        "plateau" (default) also stops when it fell (the memberships have stopped improving).
     """
 
     radius: int
@@ -150,13 +149,13 @@ class Isac2Params:
     prealign_search: str = field(default="full", metadata={
         "help": "pre-alignment passes over the full translational range: 'coarse' (every second step, then "
                 "+-1 step around the best) or 'full' (every step, SPHIRE)"})
-    within_stop: float = field(default=0.0, metadata={
+    within_stop: float = field(default=0.5, metadata={
         "help": "within-group runs: stop once an alignment pass after the last discrete-angle pass moves no "
                 "image by more than this many pixels (0: all maxit passes, SPHIRE)"})
-    band_tol: float = field(default=0.0, metadata={
+    band_tol: float = field(default=1e-4, metadata={
         "help": "fraction of a reference's energy its left-out ring coefficients may hold in the correlations "
                 "(0: all coefficients, SPHIRE)"})
-    round_stop: str = field(default="sphire", metadata={
+    round_stop: str = field(default="plateau", metadata={
         "help": "SAC rounds stop once the membership agreement (above 0.5) rose by less than 0.05: 'plateau' "
                 "also when it fell, 'sphire' only when it rose"})
 

@@ -259,7 +259,9 @@ def prealign(images, p, executor, *, progress=None, chunk=512, subset_size=PREAL
     n_steps = len(xrs)
     maxit = p.prealign_maxit
     if progress is not None:
-        progress.stage("pre-alignment", total=n_steps * maxit)     # one step per reference pass
+        # the reference passes on the subset (the last one only builds the reference), then one final pass
+        # per step over every image, weighted by its share of the images
+        progress.stage("pre-alignment", total=(n_steps * maxit - 1) + n_steps * max(1, n // max(m, 1)))
     total = 0
     prev_delta = 0.0
     ref = None
@@ -295,6 +297,8 @@ def prealign(images, p, executor, *, progress=None, chunk=512, subset_size=PREAL
     final = np.zeros((n, 4))
     for xr, ts in zip(xrs, tss):
         final = _align_range(images, ref, final, p, grid, xr, ts, 0.0, executor, chunk)
+        if progress is not None:
+            progress.advance(max(1, n // max(m, 1)))
     return final, ref
 
 

@@ -261,8 +261,8 @@ def within_group_refinement(images, params, p, grid, rng, *, randomize: bool = T
         Compute the final average (the last pass only averages); None is returned in its place otherwise.
 
     With ``p.within_stop > 0`` (isavar extension) the run ends early, once an alignment pass after the last
-    discrete-angle pass moves no image by more than ``within_stop`` pixels (:func:`max_displacement`); the
-    final average is then computed as the last pass would.
+    discrete-angle pass, and not before pass ``(maxit - 1) // 2``, moves no image by more than ``within_stop``
+    pixels (:func:`max_displacement`); the final average is then computed as the last pass would.
 
     Returns
     -------
@@ -283,7 +283,9 @@ def within_group_refinement(images, params, p, grid, rng, *, randomize: bool = T
                                 rng.integers(0, 2, n)]).astype(np.float64)
         params = _ops.compose(np.column_stack([np.zeros(n), -centre, np.zeros(n)]), rand)
     stop_tol = float(p.within_stop)
-    last_discrete = last_discrete_pass(p) if stop_tol > 0 else -1
+    # the stop may end a run only after its last discrete-angle pass and once the filter ramp is half way
+    # (with few passes an early low-resolution pass can move no image and yet be far from the alignment)
+    first_stop = max(last_discrete_pass(p) + 1, (p.maxit - 1) // 2) if stop_tol > 0 else 0
     for it in range(p.maxit - 1):
         # the intermediate references only enter the search through their rings, so they are built from
         # the images' ring spectra; the returned average is a real-space one (deviation note in docs)
@@ -292,7 +294,7 @@ def within_group_refinement(images, params, p, grid, rng, *, randomize: bool = T
         delta = discrete_delta(it, it + 1, p.maxit, p.dst)
         new = _ops.align_single(images, avg, grid, p, params, delta, cache=cache,
                                 coarse_rows=p.within_shift_candidates)
-        converged = (stop_tol > 0 and it > last_discrete
+        converged = (stop_tol > 0 and it >= first_stop
                      and max_displacement(params, new, p.target_radius) <= stop_tol)
         params = new
         if converged:
