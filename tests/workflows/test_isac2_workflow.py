@@ -533,3 +533,31 @@ def test_aligned_stack_mirrored_members_match_their_class(mirrored_run):
             right = [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(imgs[s], truth[s])]
             other = [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(imgs[s], flipped)]
             assert np.mean(np.greater(right, other)) >= 0.9
+
+
+class _RecordingProgress:
+    """A Progress that records each stage with its total and the steps it was advanced."""
+
+    def __init__(self):
+        self.stages = []
+
+    def stage(self, name, total=None):
+        self.stages.append([name, total, 0])
+
+    def advance(self, n=1):
+        if self.stages:
+            self.stages[-1][2] += n
+
+    def close(self):
+        pass
+
+
+def test_progress_stages_have_totals_for_a_time_estimate(dataset, tmp_path):
+    # tqdm shows a time estimate only for a bar with a total: the pre-alignment and every generation's rounds
+    rec = _RecordingProgress()
+    run_isac2(dataset, tmp_path / "o", _params(), progress=rec)
+    by_name = {name.split(":")[0]: (total, done) for name, total, done in rec.stages}
+    total, done = by_name["pre-alignment"]
+    assert total is not None and done == total
+    generations = [(total, done) for name, total, done in rec.stages if "generation" in name]
+    assert generations and all(total == 2 and 1 <= done <= total for total, done in generations)

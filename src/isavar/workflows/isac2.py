@@ -403,6 +403,11 @@ def _run(run: _Run, stack):
     grid = isac_run.make_grid(p)
     t = time.time()
     if not state.finished:
+        if state.engine is not None and not state.engine.done:     # resumed inside a generation
+            run.progress.stage(f"main {state.main} generation {state.gen}: SAC rounds (at most {p.init_iter})",
+                               total=p.init_iter)
+            run.progress.advance(state.engine.rounds_done)
+
         def on_step(st, event):
             if run.root:                                 # every process holds the same state; one writes
                 ended = isinstance(event, isac_run.GenerationFinished)
