@@ -47,6 +47,27 @@ def _band_index(row_start, row_len, r, iz, iy, ix):  # pragma: no cover - compil
     return row_start[row] + ix
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _corners(row_start, row_len, r, qx, qy, qz, idx, wt):  # pragma: no cover - compiled
+    """The 8 trilinear neighbours of ``(qx, qy, qz)``: band indices (-1 outside the band) and float32 weights.
+
+    Order ``dz``, ``dy``, ``dx`` (outer to inner), which fixes the order of the accumulations.
+    """
+    fx, fy, fz = np.floor(qx), np.floor(qy), np.floor(qz)
+    tx, ty, tz = np.float32(qx - fx), np.float32(qy - fy), np.float32(qz - fz)
+    iz, iy, ix = np.int64(fz), np.int64(fy), np.int64(fx)
+    c = 0
+    for dz in range(2):
+        wz = tz if dz else np.float32(1.0) - tz
+        for dy in range(2):
+            wy = ty if dy else np.float32(1.0) - ty
+            for dx in range(2):
+                wx = tx if dx else np.float32(1.0) - tx
+                idx[c] = _band_index(row_start, row_len, r, iz + dz, iy + dy, ix + dx)
+                wt[c] = wx * wy * wz
+                c += 1
+
+
 @njit(cache=True, nogil=True)
 def gather_slices(stores, row_start, row_len, r, rot, k2, lim, out):  # pragma: no cover - compiled
     """Central-slice samples of ``V`` volumes for ``c`` images.
@@ -73,26 +94,19 @@ def gather_slices(stores, row_start, row_len, r, rot, k2, lim, out):  # pragma: 
     c = rot.shape[0]
     n_s = k2.shape[0]
     n_v = stores.shape[1]
+    idx = np.empty(8, np.int64)
+    wt = np.empty(8, np.float32)
     for i in range(c):
         for s in range(n_s):
             qx, qy, qz, sign = _position(rot, i, k2[s, 0], k2[s, 1], lim)
-            fx, fy, fz = np.floor(qx), np.floor(qy), np.floor(qz)
-            tx, ty, tz = np.float32(qx - fx), np.float32(qy - fy), np.float32(qz - fz)
-            iz, iy, ix = np.int64(fz), np.int64(fy), np.int64(fx)
+            _corners(row_start, row_len, r, qx, qy, qz, idx, wt)
             for v in range(n_v):
                 out[i, s, v] = 0
-            for dz in range(2):
-                wz = tz if dz else np.float32(1.0) - tz
-                for dy in range(2):
-                    wy = ty if dy else np.float32(1.0) - ty
-                    for dx in range(2):
-                        wx = tx if dx else np.float32(1.0) - tx
-                        idx = _band_index(row_start, row_len, r, iz + dz, iy + dy, ix + dx)
-                        if idx < 0:
-                            continue
-                        w = wx * wy * wz
-                        for v in range(n_v):
-                            out[i, s, v] += w * stores[idx, v]
+            for k in range(8):
+                if idx[k] < 0:
+                    continue
+                for v in range(n_v):
+                    out[i, s, v] += wt[k] * stores[idx[k], v]
             if sign < 0:
                 for v in range(n_v):
                     out[i, s, v] = np.conj(out[i, s, v])
@@ -125,12 +139,12 @@ def scatter_moments(u, zz, g, zhat, row_start, row_len, r, rot, k2, lim, h_out, 
     n_j = zhat.shape[1]
     hv = np.empty(n_p)
     bv = np.empty(n_j, np.complex128)
+    idx = np.empty(8, np.int64)
+    wt = np.empty(8, np.float32)
     for i in range(c):
         for s in range(n_s):
             qx, qy, qz, sign = _position(rot, i, k2[s, 0], k2[s, 1], lim)
-            fx, fy, fz = np.floor(qx), np.floor(qy), np.floor(qz)
-            tx, ty, tz = np.float32(qx - fx), np.float32(qy - fy), np.float32(qz - fz)
-            iz, iy, ix = np.int64(fz), np.int64(fy), np.int64(fx)
+            _corners(row_start, row_len, r, qx, qy, qz, idx, wt)
             us = np.float64(u[i, s])
             gs = np.complex128(g[i, s])
             if sign < 0:
@@ -139,20 +153,14 @@ def scatter_moments(u, zz, g, zhat, row_start, row_len, r, rot, k2, lim, h_out, 
                 hv[p] = us * zz[i, p]
             for a in range(n_j):
                 bv[a] = gs * zhat[i, a]
-            for dz in range(2):
-                wz = tz if dz else np.float32(1.0) - tz
-                for dy in range(2):
-                    wy = ty if dy else np.float32(1.0) - ty
-                    for dx in range(2):
-                        wx = tx if dx else np.float32(1.0) - tx
-                        idx = _band_index(row_start, row_len, r, iz + dz, iy + dy, ix + dx)
-                        if idx < 0:
-                            continue
-                        w = np.float64(wx * wy * wz)
-                        for p in range(n_p):
-                            h_out[idx, p] += w * hv[p]
-                        for a in range(n_j):
-                            b_out[idx, a] += w * bv[a]
+            for k in range(8):
+                if idx[k] < 0:
+                    continue
+                w = np.float64(wt[k])
+                for p in range(n_p):
+                    h_out[idx[k], p] += w * hv[p]
+                for a in range(n_j):
+                    b_out[idx[k], a] += w * bv[a]
 
 
 @njit(cache=True, nogil=True)
