@@ -293,12 +293,12 @@ def test_iter_reali_last_round_is_checked(planted, monkeypatch):
     assert flags[:3 * n_classes] == [True] * n_classes + [False] * n_classes + [True] * n_classes
 
 
-def _finished_generation(n_total, members_per_class, p, *, gen=1):
+def _finished_generation(n_total, members_per_class, p, *, gen=1, main=1):
     """A run state whose current generation (on every image) ends with the given stable members."""
     from isavar.isac.run import finish_generation
 
     state = initial_state(n_total, p)
-    state.gen = gen
+    state.gen, state.main = gen, main
     k = len(members_per_class)
     state.engine = EngineState(params=np.zeros((n_total, 4)), refs=np.zeros((k, 8, 8), np.float32),
                                members=[np.asarray(m, np.int64) for m in members_per_class],
@@ -338,6 +338,21 @@ def test_first_generation_with_too_few_good_classes_ends_the_run():
     assert event.good == [0] and event.end_main and state.finished
     state, event = _finished_generation(800, members, p, gen=2)           # not in a later generation:
     assert not state.finished and (state.main, state.gen) == (2, 1)       # few rejected -> next main
+
+
+def test_main_iteration_accepting_few_of_its_classes_ends_the_run():
+    """--main_stop: after the first main iteration, a first generation accepting fewer than that fraction of
+    its classes ends the run (its accepted class kept); SPHIRE's rule (0) goes on while any class is accepted."""
+    members = [np.arange(0, 60)] + [np.arange(100 * k, 100 * k + 15) for k in range(1, 10)]   # 1 of 10 good
+    for main, main_stop, ends in [(2, 0.2, True), (2, 0.1, False), (2, 0.0, False), (1, 0.2, False)]:
+        p = small_params(img_per_grp=50, minimum_grp_size=20, main_stop=main_stop)
+        state, event = _finished_generation(1000, members, p, main=main)
+        assert event.good == [0] and len(state.members) == 1
+        assert state.finished == ends, (main, main_stop)
+        if not ends:
+            assert (state.main, state.gen) == (main, 2)              # 135 rejected images: the next generation
+    with pytest.raises(InputError, match="main_stop"):
+        small_params(main_stop=1.5).validate()
 
 
 def test_candidate_search_generation_resumes_identically(planted):

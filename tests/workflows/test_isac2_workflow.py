@@ -305,6 +305,7 @@ def test_cli_accepts_both_option_spellings(dataset, tmp_path):
     # quality measured over five seeds, bench/isac2.md); the coarse pre-alignment is an option
     assert (defaults.within_stop, defaults.band_tol, defaults.round_stop, defaults.prealign_search) == \
         (0.5, 1e-4, "plateau", "full")
+    assert defaults.main_stop == 0.2
     with pytest.raises(SystemExit):
         parser.parse_args([str(dataset), "o"])                            # --radius is required
 

@@ -104,6 +104,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "as SPHIRE (cost grows as its square) (default candidates)")
     parser.add_argument("--eqk_candidates", type=positive_int, default=8,
                         help="candidate references per image of the 'candidates' EQK search (default 8)")
+    parser.add_argument("--main_stop", type=finite_float, default=0.2,
+                        help="a main iteration after the first whose first generation accepts fewer than this "
+                             "fraction of its classes ends the run; 0 goes on while any class is accepted, as "
+                             "SPHIRE (default 0.2)")
     parser.add_argument("--within_shift_candidates", type=non_negative_int, default=0,
                         help="within-group passes: trial translations per image searched exactly after a coarse "
                              "low-frequency score; 0 searches all exactly, as SPHIRE (default 0)")

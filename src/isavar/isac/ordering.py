@@ -10,6 +10,7 @@ frame of its predecessor, cumulatively (shifts dropped, as in SPHIRE).
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 from isavar.isac import _ops
 from isavar.parallel.partition import task_rngs
@@ -27,89 +28,194 @@ def _ccc(a, b, mask):
     return np.where(den > 0, (x * y).sum(-1) / np.where(den > 0, den, 1.0), 0.0)
 
 
-def pairwise_alignment(averages, p, executor=None):
-    """Align every average to every other one.
+#: Averages per task of the pairwise alignment (fixed: the results never depend on the executor).
+PAIR_ROWS = 16
+
+
+def _pair_setup(averages, p):
+    """Mask, polar grid and ring-normalised copies of the averages for the pairwise alignments."""
+    from isavar.core.polar import polar_grid
+    from isavar.isac.generation import normalise_references
+
+    t = averages.shape[-1]
+    radius = t // 2 - 2
+    mask = _ops.circle(t, radius)
+    grid = polar_grid(1, min(radius, t // 2 - 2 - (p.xr + 1) - 1), 1)
+    return mask, grid, normalise_references(averages, mask)
+
+
+def _align_rows(norm, refs, grid, p):
+    """Parameters taking each of ``norm`` (m, T, T) onto each prepared reference: (m, k, 4)."""
+    _, cand = _ops.align_multi(norm, refs, grid, p, np.zeros((len(norm), 4)), xr=p.xr + 1, yr=p.yr_eff + 1,
+                               normalize=False)
+    return cand
+
+
+def _ccc_rows(shared, rows):
+    """CCC of every average with averages ``rows`` aligned onto it, (len(rows), C) (an executor task)."""
+    averages, norm, prep, grid, mask, p = shared
+    c = len(averages)
+    cand = _align_rows(norm[rows], prep, grid, p)                         # (m, C, 4)
+    out = np.empty((len(rows), c))
+    for r, i in enumerate(rows):
+        moved = _ops.transform(np.repeat(averages[i:i + 1], c, 0), cand[r])
+        out[r] = _ccc(moved, averages, mask)
+    return out
+
+
+def pairwise_ccc(averages, p, executor=None):
+    """Align every average to every other one; the correlation after alignment.
+
+    Parameters
+    ----------
+    averages : ndarray, (C, T, T)
+    p : Isac2Params
+        ``xr``/``yr``: the translational search is one step wider.
+    executor : Executor, optional
+        Spreads blocks of :data:`PAIR_ROWS` averages (same result on any executor).
 
     Returns
     -------
-    ccc : ndarray, (C, C)
-        ``ccc[i, j]`` = correlation of average j with average i transformed by ``params[i, j]``.
-    params : ndarray, (C, C, 4)
-        Parameters taking average i onto average j.
+    ndarray, (C, C)
+        ``ccc[i, j]`` = CCC inside a circular mask of average j with average i aligned onto it (rotation,
+        mirror, shift); 1 on the diagonal. Memory O(C²) for this matrix only, not for the parameters.
     """
+    from isavar.parallel.serial import SerialExecutor
+
+    executor = executor or SerialExecutor()
     averages = np.asarray(averages, np.float32)
-    c, t, _ = averages.shape
-    radius = t // 2 - 2
-    mask = _ops.circle(t, radius)
-    from isavar.isac.generation import normalise_references
-    from isavar.core.polar import polar_grid
-
-    grid = polar_grid(1, min(radius, t // 2 - 2 - (p.xr + 1) - 1), 1)
-    norm = normalise_references(averages, mask)
-    _, cand = _ops.align_multi(norm, norm, grid, p, np.zeros((c, 4)), xr=p.xr + 1, yr=p.yr_eff + 1,
-                               normalize=False)
-    ccc = np.zeros((c, c))
-    for i in range(c):
-        moved = _ops.transform(np.repeat(averages[i:i + 1], c, 0), cand[i])
-        ccc[i] = _ccc(moved, averages, mask)
+    c = len(averages)
+    mask, grid, norm = _pair_setup(averages, p)
+    prep = _ops.prepare(norm, grid)
+    blocks = [np.arange(s, min(c, s + PAIR_ROWS)) for s in range(0, c, PAIR_ROWS)]
+    ccc = np.concatenate(executor.map(_ccc_rows, blocks, shared=(averages, norm, prep, grid, mask, p)), axis=0)
     np.fill_diagonal(ccc, 1.0)
-    return ccc, cand
+    return ccc
 
 
-def _tour_length(tour, dist):
+def _tour_length(tour, dist) -> float:
+    """Length of the circular tour ``tour`` under the distance matrix ``dist``."""
     return float(dist[tour, np.roll(tour, -1)].sum())
 
 
+@njit(cache=True)
+def _anneal_at(dist, tour, cur, temp, draws, max_accepted):  # pragma: no cover - compiled
+    """Moves of one temperature on ``tour`` (changed in place); returns ``(accepted, length)``.
+
+    Each move takes one row of ``draws`` (uniform in [0, 1)): two distinct positions ``i < j``, the kind of
+    move (reverse ``tour[i..j]``, or move that segment to another place of the tour), the new place, and the
+    Metropolis test. A move's change of length is computed from the four to six edges it replaces, O(1);
+    only accepted moves rewrite the tour.
+    """
+    n = tour.shape[0]
+    accepted = 0
+    buf = np.empty(n, np.int64)
+    for t in range(draws.shape[0]):
+        i = int(draws[t, 0] * n)
+        j = int(draws[t, 1] * (n - 1))
+        if j >= i:
+            j += 1
+        if i > j:
+            i, j = j, i
+        seg = j - i + 1
+        if seg >= n - 1:                                   # the whole tour, or all but one item: same cycle
+            continue
+        a, ti, tj, b = tour[(i - 1) % n], tour[i], tour[j], tour[(j + 1) % n]
+        reverse = draws[t, 2] < 0.5
+        if reverse:
+            delta = dist[a, tj] + dist[ti, b] - dist[a, ti] - dist[tj, b]
+        else:
+            # the tour without the segment, as a sequence starting after it: b ... a (n - seg items); the
+            # segment goes between items k - 1 and k of that sequence (k = 0 or n - seg: between a and b)
+            rest = n - seg
+            k = int(draws[t, 3] * (rest + 1))
+            if k == 0 or k == rest:
+                continue                                   # back where it was
+            p = tour[(j + k) % n]
+            q = tour[(j + k + 1) % n]
+            delta = (dist[a, b] - dist[a, ti] - dist[tj, b]) + (dist[p, ti] + dist[tj, q] - dist[p, q])
+        if delta < 0 or draws[t, 4] < np.exp(-delta / temp):
+            if reverse:
+                for u in range((j - i + 1) // 2):
+                    tour[i + u], tour[j - u] = tour[j - u], tour[i + u]
+            else:
+                w = 0
+                for u in range(1, k + 1):                  # the rest up to p, then the segment, then q ... a
+                    buf[w] = tour[(j + u) % n]
+                    w += 1
+                for u in range(i, j + 1):
+                    buf[w] = tour[u]
+                    w += 1
+                for u in range(k + 1, rest + 1):
+                    buf[w] = tour[(j + u) % n]
+                    w += 1
+                tour[:] = buf
+            cur += delta
+            accepted += 1
+            if accepted >= max_accepted:
+                break
+    return accepted, cur
+
+
 def anneal_tour(dist, rng, *, t0=0.2, cooling=0.9, n_temps=100):
-    """Circular tour through all items, by simulated annealing (segment reversal / transposition)."""
+    """Circular tour through all items, by simulated annealing (segment reversal / transposition).
+
+    Parameters
+    ----------
+    dist : ndarray, (n, n)
+        Symmetric distances.
+    rng : numpy.random.Generator
+        The only source of randomness (five uniforms per move).
+    t0, cooling, n_temps : float, float, int
+        Start temperature, its factor per step, and the number of steps; at each temperature at most
+        ``100 n`` moves are tried and it ends after ``10 n`` accepted ones; no accepted move ends the run.
+
+    Returns
+    -------
+    ndarray of int, (n,)
+        The tour (a permutation of ``0 .. n-1``). Cost O(n) per tried move in the worst case, O(1) for a
+        rejected one.
+    """
     n = len(dist)
-    tour = np.arange(n)
+    tour = np.arange(n, dtype=np.int64)
     if n <= 3:
         return tour
-    cur = _tour_length(tour, dist)
+    dist = np.ascontiguousarray(dist, dtype=np.float64)
     temp = t0
     for _ in range(n_temps):
-        accepted = 0
-        for _ in range(100 * n):
-            i, j = np.sort(rng.choice(n, 2, replace=False))
-            if j - i < 1:
-                continue
-            if rng.random() < 0.5:
-                new = tour.copy()
-                new[i:j + 1] = new[i:j + 1][::-1]
-            else:
-                seg = tour[i:j + 1]
-                rest = np.concatenate([tour[:i], tour[j + 1:]])
-                k = rng.integers(0, len(rest) + 1)
-                new = np.concatenate([rest[:k], seg, rest[k:]])
-            length = _tour_length(new, dist)
-            if length < cur or rng.random() < np.exp(-(length - cur) / temp):
-                tour, cur = new, length
-                accepted += 1
-                if accepted >= 10 * n:
-                    break
+        accepted, _length = _anneal_at(dist, tour, _tour_length(tour, dist), temp, rng.random((100 * n, 5)),
+                                       10 * n)
         if accepted == 0:
             break
         temp *= cooling
     return tour
 
 
+@njit(cache=True)
+def _greedy_chain_score(ccc, start, used):  # pragma: no cover - compiled
+    """Summed CCC along the greedy chain from ``start`` (always to the most similar unused item)."""
+    n = ccc.shape[0]
+    used[:] = False
+    used[start] = True
+    last, score = start, 0.0
+    for _ in range(n - 1):
+        nxt, best = -1, -np.inf
+        for m in range(n):
+            if not used[m] and ccc[last, m] > best:
+                nxt, best = m, ccc[last, m]
+        score += best
+        used[nxt] = True
+        last = nxt
+    return score
+
+
 def greedy_start(ccc) -> int:
-    """Start of the best greedy chain (largest summed CCC along the chain)."""
+    """Start of the best greedy chain (largest summed CCC along the chain; ties: the first start)."""
+    ccc = np.ascontiguousarray(ccc, dtype=np.float64)
     n = len(ccc)
-    best, best_score = 0, -np.inf
-    for start in range(n):
-        chain, used, score = [start], {start}, 0.0
-        while len(chain) < n:
-            row = ccc[chain[-1]].copy()
-            row[list(used)] = -np.inf
-            nxt = int(np.argmax(row))
-            score += ccc[chain[-1], nxt]
-            chain.append(nxt)
-            used.add(nxt)
-        if score > best_score:
-            best, best_score = start, score
-    return best
+    used = np.zeros(n, np.bool_)
+    scores = np.array([_greedy_chain_score(ccc, start, used) for start in range(n)])
+    return int(np.argmax(scores))
 
 
 def order_averages(averages, p, executor=None):
@@ -134,18 +240,22 @@ def order_averages(averages, p, executor=None):
         return np.zeros(0, np.int64), np.zeros((0, 4))
     if c == 1:
         return np.zeros(1, np.int64), np.zeros((1, 4))
-    ccc, cand = pairwise_alignment(averages, p, executor)
+    ccc = pairwise_ccc(averages, p, executor)
     dist = np.maximum(0.0, 1.0 - 0.5 * (ccc + ccc.T))
     rng = task_rngs(p.rand_seed, 1, key=_ORDER_KEY)[0]
     tour = anneal_tour(dist, rng)
     init = greedy_start(ccc)
+    del dist, ccc
     pos = int(np.flatnonzero(tour == init)[0])
     order = np.roll(tour, -pos)
+    # each average aligned onto its predecessor again (C alignments instead of keeping C² parameters)
+    _mask, grid, norm = _pair_setup(averages, p)
+    prep = _ops.prepare(norm, grid)
     params = np.zeros((c, 4))
     cum = np.zeros((1, 4))
     for k in range(1, c):
         prev, cur = order[k - 1], order[k]
-        step = cand[cur, prev][None]                      # cur -> prev
+        step = _align_rows(norm[cur:cur + 1], _ops.subset(prep, [prev]), grid, p)[0]       # cur -> prev
         cum = _ops.compose(step, cum)                     # cur -> first
         cum[:, 1:3] = 0.0
         params[cur] = cum[0]

@@ -249,7 +249,8 @@ def finish_generation(state: RunState, p) -> tuple[RunState, GenerationFinished]
     if new_good_members:
         state.processed = np.union1d(state.processed, np.concatenate(new_good_members)).astype(np.int64)
     bad = np.sort(np.concatenate(bad)).astype(np.int64) if bad else np.zeros(0, np.int64)
-    first_gen_poor = state.gen == 1 and len(good) <= p.delta_good
+    first_gen_poor = state.gen == 1 and (len(good) <= p.delta_good
+                                         or (state.main > 1 and len(good) < p.main_stop * len(eng.refs)))
     end_main = bool(bad.size == 0 or int(1.2 * bad.size) < 2 * p.img_per_grp or first_gen_poor)
     finished = False
     result = eng
