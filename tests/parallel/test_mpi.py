@@ -180,6 +180,32 @@ def test_map_sum_is_bit_identical_to_serial_at_any_rank_count(ranks):
     assert res.stdout.count("ok") == 1, res.stdout       # numba adds an ANSI reset at exit under mpirun
 
 
+def test_task_costs_balance_the_ranks_blocks_without_changing_results():
+    """``cost=``: with one expensive task, rank 0 runs only it; the results are a serial run's."""
+    res = mpirun("""
+        import numpy as np
+        from isavar.parallel import make_executor
+        from isavar.parallel.serial import SerialExecutor
+
+        def task(seed):
+            return (np.random.default_rng(seed).normal(size=4),), seed
+
+        ex = make_executor("auto")
+        cost = [20] + [1] * 12
+        mine = []
+        got = ex.map_sum(task, range(13), on_result=mine.append, cost=cost)
+        assert got[0].tobytes() == SerialExecutor().map_sum(task, range(13))[0].tobytes()
+        listed = ex.map(lambda s: s * s, range(13), cost=cost)
+        assert listed == [s * s for s in range(13)]
+        everyone = ex.gather(mine)
+        if ex.is_root():
+            assert everyone[0] == [0] and everyone[1] == list(range(1, 13)), everyone
+            print("ok")
+    """, n=2)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("ok") == 1, res.stdout
+
+
 def test_shared_context_under_mpi_gives_the_bits_of_partial():
     """``shared=``: every rank uses its own context; map and map_sum equal a serial ``partial(fn, ctx)``."""
     res = mpirun("""

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from isavar.parallel import SerialExecutor, make_executor, map_in_windows
-from isavar.parallel.partition import balanced_ranges, chunk_ranges, task_rngs
+from isavar.parallel.partition import balanced_ranges, chunk_ranges, task_rngs, weighted_ranges
 
 
 @given(st.integers(0, 1000), st.integers(1, 64))
@@ -18,6 +18,26 @@ def test_balanced_ranges_cover_exactly(n, parts):
     sizes = [b - a for a, b in ranges]
     assert max(sizes) - min(sizes) <= 1
     assert all(r1[1] == r2[0] for r1, r2 in zip(ranges, ranges[1:]))
+
+
+@given(st.lists(st.floats(0, 1e6), max_size=300), st.integers(1, 64))
+def test_weighted_ranges_cover_exactly_with_near_equal_costs(costs, parts):
+    ranges = weighted_ranges(costs, parts)
+    assert len(ranges) == parts
+    assert ranges[0][0] == 0 and ranges[-1][1] == len(costs)
+    assert all(a <= b for a, b in ranges) and all(r1[1] == r2[0] for r1, r2 in zip(ranges, ranges[1:]))
+    c = np.asarray(costs, np.float64)
+    if c.sum() > 0:
+        # no block holds more than its share plus one task
+        assert max(c[a:b].sum() for a, b in ranges) <= c.sum() / parts + c.max() * (1 + 1e-9) + 1e-6
+
+
+def test_weighted_ranges_balance_uneven_tasks():
+    costs = [40] + [1] * 40 + [40]
+    ranges = weighted_ranges(costs, 2)
+    assert [sum(costs[a:b]) for a, b in ranges] == [60, 60]
+    assert weighted_ranges([1.0] * 10, 3) == [(0, 3), (3, 7), (7, 10)]     # equal costs: equal counts
+    assert weighted_ranges([0.0, 0.0], 2) == balanced_ranges(2, 2)
 
 
 @given(st.integers(0, 1000), st.integers(1, 64))

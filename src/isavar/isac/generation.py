@@ -170,17 +170,18 @@ class _Tagged:
         return (_ONE,), (number, self.fn(*shared, task))
 
 
-def run_here(executor, fn, tasks, *, shared=None) -> dict:
+def run_here(executor, fn, tasks, *, shared=None, cost=None) -> dict:
     """Run ``tasks`` spread over the executor; ``{task number: result}`` of those this process ran.
 
     A serial or pool executor returns every result to this process; under MPI each rank keeps its own
     block and nothing per task is sent between ranks (:meth:`map_sum`, whose sum here is a task count).
     ``tasks`` may be a generator (a pool then takes them as it goes). With ``shared`` each task runs
     ``fn(shared, task)`` and ``shared`` (e.g. prepared references) reaches each pool worker once per call.
+    ``cost``: the relative cost of each task (MPI ranks then take blocks of near-equal cost).
     """
     out: dict = {}
     executor.map_sum(_Tagged(fn), enumerate(tasks), on_result=lambda r: out.__setitem__(r[0], r[1]),
-                     shared=shared)
+                     shared=shared, cost=cost)
     return out
 
 
@@ -339,7 +340,8 @@ def eqk_search_candidates(images, prep, params, p, grid, executor, *, keep_all=F
     groups = executor.bcast(groups)
     # lazy: image copies (or row lists) and reference subsets are made as the executor takes the tasks
     tasks = ((images.for_task(idx), _ops.subset(prep, union), params[idx], p, grid) for idx, union in groups)
-    local = run_here(executor, _eqk_chunk, tasks)
+    # groups differ in size (images x references): MPI ranks take blocks of about equal work
+    local = run_here(executor, _eqk_chunk, tasks, cost=[idx.size * union.size for idx, union in groups])
     return groups, local, coarse
 
 
@@ -388,7 +390,7 @@ def _assign_candidates(images, prep, params, p, grid, executor, assign):
             for s, e in chunk_ranges(idx.size, EQK_CHUNK):
                 where.append(idx[s:e])
                 tasks.append((images.for_task(idx[s:e]), sub, params[idx[s:e]], p, grid))
-        for t, (_score, par) in run_here(executor, _eqk_chunk, tasks).items():
+        for t, (_score, par) in run_here(executor, _eqk_chunk, tasks, cost=[w.size for w in where]).items():
             pieces.append((where[t], par[:, 0]))
     return assignment, assemble_rows(executor, pieces, n)
 

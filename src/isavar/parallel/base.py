@@ -37,17 +37,22 @@ class Executor(Protocol):
     def is_root(self) -> bool:
         """True on the process that writes files and logs."""
 
-    def map(self, fn: Callable[..., Any], tasks: Iterable[Any], *, shared: Any = None) -> list:
-        """Apply ``fn`` to every task (``fn(shared, task)`` with ``shared``); results in task order."""
+    def map(self, fn: Callable[..., Any], tasks: Iterable[Any], *, shared: Any = None, cost=None) -> list:
+        """Apply ``fn`` to every task (``fn(shared, task)`` with ``shared``); results in task order.
+
+        ``cost`` (optional, one non-negative number per task): the relative cost of each task. Executors
+        that hand out fixed blocks of tasks (MPI) make the blocks of near-equal cost; the results never
+        depend on it."""
 
     def map_sum(self, fn: Callable[..., Any], tasks: Iterable[Any], on_result=None, *,
-                shared: Any = None, exact: bool = False):
+                shared: Any = None, exact: bool = False, cost=None):
         """Exact, order-independent sum of the arrays of each task's ``(arrays, extra)`` result.
 
         The totals (float64/complex128, on every process) are bit-identical for any number of workers or
         ranks; ``on_result(extra)`` runs where the result is (in task order there). One reduction under MPI.
         ``exact=True`` returns the :class:`~isavar.parallel.reduction.ExactSum` (limbs) instead, so that
         several calls can be added exactly (``merge``) before rounding once. ``None`` without tasks.
+        ``cost``: as for :meth:`map`.
         """
 
     def gather(self, obj: Any, root: int = 0) -> list | None:

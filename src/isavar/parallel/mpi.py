@@ -7,15 +7,15 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from isavar.parallel.base import with_shared
-from isavar.parallel.partition import balanced_ranges
+from isavar.parallel.partition import balanced_ranges, weighted_ranges
 from isavar.parallel.reduction import ExactSum, sum_locally
 
 
 class MpiExecutor:
     """Spread tasks over the ranks of ``MPI.COMM_WORLD``.
 
-    Each rank runs a contiguous, balanced block of the task list; results are
-    gathered and broadcast so every rank sees all results in task order.
+    Each rank runs a contiguous block of the task list, of equal length or, with a ``cost`` per task, of
+    near-equal total cost; results are gathered and broadcast so every rank sees all results in task order.
     """
 
     def __init__(self):
@@ -31,21 +31,29 @@ class MpiExecutor:
         """True on rank 0."""
         return self.rank == 0
 
-    def map(self, fn: Callable[..., Any], tasks: Iterable[Any], *, shared: Any = None) -> list:
+    def _block(self, n_tasks: int, cost) -> tuple[int, int]:
+        """This rank's contiguous block of ``n_tasks`` tasks (equal counts, or equal total ``cost``)."""
+        if cost is None:
+            return balanced_ranges(n_tasks, self.size)[self.rank]
+        if len(cost) != n_tasks:
+            raise ValueError(f"{len(cost)} task costs for {n_tasks} tasks")
+        return weighted_ranges(cost, self.size)[self.rank]
+
+    def map(self, fn: Callable[..., Any], tasks: Iterable[Any], *, shared: Any = None, cost=None) -> list:
         """Run this rank's block of tasks; return all results in task order on every rank.
 
         With ``shared`` each task runs ``fn(shared, task)``; every rank holds its own ``shared``, nothing
-        of it is sent.
+        of it is sent. ``cost``: relative cost of each task; blocks then have near-equal total cost.
         """
         fn = with_shared(fn, shared)
         tasks = list(tasks)
-        start, stop = balanced_ranges(len(tasks), self.size)[self.rank]
+        start, stop = self._block(len(tasks), cost)
         mine = [fn(t) for t in tasks[start:stop]]
         blocks = self.comm.allgather(mine)
         return [r for block in blocks for r in block]
 
     def map_sum(self, fn: Callable[..., Any], tasks: Iterable[Any], on_result=None, *,
-                shared: Any = None, exact: bool = False):
+                shared: Any = None, exact: bool = False, cost=None):
         """Sum the arrays of every task's ``(arrays, extra)`` over all ranks with one reduction.
 
         Each rank runs its block of tasks and adds their arrays exactly (fixed point,
@@ -54,11 +62,12 @@ class MpiExecutor:
         is called on the rank that ran the task, in task order; nothing per task is sent between ranks.
         Returns ``None`` without tasks. With ``shared`` each task runs ``fn(shared, task)`` (every rank
         holds its own ``shared``; nothing of it is sent). ``exact=True``: the reduced
-        :class:`~isavar.parallel.reduction.ExactSum` itself (the same limbs on every rank).
+        :class:`~isavar.parallel.reduction.ExactSum` itself (the same limbs on every rank). ``cost``: as for
+        :meth:`map`.
         """
         fn = with_shared(fn, shared)
         tasks = list(tasks)
-        start, stop = balanced_ranges(len(tasks), self.size)[self.rank]
+        start, stop = self._block(len(tasks), cost)
         local = sum_locally((fn(t) for t in tasks[start:stop]), on_result)
         layout = self.comm.bcast(None if local is None else local.layout, root=0)   # rank 0 has a task if any
         if layout is None:

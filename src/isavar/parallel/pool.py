@@ -167,12 +167,14 @@ class PoolExecutor:
             if handle is not None:
                 handle.remove()
 
-    def map(self, fn: Callable[..., Any], tasks: Iterable[Any], *, shared: Any = None) -> list:
-        """Apply ``fn`` to every task in the pool; results in task order (see :meth:`imap`, ``shared``)."""
+    def map(self, fn: Callable[..., Any], tasks: Iterable[Any], *, shared: Any = None, cost=None) -> list:
+        """Apply ``fn`` to every task in the pool; results in task order (see :meth:`imap`, ``shared``).
+
+        ``cost`` is not needed: a free worker takes the next task."""
         return list(self.imap(fn, tasks, shared=shared))
 
     def map_sum(self, fn: Callable[..., Any], tasks: Iterable[Any], on_result=None, *,
-                shared: Any = None, exact: bool = False):
+                shared: Any = None, exact: bool = False, cost=None):
         """Sum the arrays of every task's ``(arrays, extra)`` exactly; ``on_result(extra)`` in task order.
 
         Each result is added as it arrives (bounded memory); the totals are bit-identical to a serial

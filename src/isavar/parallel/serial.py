@@ -21,13 +21,13 @@ class SerialExecutor:
         """Always True."""
         return True
 
-    def map(self, fn: Callable[..., Any], tasks: Iterable[Any], *, shared: Any = None) -> list:
-        """Apply ``fn`` to every task in order (``fn(shared, task)`` with ``shared``)."""
+    def map(self, fn: Callable[..., Any], tasks: Iterable[Any], *, shared: Any = None, cost=None) -> list:
+        """Apply ``fn`` to every task in order (``fn(shared, task)`` with ``shared``; ``cost`` is not needed)."""
         fn = with_shared(fn, shared)
         return [fn(t) for t in tasks]
 
     def map_sum(self, fn: Callable[..., Any], tasks: Iterable[Any], on_result=None, *,
-                shared: Any = None, exact: bool = False):
+                shared: Any = None, exact: bool = False, cost=None):
         """Sum the arrays of every task's ``(arrays, extra)`` exactly; ``on_result(extra)`` in task order.
 
         Returns the float64/complex128 totals (``None`` without tasks); see :mod:`isavar.parallel.reduction`.
