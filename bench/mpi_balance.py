@@ -7,8 +7,9 @@ Usage (a finished or running ISAC2 output directory with its working stack and a
 
 The candidate groups of one EQK iteration are computed on the first ``--n`` images of the working stack
 with the checkpoint's class averages as references (topped up with images to ``K = n / img_per_grp``). Each
-group is one task, of cost ``images x references``. ``--time G`` times the exact alignment of ``G`` groups
-to check that the cost model is proportional to the time. The figure of merit for ``P`` ranks is the
+group is one task, of cost ``images x references``. ``--time G`` (at least 3) times the exact alignment of ``G``
+groups and fits time = a x images + b x images x references, to check the cost model the executor is given
+(images x references). The figure of merit for ``P`` ranks is the
 slowest rank's work over the mean (1 = perfect balance): with equal work per rank the EQK iteration's
 exact part takes ``total / P``; otherwise the slowest rank's share.
 """
@@ -35,6 +36,8 @@ def groups_of_one_iteration(run: Path, n: int, p: Isac2Params):
     """Candidate groups ``[(members, union)]`` and what their exact alignment needs."""
     stack = MappedStack(run / "stack_ali2d.npy")
     ends = sorted((run / "checkpoints").glob("main_*_end.npz"))
+    if not ends:
+        raise SystemExit(f"{run}: no checkpoints/main_*_end.npz (the first main iteration has not ended)")
     ck = np.load(ends[0])
     images = subset_images(stack, np.arange(n), p)
     k = n // p.img_per_grp
@@ -79,7 +82,7 @@ def main(argv=None):
     ap.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 16, 64, 256])
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    p = Isac2Params(radius=50, CTF=True, rand_seed=1)
+    p = Isac2Params.from_dict(json.loads((Path(args.run) / "manifest.json").read_text())["params"])
     groups, images, prep, params, grid = groups_of_one_iteration(Path(args.run), args.n, p)
     costs = np.array([idx.size * union.size for idx, union in groups], np.float64)
     sizes = np.array([idx.size for idx, _ in groups])
@@ -88,7 +91,7 @@ def main(argv=None):
               "cost_cv": float(costs.std() / costs.mean()), "ranks": {}}
     for r in args.ranks:
         record["ranks"][r] = {"equal_counts": imbalance(costs, r, False), "equal_costs": imbalance(costs, r, True)}
-    if args.time:
+    if args.time >= 3:
         pick = np.random.default_rng(0).choice(len(groups), min(args.time, len(groups)), replace=False)
         secs = []
         for g in pick:
@@ -98,9 +101,14 @@ def main(argv=None):
             _ops.align_multi(x, _ops.subset(prep, union), grid, p, params[idx])
             secs.append(time.process_time() - t)
         secs = np.array(secs)
-        fit = np.polyfit(costs[pick], secs, 1)
-        record["timed_groups"] = {"n": len(pick), "seconds_per_unit_cost": float(fit[0]), "intercept_s": float(fit[1]),
-                                  "correlation": float(np.corrcoef(costs[pick], secs)[0, 1])}
+        # time ~ a x images + b x images x references (polar sampling per image, products per pair)
+        design = np.column_stack([sizes[pick], costs[pick]]).astype(np.float64)
+        (a, b), *_ = np.linalg.lstsq(design, secs, rcond=None)
+        model = design @ np.array([a, b])
+        record["timed_groups"] = {"n": len(pick), "s_per_image": float(a), "s_per_image_reference": float(b),
+                                  "correlation_time_vs_cost": float(np.corrcoef(costs[pick], secs)[0, 1]),
+                                  "correlation_time_vs_model": float(np.corrcoef(model, secs)[0, 1]),
+                                  "share_of_time_per_image": float((a * sizes[pick]).sum() / secs.sum())}
     print(json.dumps(record, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(record, indent=1))

@@ -37,6 +37,28 @@ def test_annealing_finds_the_planted_circle():
         assert np.array_equal(tour, again)                               # one seed, one tour
 
 
+def test_ordering_is_the_same_on_any_executor():
+    """The pairwise alignments run in fixed blocks: serial and a pool of 2 give the same order and frames."""
+    from isac_data import prototypes, small_params
+
+    from isavar.isac import _ops
+    from isavar.isac.ordering import PAIR_ROWS, order_averages
+    from isavar.parallel.pool import PoolExecutor
+
+    rng = np.random.default_rng(4)
+    n = PAIR_ROWS + 5                                                    # two blocks
+    par = np.column_stack([rng.uniform(-180, 180, n), np.zeros(n), np.zeros(n), rng.integers(0, 2, n)])
+    avgs = _ops.transform(prototypes(28)[rng.integers(0, 4, n)], par)
+    avgs += rng.normal(0, 0.3, avgs.shape).astype(np.float32)
+    serial = order_averages(avgs, small_params())
+    pool = PoolExecutor(2)
+    try:
+        pooled = order_averages(avgs, small_params(), pool)
+    finally:
+        pool.close()
+    assert np.array_equal(serial[0], pooled[0]) and np.array_equal(serial[1], pooled[1])
+
+
 def test_greedy_start_is_the_best_greedy_chain():
     rng = np.random.default_rng(5)
     ccc = rng.random((9, 9))

@@ -197,6 +197,9 @@ def test_task_costs_balance_the_ranks_blocks_without_changing_results():
         assert got[0].tobytes() == SerialExecutor().map_sum(task, range(13))[0].tobytes()
         listed = ex.map(lambda s: s * s, range(13), cost=cost)
         assert listed == [s * s for s in range(13)]
+        # rank 0 with nothing to do: the sum still reaches every rank
+        lopsided = ex.map_sum(task, range(4), cost=[1, 0, 0, 0])          # blocks (0, 0) and (0, 4)
+        assert lopsided[0].tobytes() == SerialExecutor().map_sum(task, range(4))[0].tobytes()
         everyone = ex.gather(mine)
         if ex.is_root():
             assert everyone[0] == [0] and everyone[1] == list(range(1, 13)), everyone

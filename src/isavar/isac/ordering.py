@@ -70,7 +70,7 @@ def pairwise_ccc(averages, p, executor=None):
     ----------
     averages : ndarray, (C, T, T)
     p : Isac2Params
-        ``xr``/``yr``: the translational search is one step wider.
+        ``xr``/``yr``: the translational search reaches one pixel further.
     executor : Executor, optional
         Spreads blocks of :data:`PAIR_ROWS` averages (same result on any executor).
 
@@ -241,7 +241,10 @@ def order_averages(averages, p, executor=None):
     if c == 1:
         return np.zeros(1, np.int64), np.zeros((1, 4))
     ccc = pairwise_ccc(averages, p, executor)
-    dist = np.maximum(0.0, 1.0 - 0.5 * (ccc + ccc.T))
+    dist = np.add(ccc, ccc.T)                                  # max(0, 1 - (ccc + ccc.T) / 2), one C x C copy
+    dist *= -0.5
+    dist += 1.0
+    np.maximum(dist, 0.0, out=dist)
     rng = task_rngs(p.rand_seed, 1, key=_ORDER_KEY)[0]
     tour = anneal_tour(dist, rng)
     init = greedy_start(ccc)

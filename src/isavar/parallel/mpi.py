@@ -31,13 +31,13 @@ class MpiExecutor:
         """True on rank 0."""
         return self.rank == 0
 
-    def _block(self, n_tasks: int, cost) -> tuple[int, int]:
-        """This rank's contiguous block of ``n_tasks`` tasks (equal counts, or equal total ``cost``)."""
+    def _blocks(self, n_tasks: int, cost) -> list[tuple[int, int]]:
+        """Every rank's contiguous block of ``n_tasks`` tasks (equal counts, or equal total ``cost``)."""
         if cost is None:
-            return balanced_ranges(n_tasks, self.size)[self.rank]
+            return balanced_ranges(n_tasks, self.size)
         if len(cost) != n_tasks:
             raise ValueError(f"{len(cost)} task costs for {n_tasks} tasks")
-        return weighted_ranges(cost, self.size)[self.rank]
+        return weighted_ranges(cost, self.size)
 
     def map(self, fn: Callable[..., Any], tasks: Iterable[Any], *, shared: Any = None, cost=None) -> list:
         """Run this rank's block of tasks; return all results in task order on every rank.
@@ -47,7 +47,7 @@ class MpiExecutor:
         """
         fn = with_shared(fn, shared)
         tasks = list(tasks)
-        start, stop = self._block(len(tasks), cost)
+        start, stop = self._blocks(len(tasks), cost)[self.rank]
         mine = [fn(t) for t in tasks[start:stop]]
         blocks = self.comm.allgather(mine)
         return [r for block in blocks for r in block]
@@ -67,9 +67,12 @@ class MpiExecutor:
         """
         fn = with_shared(fn, shared)
         tasks = list(tasks)
-        start, stop = self._block(len(tasks), cost)
+        blocks = self._blocks(len(tasks), cost)
+        start, stop = blocks[self.rank]
         local = sum_locally((fn(t) for t in tasks[start:stop]), on_result)
-        layout = self.comm.bcast(None if local is None else local.layout, root=0)   # rank 0 has a task if any
+        # the layout comes from the first rank with tasks (with costs, rank 0's block may be empty)
+        first = next((r for r, (a, b) in enumerate(blocks) if b > a), 0)
+        layout = self.comm.bcast(None if local is None else local.layout, root=first)
         if layout is None:
             return None
         if local is None:
