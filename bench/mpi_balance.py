@@ -80,6 +80,9 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=50000)
     ap.add_argument("--time", type=int, default=0, help="time the exact alignment of this many groups")
     ap.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 16, 64, 256])
+    ap.add_argument("--project_groups", type=int, default=5000,
+                    help="also the balance for this many groups (1,000,000 particles: about 5,000), their costs "
+                         "drawn from the measured ones (mean of 20 draws)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     p = Isac2Params.from_dict(json.loads((Path(args.run) / "manifest.json").read_text())["params"])
@@ -91,6 +94,12 @@ def main(argv=None):
               "cost_cv": float(costs.std() / costs.mean()), "ranks": {}}
     for r in args.ranks:
         record["ranks"][r] = {"equal_counts": imbalance(costs, r, False), "equal_costs": imbalance(costs, r, True)}
+    if args.project_groups:
+        rng = np.random.default_rng(0)
+        draws = [rng.choice(costs, args.project_groups) for _ in range(20)]
+        record["projected"] = {"groups": args.project_groups, "ranks": {
+            r: {"equal_counts": float(np.mean([imbalance(c, r, False) for c in draws])),
+                "equal_costs": float(np.mean([imbalance(c, r, True) for c in draws]))} for r in args.ranks}}
     if args.time >= 3:
         pick = np.random.default_rng(0).choice(len(groups), min(args.time, len(groups)), replace=False)
         secs = []
