@@ -32,8 +32,10 @@ from isavar.parallel.partition import balanced_ranges, weighted_ranges
 from isavar.parallel.serial import SerialExecutor
 
 
-def groups_of_one_iteration(run: Path, n: int, p: Isac2Params):
-    """Candidate groups ``[(members, union)]`` and what their exact alignment needs."""
+def iteration_inputs(run: Path, n: int, p: Isac2Params):
+    """The first ``n`` working images of a run, ``K = n / img_per_grp`` references (the first main
+    iteration's class averages, topped up with images), the images' parameters, the alignment mask and grid.
+    """
     stack = MappedStack(run / "stack_ali2d.npy")
     ends = sorted((run / "checkpoints").glob("main_*_end.npz"))
     if not ends:
@@ -46,8 +48,17 @@ def groups_of_one_iteration(run: Path, n: int, p: Isac2Params):
         refs = np.concatenate([refs, np.array(images.take(np.arange(k - len(refs))), np.float32)])
     params = np.array(ck["params"][:n])
     params[params[:, 3] < 0] = 0.0
-    mask = _ops.circle(images.shape[-1], p.target_radius)
-    grid = make_grid(p)
+    return images, refs, params, _ops.circle(images.shape[-1], p.target_radius), make_grid(p)
+
+
+def run_params(run: Path) -> Isac2Params:
+    """The parameters a run recorded in its manifest."""
+    return Isac2Params.from_dict(json.loads((run / "manifest.json").read_text())["params"])
+
+
+def groups_of_one_iteration(run: Path, n: int, p: Isac2Params):
+    """Candidate groups ``[(members, union)]`` and what their exact alignment needs."""
+    images, refs, params, mask, grid = iteration_inputs(run, n, p)
     prep = _ops.prepare(G.normalise_references(refs, mask), grid, band_tol=p.band_tol)
     groups, _local, _ = G.eqk_search_candidates(images, prep, params, p, grid, _NoExact())
     return groups, images, prep, params, grid
@@ -85,7 +96,7 @@ def main(argv=None):
                          "drawn from the measured ones (mean of 20 draws)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    p = Isac2Params.from_dict(json.loads((Path(args.run) / "manifest.json").read_text())["params"])
+    p = run_params(Path(args.run))
     groups, images, prep, params, grid = groups_of_one_iteration(Path(args.run), args.n, p)
     costs = np.array([idx.size * union.size for idx, union in groups], np.float64)
     sizes = np.array([idx.size for idx, _ in groups])

@@ -33,7 +33,7 @@ PAIR_ROWS = 16
 
 
 def _pair_setup(averages, p):
-    """Mask, polar grid and ring-normalised copies of the averages for the pairwise alignments."""
+    """Mask, polar grid, ring-normalised copies of the averages and those prepared as references."""
     from isavar.core.polar import polar_grid
     from isavar.isac.generation import normalise_references
 
@@ -41,7 +41,8 @@ def _pair_setup(averages, p):
     radius = t // 2 - 2
     mask = _ops.circle(t, radius)
     grid = polar_grid(1, min(radius, t // 2 - 2 - (p.xr + 1) - 1), 1)
-    return mask, grid, normalise_references(averages, mask)
+    norm = normalise_references(averages, mask)
+    return mask, grid, norm, _ops.prepare(norm, grid)
 
 
 def _align_rows(norm, refs, grid, p):
@@ -63,7 +64,7 @@ def _ccc_rows(shared, rows):
     return out
 
 
-def pairwise_ccc(averages, p, executor=None):
+def pairwise_ccc(averages, p, executor=None, *, setup=None):
     """Align every average to every other one; the correlation after alignment.
 
     Parameters
@@ -73,6 +74,8 @@ def pairwise_ccc(averages, p, executor=None):
         ``xr``/``yr``: the translational search reaches one pixel further.
     executor : Executor, optional
         Spreads blocks of :data:`PAIR_ROWS` averages (same result on any executor).
+    setup : tuple, optional
+        :func:`_pair_setup` of ``averages`` when the caller already has it.
 
     Returns
     -------
@@ -85,8 +88,7 @@ def pairwise_ccc(averages, p, executor=None):
     executor = executor or SerialExecutor()
     averages = np.asarray(averages, np.float32)
     c = len(averages)
-    mask, grid, norm = _pair_setup(averages, p)
-    prep = _ops.prepare(norm, grid)
+    mask, grid, norm, prep = setup if setup is not None else _pair_setup(averages, p)
     blocks = [np.arange(s, min(c, s + PAIR_ROWS)) for s in range(0, c, PAIR_ROWS)]
     ccc = np.concatenate(executor.map(_ccc_rows, blocks, shared=(averages, norm, prep, grid, mask, p)), axis=0)
     np.fill_diagonal(ccc, 1.0)
@@ -240,7 +242,8 @@ def order_averages(averages, p, executor=None):
         return np.zeros(0, np.int64), np.zeros((0, 4))
     if c == 1:
         return np.zeros(1, np.int64), np.zeros((1, 4))
-    ccc = pairwise_ccc(averages, p, executor)
+    setup = _pair_setup(averages, p)
+    ccc = pairwise_ccc(averages, p, executor, setup=setup)
     dist = np.add(ccc, ccc.T)                                  # max(0, 1 - (ccc + ccc.T) / 2), one C x C copy
     dist *= -0.5
     dist += 1.0
@@ -252,8 +255,7 @@ def order_averages(averages, p, executor=None):
     pos = int(np.flatnonzero(tour == init)[0])
     order = np.roll(tour, -pos)
     # each average aligned onto its predecessor again (C alignments instead of keeping C² parameters)
-    _mask, grid, norm = _pair_setup(averages, p)
-    prep = _ops.prepare(norm, grid)
+    _mask, grid, norm, prep = setup
     params = np.zeros((c, 4))
     cum = np.zeros((1, 4))
     for k in range(1, c):
