@@ -356,8 +356,8 @@ def read_records(file: Path, name: str, url: str) -> tuple[dict, dict]:
     slots : dict
         ``(b"NXxNYxNZ", image number) -> slot`` of the images stored in raw files.
     """
+    handle = _open_database(file, name, url)          # a missing file is named before a missing binding
     db = _binding()
-    handle = _open_database(file, name, url)
     records, slots = {}, {}
     try:
         cursor = handle.cursor()
