@@ -117,3 +117,18 @@ def test_workers_are_capped_at_the_available_cores():
         assert ex.map(abs, [-1, -2, 3]) == [1, 2, 3]
     finally:
         ex.close()
+
+
+def test_terminate_ends_the_pool_thread_when_a_worker_died_while_sending_a_result():
+    """A worker stopped by Ctrl-C in the middle of sending a result leaves half a message in the result pipe;
+    the pool's manager thread would wait for the rest forever, and the interpreter waits for that thread at
+    exit (a hung ``isavar`` after Ctrl-C). ``terminate`` must end it."""
+    pool = PoolExecutor(2)
+    assert pool.map(abs, [-1, -2]) == [1, 2]                   # workers and the manager thread are running
+    manager = pool._pool._executor_manager_thread
+    writer = pool._pool._result_queue._writer
+    os.write(writer.fileno(), (1000).to_bytes(4, "big", signed=True) + b"partial")   # a header, then 7 of 1000
+    time.sleep(0.5)                                            # the manager thread is now reading the rest
+    pool.terminate()
+    manager.join(timeout=20)
+    assert not manager.is_alive()

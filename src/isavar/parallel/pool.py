@@ -207,9 +207,21 @@ class PoolExecutor:
     def terminate(self) -> None:
         """Stop at once: cancel pending tasks and end the worker processes (after an error or Ctrl-C)."""
         processes = list((getattr(self._pool, "_processes", None) or {}).values())
+        writer = getattr(getattr(self._pool, "_result_queue", None), "_writer", None)   # shutdown forgets it
         self._pool.shutdown(wait=False, cancel_futures=True)
         for proc in processes:
             if proc.is_alive():
                 proc.terminate()
+        for proc in processes:
+            proc.join(timeout=10)
+        # A worker stopped (Ctrl-C reaches the whole process group) while sending a result leaves half a
+        # message in the result pipe: the pool's manager thread then waits for the rest forever, and the
+        # interpreter waits for that thread at exit. With every worker gone, closing this process's write
+        # end of the pipe ends that read with EOF; the thread then marks the pool broken and stops.
+        if writer is not None and not any(proc.is_alive() for proc in processes):
+            try:
+                writer.close()
+            except OSError:
+                pass
         for proc in processes:
             proc.join(timeout=5)
