@@ -27,8 +27,9 @@ def _stack(n=700, box=40, seed=0):
     return rng.normal(size=(n, box, box)).astype(np.float32)
 
 
-def test_coarse_fallback_repeats_the_candidate_step_bit_for_bit():
-    """The assignment's fallback scores equal those the candidate step computed (same chunks, same bits)."""
+def test_coarse_fallback_scores_only_the_images_left_against_the_open_classes(monkeypatch):
+    """The assignment's fallback gives the coarse scores of the step over every reference (to rounding) and
+    scores only the ``left x classes`` pairs it is asked for."""
     p = Isac2Params(radius=15, target_radius=14, target_nx=40).validate()
     grid = make_grid(p)
     images = SubsetImages(_stack(), None, p.target_radius)
@@ -42,8 +43,17 @@ def test_coarse_fallback_repeats_the_candidate_step_bit_for_bit():
                            for s, e in gen.chunk_ranges(len(images), gen.EQK_CHUNK)])
     left = np.array([3, 200, 511, 512, 650])
     classes = np.array([0, 7, 29])
+    pairs = []
+    real = _ops.coarse_scores
+
+    def counting(images_, prep_, *args, **kw):
+        pairs.append(len(images_) * prep_.n_refs)
+        return real(images_, prep_, *args, **kw)
+
+    monkeypatch.setattr(_ops, "coarse_scores", counting)
     got = gen._coarse_fallback(images, prep, params, left, classes)
-    np.testing.assert_array_equal(got, full[np.ix_(left, classes)].astype(np.float64))
+    assert sum(pairs) == left.size * classes.size
+    np.testing.assert_allclose(got, full[np.ix_(left, classes)], rtol=1e-5, atol=1e-5)
 
 
 def test_class_sums_in_blocks_equal_one_block_and_the_plain_sums(monkeypatch, tmp_path):

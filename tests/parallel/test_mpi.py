@@ -236,8 +236,10 @@ def test_shared_context_under_mpi_gives_the_bits_of_partial():
 
 
 def test_isac2_candidate_search_under_three_ranks_equals_serial(tmp_path):
-    """The candidate EQK search (K > 2 x eqk_candidates) on 3 ranks: each rank reads its own rows of the
-    working stack, scores go to the root, class sums are reduced; results identical to one process.
+    """The candidate EQK search (K > 2 x eqk_candidates) on 3 ranks, its coarse step restricted to the
+    neighbours of each image's previous class after the first EQK iteration (K > 4 x eqk_neighbours): each rank
+    reads its own rows of the working stack, scores go to the root, class sums are reduced; results identical
+    to one process.
 
     All outputs are compared, the full-size averages included, so ``--skip_ordering`` keeps it short."""
     import mrcfile
@@ -247,7 +249,7 @@ def test_isac2_candidate_search_under_three_ranks_equals_serial(tmp_path):
         tmp_path, ["--phantom", "blob", "--n", "340", "--box", "48", "--apix", "4", "--snr", "0.5",
                    "--orientations", "views:6", "--seed", "8"],
         ["--radius=18", "--CTF", "--img_per_grp=17", "--minimum_grp_size=8", "--init_iter=1", "--maxit=4",
-         "--stab_ali=2", "--rand_seed=11", "--skip_ordering", "-q"], ranks=3)
+         "--stab_ali=2", "--rand_seed=11", "--skip_ordering", "--eqk_neighbours=4", "-q"], ranks=3)
     # the full-size averages: every rank sums the members it reads, one exact reduction
     np.testing.assert_array_equal(mrcfile.read(serial / "class_averages_fullres.mrcs"),
                                   mrcfile.read(parallel / "class_averages_fullres.mrcs"))

@@ -104,6 +104,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "as SPHIRE (cost grows as its square) (default candidates)")
     parser.add_argument("--eqk_candidates", type=positive_int, default=8,
                         help="candidate references per image of the 'candidates' EQK search (default 8)")
+    parser.add_argument("--eqk_neighbours", type=non_negative_int, default=0,
+                        help="'candidates' EQK search with more than 4x this many classes: after a generation's "
+                             "first EQK iteration score each image coarsely only against this many references "
+                             "nearest to its current class (the coarse step then no longer grows with the class "
+                             "count; it let in more noise images in the benchmarks, see docs/deviations.md); 0 "
+                             "scores every reference (default 0)")
     parser.add_argument("--main_stop", type=finite_float, default=0.2,
                         help="a main iteration after the first whose first generation accepts fewer than this "
                              "fraction of its classes ends the run; 0 goes on while any class is accepted, as "

@@ -34,6 +34,8 @@ COARSE_MAX_FREQ = 8
 #: A group of images is aligned exactly to at most this many times ``eqk_candidates`` references (3 measured
 #: 0.03-0.04 lower EQK purity than the flat search at 10,000 particles, 5 the same: bench/isac2.md).
 UNION_FACTOR = 5
+#: the neighbour-restricted coarse step (``eqk_neighbours``) needs more than this many times as many classes
+NEIGHBOUR_FACTOR = 4
 
 # purposes for random-stream keys
 _INIT, _CENTRE, _WITHIN = 1, 2, 3
@@ -66,6 +68,8 @@ class EngineState:
         Of the last checked round.
     done : bool
         The generation has converged or reached ``init_iter`` rounds.
+    assignment : ndarray of int, (n,) or None
+        Class of every image in the last EQK iteration (None before the first).
     """
 
     params: np.ndarray
@@ -78,6 +82,7 @@ class EngineState:
     mirror_rates: np.ndarray | None = None
     done: bool = False
     history: list = field(default_factory=list)
+    assignment: np.ndarray | None = None
 
     def to_arrays(self) -> dict:
         """Flatten into a dict of arrays (for ``np.savez``)."""
@@ -89,7 +94,7 @@ class EngineState:
             if lst is not None:
                 out[f"{name}_sizes"] = np.array([len(m) for m in lst], np.int64)
                 out[f"{name}_flat"] = np.concatenate([np.asarray(m, np.int64) for m in lst]) if lst else np.zeros(0, np.int64)
-        for name in ("pixel_errors", "mirror_rates"):
+        for name in ("pixel_errors", "mirror_rates", "assignment"):
             v = getattr(self, name)
             if v is not None:
                 out[name] = v
@@ -108,7 +113,8 @@ class EngineState:
                    members=lists("members"),
                    pixel_errors=np.array(d["pixel_errors"]) if "pixel_errors" in d else None,
                    mirror_rates=np.array(d["mirror_rates"]) if "mirror_rates" in d else None,
-                   done=bool(d["done"]))
+                   done=bool(d["done"]),
+                   assignment=np.array(d["assignment"]) if "assignment" in d else None)
 
 
 @dataclass(frozen=True)
@@ -231,6 +237,73 @@ def _coarse_chunk(prep, task):
     return order, (scores if keep_all else None)
 
 
+def _coarse_among(task):
+    """The ``n_cand`` best references of each image among a subset: ``(m, n_cand)`` int32 class numbers, best first.
+
+    ``task``: ``(images, params, refs (the coarse references' subset), numbers (their class numbers),
+    n_cand)``."""
+    images, params, refs, numbers, n_cand = task
+    scores = _ops.coarse_scores(resolve(images), refs, params, COARSE_MAX_FREQ)          # (m, L)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :n_cand]
+    return numbers[order].astype(np.int32)
+
+
+def reference_neighbours(ref_images, coarse_prep, n_neighbours: int, executor) -> np.ndarray:
+    """Every reference with its ``n_neighbours`` nearest references by their mutual coarse scores.
+
+    Parameters
+    ----------
+    ref_images : ndarray, (K, T, T) float32
+        The references as images (normalised as for the alignment).
+    coarse_prep : PreparedReferences
+        The same references prepared and truncated to the coarse frequencies.
+    n_neighbours : int
+        ``L``, less than ``K``.
+    executor : Executor
+
+    Returns
+    -------
+    ndarray of int64, (K, L + 1)
+        Row ``k``: ``k`` itself, then the ``L`` references whose coarse score as an image against ``k``'s
+        row is highest (the best rotation and mirror at the centre, as for the images), best first. The
+        same on every process.
+    """
+    n_refs = len(ref_images)
+    zero = np.zeros((n_refs, 4))
+    ranges = chunk_ranges(n_refs, EQK_CHUNK)
+    tasks = ((ref_images[s:e], zero[s:e], n_neighbours + 1, False) for s, e in ranges)
+    found = at_root(executor, run_here(executor, _coarse_chunk, tasks, shared=coarse_prep))
+    table = None
+    if found is not None:
+        order = np.concatenate([found[t][0] for t in range(len(ranges))], axis=0).astype(np.int64)
+        table = np.empty((n_refs, n_neighbours + 1), np.int64)
+        for k in range(n_refs):
+            others = order[k][order[k] != k][:n_neighbours]
+            table[k] = np.concatenate([[k], others])
+    return executor.bcast(table)
+
+
+def _neighbour_candidates(images, coarse_prep, params, previous, neighbours, n_cand, executor):
+    """Candidates ``(n, C)`` of every image among the neighbours of its previous class.
+
+    One task per chunk of a previous class's members, scored against that class's row of ``neighbours``
+    (``(K, L + 1)``). Returns the candidates at the root, None on the other processes."""
+    n = len(images)
+    jobs = []
+    for k, members in enumerate(members_by_class(previous, coarse_prep.n_refs)):
+        for s, e in chunk_ranges(members.size, EQK_CHUNK):
+            jobs.append((k, members[s:e]))
+    tasks = ((images.for_task(idx), params[idx], _ops.subset(coarse_prep, neighbours[k]), neighbours[k],
+              min(n_cand, neighbours.shape[1])) for k, idx in jobs)
+    found = at_root(executor, run_here(executor, _coarse_among, tasks, cost=[idx.size for _k, idx in jobs]))
+    if found is None:
+        return None
+    order = np.empty((n, min(n_cand, neighbours.shape[1])), np.int32)
+    for t, (_k, idx) in enumerate(jobs):
+        order[idx] = found[t]
+    return order
+
+
 def members_by_class(labels, n_classes: int) -> list:
     """``[np.flatnonzero(labels == k) for k in range(n_classes)]`` in O(n log n) instead of O(n K)."""
     labels = np.asarray(labels, np.int64)
@@ -271,24 +344,22 @@ def candidate_groups(order, n_classes: int):
 
 
 def _coarse_fallback(images, coarse_prep, params, left, classes):
-    """Coarse scores of images ``left`` against ``classes``, bit-identical to those of the candidate step.
+    """Coarse scores of images ``left`` against references ``classes``, ``(left.size, classes.size)`` float64.
 
-    The scores are recomputed on the same image chunks as :func:`_coarse_chunk` (a batch of other shape
-    can round differently), for the chunks that hold ``left`` only.
+    For the second phase of the equal-size assignment (images whose candidate classes all closed first):
+    ``left.size x classes.size`` pairs, in fixed chunks of ``left`` (the same numbers whatever the executor;
+    the phase compares these scores only with each other).
     """
     out = np.empty((left.size, classes.size), np.float64)
-    pos = np.arange(left.size)
-    for s, e in chunk_ranges(len(images), EQK_CHUNK):
-        inside = (left >= s) & (left < e)
-        if not inside.any():
-            continue
-        chunk = np.arange(s, e)
-        sc = _ops.coarse_scores(images.take(chunk), coarse_prep, params[s:e], COARSE_MAX_FREQ)
-        out[pos[inside]] = sc[np.ix_(left[inside] - s, classes)]
+    sub = _ops.subset(coarse_prep, classes)
+    for s, e in chunk_ranges(left.size, EQK_CHUNK):
+        idx = left[s:e]
+        out[s:e] = _ops.coarse_scores(images.take(idx), sub, params[idx], COARSE_MAX_FREQ)
     return out
 
 
-def eqk_search_candidates(images, prep, params, p, grid, executor, *, keep_all=False):
+def eqk_search_candidates(images, prep, params, p, grid, executor, *, keep_all=False, previous=None,
+                          ref_images=None):
     """The EQK search against a few candidate references per image (linear cost in the number of images).
 
     1. Coarse scores of every image against every reference (:func:`isavar.core.align2d.coarse_scores`: low
@@ -303,6 +374,11 @@ def eqk_search_candidates(images, prep, params, p, grid, executor, *, keep_all=F
     most ``UNION_FACTOR * C`` exact ones, instead of ``K`` exact ones; the memory per image is ``C`` candidate
     numbers and at most ``UNION_FACTOR * C`` exact scores and parameters.
 
+    With ``previous`` classes, ``ref_images`` and ``K > NEIGHBOUR_FACTOR * p.eqk_neighbours`` (``L``), step 1
+    scores every image only against the ``L + 1`` references of :func:`reference_neighbours` of its previous
+    class: ``K * K`` coarse pairs for the references' neighbours and ``N * (L + 1)`` for the images, so the
+    cost per image no longer grows with ``K``.
+
     Parameters
     ----------
     images : SubsetImages or ndarray, (n, T, T)
@@ -312,7 +388,11 @@ def eqk_search_candidates(images, prep, params, p, grid, executor, *, keep_all=F
     grid : PolarGrid
     executor : Executor
     keep_all : bool
-        Also return the full ``(n, K)`` coarse scores (diagnostics only).
+        Also return the full ``(n, K)`` coarse scores (diagnostics only; every image against every reference).
+    previous : ndarray of int, (n,), optional
+        Every image's class in the previous EQK iteration of the generation.
+    ref_images : ndarray, (K, T, T), optional
+        The references as images, normalised as for ``prep`` (needed with ``previous``).
 
     Returns
     -------
@@ -327,16 +407,24 @@ def eqk_search_candidates(images, prep, params, p, grid, executor, *, keep_all=F
     n, n_classes = len(images), prep.n_refs
     coarse_prep = _ops.truncate(prep, COARSE_MAX_FREQ)
     n_cand = min(int(p.eqk_candidates), n_classes)
-    ranges = chunk_ranges(n, EQK_CHUNK)
-    tasks = ((images.for_task(np.arange(s, e)), params[s:e], n_cand, keep_all) for s, e in ranges)
-    found = at_root(executor, run_here(executor, _coarse_chunk, tasks, shared=coarse_prep))
+    n_nb = int(p.eqk_neighbours)
     groups, coarse = None, None
-    if found is not None:
-        order = np.concatenate([found[t][0] for t in range(len(ranges))], axis=0)           # (n, C)
-        if keep_all:
-            coarse = np.concatenate([found[t][1] for t in range(len(ranges))], axis=0)
-        del found
-        groups = candidate_groups(order, n_classes)
+    if (previous is not None and ref_images is not None and not keep_all and n_nb > 0
+            and n_classes > NEIGHBOUR_FACTOR * n_nb):
+        neighbours = reference_neighbours(ref_images, coarse_prep, n_nb, executor)
+        order = _neighbour_candidates(images, coarse_prep, params, previous, neighbours, n_cand, executor)
+        if order is not None:
+            groups = candidate_groups(order, n_classes)
+    else:
+        ranges = chunk_ranges(n, EQK_CHUNK)
+        tasks = ((images.for_task(np.arange(s, e)), params[s:e], n_cand, keep_all) for s, e in ranges)
+        found = at_root(executor, run_here(executor, _coarse_chunk, tasks, shared=coarse_prep))
+        if found is not None:
+            order = np.concatenate([found[t][0] for t in range(len(ranges))], axis=0)           # (n, C)
+            if keep_all:
+                coarse = np.concatenate([found[t][1] for t in range(len(ranges))], axis=0)
+            del found
+            groups = candidate_groups(order, n_classes)
     groups = executor.bcast(groups)
     # lazy: image copies (or row lists) and reference subsets are made as the executor takes the tasks
     tasks = ((images.for_task(idx), _ops.subset(prep, union), params[idx], p, grid) for idx, union in groups)
@@ -345,14 +433,15 @@ def eqk_search_candidates(images, prep, params, p, grid, executor, *, keep_all=F
     return groups, local, coarse
 
 
-def _assign_candidates(images, prep, params, p, grid, executor, assign):
+def _assign_candidates(images, prep, params, p, grid, executor, assign, previous=None, ref_images=None):
     """Assignment and chosen parameters of the candidate search (see :func:`eqk_search_candidates`).
 
     Returns the assignment and the chosen parameters, the same on every process.
     """
     n, n_classes = len(images), prep.n_refs
     diagnostic = assign is not assign_groups
-    groups, local, coarse = eqk_search_candidates(images, prep, params, p, grid, executor, keep_all=diagnostic)
+    groups, local, coarse = eqk_search_candidates(images, prep, params, p, grid, executor, keep_all=diagnostic,
+                                                  previous=previous, ref_images=ref_images)
     scores = at_root(executor, {g: score for g, (score, _par) in local.items()})
     decided = None
     if scores is not None:
@@ -465,7 +554,7 @@ def initial_references(images, n_classes, rng) -> np.ndarray:
     return np.array(images.take(np.sort(pick)), dtype=np.float32)
 
 
-def eqk_iteration(images, refs, params, fl, p, grid, executor, rng, *, assign=assign_groups):
+def eqk_iteration(images, refs, params, fl, p, grid, executor, rng, *, assign=assign_groups, previous=None):
     """One equal-size k-means iteration with alignment (spec §6.2).
 
     Parameters
@@ -487,6 +576,9 @@ def eqk_iteration(images, refs, params, fl, p, grid, executor, rng, *, assign=as
         Assignment rule: ``(K, n)`` scores (larger is better) -> ``(n,)`` class of each image. The
         default is SPHIRE's greedy equal-size rule (:func:`isavar.isac.kmeans.assign_groups`); diagnostics
         (``bench/isac2_eqk_purity.py``) pass other rules, e.g. fixed classes.
+    previous : ndarray of int, (n,), optional
+        Every image's class in the previous EQK iteration of the generation (the candidate search then
+        scores an image only against the references near that class, ``p.eqk_neighbours``).
 
     Returns
     -------
@@ -497,9 +589,11 @@ def eqk_iteration(images, refs, params, fl, p, grid, executor, rng, *, assign=as
     images = as_subset(images)
     n, n_classes = len(images), len(refs)
     mask = _ops.circle(images.shape[-1], p.target_radius)
-    prep = _ops.prepare(normalise_references(refs, mask), grid, band_tol=p.band_tol)
+    nrefs = normalise_references(refs, mask)
+    prep = _ops.prepare(nrefs, grid, band_tol=p.band_tol)
     if p.eqk_search == "candidates" and n_classes > 2 * p.eqk_candidates:
-        assignment, chosen = _assign_candidates(images, prep, params, p, grid, executor, assign)
+        assignment, chosen = _assign_candidates(images, prep, params, p, grid, executor, assign,
+                                                previous=previous, ref_images=nrefs)
     else:
         assignment, chosen = _assign_flat(images, prep, params, p, grid, executor, assign)
     # class sums with the chosen parameters (before re-centring)
@@ -563,12 +657,13 @@ def sac_round(images, state: EngineState, p, grid, executor, *, main: int, gen: 
     """One SAC round: EQK iterations over the filter ramp FL -> FH, then the within-group stage."""
     images = as_subset(images)
     rnd = state.rounds_done
-    params, refs = state.params, state.refs
+    params, refs, assignment = state.params, state.refs, state.assignment
     fl, it = p.FL, 0
     t0 = time.perf_counter()
     while True:
         rng = task_rngs(p.rand_seed, 1, key=stream_key(main, gen, rnd, it, _CENTRE))[0]
-        refs, params, assignment = eqk_iteration(images, refs, params, fl, p, grid, executor, rng)
+        refs, params, assignment = eqk_iteration(images, refs, params, fl, p, grid, executor, rng,
+                                                 previous=assignment)
         it += 1
         log.debug("main %d generation %d round %d: EQK iteration %d done", main, gen, rnd + 1, it)
         if progress is not None:
@@ -591,7 +686,7 @@ def sac_round(images, state: EngineState, p, grid, executor, *, main: int, gen: 
     for k, (g, o) in enumerate(zip(groups, outs)):
         params[g] = o["params"]
         new_refs[k] = o["average"]
-    st = dataclasses.replace(state, params=params, refs=new_refs, rounds_done=rnd + 1)
+    st = dataclasses.replace(state, params=params, refs=new_refs, rounds_done=rnd + 1, assignment=assignment)
     if check:
         members = [g[o["stable"]] for g, o in zip(groups, outs)]
         st.members = members

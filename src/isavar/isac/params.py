@@ -81,6 +81,12 @@ class Isac2Params:
     eqk_candidates : int
         isavar extension: candidate references per image of the "candidates" search (with at most twice
         this many classes the search is flat: the candidates of a group of images would cover most classes).
+    eqk_neighbours : int
+        isavar extension: with the "candidates" search and more than ``4 x eqk_neighbours`` classes, every image
+        after the first EQK iteration of a generation is scored coarsely only against the ``eqk_neighbours``
+        references nearest to the class it was in (by the references' mutual coarse scores) and that class,
+        so the coarse step costs ``N x eqk_neighbours`` pairs instead of ``N x K``; 0 (default): against every
+        reference (the restriction let in more noise images in the benchmarks, ``docs/deviations.md``).
     within_shift_candidates : int
         isavar extension: 0 (default) searches every trial translation of a within-group pass exactly
         (SPHIRE); ``R > 0`` ranks them by a low-frequency coarse score and searches only the best ``R`` exactly
@@ -149,6 +155,9 @@ class Isac2Params:
                 "coarse score; cost linear in the number of images) or 'flat' (every image against every "
                 "reference, SPHIRE)"})
     eqk_candidates: int = field(default=8, metadata={"help": "candidate references per image of the EQK search"})
+    eqk_neighbours: int = field(default=0, metadata={
+        "help": "EQK candidate search with more than 4x this many classes: score each image coarsely only "
+                "against this many references nearest to its current class (0: against every reference)"})
     within_shift_candidates: int = field(default=0, metadata={
         "help": "within-group passes: trial translations per image searched exactly after a coarse score "
                 "(0: all, SPHIRE)"})
@@ -230,6 +239,8 @@ class Isac2Params:
             bad("eqk_search", f"must be 'candidates' or 'flat', got {self.eqk_search!r}")
         if self.eqk_candidates < 1:
             bad("eqk_candidates", "must be >= 1")
+        if self.eqk_neighbours < 0:
+            bad("eqk_neighbours", "must be >= 0")
         if self.within_shift_candidates < 0:
             bad("within_shift_candidates", "must be >= 0")
         if self.prealign_search not in ("coarse", "full"):
