@@ -4,6 +4,9 @@ Usage::
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python bench/scale.py --stack RUN/stack_ali2d.npy \\
         --n 10000 20000 50000 100000 --out bench/scale.json --plot bench/scale.png
+    # every image scored coarsely against every reference (the coarse step then grows as N x K):
+    OMP_NUM_THREADS=1 PYTHONPATH=src python bench/scale.py --stack RUN/stack_ali2d.npy \\
+        --n 10000 20000 50000 100000 --eqk_neighbours 0 --out bench/scale_all_refs.json
     # SPHIRE's flat search for comparison (its cost grows as N x K):
     OMP_NUM_THREADS=1 PYTHONPATH=src python bench/scale.py --stack RUN/stack_ali2d.npy \\
         --n 10000 20000 --eqk_search flat --out bench/scale_flat.json
@@ -16,8 +19,9 @@ standard deviation), so every image is distinct. ISAC2 defaults (``img_per_grp``
 Measured, in CPU seconds (user + system of this process and of the pool's worker processes, read from
 ``/proc``; the machine is shared, so CPU time, not wall time, is the figure):
 
-* **EQK iteration**: ``--iterations`` iterations of one generation from ISAC2's random start; the first
-  iteration and the mean of the following ones are reported.
+* **EQK iteration**: ``--iterations`` iterations of one generation from ISAC2's random start (each after the
+  first gets the previous iteration's classes, as in a run); the first iteration and the mean of the
+  following ones are reported.
 * **within-group stage** of a SAC round: ``--classes`` classes of the last EQK assignment run
   :func:`isavar.isac.stability.class_stability_task` (serially, with the stability test), and the cost is
   scaled to all ``K`` classes (the stage is one independent task per class of ``img_per_grp`` images, so
@@ -85,12 +89,13 @@ def measure(images, p, grid, executor, iterations, n_classes_sampled):
     from isavar.parallel.partition import task_rngs
 
     state = gen.start_generation(images, p, main=1, gen=1)
-    refs, params = state.refs, state.params
+    refs, params, assignment = state.refs, state.params, None
     eqk = []
     for it in range(iterations):
         rng = task_rngs(p.rand_seed, 1, key=gen.stream_key(1, 1, 0, it, gen._CENTRE))[0]
         c0, w0 = cpu_seconds(), time.perf_counter()
-        refs, params, assignment = gen.eqk_iteration(images, refs, params, p.FL, p, grid, executor, rng)
+        refs, params, assignment = gen.eqk_iteration(images, refs, params, p.FL, p, grid, executor, rng,
+                                                     previous=assignment)
         eqk.append({"cpu_s": cpu_seconds() - c0, "wall_s": time.perf_counter() - w0})
         print(f"  EQK iteration {it + 1}: {eqk[-1]['cpu_s']:.1f} CPU s ({eqk[-1]['wall_s']:.1f} s wall)", flush=True)
     n_classes = len(refs)
@@ -118,6 +123,7 @@ def main(argv=None):
     ap.add_argument("--classes", type=int, default=3, help="classes whose within-group stage is measured")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--eqk_search", default="candidates", choices=["candidates", "flat"])
+    ap.add_argument("--eqk_neighbours", type=int, default=32, help="0: coarse scores against every reference")
     ap.add_argument("--out", default="bench/scale.json")
     ap.add_argument("--plot", default=None, help="PNG of the log-log plot")
     args = ap.parse_args(argv)
@@ -127,13 +133,15 @@ def main(argv=None):
     from isavar.parallel.pool import PoolExecutor
 
     stack = np.load(args.stack, mmap_mode="r") if args.n else None
-    p = Isac2Params(radius=50, CTF=True, rand_seed=1, eqk_search=args.eqk_search)
+    p = Isac2Params(radius=50, CTF=True, rand_seed=1, eqk_search=args.eqk_search,
+                    eqk_neighbours=args.eqk_neighbours)
     grid = make_grid(p)
     out = Path(args.out)
     record = json.loads(out.read_text()) if out.exists() else {}
     record.setdefault("runs", {})
     if args.n:
-        record.update({"eqk_search": args.eqk_search, "workers": args.workers, "stack": str(args.stack)})
+        record.update({"eqk_search": args.eqk_search, "eqk_neighbours": args.eqk_neighbours, "workers": args.workers,
+                       "stack": str(args.stack)})
     executor = PoolExecutor(args.workers) if args.n else None
     try:
         for n in args.n:
