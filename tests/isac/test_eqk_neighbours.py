@@ -142,18 +142,26 @@ def test_engine_state_keeps_the_assignment():
     assert gen.EngineState.from_arrays(old).assignment is None
 
 
-def test_generation_with_neighbours_resumes_identically(ten_classes):
+def test_generation_with_neighbours_resumes_identically(ten_classes, monkeypatch):
     """A generation whose EQK iterations use the neighbour-restricted search, checkpointed after its first SAC
-    round (the state through arrays, as after a kill) and continued, equals the uninterrupted one."""
+    round (the state through arrays, as after a kill) and continued, equals the uninterrupted one; the
+    restriction starts with the generation's second EQK iteration and goes on across rounds and the resume."""
     images, _truth, _protos, p = ten_classes
     q = dataclasses.replace(p, eqk_candidates=2, init_iter=2, maxit=6, stab_ali=2)
     grid = make_grid(q)
+    calls = []
+    real = gen._neighbour_candidates
+    monkeypatch.setattr(gen, "_neighbour_candidates", lambda *a, **k: calls.append(1) or real(*a, **k))
     saved = []
     full = gen.run_generation(images, q, grid, SerialExecutor(), main=1, gen=1,
                               on_round=lambda st: saved.append(st.to_arrays()))
-    assert saved[0]["assignment"].shape == (len(images),)
+    assert full.rounds == 2 and saved[0]["assignment"].shape == (len(images),)
+    per_round = (len(calls) + 1) // 2                # every EQK iteration but the generation's first
+    assert len(calls) == 2 * per_round - 1 and per_round >= 2
+    calls.clear()
     resumed = gen.run_generation(images, q, grid, SerialExecutor(), main=1, gen=1,
                                  state=gen.EngineState.from_arrays(saved[0]))
+    assert len(calls) == per_round                   # the checkpointed assignment restricts the first one too
     np.testing.assert_array_equal(resumed.params, full.params)
     np.testing.assert_array_equal(resumed.averages, full.averages)
     assert [m.tolist() for m in resumed.members] == [m.tolist() for m in full.members]

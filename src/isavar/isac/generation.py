@@ -269,6 +269,8 @@ def reference_neighbours(ref_images, coarse_prep, n_neighbours: int, executor) -
         same on every process.
     """
     n_refs = len(ref_images)
+    if not 0 < n_neighbours < n_refs:
+        raise ValueError(f"reference_neighbours needs 0 < n_neighbours < K = {n_refs}, got {n_neighbours}")
     zero = np.zeros((n_refs, 4))
     ranges = chunk_ranges(n_refs, EQK_CHUNK)
     tasks = ((ref_images[s:e], zero[s:e], n_neighbours + 1, False) for s, e in ranges)

@@ -85,8 +85,9 @@ class Isac2Params:
         isavar extension: with the "candidates" search and more than ``4 x eqk_neighbours`` classes, every image
         after the first EQK iteration of a generation is scored coarsely only against the ``eqk_neighbours``
         references nearest to the class it was in (by the references' mutual coarse scores) and that class,
-        so the coarse step costs ``N x eqk_neighbours`` pairs instead of ``N x K``; 0 (default): against every
-        reference (the restriction let in more noise images in the benchmarks, ``docs/deviations.md``).
+        so the coarse step costs ``N x (eqk_neighbours + 1) + K x K`` scores instead of ``N x K`` (an image then
+        has at most ``eqk_neighbours + 1`` candidates); 0 (default): against every reference (the restriction
+        let in more noise images in the benchmarks, ``docs/deviations.md``).
     within_shift_candidates : int
         isavar extension: 0 (default) searches every trial translation of a within-group pass exactly
         (SPHIRE); ``R > 0`` ranks them by a low-frequency coarse score and searches only the best ``R`` exactly
