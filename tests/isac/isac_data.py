@@ -49,3 +49,21 @@ def small_params(**kw):
     return Isac2Params(**base)
 
 
+
+
+def count_coarse_pairs(monkeypatch):
+    """Make ``_ops.coarse_scores`` record the (image, reference) pairs it scores.
+
+    Returns the list the pair counts are appended to (one entry per call) and the unpatched function.
+    """
+    from isavar.isac import _ops as ops
+
+    pairs = []
+    real = ops.coarse_scores
+
+    def counting(images, prep, *args, **kw):
+        pairs.append(len(images) * prep.n_refs)
+        return real(images, prep, *args, **kw)
+
+    monkeypatch.setattr(ops, "coarse_scores", counting)
+    return pairs, real

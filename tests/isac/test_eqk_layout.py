@@ -11,6 +11,8 @@ from isavar.isac.run import make_grid
 from isavar.isac.working import MappedStack, SubsetImages
 from isavar.parallel.serial import SerialExecutor
 
+from isac_data import count_coarse_pairs
+
 
 @given(st.lists(st.integers(0, 9), max_size=200), st.integers(10, 14))
 @settings(max_examples=50, deadline=None)
@@ -43,14 +45,7 @@ def test_coarse_fallback_scores_only_the_images_left_against_the_open_classes(mo
                            for s, e in gen.chunk_ranges(len(images), gen.EQK_CHUNK)])
     left = np.array([3, 200, 511, 512, 650])
     classes = np.array([0, 7, 29])
-    pairs = []
-    real = _ops.coarse_scores
-
-    def counting(images_, prep_, *args, **kw):
-        pairs.append(len(images_) * prep_.n_refs)
-        return real(images_, prep_, *args, **kw)
-
-    monkeypatch.setattr(_ops, "coarse_scores", counting)
+    pairs, real = count_coarse_pairs(monkeypatch)
     got = gen._coarse_fallback(images, prep, params, left, classes)
     assert sum(pairs) == left.size * classes.size
     np.testing.assert_allclose(got, full[np.ix_(left, classes)], rtol=1e-5, atol=1e-5)

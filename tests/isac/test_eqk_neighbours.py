@@ -10,7 +10,7 @@ from isavar.isac import generation as gen
 from isavar.isac.run import make_grid
 from isavar.parallel.serial import SerialExecutor
 
-from isac_data import small_params
+from isac_data import count_coarse_pairs, small_params
 
 N_CLASSES = 10
 PER_CLASS = 30
@@ -83,14 +83,7 @@ def test_neighbour_candidates_lie_near_the_previous_class(ten_classes, monkeypat
     nrefs = gen.normalise_references(refs, _ops.circle(p.box, p.target_radius))
     coarse = _ops.truncate(_ops.prepare(nrefs, grid), gen.COARSE_MAX_FREQ)
     previous = np.roll(truth, 7)                                 # some images now "come from" another class
-    pairs = []
-    real = _ops.coarse_scores
-
-    def counting(images_, prep_, *args, **kw):
-        pairs.append(len(images_) * prep_.n_refs)
-        return real(images_, prep_, *args, **kw)
-
-    monkeypatch.setattr(_ops, "coarse_scores", counting)
+    pairs, real = count_coarse_pairs(monkeypatch)
     table = gen.reference_neighbours(nrefs, coarse, p.eqk_neighbours, SerialExecutor())
     order = gen._neighbour_candidates(gen.as_subset(images), coarse, params, previous, table, 2, SerialExecutor())
     assert sum(pairs) == N_CLASSES * N_CLASSES + len(images) * (p.eqk_neighbours + 1)

@@ -243,8 +243,7 @@ def _coarse_among(task):
     ``task``: ``(images, params, refs (the coarse references' subset), numbers (their class numbers),
     n_cand)``."""
     images, params, refs, numbers, n_cand = task
-    scores = _ops.coarse_scores(resolve(images), refs, params, COARSE_MAX_FREQ)          # (m, L)
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :n_cand]
+    order, _ = _coarse_chunk(refs, (images, params, n_cand, False))
     return numbers[order].astype(np.int32)
 
 

@@ -223,5 +223,3 @@ class PoolExecutor:
                 writer.close()
             except OSError:
                 pass
-        for proc in processes:
-            proc.join(timeout=5)
