@@ -1,4 +1,5 @@
-"""Compiled (numba) kernels of the polar aligner: bilinear polar sampling and the correlation peak search.
+"""Compiled (numba) kernels: bilinear polar sampling, the correlation peak search, the band copy of ring spectra
+and the quadratic-interpolation image transform.
 
 Pure numerics on plain arrays, used by :mod:`isavar.core.polar` and :mod:`isavar.core.align2d`. The NumPy
 formulations they replace stay in those modules (``polar._gather_polar_numpy``; the vectorised peak
@@ -17,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["polar_gather", "curve_peaks_t"]
+__all__ = ["polar_gather", "curve_peaks_t", "to_band", "rot_shift_quadratic"]
 
 
 @njit(cache=True, nogil=True)
@@ -155,3 +156,62 @@ def to_band(spec, r_off, m_lo, m_hi, out):
     ``out`` (rows, m_hi - m_lo, 2 * band_rings) float32 at ring offset ``r_off`` (Re, Im interleaved)."""
     _to_band(spec, int(r_off), int(m_lo), int(m_hi), out)
 
+
+
+@njit(cache=True, nogil=True)
+def _rot_shift_quadratic(stack, cos_a, sin_a, sx, sy, mirror, border, out):  # pragma: no cover - compiled
+    n, ny, nx = stack.shape
+    cy, cx = ny // 2, nx // 2
+    fcx, fcy = np.float32(cx), np.float32(cy)
+    half, one = np.float32(0.5), np.float32(1.0)
+    for k in range(n):
+        img = stack[k]
+        c, s = cos_a[k], sin_a[k]
+        for iy in range(ny):
+            dy = np.float32((iy - cy) - sy[k])
+            for ix in range(nx):
+                dx = np.float32((ix - cx) - sx[k])
+                xs = dx * c - dy * s + fcx
+                ys = dx * s + dy * c + fcy
+                bx = np.float32(np.floor(xs))
+                by = np.float32(np.floor(ys))
+                fx = xs - bx
+                fy = ys - by
+                i = int(bx) % nx
+                j = int(by) % ny
+                ip = i + 1 if i + 1 < nx else i + 1 - nx
+                im = i - 1 if i >= 1 else i - 1 + nx
+                jp = j + 1 if j + 1 < ny else j + 1 - ny
+                jm = j - 1 if j >= 1 else j - 1 + ny
+                f0 = img[j, i]
+                c1 = img[j, ip] - f0
+                c2 = (c1 - f0 + img[j, im]) * half
+                c3 = img[jp, i] - f0
+                c4 = (c3 - f0 + img[jm, i]) * half
+                c5 = img[jp, ip] - f0 - c1 - c3
+                v = f0 + fx * (c1 + (fx - one) * c2 + fy * c5) + fy * (c3 + (fy - one) * c4)
+                if border != 2 and (xs < 0 or xs >= nx or ys < 0 or ys >= ny):
+                    v = img[iy, ix] if border == 0 else np.float32(0.0)
+                col = (2 * cx - ix) % nx if mirror[k] == 1 else ix
+                out[k, iy, col] = v
+
+
+def rot_shift_quadratic(stack, cos_a, sin_a, sx, sy, mirror, border: int, out):
+    """Rotate, shift, then mirror images with SPIDER's ``quadri`` interpolation (the arithmetic of
+    :func:`isavar.core.transform2d.transform_images` with ``interpolation="quadratic"``, pixel by pixel).
+
+    Parameters
+    ----------
+    stack : (n, ny, nx) float32
+    cos_a, sin_a : (n,) float32
+        Cosine and sine of the angles, rounded to float32 as the NumPy formulation does.
+    sx, sy : (n,) float64
+        Shifts (pixels, already wrapped).
+    mirror : (n,) int64
+        0/1: mirror the result about column ``nx // 2``.
+    border : int
+        0 "background" (the input pixel), 1 "zero", 2 "wrap" (no border test).
+    out : (n, ny, nx) float32
+    """
+    _rot_shift_quadratic(stack, cos_a, sin_a, sx, sy, mirror, int(border), out)
+    return out

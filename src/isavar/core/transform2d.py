@@ -48,6 +48,9 @@ _BORDERS = ("background", "zero", "wrap")
 #: Pixels per chunk of the batched kernels: ~128k pixels keeps the temporaries in cache (3x faster than
 #: 2M-pixel chunks on 76^2 images, bench in the commit message) and bounds memory to a few MB.
 _CHUNK_PIXELS = 1 << 17
+#: Use the compiled quadratic kernel (:func:`isavar.core._kernels.rot_shift_quadratic`, the same numbers as the
+#: NumPy formulation below, 5-10x faster); False selects the NumPy formulation.
+USE_KERNELS = True
 
 
 def _per_image(values, n: int, name: str, dtype=np.float64) -> np.ndarray:
@@ -266,6 +269,19 @@ def _transform_chunk(stack, alpha, sx, sy, mirror, interpolation, border):
     return out
 
 
+def _transform_quadratic_compiled(stack, alpha, sx, sy, mirror, border, single):
+    """:func:`transform_images` with quadratic interpolation by the compiled kernel (same numbers)."""
+    from isavar.core._kernels import rot_shift_quadratic
+
+    a = np.deg2rad(np.asarray(alpha, dtype=np.float64))
+    out = np.empty(stack.shape, np.float32)
+    rot_shift_quadratic(np.ascontiguousarray(stack, dtype=np.float32), np.cos(a).astype(np.float32),
+                        np.sin(a).astype(np.float32), np.ascontiguousarray(sx, np.float64),
+                        np.ascontiguousarray(sy, np.float64), np.ascontiguousarray(mirror, np.int64),
+                        _BORDERS.index(border), out)
+    return out[0] if single else out
+
+
 def transform_images(
     images,
     alpha,
@@ -319,6 +335,8 @@ def transform_images(
     sy = np.fmod(_per_image(sy, n, "sy"), ny)
     mirror = _per_image(mirror, n, "mirror", dtype=np.int64)
     step = chunk_size or max(1, _CHUNK_PIXELS // (ny * nx))
+    if interpolation == "quadratic" and USE_KERNELS:
+        return _transform_quadratic_compiled(stack, alpha, sx, sy, mirror, border, single)
     out = np.empty_like(stack)
     for start in range(0, n, step):
         sl = slice(start, min(n, start + step))
