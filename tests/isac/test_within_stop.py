@@ -140,3 +140,39 @@ def test_band_limited_within_group_keeps_the_planted_alignment():
     full, lim = outs[0.0], outs[1e-4]
     assert len(lim["stable"]) >= 0.9 * len(imgs)
     assert abs(len(lim["stable"]) - len(full["stable"])) <= 2
+
+
+@pytest.mark.parametrize("empty_stop", [0, 2])
+def test_empty_stop_ends_a_generation_of_pure_noise(empty_stop):
+    """A generation whose stable images could not make one accepted class stops after ``empty_stop`` such
+    checks in a row (SPHIRE, 0: runs to ``init_iter``); its state carries the count through a checkpoint."""
+    from isavar.isac.generation import EngineState, run_generation, start_generation, sac_round
+
+    rng = np.random.default_rng(3)
+    imgs = normalise_for_alignment(rng.normal(0, 1, (100, 28, 28)).astype(np.float32), _ops.circle(28, 10))
+    p = small_params(init_iter=4, maxit=8, stab_ali=3, thld_err=0.5, empty_stop=empty_stop, round_stop="sphire")
+    grid = make_grid(p)
+    rounds = []
+    res = run_generation(imgs, p, grid, SerialExecutor(), main=2, gen=1,
+                         on_round=lambda st: rounds.append(sum(len(m) for m in st.members)))
+    assert all(n <= p.minimum_grp_size for n in rounds)                  # pure noise: nothing stable
+    assert res.rounds == (empty_stop if empty_stop else p.init_iter)
+    state = sac_round(imgs, start_generation(imgs, p, main=2, gen=1), p, grid, SerialExecutor(), main=2, gen=1)
+    assert state.empty_checks == 1
+    back = EngineState.from_arrays(state.to_arrays())
+    assert back.empty_checks == 1 and not back.done
+    old = {k: v for k, v in state.to_arrays().items() if k != "empty_checks"}   # a checkpoint of an older isavar
+    assert EngineState.from_arrays(old).empty_checks == 0
+
+
+def test_empty_stop_keeps_a_generation_with_stable_classes():
+    """Planted classes are stable from the first check: the count stays 0 and the generation runs as before."""
+    from isavar.isac.generation import run_generation
+    from isac_data import planted_stack
+
+    imgs, truth, _ = planted_stack(n_per=50, n_noise=0, snr=1.0, box=28)
+    imgs = normalise_for_alignment(imgs, _ops.circle(28, 10))
+    p = small_params(init_iter=2, maxit=8, stab_ali=3)
+    res = run_generation(imgs, p, make_grid(p), SerialExecutor(), main=1, gen=1)
+    assert res.rounds == 2
+    assert sum(len(m) for m in res.members) > p.minimum_grp_size

@@ -300,12 +300,13 @@ def test_cli_accepts_both_option_spellings(dataset, tmp_path):
             defaults.FL, defaults.FH, defaults.FF, defaults.init_iter, defaults.iter_reali, defaults.stab_ali,
             defaults.minimum_grp_size, defaults.restart, defaults.filament_width, defaults.delta_good,
             defaults.yr, defaults.ts, defaults.ir, defaults.rs) == \
-        (0.7, 29, 76, 30, 90.0, 0.2, 0.45, 0.2, 7, 1, 5, 60, -1, -1, 0, -1, 1.0, 1, 1)
+        (0.7, 29, 76, 18, 90.0, 0.2, 0.45, 0.2, 7, 1, 5, 60, -1, -1, 0, -1, 1.0, 1, 1)
     # issue 11: the within-group stop, band-limited correlations and the plateau rule are the defaults (their
     # quality measured over five seeds, bench/isac2.md); the coarse pre-alignment is an option
     assert (defaults.within_stop, defaults.band_tol, defaults.round_stop, defaults.prealign_search) == \
         (0.5, 1e-4, "plateau", "full")
     assert defaults.main_stop == 0.2
+    assert defaults.empty_stop == 2         # maxit 18 (SPHIRE 30) and this stop: bench/isac2.md, sixth pass
     with pytest.raises(SystemExit):
         parser.parse_args([str(dataset), "o"])                            # --radius is required
 

@@ -70,6 +70,9 @@ class EngineState:
         The generation has converged or reached ``init_iter`` rounds.
     assignment : ndarray of int, (n,) or None
         Class of every image in the last EQK iteration (None before the first).
+    empty_checks : int
+        Consecutive stability checks, up to the last, whose stable images all together were too few for one
+        accepted class (``--empty_stop``).
     """
 
     params: np.ndarray
@@ -83,11 +86,12 @@ class EngineState:
     done: bool = False
     history: list = field(default_factory=list)
     assignment: np.ndarray | None = None
+    empty_checks: int = 0
 
     def to_arrays(self) -> dict:
         """Flatten into a dict of arrays (for ``np.savez``)."""
         out = {"params": self.params, "refs": self.refs, "rounds_done": self.rounds_done,
-               "prev_agreement": self.prev_agreement, "done": self.done}
+               "prev_agreement": self.prev_agreement, "done": self.done, "empty_checks": self.empty_checks}
         for name in ("prev_members", "members"):
             lst = getattr(self, name)
             out[f"{name}_present"] = lst is not None
@@ -114,7 +118,8 @@ class EngineState:
                    pixel_errors=np.array(d["pixel_errors"]) if "pixel_errors" in d else None,
                    mirror_rates=np.array(d["mirror_rates"]) if "mirror_rates" in d else None,
                    done=bool(d["done"]),
-                   assignment=np.array(d["assignment"]) if "assignment" in d else None)
+                   assignment=np.array(d["assignment"]) if "assignment" in d else None,
+                   empty_checks=int(d["empty_checks"]) if "empty_checks" in d else 0)
 
 
 @dataclass(frozen=True)
@@ -703,6 +708,11 @@ def sac_round(images, state: EngineState, p, grid, executor, *, main: int, gen: 
         n_stable = sum(len(m) for m in members)
         log.info("main %d generation %d round %d: %d classes, %d stable images", main, gen, rnd + 1,
                  n_classes, n_stable)
+        st.empty_checks = state.empty_checks + 1 if n_stable <= p.minimum_grp_size else 0
+        if p.empty_stop and st.empty_checks >= p.empty_stop:
+            log.info("main %d generation %d: %d checks in a row with too few stable images for one class; "
+                     "the generation stops (--empty_stop)", main, gen, st.empty_checks)
+            terminate = True
         st.done = terminate or last_round
     else:
         st.done = last_round

@@ -15,7 +15,8 @@ from isavar.errors import InputError
 
 @dataclass(frozen=True)
 class Isac2Params:
-    """Parameters of an ISAC2 run (defaults = SPHIRE 1.4.2 ``sp_isac2.py``).
+    """Parameters of an ISAC2 run (defaults = SPHIRE 1.4.2 ``sp_isac2.py``, except ``maxit`` and the isavar
+    extensions; :func:`sphire_142` gives SPHIRE's search).
 
     Attributes
     ----------
@@ -40,9 +41,9 @@ class Isac2Params:
     ir, rs : int
         Inner ring and ring step of the polar alignments.
     maxit : int
-        Passes of the within-group refinement (``maxit - 1`` alignments + final average). 18 instead of 30
-        makes the within-group stage about 2.4x cheaper per round (two discrete-angle cycles instead of
-        five; ``docs/deviations.md``), but is not the default.
+        Passes of the within-group refinement (``maxit - 1`` alignments + final average). Default 18 (isavar;
+        SPHIRE 30): two discrete-angle cycles instead of five, a within-group stage about 1.5x cheaper per SAC
+        round at the same quality over five seeds (``docs/deviations.md``); 30 is SPHIRE's search.
     center_method : int
         Reference centring of the pre-alignment: -1 average shift, 0 none, 1..7 (spec §1.1.1).
     dst : float
@@ -118,6 +119,11 @@ class Isac2Params:
         agreement above 0.5 with the previous check; "sphire" stops only when the agreement rose by less
         than 0.05 but more than 0 (SPHIRE: a round whose agreement fell never stops the generation);
         "plateau" (default) also stops when it fell (the memberships have stopped improving).
+    empty_stop : int
+        isavar extension: a generation also stops after this many stability checks in a row at which its
+        stable images, all classes together, were at most ``minimum_grp_size``: too few for even one accepted
+        class (a subset of junk, typically a later main iteration's left-overs). Default 2; 0 never (SPHIRE
+        runs such a generation to ``init_iter`` rounds).
     """
 
     radius: int
@@ -132,7 +138,7 @@ class Isac2Params:
     target_nx: int = 76
     ir: int = 1
     rs: int = 1
-    maxit: int = 30
+    maxit: int = 18
     center_method: int = -1
     dst: float = 90.0
     FL: float = 0.2
@@ -177,6 +183,9 @@ class Isac2Params:
     round_stop: str = field(default="plateau", metadata={
         "help": "SAC rounds stop once the membership agreement (above 0.5) rose by less than 0.05: 'plateau' "
                 "also when it fell, 'sphire' only when it rose"})
+    empty_stop: int = field(default=2, metadata={
+        "help": "a generation stops after this many stability checks in a row with at most minimum_grp_size "
+                "stable images in all (0: never, SPHIRE)"})
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -252,6 +261,8 @@ class Isac2Params:
             bad("band_tol", "must be >= 0 and < 1")
         if not 0 <= self.main_stop <= 1:
             bad("main_stop", "must be between 0 and 1")
+        if self.empty_stop < 0:
+            bad("empty_stop", "must be >= 0")
         if not self.within_stop >= 0:
             bad("within_stop", "must be >= 0")
         return self
@@ -297,5 +308,10 @@ def from_sphire_options(options=None, **kwargs) -> Isac2Params:
 
 
 def sphire_142(radius: int, **overrides) -> Isac2Params:
-    """The SPHIRE 1.4.2 defaults for a particle radius, with optional overrides."""
-    return from_sphire_options(dict(radius=radius, **overrides))
+    """SPHIRE 1.4.2's search for a particle radius: its defaults (``maxit`` 30) and every isavar extension
+    that changes the search switched off (flat EQK search, no within-group or empty-generation stop, full
+    correlations, SPHIRE's round and main-iteration rules), with optional overrides."""
+    sphire = dict(maxit=30, eqk_search="flat", within_stop=0.0, band_tol=0.0, round_stop="sphire", main_stop=0.0,
+                  empty_stop=0)
+    sphire.update(overrides)
+    return from_sphire_options(dict(radius=radius, **sphire))
