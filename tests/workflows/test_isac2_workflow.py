@@ -307,6 +307,12 @@ def test_cli_accepts_both_option_spellings(dataset, tmp_path):
         (0.5, 1e-4, "plateau", "full")
     assert defaults.main_stop == 0.2
     assert defaults.empty_stop == 2         # maxit 18 (SPHIRE 30) and this stop: bench/isac2.md, sixth pass
+    from isavar.isac.params import sphire_142
+
+    sphire = sphire_142(30)                 # SPHIRE's search: its maxit, every isavar shortcut off
+    assert (sphire.maxit, sphire.eqk_search, sphire.within_stop, sphire.band_tol, sphire.round_stop,
+            sphire.main_stop, sphire.empty_stop) == (30, "flat", 0.0, 0.0, "sphire", 0.0, 0)
+    assert sphire_142(30, maxit=12).maxit == 12
     with pytest.raises(SystemExit):
         parser.parse_args([str(dataset), "o"])                            # --radius is required
 
