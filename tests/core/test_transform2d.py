@@ -132,10 +132,11 @@ def test_chunking_does_not_change_result(rng):
     assert full.dtype == np.float32
 
 
+@pytest.mark.parametrize("interpolation", ["linear", "quadratic"])
 @pytest.mark.parametrize("border", ["background", "zero", "wrap"])
 @pytest.mark.parametrize("shape", [(7, 16, 16), (5, 15, 15), (3, 12, 17)])
-def test_compiled_quadratic_equals_the_numpy_formulation(rng, monkeypatch, border, shape):
-    """The compiled quadratic transform gives the NumPy formulation's numbers bit for bit."""
+def test_compiled_transform_equals_the_numpy_formulation(rng, monkeypatch, interpolation, border, shape):
+    """The compiled linear and quadratic transforms give the NumPy formulations' numbers bit for bit."""
     import isavar.core.transform2d as t2d
 
     n, ny, nx = shape
@@ -144,12 +145,12 @@ def test_compiled_quadratic_equals_the_numpy_formulation(rng, monkeypatch, borde
     sx = np.r_[0.0, 0.5, rng.uniform(-1.5 * nx, 1.5 * nx, n - 2)]  # beyond the box: wrapped, borders hit
     sy = np.r_[0.0, -3.25, rng.normal(0, 2, n - 2)]
     mirror = rng.integers(0, 2, n)
-    compiled = transform_images(img, alpha, sx, sy, mirror, interpolation="quadratic", border=border)
+    compiled = transform_images(img, alpha, sx, sy, mirror, interpolation=interpolation, border=border)
     monkeypatch.setattr(t2d, "USE_KERNELS", False)
-    reference = transform_images(img, alpha, sx, sy, mirror, interpolation="quadratic", border=border)
+    reference = transform_images(img, alpha, sx, sy, mirror, interpolation=interpolation, border=border)
     assert compiled.dtype == np.float32 and compiled.shape == shape
     np.testing.assert_array_equal(compiled, reference)
-    one = transform_images(img[0], 33.0, 1.25, -0.75, 1, interpolation="quadratic", border=border)
+    one = transform_images(img[0], 33.0, 1.25, -0.75, 1, interpolation=interpolation, border=border)
     monkeypatch.setattr(t2d, "USE_KERNELS", True)
-    np.testing.assert_array_equal(transform_images(img[0], 33.0, 1.25, -0.75, 1, interpolation="quadratic",
+    np.testing.assert_array_equal(transform_images(img[0], 33.0, 1.25, -0.75, 1, interpolation=interpolation,
                                                   border=border), one)

@@ -1,5 +1,5 @@
 """Compiled (numba) kernels: bilinear polar sampling, the correlation peak search, the band copy of ring spectra
-and the quadratic-interpolation image transform.
+and the image transform (bilinear or quadratic interpolation).
 
 Pure numerics on plain arrays, used by :mod:`isavar.core.polar` and :mod:`isavar.core.align2d`. The NumPy
 formulations they replace stay in those modules (``polar._gather_polar_numpy``; the vectorised peak
@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["polar_gather", "curve_peaks_t", "to_band", "rot_shift_quadratic"]
+__all__ = ["polar_gather", "curve_peaks_t", "to_band", "rot_shift"]
 
 
 @njit(cache=True, nogil=True)
@@ -159,7 +159,7 @@ def to_band(spec, r_off, m_lo, m_hi, out):
 
 
 @njit(cache=True, nogil=True)
-def _rot_shift_quadratic(stack, cos_a, sin_a, sx, sy, mirror, border, out):  # pragma: no cover - compiled
+def _rot_shift(stack, cos_a, sin_a, sx, sy, mirror, border, quadratic, out):  # pragma: no cover - compiled
     n, ny, nx = stack.shape
     cy, cx = ny // 2, nx // 2
     fcx, fcy = np.float32(cx), np.float32(cy)
@@ -180,25 +180,32 @@ def _rot_shift_quadratic(stack, cos_a, sin_a, sx, sy, mirror, border, out):  # p
                 i = int(bx) % nx
                 j = int(by) % ny
                 ip = i + 1 if i + 1 < nx else i + 1 - nx
-                im = i - 1 if i >= 1 else i - 1 + nx
                 jp = j + 1 if j + 1 < ny else j + 1 - ny
-                jm = j - 1 if j >= 1 else j - 1 + ny
                 f0 = img[j, i]
-                c1 = img[j, ip] - f0
-                c2 = (c1 - f0 + img[j, im]) * half
-                c3 = img[jp, i] - f0
-                c4 = (c3 - f0 + img[jm, i]) * half
-                c5 = img[jp, ip] - f0 - c1 - c3
-                v = f0 + fx * (c1 + (fx - one) * c2 + fy * c5) + fy * (c3 + (fy - one) * c4)
+                if quadratic:
+                    im = i - 1 if i >= 1 else i - 1 + nx
+                    jm = j - 1 if j >= 1 else j - 1 + ny
+                    c1 = img[j, ip] - f0
+                    c2 = (c1 - f0 + img[j, im]) * half
+                    c3 = img[jp, i] - f0
+                    c4 = (c3 - f0 + img[jm, i]) * half
+                    c5 = img[jp, ip] - f0 - c1 - c3
+                    v = f0 + fx * (c1 + (fx - one) * c2 + fy * c5) + fy * (c3 + (fy - one) * c4)
+                else:
+                    top = f0 + fx * (img[j, ip] - f0)
+                    f10 = img[jp, i]
+                    bottom = f10 + fx * (img[jp, ip] - f10)
+                    v = top + fy * (bottom - top)
                 if border != 2 and (xs < 0 or xs >= nx or ys < 0 or ys >= ny):
                     v = img[iy, ix] if border == 0 else np.float32(0.0)
                 col = (2 * cx - ix) % nx if mirror[k] == 1 else ix
                 out[k, iy, col] = v
 
 
-def rot_shift_quadratic(stack, cos_a, sin_a, sx, sy, mirror, border: int, out):
-    """Rotate, shift, then mirror images with SPIDER's ``quadri`` interpolation (the arithmetic of
-    :func:`isavar.core.transform2d.transform_images` with ``interpolation="quadratic"``, pixel by pixel).
+def rot_shift(stack, cos_a, sin_a, sx, sy, mirror, border: int, quadratic: bool, out):
+    """Rotate, shift, then mirror images with bilinear or SPIDER's ``quadri`` interpolation (the arithmetic of
+    :func:`isavar.core.transform2d.transform_images` with ``interpolation="linear"`` or ``"quadratic"``, pixel
+    by pixel).
 
     Parameters
     ----------
@@ -211,7 +218,9 @@ def rot_shift_quadratic(stack, cos_a, sin_a, sx, sy, mirror, border: int, out):
         0/1: mirror the result about column ``nx // 2``.
     border : int
         0 "background" (the input pixel), 1 "zero", 2 "wrap" (no border test).
+    quadratic : bool
+        SPIDER's ``quadri`` (True) or bilinear (False); both take periodic neighbours.
     out : (n, ny, nx) float32
     """
-    _rot_shift_quadratic(stack, cos_a, sin_a, sx, sy, mirror, int(border), out)
+    _rot_shift(stack, cos_a, sin_a, sx, sy, mirror, int(border), bool(quadratic), out)
     return out

@@ -48,8 +48,8 @@ _BORDERS = ("background", "zero", "wrap")
 #: Pixels per chunk of the batched kernels: ~128k pixels keeps the temporaries in cache (3x faster than
 #: 2M-pixel chunks on 76^2 images, bench in the commit message) and bounds memory to a few MB.
 _CHUNK_PIXELS = 1 << 17
-#: Use the compiled quadratic kernel (:func:`isavar.core._kernels.rot_shift_quadratic`, the same numbers as the
-#: NumPy formulation below, 5-10x faster); False selects the NumPy formulation.
+#: Use the compiled kernel for linear and quadratic interpolation (:func:`isavar.core._kernels.rot_shift`, the same
+#: numbers as the NumPy formulations below, about 5x faster); False selects the NumPy formulations.
 USE_KERNELS = True
 
 
@@ -269,16 +269,15 @@ def _transform_chunk(stack, alpha, sx, sy, mirror, interpolation, border):
     return out
 
 
-def _transform_quadratic_compiled(stack, alpha, sx, sy, mirror, border, single):
-    """:func:`transform_images` with quadratic interpolation by the compiled kernel (same numbers)."""
-    from isavar.core._kernels import rot_shift_quadratic
+def _transform_compiled(stack, alpha, sx, sy, mirror, interpolation, border, single):
+    """:func:`transform_images` with linear or quadratic interpolation by the compiled kernel (same numbers)."""
+    from isavar.core._kernels import rot_shift
 
     a = np.deg2rad(np.asarray(alpha, dtype=np.float64))
     out = np.empty(stack.shape, np.float32)
-    rot_shift_quadratic(np.ascontiguousarray(stack, dtype=np.float32), np.cos(a).astype(np.float32),
-                        np.sin(a).astype(np.float32), np.ascontiguousarray(sx, np.float64),
-                        np.ascontiguousarray(sy, np.float64), np.ascontiguousarray(mirror, np.int64),
-                        _BORDERS.index(border), out)
+    rot_shift(np.ascontiguousarray(stack, dtype=np.float32), np.cos(a).astype(np.float32),
+              np.sin(a).astype(np.float32), np.ascontiguousarray(sx, np.float64), np.ascontiguousarray(sy, np.float64),
+              np.ascontiguousarray(mirror, np.int64), _BORDERS.index(border), interpolation == "quadratic", out)
     return out[0] if single else out
 
 
@@ -335,8 +334,8 @@ def transform_images(
     sy = np.fmod(_per_image(sy, n, "sy"), ny)
     mirror = _per_image(mirror, n, "mirror", dtype=np.int64)
     step = chunk_size or max(1, _CHUNK_PIXELS // (ny * nx))
-    if interpolation == "quadratic" and USE_KERNELS:
-        return _transform_quadratic_compiled(stack, alpha, sx, sy, mirror, border, single)
+    if interpolation in ("linear", "quadratic") and USE_KERNELS:
+        return _transform_compiled(stack, alpha, sx, sy, mirror, interpolation, border, single)
     out = np.empty_like(stack)
     for start in range(0, n, step):
         sl = slice(start, min(n, start + step))
