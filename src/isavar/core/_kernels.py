@@ -1,10 +1,12 @@
 """Compiled (numba) kernels: bilinear polar sampling, the correlation peak search, the band copy of ring spectra
 and the image transform (bilinear or quadratic interpolation).
 
-Pure numerics on plain arrays, used by :mod:`isavar.core.polar` and :mod:`isavar.core.align2d`. The NumPy
-formulations they replace stay in those modules (``polar._gather_polar_numpy``; the vectorised peak
-search of ``align2d._curves_peaks`` with ``align2d.USE_KERNELS = False``) and the tests compare both: the
-polar samples are bitwise equal, the peaks equal up to the last bit of a float64 sum.
+Pure numerics on plain arrays, used by :mod:`isavar.core.polar`, :mod:`isavar.core.align2d` and
+:mod:`isavar.core.transform2d`. The NumPy formulations they replace stay in those modules
+(``polar._gather_polar_numpy``; the vectorised peak search of ``align2d._curves_peaks`` with
+``align2d.USE_KERNELS = False``; the interpolations of ``transform2d`` with ``transform2d.USE_KERNELS = False``)
+and the tests compare both: the polar samples and transformed images are bitwise equal, the peaks equal up to
+the last bit of a float64 sum.
 
 The correlation products themselves stay batched BLAS matrix products: a numba loop over the short ring
 axes (18-58 terms) measured 1.5-3x slower than OpenBLAS's batched ``sgemm`` for one reference.
@@ -155,7 +157,6 @@ def to_band(spec, r_off, m_lo, m_hi, out):
     """Copy ring spectra ``spec`` (rows, rings, freqs) complex64, frequencies ``m_lo:m_hi``, into the band layout
     ``out`` (rows, m_hi - m_lo, 2 * band_rings) float32 at ring offset ``r_off`` (Re, Im interleaved)."""
     _to_band(spec, int(r_off), int(m_lo), int(m_hi), out)
-
 
 
 @njit(cache=True, nogil=True)
