@@ -66,7 +66,9 @@ def _fullres_chunk(task: FullresChunk):
     wsum = None
     if ctf_on:
         ctf, c2 = _centred_ctf_squared(table, rows, box, apix)
-        imgs = scipy.fft.ifft2(scipy.fft.fft2(imgs) * ctf.astype(np.float32)).real.astype(np.float32)
+        # the CTF is even in k, so the half-plane transforms give the full ones' real part (to rounding)
+        half = ctf[..., :box // 2 + 1].astype(np.float32)
+        imgs = scipy.fft.irfft2(scipy.fft.rfft2(imgs) * half, s=(box, box)).astype(np.float32)
         rot = params.copy()
         rot[:, 1:3] = 0.0
         wsum = _ops.group_sums(_ops.transform(c2, rot, interpolation="linear"), k, c)
