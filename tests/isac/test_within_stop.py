@@ -142,10 +142,11 @@ def test_band_limited_within_group_keeps_the_planted_alignment():
     assert abs(len(lim["stable"]) - len(full["stable"])) <= 2
 
 
-@pytest.mark.parametrize("empty_stop", [0, 2])
-def test_empty_stop_ends_a_generation_of_pure_noise(empty_stop):
+@pytest.mark.parametrize("empty_stop,main", [(0, 2), (2, 2), (2, 1)])
+def test_empty_stop_ends_a_generation_of_pure_noise(empty_stop, main):
     """A generation whose stable images could not make one accepted class stops after ``empty_stop`` such
-    checks in a row (SPHIRE, 0: runs to ``init_iter``); its state carries the count through a checkpoint."""
+    checks in a row (SPHIRE, 0: runs to ``init_iter``), except the run's first generation; its state carries
+    the count through a checkpoint."""
     from isavar.isac.generation import EngineState, run_generation, start_generation, sac_round
 
     rng = np.random.default_rng(3)
@@ -153,10 +154,10 @@ def test_empty_stop_ends_a_generation_of_pure_noise(empty_stop):
     p = small_params(init_iter=4, maxit=8, stab_ali=3, thld_err=0.5, empty_stop=empty_stop, round_stop="sphire")
     grid = make_grid(p)
     rounds = []
-    res = run_generation(imgs, p, grid, SerialExecutor(), main=2, gen=1,
+    res = run_generation(imgs, p, grid, SerialExecutor(), main=main, gen=1,
                          on_round=lambda st: rounds.append(sum(len(m) for m in st.members)))
     assert all(n <= p.minimum_grp_size for n in rounds)                  # pure noise: nothing stable
-    assert res.rounds == (empty_stop if empty_stop else p.init_iter)
+    assert res.rounds == (empty_stop if empty_stop and main > 1 else p.init_iter)
     state = sac_round(imgs, start_generation(imgs, p, main=2, gen=1), p, grid, SerialExecutor(), main=2, gen=1)
     assert state.empty_checks == 1
     back = EngineState.from_arrays(state.to_arrays())
@@ -176,3 +177,14 @@ def test_empty_stop_keeps_a_generation_with_stable_classes():
     res = run_generation(imgs, p, make_grid(p), SerialExecutor(), main=1, gen=1)
     assert res.rounds == 2
     assert sum(len(m) for m in res.members) > p.minimum_grp_size
+
+
+def test_a_recorded_run_keeps_the_behaviour_of_fields_it_did_not_have():
+    """Resuming a run recorded before a field existed compares against how isavar behaved then."""
+    recorded = Isac2Params(radius=50).to_dict()
+    for name in ("empty_stop", "main_stop", "round_stop"):
+        del recorded[name]
+    old = Isac2Params.from_recorded(recorded)
+    assert (old.empty_stop, old.main_stop, old.round_stop) == (0, 0.0, "sphire")
+    assert old.maxit == 18 and old.within_stop == 0.5               # recorded values are kept
+    assert Isac2Params.from_recorded(Isac2Params(radius=50).to_dict()) == Isac2Params(radius=50)

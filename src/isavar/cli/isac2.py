@@ -135,10 +135,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "less than 0.05: 'plateau' also when it fell; 'sphire' only when it rose, as SPHIRE "
                              "(default plateau)")
     parser.add_argument("--empty_stop", type=non_negative_int, default=2,
-                        help="a generation stops after this many stability checks in a row at which all its "
-                             "stable images together are too few for one accepted class (at most "
-                             "--minimum_grp_size; the left-overs of a later main iteration are often pure "
-                             "junk); 0 runs such a generation to --init_iter rounds, as SPHIRE (default 2)")
+                        help="a generation (not the run's first) stops after this many stability checks in a row "
+                             "at which all its stable images together are too few for one accepted class (at most "
+                             "--minimum_grp_size; the left-overs of a later main iteration are often pure junk); "
+                             "0 runs such a generation to --init_iter rounds, as SPHIRE (default 2)")
     add_executor_arguments(parser)
     add_verbosity_arguments(parser)
 

@@ -309,7 +309,8 @@ def transform_images(
     border : {"background", "zero", "wrap"}, optional
         Value of pixels whose source lies outside the image (module notes).
     chunk_size : int, optional
-        Images per batch (default: about 2 million pixels per batch).
+        Images per batch of the NumPy formulations (default: about 128k pixels per batch); the compiled
+        kernel (linear and quadratic interpolation, ``USE_KERNELS``) works image by image and ignores it.
 
     Returns
     -------

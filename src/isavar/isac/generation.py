@@ -709,7 +709,8 @@ def sac_round(images, state: EngineState, p, grid, executor, *, main: int, gen: 
         log.info("main %d generation %d round %d: %d classes, %d stable images", main, gen, rnd + 1,
                  n_classes, n_stable)
         st.empty_checks = state.empty_checks + 1 if n_stable <= p.minimum_grp_size else 0
-        if p.empty_stop and st.empty_checks >= p.empty_stop:
+        # never the run's first generation (all the data): a hard data set may still stabilise there
+        if p.empty_stop and (main, gen) != (1, 1) and st.empty_checks >= p.empty_stop:
             log.info("main %d generation %d: %d checks in a row with too few stable images for one class; "
                      "the generation stops (--empty_stop)", main, gen, st.empty_checks)
             terminate = True

@@ -120,10 +120,10 @@ class Isac2Params:
         than 0.05 but more than 0 (SPHIRE: a round whose agreement fell never stops the generation);
         "plateau" (default) also stops when it fell (the memberships have stopped improving).
     empty_stop : int
-        isavar extension: a generation also stops after this many stability checks in a row at which its
-        stable images, all classes together, were at most ``minimum_grp_size``: too few for even one accepted
-        class (a subset of junk, typically a later main iteration's left-overs). Default 2; 0 never (SPHIRE
-        runs such a generation to ``init_iter`` rounds).
+        isavar extension: a generation other than the run's first also stops after this many stability checks
+        in a row at which its stable images, all classes together, were at most ``minimum_grp_size``: too few
+        for even one accepted class (a subset of junk, typically a later main iteration's left-overs).
+        Default 2; 0 never (SPHIRE runs such a generation to ``init_iter`` rounds).
     """
 
     radius: int
@@ -277,11 +277,22 @@ class Isac2Params:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
+    @classmethod
+    def from_recorded(cls, data: dict) -> "Isac2Params":
+        """The parameters a run recorded (its manifest): a field the run's isavar did not have yet takes the
+        value that isavar behaved as (:data:`BEFORE_FIELD`), not today's default."""
+        return cls.from_dict({**BEFORE_FIELD, **data})
+
     def science_dict(self) -> dict:
         """Parameters that change the result (everything but ``restart``)."""
         d = self.to_dict()
         d.pop("restart", None)
         return d
+
+
+#: How isavar behaved before each of these fields existed (SPHIRE's search), for runs recorded then.
+BEFORE_FIELD = {"eqk_search": "flat", "eqk_neighbours": 0, "within_shift_candidates": 0, "prealign_search": "full",
+                "within_stop": 0.0, "band_tol": 0.0, "main_stop": 0.0, "round_stop": "sphire", "empty_stop": 0}
 
 
 def from_sphire_options(options=None, **kwargs) -> Isac2Params:

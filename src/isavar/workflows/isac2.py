@@ -362,7 +362,7 @@ def _start(stack_path, stack, outdir: Path, p: Isac2Params, executor, progress, 
         if executor.is_root():
             for path in remove_stale_temporaries(outdir):
                 log.info("removed %s, left behind by the interrupted run", path.name)
-        old = Isac2Params.from_dict(man["params"])
+        old = Isac2Params.from_recorded(man["params"])
         seed = old.rand_seed
         mine = dataclasses.replace(p, rand_seed=seed if p.rand_seed is None else p.rand_seed)
         if mine.science_dict() != old.science_dict():
