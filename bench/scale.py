@@ -141,8 +141,8 @@ def main(argv=None):
     record = json.loads(out.read_text()) if out.exists() else {}
     record.setdefault("runs", {})
     if args.n:
-        record.update({"eqk_search": args.eqk_search, "eqk_neighbours": args.eqk_neighbours, "workers": args.workers,
-                       "stack": str(args.stack)})
+        record.update({"eqk_search": args.eqk_search, "eqk_neighbours": args.eqk_neighbours, "maxit": p.maxit,
+                       "workers": args.workers, "stack": str(args.stack)})
     executor = PoolExecutor(args.workers) if args.n else None
     try:
         for n in args.n:

@@ -290,9 +290,12 @@ class Isac2Params:
         return d
 
 
-#: How isavar behaved before each of these fields existed (SPHIRE's search), for runs recorded then.
-BEFORE_FIELD = {"eqk_search": "flat", "eqk_neighbours": 0, "within_shift_candidates": 0, "prealign_search": "full",
-                "within_stop": 0.0, "band_tol": 0.0, "main_stop": 0.0, "round_stop": "sphire", "empty_stop": 0}
+#: The isavar search options at SPHIRE's behaviour (flat EQK search, no within-group or empty-generation stop,
+#: full correlations, SPHIRE's round and main-iteration rules).
+SPHIRE_SEARCH = {"eqk_search": "flat", "eqk_neighbours": 0, "within_shift_candidates": 0, "prealign_search": "full",
+                 "within_stop": 0.0, "band_tol": 0.0, "main_stop": 0.0, "round_stop": "sphire", "empty_stop": 0}
+#: How isavar behaved before each of these options existed (SPHIRE's search), for runs recorded then.
+BEFORE_FIELD = SPHIRE_SEARCH
 
 
 def from_sphire_options(options=None, **kwargs) -> Isac2Params:
@@ -322,7 +325,4 @@ def sphire_142(radius: int, **overrides) -> Isac2Params:
     """SPHIRE 1.4.2's search for a particle radius: its defaults (``maxit`` 30) and every isavar extension
     that changes the search switched off (flat EQK search, no within-group or empty-generation stop, full
     correlations, SPHIRE's round and main-iteration rules), with optional overrides."""
-    sphire = dict(maxit=30, eqk_search="flat", within_stop=0.0, band_tol=0.0, round_stop="sphire", main_stop=0.0,
-                  empty_stop=0)
-    sphire.update(overrides)
-    return from_sphire_options(dict(radius=radius, **sphire))
+    return from_sphire_options({"radius": radius, "maxit": 30, **SPHIRE_SEARCH, **overrides})
