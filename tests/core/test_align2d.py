@@ -425,14 +425,18 @@ def _noisy_copies(rng, k=5, per=6, noise=1.0):
     return refs, images + noise * rng.standard_normal(images.shape).astype(np.float32), truth, p
 
 
+@pytest.mark.parametrize("spread", [9.0, 2.0])
 @pytest.mark.parametrize("offsets", [(0,), (-1, 0, 1), (-2, 0, 3)])
-def test_compiled_polar_sampling_equals_the_numpy_formulation(rng, offsets):
+def test_compiled_polar_sampling_equals_the_numpy_formulation(rng, offsets, spread):
     """The numba gather does the NumPy formulation's arithmetic element by element: bitwise equal,
-    also for centres near and beyond the image edge (edge replication)."""
+    for centres near and beyond the image edge (edge replication, ``spread`` 9) and for centres whose rings
+    stay inside the image (``spread`` 2: the kernel's paths without clamping, one offset or several)."""
     images = rng.standard_normal((6, N, N)).astype(np.float32)
     idx = rng.integers(0, 6, 40)
-    cx = N // 2 + rng.uniform(-9, 9, 40)
-    cy = N // 2 + rng.uniform(-9, 9, 40)
+    cx = N // 2 + rng.uniform(-spread, spread, 40)
+    cy = N // 2 + rng.uniform(-spread, spread, 40)
+    reach = GRID.last_ring + 1 + max(abs(o) for o in offsets)
+    assert (spread + reach < N // 2) == (spread == 2.0)       # which kernel path the case takes
     ox = np.array(offsets)
     oy = np.array(offsets[::-1])
     a = _gather_polar(images.reshape(-1), N, idx, cx, cy, GRID, ox, oy)

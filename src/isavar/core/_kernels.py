@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["polar_gather", "curve_peaks_t", "to_band", "rot_shift"]
+__all__ = ["polar_gather", "curve_peaks_t", "to_bands", "rot_shift"]
 
 
 @njit(cache=True, nogil=True)
@@ -35,6 +35,7 @@ def _polar_gather(images, image_index, cx, cy, dx, dy, ox, oy, pad, out):  # pra
     y_hi = box_p - 1 - oy_max - 1e-6
     n_kx = ox.shape[0]
     n_ky = oy.shape[0]
+    single = n_kx == 1 and n_ky == 1 and pad == 0
     for i in range(n_c):
         img = images[image_index[i]]
         xc = cx[i] + pad
@@ -56,6 +57,26 @@ def _polar_gather(images, image_index, cx, cy, dx, dy, ox, oy, pad, out):  # pra
             v = np.float32(y - y0)
             ix0 = int(x0) - pad
             iy0 = int(y0) - pad
+            if single:                           # one trial centre inside the image: no clamping needed
+                r = iy0 + oy[0]
+                c = ix0 + ox[0]
+                g00 = img[r, c]
+                g10 = img[r + 1, c]
+                top = (img[r, c + 1] - g00) * u + g00
+                bot = (img[r + 1, c + 1] - g10) * u + g10
+                out[i, 0, 0, l] = (bot - top) * v + top
+                continue
+            if pad == 0:                         # every pixel read lies inside the image
+                for a in range(n_ky):
+                    r = iy0 + oy[a]
+                    for b in range(n_kx):
+                        c = ix0 + ox[b]
+                        g00 = img[r, c]
+                        g10 = img[r + 1, c]
+                        top = (img[r, c + 1] - g00) * u + g00
+                        bot = (img[r + 1, c + 1] - g10) * u + g10
+                        out[i, a, b, l] = (bot - top) * v + top
+                continue
             for a in range(n_ky):
                 r0 = min(max(iy0 + oy[a], 0), box - 1)
                 r1 = min(max(iy0 + oy[a] + 1, 0), box - 1)
@@ -63,16 +84,17 @@ def _polar_gather(images, image_index, cx, cy, dx, dy, ox, oy, pad, out):  # pra
                     c0 = min(max(ix0 + ox[b], 0), box - 1)
                     c1 = min(max(ix0 + ox[b] + 1, 0), box - 1)
                     g00 = img[r0, c0]
-                    g01 = img[r0, c1]
                     g10 = img[r1, c0]
-                    g11 = img[r1, c1]
-                    top = (g01 - g00) * u + g00
-                    bot = (g11 - g10) * u + g10
+                    top = (img[r0, c1] - g00) * u + g00
+                    bot = (img[r1, c1] - g10) * u + g10
                     out[i, a, b, l] = (bot - top) * v + top
 
 
 def polar_gather(images, image_index, cx, cy, dx, dy, ox, oy, pad, out):
     """Bilinear polar samples (the arithmetic of :func:`isavar.core.polar._gather_polar_numpy`, element by element).
+
+    Integer offsets share the bilinear weights of a sample. Without a margin (``pad = 0``: every trial centre
+    with its rings lies inside the image) no pixel index needs clamping.
 
     Parameters
     ----------
@@ -143,20 +165,49 @@ def curve_peaks_t(corr, cols=None):
 
 
 @njit(cache=True, nogil=True)
-def _to_band(spec, r_off, m_lo, m_hi, out):  # pragma: no cover - compiled
-    n_rows, n_r, _n_m = spec.shape
-    for q in range(n_rows):
-        for r in range(n_r):
-            for m in range(m_lo, m_hi):
-                v = spec[q, r, m]
-                out[q, m - m_lo, 2 * (r_off + r)] = v.real
-                out[q, m - m_lo, 2 * (r_off + r) + 1] = v.imag
+def _to_bands(spectra, ring_start, m_lo, m_hi, band_ring, outs):  # pragma: no cover - compiled
+    for k in range(len(outs)):
+        out = outs[k]
+        for g in range(len(spectra)):
+            spec = spectra[g]
+            n_rows, n_r, _n_m = spec.shape
+            off = ring_start[g] - band_ring[k]
+            if off < 0:
+                continue                                   # the group's rings lie inside the band's first ring
+            for q in range(n_rows):
+                for r in range(n_r):
+                    for m in range(m_lo[k], m_hi[k]):
+                        v = spec[q, r, m]
+                        out[q, m - m_lo[k], 2 * (off + r)] = v.real
+                        out[q, m - m_lo[k], 2 * (off + r) + 1] = v.imag
 
 
-def to_band(spec, r_off, m_lo, m_hi, out):
-    """Copy ring spectra ``spec`` (rows, rings, freqs) complex64, frequencies ``m_lo:m_hi``, into the band layout
-    ``out`` (rows, m_hi - m_lo, 2 * band_rings) float32 at ring offset ``r_off`` (Re, Im interleaved)."""
-    _to_band(spec, int(r_off), int(m_lo), int(m_hi), out)
+def to_bands(spectra, ring_start, bands, outs):
+    """Copy ring spectra into the frequency-band layout of the aligner, every band in one call.
+
+    Parameters
+    ----------
+    spectra : sequence of complex64 arrays (rows, rings_g, freqs_g)
+        Ring spectra per group of equal-length rings.
+    ring_start : (n_groups,) int
+        First ring (index) of every group.
+    bands : sequence of (m_lo, m_hi, first_ring)
+        Frequencies ``m_lo:m_hi`` of a band and its first ring; its rings run from there to the last.
+    outs : sequence of float32 arrays (rows, m_hi - m_lo, 2 * band_rings)
+        Filled with (Re, Im) interleaved per ring.
+    """
+    spectra = tuple(np.ascontiguousarray(x, np.complex64) for x in spectra)
+    bands = np.asarray(bands, dtype=np.int64).reshape(-1, 3)
+    _to_bands(spectra, np.asarray(ring_start, np.int64), np.ascontiguousarray(bands[:, 0]),
+              np.ascontiguousarray(bands[:, 1]), np.ascontiguousarray(bands[:, 2]), tuple(outs))
+
+
+@njit(cache=True, nogil=True)
+def _wrap(i, n):  # pragma: no cover - compiled
+    # i mod n for the (rare) indices outside [0, n): an integer division only where it is needed
+    if i < 0 or i >= n:
+        return i % n
+    return i
 
 
 @njit(cache=True, nogil=True)
@@ -165,9 +216,13 @@ def _rot_shift(stack, cos_a, sin_a, sx, sy, mirror, border, quadratic, out):  # 
     cy, cx = ny // 2, nx // 2
     fcx, fcy = np.float32(cx), np.float32(cy)
     half, one = np.float32(0.5), np.float32(1.0)
+    flipped = np.empty(nx, np.int64)                   # output column of input column ix under the mirror
+    for ix in range(nx):
+        flipped[ix] = _wrap(2 * cx - ix, nx)
     for k in range(n):
         img = stack[k]
         c, s = cos_a[k], sin_a[k]
+        mirrored = mirror[k] == 1
         for iy in range(ny):
             dy = np.float32((iy - cy) - sy[k])
             for ix in range(nx):
@@ -178,8 +233,8 @@ def _rot_shift(stack, cos_a, sin_a, sx, sy, mirror, border, quadratic, out):  # 
                 by = np.float32(np.floor(ys))
                 fx = xs - bx
                 fy = ys - by
-                i = int(bx) % nx
-                j = int(by) % ny
+                i = _wrap(int(bx), nx)
+                j = _wrap(int(by), ny)
                 ip = i + 1 if i + 1 < nx else i + 1 - nx
                 jp = j + 1 if j + 1 < ny else j + 1 - ny
                 f0 = img[j, i]
@@ -199,8 +254,7 @@ def _rot_shift(stack, cos_a, sin_a, sx, sy, mirror, border, quadratic, out):  # 
                     v = top + fy * (bottom - top)
                 if border != 2 and (xs < 0 or xs >= nx or ys < 0 or ys >= ny):
                     v = img[iy, ix] if border == 0 else np.float32(0.0)
-                col = (2 * cx - ix) % nx if mirror[k] == 1 else ix
-                out[k, iy, col] = v
+                out[k, iy, flipped[ix] if mirrored else ix] = v
 
 
 def rot_shift(stack, cos_a, sin_a, sx, sy, mirror, border: int, quadratic: bool, out):

@@ -159,6 +159,31 @@ class PreparedReferences:
     blocks: tuple = ()
 
 
+#: spare store buffers of dropped :class:`SpectraCache` s, reused by the next cache of this process (their pages
+#: are already mapped: a group's store is ~100 MB, and mapping fresh pages for every group cost ~10 % of ISAC2's
+#: CPU time as page faults)
+_SPARE_STORES: list = []
+#: at most this many spare buffers are kept
+MAX_SPARE_STORES = 2
+
+
+def _take_store(n_floats: int) -> np.ndarray:
+    """A float32 buffer of at least ``n_floats`` elements: the smallest fitting spare one, else a new one."""
+    fits = [i for i, b in enumerate(_SPARE_STORES) if b.size >= n_floats]
+    if fits:
+        return _SPARE_STORES.pop(min(fits, key=lambda i: _SPARE_STORES[i].size))
+    return np.empty(n_floats, np.float32)
+
+
+def _give_store(buf) -> None:
+    """Keep ``buf`` for reuse (the largest :data:`MAX_SPARE_STORES` are kept)."""
+    if buf is None:
+        return
+    _SPARE_STORES.append(buf)
+    _SPARE_STORES.sort(key=lambda b: -b.size)
+    del _SPARE_STORES[MAX_SPARE_STORES:]
+
+
 class SpectraCache:
     """Image ring spectra kept across alignment passes of the same images (opt-in, ``cache=``).
 
@@ -174,7 +199,8 @@ class SpectraCache:
     ``base + integer offsets`` (``base`` = the centre at the image's first visit); a request is served from the
     lattice point nearest to it when that is within ``tolerance`` pixels (parameters returned as float32
     reproduce centres to ~1e-6 px), otherwise the image's entries are dropped and the lattice restarts. Only
-    integer translation steps use the cache. When the store would exceed ``max_bytes`` it is emptied.
+    integer translation steps use the cache. When the store would exceed ``max_bytes`` it is emptied. A
+    read-only stack passed again (the same array object) is taken as unchanged and not fingerprinted again.
 
     Parameters
     ----------
@@ -190,15 +216,28 @@ class SpectraCache:
         self.hits = 0
         self.misses = 0
         self._sig = None
+        self._frozen = None
 
     def __len__(self) -> int:
         return 0 if self._sig is None else self._size
 
     def _reset_store(self):
         self._table[:] = -1
+        self._release()
+        self._size = 0
+
+    def _release(self):
+        """Hand the store's buffer back for reuse (:func:`_give_store`)."""
+        _give_store(getattr(self, "_buffer", None))
+        self._buffer = None
         self._bands = None
         self._stats = None
-        self._size = 0
+
+    def __del__(self):
+        try:
+            self._release()
+        except Exception:                      # interpreter shutdown: nothing to keep
+            pass
 
     def _bind(self, prep: "PreparedReferences", stack: np.ndarray, s: np.ndarray, half: int):
         """Attach to (grid, images); invalidate changed images; (re)start lattices; returns base (n, 2)."""
@@ -215,7 +254,12 @@ class SpectraCache:
             self._entry = sum((m_hi - m_lo) * 2 * (prep.grid.n_rings - r_first) * 4
                               for (m_lo, m_hi, r_first, _w) in prep.bands) + 16
             self._reset_store()
-        fp = (stack.reshape(n, -1) @ self._proj).astype(np.float64)
+            self._frozen = None
+        if stack is self._frozen and not stack.flags.writeable:
+            fp = self._fp                     # the same read-only stack as the last call: taken as unchanged
+        else:
+            fp = (stack.reshape(n, -1) @ self._proj).astype(np.float64)
+        self._frozen = None if stack.flags.writeable else stack
         d = s - self._base
         stale = (~np.all(fp == self._fp, axis=1)) | np.isnan(d).any(axis=1) | \
             (np.abs(d - np.rint(d)) > self.tolerance).any(axis=1)
@@ -332,17 +376,23 @@ class SpectraCache:
         need = self._size + k
         if self._bands is not None and need <= self._stats.shape[0]:
             return
-        # first allocation sized for ~32 centres per image (what a group's L x maxit passes visit), so the
-        # store rarely has to be copied into a larger one
-        expect = 32 * self._table.shape[0] if self._bands is None else 0
+        # first allocation sized for ~64 centres per image (more than a group's L x maxit passes usually visit),
+        # so the store rarely has to be copied into a larger one; untouched pages cost no memory
+        expect = 64 * self._table.shape[0] if self._bands is None else 0
         cap = max(256, 2 * need, min(expect, self.max_bytes // self._entry + 1))
-        new_bands = [np.empty((cap,) + b.shape[1:], np.float32) for b in bands]
-        new_stats = np.empty((cap, 2), np.float64)
+        widths = [int(np.prod(b.shape[1:])) for b in bands]
+        buffer = _take_store(cap * (sum(widths) + 4))           # + 4 floats: the float64 statistics
+        new_bands, offset = [], 0
+        for b, w in zip(bands, widths):
+            new_bands.append(buffer[offset:offset + cap * w].reshape((cap,) + b.shape[1:]))
+            offset += cap * w
+        new_stats = buffer[offset:offset + 4 * cap].view(np.float64).reshape(cap, 2)
         if self._bands is not None:
             for nb, ob in zip(new_bands, self._bands):
                 nb[:self._size] = ob[:self._size]
             new_stats[:self._size] = self._stats[:self._size]
-        self._bands, self._stats = new_bands, new_stats
+            _give_store(self._buffer)
+        self._buffer, self._bands, self._stats = buffer, new_bands, new_stats
 
 
 def _freq_bands(grid: PolarGrid):
@@ -729,16 +779,15 @@ def _band_spectra(prep: PreparedReferences, polar: np.ndarray) -> list[np.ndarra
     grid = prep.grid
     spectra = ring_spectra(polar, grid)                                      # per group (rows, R_g, M_g)
     rows = polar.shape[0]
+    if USE_KERNELS:
+        out = [np.empty((rows, m_hi - m_lo, 2 * (grid.n_rings - r_first)), dtype=np.float32)
+               for m_lo, m_hi, r_first, _w in prep.bands]
+        _kernels.to_bands(spectra, [g[1] for g in grid.groups],
+                          [(m_lo, m_hi, r_first) for m_lo, m_hi, r_first, _w in prep.bands], out)
+        return out
     out = []
     for m_lo, m_hi, r_first, _w in prep.bands:
         n_rings = grid.n_rings - r_first
-        if USE_KERNELS:
-            b = np.empty((rows, m_hi - m_lo, 2 * n_rings), dtype=np.float32)
-            for g, (_n_r, r0, r1, _s0, _s1) in enumerate(grid.groups):
-                if r1 > r_first:
-                    _kernels.to_band(spectra[g], r0 - r_first, m_lo, m_hi, b)
-            out.append(b)
-            continue
         b = np.empty((rows, m_hi - m_lo, n_rings), dtype=np.complex64)
         for g, (_n_r, r0, r1, _s0, _s1) in enumerate(grid.groups):
             if r1 <= r_first:

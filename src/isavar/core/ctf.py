@@ -38,6 +38,7 @@ grid and filtering keeps images real (phase flipping twice is the identity).
 from __future__ import annotations
 
 import numpy as np
+import scipy.fft
 
 from isavar.conventions import electron_wavelength_A
 from isavar.core.fft import as_stack, freq_grid_2d, image_chunks, pad, window
@@ -458,7 +459,8 @@ def phase_flip(images, ctf) -> np.ndarray:
     per_image = sign.ndim == 3 and sign.shape[0] == n and n > 1
     out = np.empty(stack.shape, dtype=np.float32)
     for sl in image_chunks(n, ny * nx):
-        out[sl] = np.fft.irfft2(np.fft.rfft2(stack[sl]) * (sign[sl] if per_image else sign), s=(ny, nx))
+        spec = scipy.fft.rfft2(np.asarray(stack[sl], dtype=np.float32))           # single precision
+        out[sl] = scipy.fft.irfft2(spec * (sign[sl] if per_image else sign), s=(ny, nx))
     return out[0] if single else out
 
 

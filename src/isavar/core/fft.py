@@ -19,6 +19,7 @@ Conventions (see :mod:`isavar.conventions`)
 from __future__ import annotations
 
 import numpy as np
+import scipy.fft
 
 __all__ = [
     "as_stack",
@@ -280,8 +281,8 @@ def resample_fourier(images, new_size, *, preserve: str = "values") -> np.ndarra
     for sl in image_chunks(n, max(ny, my) * max(nx, mx)):
         # Phase origin at N//2: move the centre to index 0, resize, move it back to m//2.
         centred = np.roll(stack[sl], (-(ny // 2), -(nx // 2)), axis=(1, 2))
-        spec = _resize_axis(_resize_axis(np.fft.fft2(centred), 1, my), 2, mx)
-        out[sl] = np.roll(np.fft.ifft2(spec).real * scale, (my // 2, mx // 2), axis=(1, 2))
+        spec = _resize_axis(_resize_axis(scipy.fft.fft2(centred.astype(np.float32)), 1, my), 2, mx)
+        out[sl] = np.roll(scipy.fft.ifft2(spec).real * np.float32(scale), (my // 2, mx // 2), axis=(1, 2))
     return _restore(out, single)
 
 

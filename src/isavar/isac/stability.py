@@ -111,6 +111,46 @@ def pixel_errors_squared(params: np.ndarray, g: np.ndarray, diameter: float) -> 
     return np.maximum(e2, 0.0)
 
 
+def mean_error_and_gradient(params: np.ndarray, g: np.ndarray, diameter: float) -> tuple[float, np.ndarray]:
+    """Mean over members of :func:`pixel_errors_squared` and its gradient with respect to ``g``.
+
+    Parameters
+    ----------
+    params : ndarray, (L, n, 4)
+        As :func:`pixel_errors_squared`.
+    g : ndarray, (L, 3)
+        Run transforms (degrees, pixels).
+    diameter : float
+
+    Returns
+    -------
+    value : float
+        ``mean_i e_i^2`` (without the clamp at 0, which only rounding reaches).
+    gradient : ndarray, (L, 3)
+        Derivatives with respect to ``g`` (per degree for the angles, per pixel for the shifts).
+    """
+    theta, ux, uy = _transformed(params, g)
+    n_runs, n = params.shape[:2]
+    sign = np.where(params[..., 3] > 0.5, -1.0, 1.0)
+    cos_t, sin_t = np.cos(theta), np.sin(theta)
+    c_sum, s_sum = cos_t.sum(0), sin_t.sum(0)
+    resultant = np.hypot(c_sum, s_sum)
+    dx, dy = ux - ux.mean(0), uy - uy.mean(0)
+    value = float(np.mean(diameter ** 2 / 4.0 * (1.0 - resultant / n_runs)
+                          + (dx * dx).mean(0) + (dy * dy).mean(0)))
+    # d resultant / d theta_j = (S cos theta_j - C sin theta_j) / resultant; d theta_j / d g_j = sign
+    d_res = (s_sum * cos_t - c_sum * sin_t) / np.where(resultant > 0, resultant, 1.0)
+    # d ux_j / d g_j = sign (uy_j - y_j), d uy_j / d g_j = -sign (ux_j - sign x_j)  (g_j in radians)
+    ux0 = ux - sign * g[:, 1:2]
+    uy0 = uy - g[:, 2:3]
+    d_angle = sign * (-diameter ** 2 / (4.0 * n_runs) * d_res + 2.0 / n_runs * (dx * uy0 - dy * ux0))
+    grad = np.empty((n_runs, 3))
+    grad[:, 0] = np.deg2rad(1.0) * d_angle.sum(1) / n
+    grad[:, 1] = 2.0 / n_runs * (dx * sign).sum(1) / n
+    grad[:, 2] = 2.0 / n_runs * dy.sum(1) / n
+    return value, grad
+
+
 def _initial_g(params: np.ndarray) -> np.ndarray:
     n_runs = params.shape[0]
     g = np.zeros((n_runs, 3))
@@ -172,7 +212,13 @@ def multi_align_stability(ali: np.ndarray, thld_err: float, diameter: float) -> 
         g[:-1] = x.reshape(n_runs - 1, 3)
         return pixel_errors_squared(pk, g, diameter).mean()
 
-    res = minimize(objective, g0[:-1].ravel(), method="L-BFGS-B",
+    def objective_and_gradient(x):
+        g = np.zeros((n_runs, 3))
+        g[:-1] = x.reshape(n_runs - 1, 3)
+        value, grad = mean_error_and_gradient(pk, g, diameter)
+        return value, grad[:-1].ravel()
+
+    res = minimize(objective_and_gradient, g0[:-1].ravel(), jac=True, method="L-BFGS-B",
                    options={"maxcor": max(3, (n_runs - 1) * 3), "ftol": 10 * np.finfo(float).eps,
                             "gtol": 1e-9})
     g = np.zeros((n_runs, 3))
@@ -323,6 +369,8 @@ def class_stability_task(task):
     from isavar.isac import _ops
 
     images, params, p, grid, rng, check = task
+    images = np.asarray(images, dtype=np.float32).view()
+    images.setflags(write=False)              # a read-only view: the cache need not fingerprint it every pass
     cache = _ops.new_cache()
     # with the stability check the class average is rebuilt from the stable members at the end
     avg, params = within_group_refinement(images, params, p, grid, rng, cache=cache, want_average=not check)
