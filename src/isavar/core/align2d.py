@@ -735,19 +735,12 @@ def _curves_peaks(prep: PreparedReferences, spectra, q0: int, q1: int, k0: int, 
     n_cols = 4 if prep.mirror else 2
     n_k = k1 - k0
     n_rows = q1 - q0
-    # the frequencies up to the last one a block writes (the inverse FFT pads the rest with zeros); a
-    # band-limited reference may leave gaps below it, which are zeroed
-    blocks = _blocks(prep)
-    starts = [prep.bands[blk.band][0] + blk.m_offset for blk in blocks]
-    top = max(m0 + blk.m_count for m0, blk in zip(starts, blocks))
-    x = np.empty((top, n_rows, n_k * n_cols), dtype=np.float32)
-    written = np.zeros(top, bool)
-    for m0, (band, _m_off, m_count, _skip, w), b in zip(starts, blocks, spectra):   # Block fields
+    # every frequency is written by a block unless the reference is band-limited (zeros in the gaps)
+    x = (np.zeros if prep.blocks else np.empty)((grid.n_freq, n_rows, n_k * n_cols), dtype=np.float32)
+    for (band, m_off, m_count, _skip, w), b in zip(_blocks(prep), spectra):  # Block fields
         wk = w[:, :, k0 * n_cols:k1 * n_cols] if (k0, k1) != (0, prep.n_refs) else w
+        m0 = prep.bands[band][0] + m_off
         np.matmul(b[q0:q1].transpose(1, 0, 2), wk, out=x[m0:m0 + m_count])
-        written[m0:m0 + m_count] = True
-    if not written.all():
-        x[~written] = 0.0
     xc = x.view(np.complex64)                                                # (M, rows, n_k * n_cols / 2)
     corr = scipy.fft.irfft(xc, n=grid.maxrin, axis=0)                       # (maxrin, rows, n_k * curves)
     n_curves = n_cols // 2
