@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from isavar.isac.kmeans import assign_groups, assign_groups_sparse
-from isavar.isac.stability import mirror_consistent, multi_align_stability, pixel_errors_squared
+from isavar.isac.stability import (mean_error_and_gradient, mirror_consistent, multi_align_stability,
+                                   pixel_errors_squared)
 
 
 def test_assign_groups_hand_worked_3x7():
@@ -170,3 +171,26 @@ def test_sparse_assignment(k, extra, seed, n_known):
     got = assign_groups_sparse(pk, pi, d[pk, pi], n, k, fallback)
     assert np.all(got >= 0)
     np.testing.assert_array_equal(np.sort(np.bincount(got, minlength=k)), np.sort(np.bincount(dense, minlength=k)))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_stability_fit_gradient_matches_finite_differences(seed):
+    """The analytic gradient of the mean squared pixel error (used by the frame fit) against central differences,
+    for random frames, angles, shifts and mirrors."""
+    rng = np.random.default_rng(seed)
+    n_runs, n = 5, 40
+    params = np.zeros((n_runs, n, 4))
+    params[..., 0] = rng.uniform(-180, 180, (n_runs, n))
+    params[..., 1:3] = rng.normal(0, 2, (n_runs, n, 2))
+    params[..., 3] = rng.integers(0, 2, (n_runs, n))
+    g = rng.normal(0, 1, (n_runs, 3)) * [30.0, 1.0, 1.0]
+    value, grad = mean_error_and_gradient(params, g, 58.0)
+    assert value == pytest.approx(pixel_errors_squared(params, g, 58.0).mean(), rel=1e-12)
+    numeric = np.zeros_like(g)
+    for j in range(n_runs):
+        for k in range(3):
+            step = np.zeros_like(g)
+            step[j, k] = 1e-6
+            numeric[j, k] = (pixel_errors_squared(params, g + step, 58.0).mean()
+                             - pixel_errors_squared(params, g - step, 58.0).mean()) / 2e-6
+    np.testing.assert_allclose(grad, numeric, atol=1e-5 * np.abs(numeric).max())

@@ -350,15 +350,12 @@ class SpectraCache:
         index, extra, mean, std = self._lookup(prep, images, i0, s, kx, ky, step)
         ok = index >= 0
         store = self._store(prep)
-        gathered = {}                                   # band -> its stored rows, gathered once per chunk
         for dst, block in zip(out_spectra, _blocks(prep)):
             sb = store[block.band]
             if ok.all() and block.covers(sb.shape[1]):
                 np.take(sb, index, axis=0, out=dst, mode="clip")
             elif ok.all():                              # a band-limited reference reads part of the band
-                if block.band not in gathered:
-                    gathered[block.band] = np.take(sb, index, axis=0, mode="clip")
-                dst[...] = _block_part(gathered[block.band], block)
+                dst[...] = _block_part(sb, block)[index]
             else:
                 if ok.any():
                     dst[ok] = _block_part(sb, block)[index[ok]]
@@ -1204,7 +1201,7 @@ def _groups_from_bands(bands, layout, grid: PolarGrid) -> list[np.ndarray]:
 
 
 def aligned_average(images, params, grid: PolarGrid, *, cache: SpectraCache | None = None,
-                    chunk_size: int = 64) -> np.ndarray:
+                    chunk_size: int = 256) -> np.ndarray:
     """Mean of the aligned images, built from their ring spectra (no real-space interpolation per image).
 
     For every image the rings are sampled around its particle centre ``s = -R(-alpha) t`` (bilinear, as in the
