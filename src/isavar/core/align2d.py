@@ -159,29 +159,27 @@ class PreparedReferences:
     blocks: tuple = ()
 
 
-#: spare store buffers of dropped :class:`SpectraCache` s, reused by the next cache of this process (their pages
+#: the spare store buffer of a dropped :class:`SpectraCache`, reused by the next cache of this process (its pages
 #: are already mapped: a group's store is ~100 MB, and mapping fresh pages for every group cost ~10 % of ISAC2's
-#: CPU time as page faults)
+#: CPU time as page faults); at most one is kept, so a process holds at most one store more than it uses
 _SPARE_STORES: list = []
-#: at most this many spare buffers are kept
-MAX_SPARE_STORES = 2
 
 
-def _take_store(n_floats: int) -> np.ndarray:
-    """A float32 buffer of at least ``n_floats`` elements: the smallest fitting spare one, else a new one."""
-    fits = [i for i, b in enumerate(_SPARE_STORES) if b.size >= n_floats]
-    if fits:
-        return _SPARE_STORES.pop(min(fits, key=lambda i: _SPARE_STORES[i].size))
-    return np.empty(n_floats, np.float32)
+def _take_store(least: int, preferred: int) -> np.ndarray:
+    """A float32 buffer: the spare one if it has at least ``least`` elements, else a new one of ``preferred``
+    elements (a spare that is too small is released first)."""
+    if _SPARE_STORES and _SPARE_STORES[0].size >= least:
+        return _SPARE_STORES.pop()
+    _SPARE_STORES.clear()
+    return np.empty(max(least, preferred), np.float32)
 
 
 def _give_store(buf) -> None:
-    """Keep ``buf`` for reuse (the largest :data:`MAX_SPARE_STORES` are kept)."""
+    """Keep ``buf`` for reuse (the larger of it and the current spare)."""
     if buf is None:
         return
-    _SPARE_STORES.append(buf)
-    _SPARE_STORES.sort(key=lambda b: -b.size)
-    del _SPARE_STORES[MAX_SPARE_STORES:]
+    if not _SPARE_STORES or buf.size > _SPARE_STORES[0].size:
+        _SPARE_STORES[:] = [buf]
 
 
 class SpectraCache:
@@ -376,9 +374,11 @@ class SpectraCache:
         # first allocation sized for ~64 centres per image (more than a group's L x maxit passes usually visit),
         # so the store rarely has to be copied into a larger one; untouched pages cost no memory
         expect = 64 * self._table.shape[0] if self._bands is None else 0
-        cap = max(256, 2 * need, min(expect, self.max_bytes // self._entry + 1))
+        cap = max(256, 2 * need)
         widths = [int(np.prod(b.shape[1:])) for b in bands]
-        buffer = _take_store(cap * (sum(widths) + 4))           # + 4 floats: the float64 statistics
+        per_entry = sum(widths) + 4                              # + 4 floats: the float64 statistics
+        buffer = _take_store(cap * per_entry, max(cap, min(expect, self.max_bytes // self._entry + 1)) * per_entry)
+        cap = buffer.size // per_entry
         new_bands, offset = [], 0
         for b, w in zip(bands, widths):
             new_bands.append(buffer[offset:offset + cap * w].reshape((cap,) + b.shape[1:]))
