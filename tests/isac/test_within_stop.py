@@ -127,6 +127,10 @@ def test_round_stop_rules(now, before, sphire, plateau):
 
     assert converged(now, before, "sphire") is sphire
     assert converged(now, before, "plateau") is plateau
+    # --round_agreement: an agreement at or above the level stops under either rule; 0 leaves the rules as they are
+    for rule in ("sphire", "plateau"):
+        assert converged(now, before, rule, level=0.8) is (now >= 0.8 or converged(now, before, rule))
+        assert converged(now, before, rule, level=0.0) is converged(now, before, rule)
 
 
 def test_band_limited_within_group_keeps_the_planted_alignment():

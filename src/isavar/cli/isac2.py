@@ -134,6 +134,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a generation's SAC rounds stop once the membership agreement (above 0.5) rose by "
                              "less than 0.05: 'plateau' also when it fell; 'sphire' only when it rose, as SPHIRE "
                              "(default plateau)")
+    parser.add_argument("--round_agreement", type=finite_float, default=0.0,
+                        help="a generation's SAC rounds also stop once the membership agreement with the previous "
+                             "check reaches this value (0: off, as SPHIRE; default 0)")
     parser.add_argument("--empty_stop", type=non_negative_int, default=2,
                         help="a generation (not the run's first) stops after this many stability checks in a row "
                              "at which all its stable images together are too few for one accepted class (at most "

@@ -638,7 +638,7 @@ def agreement(prev: list, cur: list) -> float:
     return inter / total if total > 0 else 0.0
 
 
-def converged(agreement_now: float, agreement_before: float, rule: str = "sphire") -> bool:
+def converged(agreement_now: float, agreement_before: float, rule: str = "sphire", level: float = 0.0) -> bool:
     """Whether a generation stops after a stability check (spec §6.4, ``--round_stop``).
 
     Parameters
@@ -648,12 +648,16 @@ def converged(agreement_now: float, agreement_before: float, rule: str = "sphire
     rule : {"sphire", "plateau"}
         "sphire": agreement above 0.5 that rose by more than 0 and less than 0.05. "plateau" (isavar): above
         0.5 and rose by less than 0.05 or fell; SPHIRE's rule runs on to ``init_iter`` rounds after a fall.
+    level : float
+        isavar (``--round_agreement``): also stop once the agreement reaches this value (0: off).
 
     Returns
     -------
     bool
     """
     change = agreement_now - agreement_before
+    if level > 0 and agreement_now >= level:
+        return True
     if rule == "sphire":
         return agreement_now > 0.5 and 0.0 < change < 0.05
     return agreement_now > 0.5 and change < 0.05
@@ -701,7 +705,7 @@ def sac_round(images, state: EngineState, p, grid, executor, *, main: int, gen: 
         terminate = False
         if state.prev_members is not None:
             agr = agreement(state.prev_members, members)
-            terminate = converged(agr, state.prev_agreement, p.round_stop)
+            terminate = converged(agr, state.prev_agreement, p.round_stop, p.round_agreement)
             log.debug("generation %d round %d: agreement %.3f", gen, rnd + 1, agr)
             st.prev_agreement = agr
         st.prev_members = members

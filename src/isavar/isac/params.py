@@ -119,6 +119,9 @@ class Isac2Params:
         agreement above 0.5 with the previous check; "sphire" stops only when the agreement rose by less
         than 0.05 but more than 0 (SPHIRE: a round whose agreement fell never stops the generation);
         "plateau" (default) also stops when it fell (the memberships have stopped improving).
+    round_agreement : float
+        isavar extension: a generation's SAC rounds also stop once the membership agreement with the previous
+        check reaches this value (0: only ``round_stop``'s rule, SPHIRE).
     empty_stop : int
         isavar extension: a generation other than the run's first also stops after this many stability checks
         in a row at which its stable images, all classes together, were at most ``minimum_grp_size``: too few
@@ -183,6 +186,9 @@ class Isac2Params:
     round_stop: str = field(default="plateau", metadata={
         "help": "SAC rounds stop once the membership agreement (above 0.5) rose by less than 0.05: 'plateau' "
                 "also when it fell, 'sphire' only when it rose"})
+    round_agreement: float = field(default=0.0, metadata={
+        "help": "SAC rounds also stop once the membership agreement with the previous check reaches this "
+                "value (0: off, SPHIRE)"})
     empty_stop: int = field(default=2, metadata={
         "help": "a generation stops after this many stability checks in a row with at most minimum_grp_size "
                 "stable images in all (0: never, SPHIRE)"})
@@ -255,6 +261,8 @@ class Isac2Params:
             bad("within_shift_candidates", "must be >= 0")
         if self.prealign_search not in ("coarse", "full"):
             bad("prealign_search", f"must be 'coarse' or 'full', got {self.prealign_search!r}")
+        if not 0 <= self.round_agreement <= 1:
+            bad("round_agreement", "must be between 0 and 1")
         if self.round_stop not in ("plateau", "sphire"):
             bad("round_stop", f"must be 'plateau' or 'sphire', got {self.round_stop!r}")
         if not 0 <= self.band_tol < 1:
@@ -293,7 +301,8 @@ class Isac2Params:
 #: The isavar search options at SPHIRE's behaviour (flat EQK search, no within-group or empty-generation stop,
 #: full correlations, SPHIRE's round and main-iteration rules).
 SPHIRE_SEARCH = {"eqk_search": "flat", "eqk_neighbours": 0, "within_shift_candidates": 0, "prealign_search": "full",
-                 "within_stop": 0.0, "band_tol": 0.0, "main_stop": 0.0, "round_stop": "sphire", "empty_stop": 0}
+                 "within_stop": 0.0, "band_tol": 0.0, "main_stop": 0.0, "round_stop": "sphire",
+                 "round_agreement": 0.0, "empty_stop": 0}
 #: How isavar behaved before each of these options existed (SPHIRE's search), for runs recorded then.
 BEFORE_FIELD = SPHIRE_SEARCH
 
