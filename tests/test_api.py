@@ -11,7 +11,7 @@ from isavar.synthetic import phantom_volume, simulate_particles
 
 APIX = 3.0
 ISAC = dict(radius=15, target_radius=10, target_nx=28, img_per_grp=40, minimum_grp_size=15, maxit=4,
-            init_iter=1, stab_ali=2, rand_seed=5)
+            init_iter=1, stab_ali=2, rand_seed=5, thld_err=0.7)
 
 
 @pytest.fixture(scope="module")

@@ -624,3 +624,83 @@ def test_band_limit_leaves_out_at_most_the_tolerance_of_each_reference(seed, fl,
     assert np.all(left_out <= tol * (1 + 1e-9))
     first = [blk for blk in limited.blocks if blk.band == 0 and blk.m_offset == 0]
     assert first and first[0].ring_skip == 0                    # m = 0 keeps every ring
+
+
+# ------------------------------------------------------------------ translations on the reference side
+
+def _lattice_params(rng, n, mirror):
+    """Random P whose translation t is a whole-pixel lattice point: from the identity, the reference-side search
+    tries exactly ``t = M^m u`` (``u`` on the lattice), so these are its trial positions."""
+    return params2d.Params2D(rng.uniform(-180, 180, n), rng.integers(-2, 3, n).astype(float),
+                             rng.integers(-2, 3, n).astype(float), np.broadcast_to(mirror, (n,)).astype(int))
+
+
+@pytest.mark.parametrize("mirror_flag", [0, 1])
+def test_reference_side_translations_recover_the_planted_parameters(rng, mirror_flag):
+    ref = _blob(rng)
+    n = 24
+    p = _lattice_params(rng, n, mirror_flag)
+    prep = prepare_references(ref, GRID, translations=(3, 3, 1))
+    assert prep.n_references == 1 and prep.n_refs == 49 and prep.shifts.shape == (49, 2)
+    res = align_to_reference(_planted(ref, p), prep, GRID, x_range=3, y_range=3, step=1)
+    assert res.alpha.shape == (n,) and res.alpha.dtype == np.float32 and res.mirror.dtype == np.int8
+    assert np.all(res.mirror == mirror_flag)
+    assert _angle_err(res.alpha, p.alpha).max() < 0.5
+    assert np.abs(res.sx - p.sx).max() < 0.25 and np.abs(res.sy - p.sy).max() < 0.25
+    # any planted translation is found to within the lattice's half diagonal, as with image-side translations
+    q = params2d.Params2D(rng.uniform(-180, 180, n), rng.uniform(-2.5, 2.5, n), rng.uniform(-2.5, 2.5, n),
+                          rng.integers(0, 2, n))
+    res = align_to_reference(_planted(ref, q), prep, GRID, x_range=3, y_range=3, step=1)
+    assert np.all(res.mirror == q.mirror)
+    assert np.hypot(res.sx - q.sx, res.sy - q.sy).max() <= np.sqrt(0.5) + 0.1
+    half = align_to_reference(_planted(ref, q), prepare_references(ref, GRID, translations=(3, 3, 0.5)), GRID,
+                              x_range=3, y_range=3, step=0.5)
+    assert np.hypot(half.sx - q.sx, half.sy - q.sy).max() <= 0.5 * np.sqrt(0.5) + 0.1
+
+
+def test_reference_side_search_starts_from_the_current_centre_and_keeps_it_in_range(rng):
+    ref = _blob(rng)
+    n = 12
+    alpha = rng.uniform(-180, 180, n)
+    centre = rng.choice([-4.5, -4.0, 4.0, 4.5], (n, 2))
+    a = np.deg2rad(alpha)
+    p = params2d.Params2D(alpha, -(np.cos(a) * centre[:, 0] + np.sin(a) * centre[:, 1]),
+                          -(-np.sin(a) * centre[:, 0] + np.cos(a) * centre[:, 1]), rng.integers(0, 2, n))
+    images = _planted(ref, p)
+    guess = centre + rng.choice([-1.0, 1.0], (n, 2))
+    current = params2d.Params2D(np.zeros(n), -guess[:, 0], -guess[:, 1], np.zeros(n))
+    prep = prepare_references(ref, GRID, translations=(1, 1, 1))
+    res = align_to_reference(images, prep, GRID, x_range=1, y_range=1, step=1, initial_params=current)
+    assert np.all(res.mirror == p.mirror)
+    assert np.hypot(res.sx - p.sx, res.sy - p.sy).max() <= np.sqrt(0.5) + 0.1
+    # a wide range never moves a particle centre beyond mashi (6 px): the search keeps the rings inside
+    wide = align_to_reference(images, prepare_references(ref, GRID, translations=(5, 5, 1)), GRID, x_range=5,
+                              y_range=5, step=1, initial_params=current)
+    moved = params2d.particle_centre(params2d.Params2D(wide.alpha, wide.sx, wide.sy, wide.mirror))
+    assert np.abs(moved).max() <= GRID_MASHI + 1e-4
+    with pytest.raises(ValueError, match="translations"):
+        align_to_reference(images, prep, GRID, x_range=2, y_range=2, step=1)
+
+
+GRID_MASHI = N // 2 - 25 - 1
+
+
+def test_reference_side_multireference_search_and_subsets(rng):
+    refs, images, truth, p = _noisy_copies(rng, k=4, per=4, noise=0.5)
+    prep = prepare_references(refs, GRID, translations=(3, 3, 1))      # planted translations reach 2 sqrt(2)
+    res = align_to_references(images, prep, GRID, x_range=3, y_range=3, step=1)
+    assert res.score.shape == (16, 4)
+    np.testing.assert_array_equal(np.argmax(res.score, axis=1), truth)
+    own = np.arange(16), truth
+    assert np.all(res.mirror[own] == np.asarray(p.mirror))
+    # these planted centres lie on the image-side lattice, not on the reference side's: off-lattice shifts
+    # and the noise bias the angle by a little more than one curve sample (1.4 deg)
+    assert _angle_err(res.alpha[own], p.alpha).max() < 3.0
+    assert np.hypot(res.sx[own] - p.sx, res.sy[own] - p.sy).max() <= np.sqrt(0.5) + 0.2
+    pick = np.array([3, 1])
+    sub = align_to_references(images, subset_references(prep, pick), GRID, x_range=3, y_range=3, step=1)
+    np.testing.assert_allclose(sub.score, res.score[:, pick], rtol=1e-5, atol=1e-3)
+    np.testing.assert_array_equal(sub.mirror, res.mirror[:, pick])
+    # band-limited references keep the translations
+    limited = band_limit(prep, 1e-3)
+    assert limited.translations == (3.0, 3.0, 1.0) and limited.n_references == 4

@@ -18,10 +18,15 @@ from isac_data import prototypes, small_params
 
 def test_params_defaults_and_validation():
     p = Isac2Params(radius=50)
-    assert (p.img_per_grp, p.thld_err, p.target_radius, p.target_nx, p.box, p.yr_eff) == (200, 0.7, 29, 76, 76, 1)
-    assert p.shrink == pytest.approx(0.58)
+    # the working scale (issue 11): radius 26, SPHIRE's box and threshold scaled with it (76 and 0.7 at 29)
+    assert (p.img_per_grp, p.thld_err, p.target_radius, p.target_nx, p.box, p.yr_eff) == (200, 0.628, 26, 68, 68, 1)
+    assert p.shrink == pytest.approx(0.52)
+    s = Isac2Params(radius=50, target_radius=29)
+    assert (s.thld_err, s.target_nx) == (0.7, 76)
+    assert Isac2Params(radius=50, target_radius=29, thld_err=0.5, target_nx=80).thld_err == 0.5
+    assert Isac2Params.from_dict(p.to_dict()) == p                   # a recorded run keeps its values
     q = from_sphire_options({"radius": 40, "xr": 2, "executor": "pool", "verbose": 1})
-    assert q.box == 77 and q.yr_eff == 2
+    assert q.box == 69 and q.yr_eff == 2
     with pytest.raises(InputError, match="VPP"):
         from_sphire_options(radius=40, CTF=True, VPP=True)
     with pytest.raises(InputError, match="minimum_grp_size"):

@@ -97,15 +97,17 @@ def test_within_stop_average_is_the_final_pass_average():
     np.testing.assert_allclose(avg, expect, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("search", ["full", "coarse"])
-def test_prealign_range_recovers_planted_shifts(search):
-    """A full-range pass (+-4 px, step 1) finds integer shifts of a centred reference, coarse to fine or not."""
+@pytest.mark.parametrize("search,shift_search", [("full", "references"), ("full", "images"),
+                                                  ("coarse", "references")])
+def test_prealign_range_recovers_planted_shifts(search, shift_search):
+    """A full-range pass (+-4 px, step 1) finds integer shifts of a centred reference, coarse to fine or not,
+    with the trial translations on the reference (the default) or on the images (SPHIRE)."""
     rng = np.random.default_rng(2)
     proto = prototypes(40)[2]
     shifts = rng.integers(-4, 5, (30, 2)).astype(float)
     imgs = _ops.fshift(np.repeat(proto[None], 30, 0), shifts)
     imgs += rng.normal(0, 0.05, imgs.shape).astype(np.float32)
-    p = Isac2Params(radius=30, target_radius=12, target_nx=40, prealign_search=search)
+    p = Isac2Params(radius=30, target_radius=12, target_nx=40, prealign_search=search, shift_search=shift_search)
     from isavar.core.polar import polar_grid
 
     out = prealign._align_range(imgs, proto, np.zeros((30, 4)), p, polar_grid(1, 12, 1), 4, 1, 0.0,

@@ -52,12 +52,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--xr", type=int, default=1, help="x search range, working pixels (default 1)")
     parser.add_argument("--yr", type=int, default=-1, help="y search range; -1 = same as --xr (default -1)")
     parser.add_argument("--ts", type=finite_float, default=1.0, help="translational search step (default 1.0)")
-    parser.add_argument("--thld_err", type=finite_float, default=0.7,
-                        help="pixel-error threshold of stable membership, working pixels (default 0.7)")
-    parser.add_argument("--target_radius", type=int, default=29,
-                        help="particle radius after shrinking (default 29)")
-    parser.add_argument("--target_nx", type=int, default=76,
-                        help="working box; effective box target_nx + xr - 1 (default 76)")
+    parser.add_argument("--thld_err", type=finite_float, default=None,
+                        help="pixel-error threshold of stable membership, working pixels (default: SPHIRE's 0.7 "
+                             "at its target_radius 29, scaled to --target_radius: 0.628 at 26)")
+    parser.add_argument("--target_radius", type=int, default=26,
+                        help="particle radius after shrinking, working pixels (default 26; SPHIRE's is 29: "
+                             "SAC rounds about 1.25x the CPU time, the same quality in the benchmarks)")
+    parser.add_argument("--target_nx", type=int, default=None,
+                        help="working box; effective box target_nx + xr - 1 (default: SPHIRE's 76 at its "
+                             "target_radius 29, scaled to --target_radius: 68 at 26)")
     parser.add_argument("--ir", type=int, default=1, help="inner ring of the polar alignment (default 1)")
     parser.add_argument("--rs", type=int, default=1, help="ring step (default 1)")
     parser.add_argument("--maxit", type=int, default=18,
@@ -126,6 +129,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prealign_search", choices=["coarse", "full"], default="full",
                         help="pre-alignment passes over the whole translational range: 'coarse' tries every second "
                              "step, then +-1 step around the best; 'full' every step, as SPHIRE (default full)")
+    parser.add_argument("--shift_search", choices=["references", "images"], default="references",
+                        help="where the pre-alignment tries its trial translations: 'references' samples every "
+                             "image once per pass and moves the reference; 'images' samples every image at every "
+                             "trial translation, as SPHIRE (default references)")
     parser.add_argument("--band_tol", type=finite_float, default=1e-4,
                         help="alignment correlations leave out the ring frequencies of a reference that hold at "
                              "most this fraction of its energy (its low-pass filter leaves almost none there); 0 "

@@ -50,6 +50,7 @@ from isavar.core.polar import (
     PolarGrid,
     _gather_polar,
     check_fits,
+    polar_grid,
     polar_to_image,
     polar_transform,
     reference_spectra,
@@ -63,6 +64,7 @@ __all__ = [
     "PreparedReferences",
     "SpectraCache",
     "prepare_references",
+    "translation_lattice",
     "align_to_references",
     "align_to_reference",
     "search_offsets",
@@ -148,6 +150,15 @@ class PreparedReferences:
         Empty, or (a band-limited reference, :func:`band_limit`) the parts of the bands the correlations
         read: ``(band, m_offset, m_count, ring_skip, W_block)`` with ``W_block`` the band's ``W`` restricted
         to frequencies ``m_lo + m_offset ...`` and its outer rings. Empty means every band whole.
+    translations : tuple or None
+        None: the trial translations of a search are applied to the images (SPHIRE). ``(x_range, y_range,
+        step)``: the references were prepared at those trial translations (reference-side search,
+        :func:`prepare_references`); ``n_refs`` then counts every (reference, translation) pair.
+    shifts : ndarray or None
+        ``(n_shifts, 2)`` translations ``u = (ux, uy)`` (pixels) of a reference-side search, order (iy, ix);
+        column ``k * n_shifts + j`` is reference ``k`` sampled around its centre ``+ u_j``.
+    rings : PolarGrid or None
+        A reference-side search's own rings (``grid`` then reaches ``max |u|`` further out); None otherwise.
     """
 
     grid: PolarGrid
@@ -157,6 +168,14 @@ class PreparedReferences:
     ring_sum: np.ndarray
     bands: tuple
     blocks: tuple = ()
+    translations: tuple | None = None
+    shifts: np.ndarray | None = None
+    rings: PolarGrid | None = None
+
+    @property
+    def n_references(self) -> int:
+        """Number of references (without their trial translations)."""
+        return self.n_refs if self.shifts is None else self.n_refs // len(self.shifts)
 
 
 #: the spare store buffer of a dropped :class:`SpectraCache`, reused by the next cache of this process (its pages
@@ -316,7 +335,7 @@ class SpectraCache:
             used, local = np.unique(todo // n_sh, return_inverse=True)
             polar = _gather_polar(np.ascontiguousarray(images[used]).reshape(-1), box, local.reshape(-1), px, py,
                                   grid, np.zeros(1, np.int64), np.zeros(1, np.int64)).reshape(todo.size, grid.lcirc)
-            mean, std = _ring_stats(polar, grid)
+            mean, std = _image_ring_stats(prep, polar)
             bands = _band_spectra(prep, polar)
             stats = np.stack([mean, std], axis=1)
             if miss.any():
@@ -545,11 +564,76 @@ def band_limit(prep: "PreparedReferences", tolerance: float) -> "PreparedReferen
     return dataclasses.replace(prep, blocks=blocks)
 
 
-def prepare_references(references, grid: PolarGrid, *, mirror: bool = True) -> PreparedReferences:
+def translation_lattice(x_range: float, y_range: float, step: float) -> np.ndarray:
+    """Trial translations ``(k_x step, k_y step)``, ``|k_x step| <= x_range``, ``|k_y step| <= y_range``,
+    order (y outer, x inner) as in the searches; ``(n_shifts, 2)`` float64 pixels."""
+    step = float(step)
+    if not step > 0:
+        raise ValueError(f"step must be > 0, got {step}")
+    if x_range < 0 or y_range < 0:
+        raise ValueError("x_range and y_range must be >= 0")
+    kx = np.arange(-int(np.floor(x_range / step + 1e-9)), int(np.floor(x_range / step + 1e-9)) + 1)
+    ky = np.arange(-int(np.floor(y_range / step + 1e-9)), int(np.floor(y_range / step + 1e-9)) + 1)
+    gy, gx = np.meshgrid(ky * step, kx * step, indexing="ij")
+    return np.column_stack([gx.reshape(-1), gy.reshape(-1)])
+
+
+def _moved_references(refs: np.ndarray, shifts: np.ndarray) -> np.ndarray:
+    """``(K * n_shifts, N, N)``: reference ``k`` with its point ``centre + u_j`` moved to the centre (row
+    ``k * n_shifts + j``); whole-pixel ``u`` by an exact circular shift, others by a Fourier shift."""
+    n_sh = len(shifts)
+    out = np.empty((refs.shape[0] * n_sh,) + refs.shape[1:], np.float32)
+    whole = np.all(shifts == np.rint(shifts))
+    for j, (ux, uy) in enumerate(shifts):
+        if whole:
+            out[j::n_sh] = np.roll(refs, (-int(uy), -int(ux)), axis=(1, 2))
+        else:
+            from isavar.core.fft import fourier_shift
+
+            out[j::n_sh] = fourier_shift(refs, np.array([-ux, -uy]))
+    return out
+
+
+def _reference_side_rings(refs: np.ndarray, grid: PolarGrid, shifts: np.ndarray):
+    """The rings, wider rings and moved references of a reference-side search (:func:`prepare_references`).
+
+    Returns ``(grid, wide, moved)``: ``wide`` has ``grid``'s rings continued (same step) to at least
+    ``R + max |u|``; ``moved`` ``(K * n_shifts, M, M)`` are the references cut to the disc of radius ``R + 1/2``,
+    padded by ``max |u| + 1`` on every side (so that no reference content wraps or leaves the box) and moved.
+    """
+    from isavar.core.masks import circular_mask
+
+    reach = float(np.hypot(shifts[:, 0], shifts[:, 1]).max())
+    step = int(grid.radii[1] - grid.radii[0]) if grid.n_rings > 1 else 1
+    extra = step * int(np.ceil(reach / step - 1e-9))
+    wide = polar_grid(int(grid.radii[0]), grid.last_ring + extra, step, grid.mode)
+    box = refs.shape[1]
+    pad = int(np.ceil(reach)) + 1
+    cut = refs * circular_mask(box, grid.last_ring + 0.5).astype(np.float32)
+    padded = np.pad(cut, ((0, 0), (pad, pad), (pad, pad)))
+    check_fits(wide, padded.shape[1])
+    return grid, wide, _moved_references(padded, shifts)
+
+
+def prepare_references(references, grid: PolarGrid, *, mirror: bool = True,
+                       translations: tuple | None = None) -> PreparedReferences:
     """Prepare references for :func:`align_to_references` / :func:`align_to_reference`.
 
     The references are polar-sampled at the image centre (no shift, no ring normalisation),
     ring-FFT'd and weighted (SPHIRE ``Frngs`` + ``Applyws``, see :func:`isavar.core.polar.reference_spectra`).
+
+    With ``translations = (x_range, y_range, step)`` the search's trial translations go to the reference side
+    (isavar; ``docs/deviations.md``): a search then samples every image once, around its current particle
+    centre ``s``, instead of around every trial centre. Each reference is cut to the disc of radius ``R + 1/2``
+    (``R`` the grid's last ring; its samples interpolate pixels out to ``R + 1``), moved so that its point ``u`` is at
+    the centre, for every translation ``u`` of the lattice (:func:`translation_lattice`), and sampled on rings
+    reaching ``R + max |u|``. The correlation of the image around ``s`` with such a reference is then the inner product
+    of the image with the reference's disc placed at ``s - u`` in the image: SPHIRE's score for the trial centre
+    ``s + d`` with ``d`` the image-frame counterpart of ``u``, with the lattice fixed in the reference's frame
+    instead of the image's. (Sampling the reference around ``u`` on the rings up to ``R`` only would cut the
+    image's disc at ``s`` and bias the search towards the current centre.) An image is polar-sampled and
+    ring-FFT'd once per search instead of once per translation: most of the cost with few references or a
+    wide translational range.
 
     Parameters
     ----------
@@ -558,6 +642,9 @@ def prepare_references(references, grid: PolarGrid, *, mirror: bool = True) -> P
         Ring geometry (mode "F").
     mirror : bool
         Prepare the mirrored correlation as well.
+    translations : (x_range, y_range, step), optional
+        Trial translations (pixels) prepared on the reference side; a search with these references must use
+        the same ranges and step.
 
     Returns
     -------
@@ -572,6 +659,11 @@ def prepare_references(references, grid: PolarGrid, *, mirror: bool = True) -> P
         raise ValueError(f"references must be (n, N, N) or (N, N) square, got shape {np.shape(references)}")
     box = refs.shape[1]
     check_fits(grid, box)
+    shifts = rings = None
+    if translations is not None:
+        translations = tuple(float(v) for v in translations)
+        shifts = translation_lattice(*translations)
+        rings, grid, refs = _reference_side_rings(refs, grid, shifts)
     n_refs = refs.shape[0]
     polar = polar_transform(refs, grid)                                     # (K, L)
     ring_sum = polar.astype(np.float64) @ grid.sample_weights
@@ -595,8 +687,8 @@ def prepare_references(references, grid: PolarGrid, *, mirror: bool = True) -> P
             w[:, :, 0, :, 2], w[:, :, 1, :, 2] = are, -aim                 # Re sum conj(A B)
             w[:, :, 0, :, 3], w[:, :, 1, :, 3] = -aim, -are                # Im sum conj(A B)
         bands.append((m_lo, m_hi, r_first, w.reshape(n_band, 2 * n_rings, n_refs * n_cols)))
-    return PreparedReferences(grid=grid, box=box, n_refs=n_refs, mirror=bool(mirror),
-                              ring_sum=ring_sum, bands=tuple(bands))
+    return PreparedReferences(grid=grid, box=box, n_refs=n_refs, mirror=bool(mirror), ring_sum=ring_sum,
+                              bands=tuple(bands), translations=translations, shifts=shifts, rings=rings)
 
 
 def peak_offset(values) -> np.ndarray:
@@ -801,6 +893,14 @@ def _trial_centres(centre: float, s: np.ndarray, kx: np.ndarray, ky: np.ndarray,
     return centre + s[:, 0:1] + offx[None], centre + s[:, 1:2] + offy[None]
 
 
+def _image_ring_stats(prep: PreparedReferences, polar: np.ndarray):
+    """:func:`_ring_stats` of images sampled on ``prep.grid``, over the search's own rings (SPHIRE normalises
+    the rings it correlates; a reference-side ``prep`` samples wider ones, whose first samples are these)."""
+    if prep.rings is None:
+        return _ring_stats(polar, prep.grid)
+    return _ring_stats(polar[:, :prep.rings.lcirc], prep.rings)
+
+
 def _ring_stats(polar: np.ndarray, grid: PolarGrid):
     """Arc-length weighted mean and std (std 0 -> 1) of polar rows (SPHIRE Normalize_ring statistics)."""
     wts = (grid.sample_weights / grid.sample_weights.sum()).astype(np.float32)
@@ -849,7 +949,7 @@ def _search_chunk(prep: PreparedReferences, images: np.ndarray, s: np.ndarray, k
                                       grid, np.zeros(1, np.int64), np.zeros(1, np.int64))
             polar = polar.reshape(m * n_sh, grid.lcirc)                      # rows = (image, iy, ix)
             if normalize:
-                mean[r0:r1], std[r0:r1] = _ring_stats(polar, grid)
+                mean[r0:r1], std[r0:r1] = _image_ring_stats(prep, polar)
             band_spec = _band_spectra(prep, polar)
             for dst, blk in zip(spectra, blocks):
                 dst[r0:r1] = _block_part(band_spec[blk.band], blk)
@@ -1055,6 +1155,61 @@ def _run(images, prep: PreparedReferences, *, x_range, y_range, step, delta, nor
     return score, alpha.astype(np.float32), sx.astype(np.float32), sy.astype(np.float32), mirror
 
 
+def _reference_side(prep: PreparedReferences, x_range, y_range, step) -> bool:
+    """Whether ``prep`` holds reference-side translations; they must be the search's."""
+    if prep.translations is None:
+        return False
+    if not np.allclose(prep.translations, (x_range, y_range, step)):
+        raise ValueError(f"the references were prepared at translations (x_range, y_range, step) = "
+                         f"{prep.translations}, the search asks for {(x_range, y_range, step)}")
+    return True
+
+
+def _fold_translations(prep: PreparedReferences, box: int, s: np.ndarray, score, alpha, sx, sy, mirror):
+    """Best translation per (image, reference) of a reference-side search.
+
+    The search aligned every image at its centre ``s`` to every reference sampled around ``u_j``; the result
+    ``t'`` (image point ``s`` to the reference's centre) becomes ``t = t' + M^m u_j`` (image point ``s`` to the
+    reference point ``u_j``). As in the image-side search (SPHIRE ``search_range``), a translation is allowed
+    only if the new particle centre ``-R(-alpha) t`` keeps the rings inside the image (the current centre is
+    always allowed); among the allowed ones the best score wins, ties going to the later translation.
+
+    Parameters
+    ----------
+    prep : PreparedReferences
+        With ``shifts`` (``n_shifts`` translations).
+    box : int
+    s : (n, 2) float64
+        Particle centres the images were sampled around.
+    score, alpha, sx, sy, mirror : (n, K * n_shifts) arrays
+        The search's result per (image, reference column).
+
+    Returns
+    -------
+    score, alpha, sx, sy, mirror : (n, K) arrays
+    """
+    n = score.shape[0]
+    n_sh = len(prep.shifts)
+    shape = (n, prep.n_refs // n_sh, n_sh)
+    score, alpha, sx, sy, mirror = (a.reshape(shape) for a in (score, alpha, sx, sy, mirror))
+    ux, uy = prep.shifts[:, 0], prep.shifts[:, 1]
+    flip = mirror > 0
+    tx = sx.astype(np.float64) + np.where(flip, -ux, ux)
+    ty = sy.astype(np.float64) + uy
+    a = np.deg2rad(alpha.astype(np.float64))
+    ca, sa = np.cos(a), np.sin(a)
+    cx, cy = -(ca * tx - sa * ty), -(sa * tx + ca * ty)
+    last = prep.rings.last_ring
+    lo, hi = -(box // 2 - last - 1) - 1e-6, box - box // 2 - 1 - last + 1e-6
+    allowed = (cx >= lo) & (cx <= hi) & (cy >= lo) & (cy <= hi)
+    allowed |= np.all(prep.shifts == 0.0, axis=1)                            # the current centre
+    masked = np.where(allowed, score, -np.inf)
+    best = n_sh - 1 - np.argmax(masked[:, :, ::-1], axis=2)                  # later translations win ties
+    take = best[:, :, None]
+    pick = lambda v: np.take_along_axis(v, take, axis=2)[:, :, 0]           # noqa: E731
+    return (pick(score), pick(alpha), pick(tx).astype(np.float32), pick(ty).astype(np.float32), pick(mirror))
+
+
 def _as_images(images, grid: PolarGrid):
     stack = np.asarray(images, dtype=np.float32)
     if stack.ndim == 2:
@@ -1117,16 +1272,27 @@ def align_to_references(images, references, grid: PolarGrid, *, x_range: float, 
     """
     prep = references if isinstance(references, PreparedReferences) else prepare_references(
         references, grid, mirror=mirror)
-    if prep.grid is not grid and (prep.grid.lcirc != grid.lcirc or prep.grid.maxrin != grid.maxrin):
+    own = prep.grid if prep.rings is None else prep.rings
+    if own is not grid and (own.lcirc != grid.lcirc or own.maxrin != grid.maxrin):
         raise ValueError("prepared references were built for a different polar grid")
     if prep.mirror != bool(mirror):
         raise ValueError(f"prepared references have mirror={prep.mirror}, but mirror={mirror} was requested")
     stack = _as_images(images, grid)
     s = particle_centres(initial_params, stack.shape[0], stack.shape[1], grid.last_ring, out_of_range=out_of_range)
-    score, alpha, sx, sy, mir = _run(stack, prep, x_range=x_range, y_range=y_range, step=step, delta=delta,
-                                     normalize=normalize_images, s=s, chunk_size=chunk_size,
-                                     pair_budget=pair_budget, cache=cache)
+    score, alpha, sx, sy, mir = _search(stack, prep, x_range, y_range, step, delta, normalize_images, s,
+                                        chunk_size, pair_budget, cache, 0)
     return MultiRefAlignment(score=score, alpha=alpha, sx=sx, sy=sy, mirror=mir)
+
+
+def _search(stack, prep, x_range, y_range, step, delta, normalize, s, chunk_size, pair_budget, cache,
+            coarse_rows):
+    """:func:`_run` with the translations on the image side, or on the reference side when ``prep`` has them."""
+    if not _reference_side(prep, x_range, y_range, step):
+        return _run(stack, prep, x_range=x_range, y_range=y_range, step=step, delta=delta, normalize=normalize,
+                    s=s, chunk_size=chunk_size, pair_budget=pair_budget, cache=cache, coarse_rows=coarse_rows)
+    res = _run(stack, prep, x_range=0.0, y_range=0.0, step=step, delta=delta, normalize=normalize, s=s,
+               chunk_size=chunk_size, pair_budget=pair_budget, cache=cache)
+    return _fold_translations(prep, stack.shape[1], s, *res)
 
 
 def align_to_reference(images, reference, grid: PolarGrid, *, x_range: float, y_range: float, step: float,
@@ -1170,16 +1336,15 @@ def align_to_reference(images, reference, grid: PolarGrid, *, x_range: float, y_
         if ref.ndim != 2:
             raise ValueError(f"reference must be one (N, N) image, got shape {np.shape(reference)}")
         prep = prepare_references(ref, grid, mirror=mirror)
-    if prep.n_refs != 1:
-        raise ValueError(f"align_to_reference needs exactly one reference, got {prep.n_refs}")
+    if prep.n_references != 1:
+        raise ValueError(f"align_to_reference needs exactly one reference, got {prep.n_references}")
     if prep.mirror != bool(mirror):
         raise ValueError(f"prepared reference has mirror={prep.mirror}, but mirror={mirror} was requested")
     stack = _as_images(images, grid)
     s = particle_centres(initial_params, stack.shape[0], stack.shape[1], grid.last_ring,
                          center_shift=center_shift, out_of_range=out_of_range)
-    score, alpha, sx, sy, mir = _run(stack, prep, x_range=x_range, y_range=y_range, step=step, delta=delta,
-                                     normalize=normalize_images, s=s, chunk_size=chunk_size,
-                                     pair_budget=pair_budget, cache=cache, coarse_rows=int(coarse_rows))
+    score, alpha, sx, sy, mir = _search(stack, prep, x_range, y_range, step, delta, normalize_images, s,
+                                        chunk_size, pair_budget, cache, int(coarse_rows))
     return RefAlignment(score=score[:, 0], alpha=alpha[:, 0], sx=sx[:, 0], sy=sy[:, 0], mirror=mir[:, 0])
 
 
@@ -1281,12 +1446,15 @@ def subset_references(prep: PreparedReferences, indices) -> PreparedReferences:
     Returns
     -------
     PreparedReferences
-        With ``n_refs = k``; searching it gives the same numbers as searching the full set and keeping the
-        columns ``indices``.
+        With ``k`` references (and the translations of a reference-side ``prep``); searching it gives the same
+        numbers as searching the full set and keeping the columns ``indices``.
     """
     idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-    if idx.size == 0 or idx.min() < 0 or idx.max() >= prep.n_refs:
-        raise ValueError(f"reference indices must lie in [0, {prep.n_refs}), got {idx.tolist()[:10]}")
+    if idx.size == 0 or idx.min() < 0 or idx.max() >= prep.n_references:
+        raise ValueError(f"reference indices must lie in [0, {prep.n_references}), got {idx.tolist()[:10]}")
+    if prep.shifts is not None:                   # every reference with all its translations
+        n_sh = len(prep.shifts)
+        idx = (idx[:, None] * n_sh + np.arange(n_sh)[None, :]).reshape(-1)
     n_cols = 4 if prep.mirror else 2
 
     def columns(w):
@@ -1295,8 +1463,8 @@ def subset_references(prep: PreparedReferences, indices) -> PreparedReferences:
 
     bands = [(m_lo, m_hi, r_first, columns(w)) for m_lo, m_hi, r_first, w in prep.bands]
     blocks = tuple(blk._replace(w=columns(blk.w)) for blk in prep.blocks)
-    return PreparedReferences(grid=prep.grid, box=prep.box, n_refs=int(idx.size), mirror=prep.mirror,
-                              ring_sum=prep.ring_sum[idx].copy(), bands=tuple(bands), blocks=blocks)
+    return dataclasses.replace(prep, n_refs=int(idx.size), ring_sum=prep.ring_sum[idx].copy(), bands=tuple(bands),
+                               blocks=blocks)
 
 
 def coarse_scores(images, prep: PreparedReferences, *, initial_params=None, out_of_range: str = "reset",

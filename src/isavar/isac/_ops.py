@@ -73,11 +73,20 @@ def circle(size, radius) -> np.ndarray:
     return np.asarray(circular_mask(size, radius), dtype=np.float32)
 
 
-def prepare(refs, grid, *, mirror=True, band_tol=0.0):
-    """References prepared once for many image chunks (band-limited with ``band_tol > 0``, ``--band_tol``)."""
+def prepare(refs, grid, *, mirror=True, band_tol=0.0, translations=None):
+    """References prepared once for many image chunks (band-limited with ``band_tol > 0``, ``--band_tol``;
+    with ``translations = (xr, yr, ts)`` the search's translations on the reference side, ``--shift_search``)."""
     from isavar.core.align2d import band_limit, prepare_references
 
-    return band_limit(prepare_references(np.asarray(refs, dtype=np.float32), grid, mirror=mirror), band_tol)
+    return band_limit(prepare_references(np.asarray(refs, dtype=np.float32), grid, mirror=mirror,
+                                         translations=translations), band_tol)
+
+
+def search_translations(p, xr=None, yr=None, ts=None):
+    """``(xr, yr, ts)`` of a search (the run's unless given) when ``--shift_search references``, else None."""
+    if p.shift_search != "references":
+        return None
+    return (float(p.xr if xr is None else xr), float(p.yr_eff if yr is None else yr), float(p.ts if ts is None else ts))
 
 
 def align_multi(images, refs, grid, p, params, *, xr=None, yr=None, normalize=True):
@@ -98,18 +107,22 @@ def align_multi(images, refs, grid, p, params, *, xr=None, yr=None, normalize=Tr
     return res.score, res.params
 
 
-def align_single(images, ref, grid, p, params, delta, *, xr=None, yr=None, ts=None, cache=None, coarse_rows=0):
+def align_single(images, ref, grid, p, params, delta, *, xr=None, yr=None, ts=None, cache=None, coarse_rows=0,
+                 reference_side=False):
     """One ``ali2d_single_iter`` pass against one reference (centres clamped); returns (n, 4) parameters.
 
     ``coarse_rows > 0``: only that many trial translations per image, chosen by a coarse score, are searched
-    exactly (needs ``cache``)."""
+    exactly (needs ``cache``). ``reference_side``: an unprepared ``ref`` is prepared with the translations on
+    the reference side when ``p.shift_search`` asks for it (:func:`search_translations`)."""
     from isavar.core.align2d import PreparedReferences, align_to_reference, band_limit
 
-    if p.band_tol > 0:
+    xr, yr, ts = (p.xr if xr is None else xr), (p.yr_eff if yr is None else yr), (p.ts if ts is None else ts)
+    if reference_side and not isinstance(ref, PreparedReferences) and search_translations(p) is not None:
+        ref = prepare(ref, grid, band_tol=p.band_tol, translations=search_translations(p, xr, yr, ts))
+    elif p.band_tol > 0:
         ref = band_limit(ref if isinstance(ref, PreparedReferences) else prepare(ref, grid), p.band_tol)
     res = align_to_reference(np.asarray(images, dtype=np.float32), ref, grid,
-                             x_range=p.xr if xr is None else xr, y_range=p.yr_eff if yr is None else yr,
-                             step=p.ts if ts is None else ts, mirror=True, delta=float(delta),
+                             x_range=xr, y_range=yr, step=ts, mirror=True, delta=float(delta),
                              normalize_images=False, initial_params=np.asarray(params, dtype=np.float64),
                              out_of_range="clamp", cache=cache, coarse_rows=coarse_rows)
     return res.params

@@ -13,10 +13,26 @@ from dataclasses import dataclass, field
 from isavar.errors import InputError
 
 
+#: SPHIRE's working scale: particle radius (pixels) after shrinking, its working box and stability threshold there
+SPHIRE_TARGET_RADIUS = 29
+SPHIRE_TARGET_NX = 76
+SPHIRE_THLD_ERR = 0.7
+
+
+def working_box(target_radius: int) -> int:
+    """SPHIRE's working box (76 at radius 29) scaled to the particle radius ``target_radius`` (pixels)."""
+    return int(round(SPHIRE_TARGET_NX * target_radius / SPHIRE_TARGET_RADIUS))
+
+
+def stability_threshold(target_radius: int) -> float:
+    """SPHIRE's pixel-error threshold (0.7 pixels at radius 29) in pixels of the working scale ``target_radius``."""
+    return round(SPHIRE_THLD_ERR * target_radius / SPHIRE_TARGET_RADIUS, 3)
+
+
 @dataclass(frozen=True)
 class Isac2Params:
-    """Parameters of an ISAC2 run (defaults = SPHIRE 1.4.2 ``sp_isac2.py``, except ``maxit`` and the isavar
-    extensions; :func:`sphire_142` gives SPHIRE's search).
+    """Parameters of an ISAC2 run (defaults = SPHIRE 1.4.2 ``sp_isac2.py``, except ``maxit``, the working scale
+    ``target_radius`` and the isavar extensions; :func:`sphire_142` gives SPHIRE's search).
 
     Attributes
     ----------
@@ -32,12 +48,17 @@ class Isac2Params:
         Translational search range (+-pixels, working scale); ``yr = -1`` means ``xr``.
     ts : float
         Translational step (pixels, working scale).
-    thld_err : float
-        Pixel-error threshold (working pixels) for stable class membership.
+    thld_err : float or None
+        Pixel-error threshold (working pixels) for stable class membership. None (default): SPHIRE's 0.7 pixels
+        at its working scale, i.e. ``0.7 * target_radius / 29`` (the same threshold on the particle; 0.628 at
+        26).
     target_radius : int
-        Particle radius after shrinking (outer ring of the polar alignments).
-    target_nx : int
-        Working box; the effective box is ``target_nx + xr - 1``.
+        Particle radius after shrinking (outer ring of the polar alignments). Default 26 (isavar; SPHIRE 29):
+        every alignment samples 0.81 times as many pixels, a SAC round costs about 0.8 times the CPU, with the
+        same quality in the benchmarks (``docs/deviations.md``); 29 is SPHIRE's working scale.
+    target_nx : int or None
+        Working box; the effective box is ``target_nx + xr - 1``. None (default): SPHIRE's 76 at its
+        ``target_radius`` 29, scaled with ``target_radius`` (68 at 26).
     ir, rs : int
         Inner ring and ring step of the polar alignments.
     maxit : int
@@ -98,6 +119,12 @@ class Isac2Params:
         fine (every second step, then +-1 step around the best); "full" (default) searches every step
         (SPHIRE). "coarse" is not the default: with ``--maxit 18`` as well it lowered the mean purity ratio
         of five seeds of the 2,000-particle benchmark by 0.10 (``bench/isac2.md``).
+    shift_search : {"references", "images"}
+        isavar extension: where the trial translations of the pre-alignment passes go. "references" (default):
+        the reference is prepared at each trial translation and every image is polar-sampled once per pass,
+        around its current centre (:func:`isavar.core.align2d.prepare_references`); "images": every image is
+        sampled around each trial centre (SPHIRE). The same scores on a lattice fixed in the reference's frame
+        instead of the image's; ``docs/deviations.md``.
     within_stop : float
         isavar extension: a within-group run stops once an alignment pass after the last discrete-angle pass
         moves no image by more than this many pixels (a point within ``target_radius``; a changed mirror
@@ -136,9 +163,9 @@ class Isac2Params:
     xr: int = 1
     yr: int = -1
     ts: float = 1.0
-    thld_err: float = 0.7
-    target_radius: int = 29
-    target_nx: int = 76
+    thld_err: float | None = None
+    target_radius: int = 26
+    target_nx: int | None = None
     ir: int = 1
     rs: int = 1
     maxit: int = 18
@@ -174,6 +201,9 @@ class Isac2Params:
     prealign_search: str = field(default="full", metadata={
         "help": "pre-alignment passes over the full translational range: 'coarse' (every second step, then "
                 "+-1 step around the best) or 'full' (every step, SPHIRE)"})
+    shift_search: str = field(default="references", metadata={
+        "help": "trial translations of the pre-alignment on the reference (each image sampled once per pass) "
+                "or on the images (sampled at every trial translation, SPHIRE)"})
     within_stop: float = field(default=0.5, metadata={
         "help": "within-group runs: stop once an alignment pass after the last discrete-angle pass moves no "
                 "image by more than this many pixels (0: all maxit passes, SPHIRE)"})
@@ -192,6 +222,13 @@ class Isac2Params:
     empty_stop: int = field(default=2, metadata={
         "help": "a generation stops after this many stability checks in a row with at most minimum_grp_size "
                 "stable images in all (0: never, SPHIRE)"})
+
+    def __post_init__(self):
+        # the working box and the stability threshold follow the working scale unless given
+        if self.target_nx is None:
+            object.__setattr__(self, "target_nx", working_box(self.target_radius))
+        if self.thld_err is None:
+            object.__setattr__(self, "thld_err", stability_threshold(self.target_radius))
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -261,6 +298,8 @@ class Isac2Params:
             bad("within_shift_candidates", "must be >= 0")
         if self.prealign_search not in ("coarse", "full"):
             bad("prealign_search", f"must be 'coarse' or 'full', got {self.prealign_search!r}")
+        if self.shift_search not in ("references", "images"):
+            bad("shift_search", f"must be 'references' or 'images', got {self.shift_search!r}")
         if not 0 <= self.round_agreement <= 1:
             bad("round_agreement", "must be between 0 and 1")
         if self.round_stop not in ("plateau", "sphire"):
@@ -302,7 +341,7 @@ class Isac2Params:
 #: full correlations, SPHIRE's round and main-iteration rules).
 SPHIRE_SEARCH = {"eqk_search": "flat", "eqk_neighbours": 0, "within_shift_candidates": 0, "prealign_search": "full",
                  "within_stop": 0.0, "band_tol": 0.0, "main_stop": 0.0, "round_stop": "sphire",
-                 "round_agreement": 0.0, "empty_stop": 0}
+                 "round_agreement": 0.0, "empty_stop": 0, "shift_search": "images"}
 #: How isavar behaved before each of these options existed (SPHIRE's search), for runs recorded then.
 BEFORE_FIELD = SPHIRE_SEARCH
 
@@ -331,7 +370,9 @@ def from_sphire_options(options=None, **kwargs) -> Isac2Params:
 
 
 def sphire_142(radius: int, **overrides) -> Isac2Params:
-    """SPHIRE 1.4.2's search for a particle radius: its defaults (``maxit`` 30) and every isavar extension
+    """SPHIRE 1.4.2's search for a particle radius: its defaults (``maxit`` 30, ``target_radius`` 29, hence
+    ``target_nx`` 76 and ``thld_err`` 0.7) and every isavar extension
     that changes the search switched off (flat EQK search, no within-group or empty-generation stop, full
     correlations, SPHIRE's round and main-iteration rules), with optional overrides."""
-    return from_sphire_options({"radius": radius, "maxit": 30, **SPHIRE_SEARCH, **overrides})
+    return from_sphire_options({"radius": radius, "maxit": 30, "target_radius": SPHIRE_TARGET_RADIUS,
+                                **SPHIRE_SEARCH, **overrides})

@@ -183,7 +183,7 @@ def _masked_frc(a, b, mask):
 
 def _align_chunk(task):
     images, ref, params, p, grid, xr, ts, delta = task
-    return _ops.align_single(images, ref, grid, p, params, delta, xr=xr, yr=xr, ts=ts)
+    return _ops.align_single(images, ref, grid, p, params, delta, xr=xr, yr=xr, ts=ts, reference_side=True)
 
 
 #: images used to build the pre-alignment reference (all images get the final passes)
