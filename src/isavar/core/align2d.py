@@ -629,8 +629,8 @@ def prepare_references(references, grid: PolarGrid, *, mirror: bool = True,
     the centre, for every translation ``u`` of the lattice (:func:`translation_lattice`), and sampled on rings
     reaching ``R + max |u|``. The correlation of the image around ``s`` with such a reference is then the inner product
     of the image with the reference's disc placed at ``s - u`` in the image: SPHIRE's score for the trial centre
-    ``s + d`` with ``d`` the image-frame counterpart of ``u``, with the lattice fixed in the reference's frame
-    instead of the image's. (Sampling the reference around ``u`` on the rings up to ``R`` only would cut the
+    ``s + d`` with ``d`` the image-frame counterpart of ``u`` (up to the disc's half-pixel edge), with the
+    lattice fixed in the reference's frame instead of the image's. (Sampling the reference around ``u`` on the rings up to ``R`` only would cut the
     image's disc at ``s`` and bias the search towards the current centre.) An image is polar-sampled and
     ring-FFT'd once per search instead of once per translation: most of the cost with few references or a
     wide translational range.

@@ -123,8 +123,8 @@ class Isac2Params:
         isavar extension: where the trial translations of the pre-alignment passes go. "references" (default):
         the reference is prepared at each trial translation and every image is polar-sampled once per pass,
         around its current centre (:func:`isavar.core.align2d.prepare_references`); "images": every image is
-        sampled around each trial centre (SPHIRE). The same scores on a lattice fixed in the reference's frame
-        instead of the image's; ``docs/deviations.md``.
+        sampled around each trial centre (SPHIRE). SPHIRE's scores up to the half-pixel edge of the reference's
+        disc, on a lattice fixed in the reference's frame instead of the image's; ``docs/deviations.md``.
     within_stop : float
         isavar extension: a within-group run stops once an alignment pass after the last discrete-angle pass
         moves no image by more than this many pixels (a point within ``target_radius``; a changed mirror
