@@ -147,20 +147,24 @@ def test_T2_subpixel_shifts_are_found_within_the_grid(rng):
     assert np.hypot(fine.sx - p.sx, fine.sy - p.sy).max() <= 0.5 * np.sqrt(0.5) + 0.1
 
 
-def test_search_starts_from_the_current_particle_centre(rng):
-    ref = _blob(rng)
-    n = 12
-    # particle centres 4-4.5 px off: outside a +-1 search around the image centre, inside mashi = 6
+def _off_centre_particles(rng, ref, n):
+    """Planted P with particle centres 4-4.5 px off (outside a +-1 search around the image centre, inside
+    mashi = 6), their images, and current parameters whose centre is one pixel off (angle and mirror wrong:
+    they are discarded)."""
     alpha = rng.uniform(-180, 180, n)
     centre = rng.choice([-4.5, -4.0, 4.0, 4.5], (n, 2))
     a = np.deg2rad(alpha)
     p = params2d.Params2D(alpha, -(np.cos(a) * centre[:, 0] + np.sin(a) * centre[:, 1]),
                           -(-np.sin(a) * centre[:, 0] + np.cos(a) * centre[:, 1]), rng.integers(0, 2, n))
     np.testing.assert_allclose(params2d.particle_centre(p), centre, atol=1e-9)   # s = -R(-alpha) t
-    images = _planted(ref, p)
-    # current params: centre off by one pixel, wrong angle/mirror (they are discarded)
     guess_s = centre + rng.choice([-1.0, 1.0], (n, 2))
     current = params2d.Params2D(np.zeros(n), -guess_s[:, 0], -guess_s[:, 1], np.zeros(n))
+    return p, _planted(ref, p), current
+
+
+def test_search_starts_from_the_current_particle_centre(rng):
+    ref = _blob(rng)
+    p, images, current = _off_centre_particles(rng, ref, 12)
     res = align_to_reference(images, ref, GRID, x_range=1, y_range=1, step=1, initial_params=current)
     assert np.all(res.mirror == p.mirror)
     assert _angle_err(res.alpha, p.alpha).max() < 0.5
@@ -660,15 +664,7 @@ def test_reference_side_translations_recover_the_planted_parameters(rng, mirror_
 
 def test_reference_side_search_starts_from_the_current_centre_and_keeps_it_in_range(rng):
     ref = _blob(rng)
-    n = 12
-    alpha = rng.uniform(-180, 180, n)
-    centre = rng.choice([-4.5, -4.0, 4.0, 4.5], (n, 2))
-    a = np.deg2rad(alpha)
-    p = params2d.Params2D(alpha, -(np.cos(a) * centre[:, 0] + np.sin(a) * centre[:, 1]),
-                          -(-np.sin(a) * centre[:, 0] + np.cos(a) * centre[:, 1]), rng.integers(0, 2, n))
-    images = _planted(ref, p)
-    guess = centre + rng.choice([-1.0, 1.0], (n, 2))
-    current = params2d.Params2D(np.zeros(n), -guess[:, 0], -guess[:, 1], np.zeros(n))
+    p, images, current = _off_centre_particles(rng, ref, 12)
     prep = prepare_references(ref, GRID, translations=(1, 1, 1))
     res = align_to_reference(images, prep, GRID, x_range=1, y_range=1, step=1, initial_params=current)
     assert np.all(res.mirror == p.mirror)

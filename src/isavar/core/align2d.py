@@ -564,23 +564,31 @@ def band_limit(prep: "PreparedReferences", tolerance: float) -> "PreparedReferen
     return dataclasses.replace(prep, blocks=blocks)
 
 
-def translation_lattice(x_range: float, y_range: float, step: float) -> np.ndarray:
-    """Trial translations ``(k_x step, k_y step)``, ``|k_x step| <= x_range``, ``|k_y step| <= y_range``,
-    order (y outer, x inner) as in the searches; ``(n_shifts, 2)`` float64 pixels."""
+def _lattice_steps(x_range: float, y_range: float, step: float):
+    """Whole-step trial offsets ``kx``, ``ky`` (int arrays, ``|k step| <= range``) of a search; checks the arguments."""
     step = float(step)
     if not step > 0:
         raise ValueError(f"step must be > 0, got {step}")
     if x_range < 0 or y_range < 0:
         raise ValueError("x_range and y_range must be >= 0")
-    kx = np.arange(-int(np.floor(x_range / step + 1e-9)), int(np.floor(x_range / step + 1e-9)) + 1)
-    ky = np.arange(-int(np.floor(y_range / step + 1e-9)), int(np.floor(y_range / step + 1e-9)) + 1)
-    gy, gx = np.meshgrid(ky * step, kx * step, indexing="ij")
+    kxmax = int(np.floor(x_range / step + 1e-9))
+    kymax = int(np.floor(y_range / step + 1e-9))
+    return np.arange(-kxmax, kxmax + 1), np.arange(-kymax, kymax + 1)
+
+
+def translation_lattice(x_range: float, y_range: float, step: float) -> np.ndarray:
+    """Trial translations ``(k_x step, k_y step)``, ``|k_x step| <= x_range``, ``|k_y step| <= y_range``,
+    order (y outer, x inner) as in the searches; ``(n_shifts, 2)`` float64 pixels."""
+    kx, ky = _lattice_steps(x_range, y_range, step)
+    gy, gx = np.meshgrid(ky * float(step), kx * float(step), indexing="ij")
     return np.column_stack([gx.reshape(-1), gy.reshape(-1)])
 
 
 def _moved_references(refs: np.ndarray, shifts: np.ndarray) -> np.ndarray:
     """``(K * n_shifts, N, N)``: reference ``k`` with its point ``centre + u_j`` moved to the centre (row
     ``k * n_shifts + j``); whole-pixel ``u`` by an exact circular shift, others by a Fourier shift."""
+    from isavar.core.fft import fourier_shift
+
     n_sh = len(shifts)
     out = np.empty((refs.shape[0] * n_sh,) + refs.shape[1:], np.float32)
     whole = np.all(shifts == np.rint(shifts))
@@ -588,16 +596,14 @@ def _moved_references(refs: np.ndarray, shifts: np.ndarray) -> np.ndarray:
         if whole:
             out[j::n_sh] = np.roll(refs, (-int(uy), -int(ux)), axis=(1, 2))
         else:
-            from isavar.core.fft import fourier_shift
-
             out[j::n_sh] = fourier_shift(refs, np.array([-ux, -uy]))
     return out
 
 
 def _reference_side_rings(refs: np.ndarray, grid: PolarGrid, shifts: np.ndarray):
-    """The rings, wider rings and moved references of a reference-side search (:func:`prepare_references`).
+    """The wider rings and moved references of a reference-side search (:func:`prepare_references`).
 
-    Returns ``(grid, wide, moved)``: ``wide`` has ``grid``'s rings continued (same step) to at least
+    Returns ``(wide, moved)``: ``wide`` has ``grid``'s rings continued (same step) to at least
     ``R + max |u|``; ``moved`` ``(K * n_shifts, M, M)`` are the references cut to the disc of radius ``R + 1/2``,
     padded by ``max |u| + 1`` on every side (so that no reference content wraps or leaves the box) and moved.
     """
@@ -612,7 +618,7 @@ def _reference_side_rings(refs: np.ndarray, grid: PolarGrid, shifts: np.ndarray)
     cut = refs * circular_mask(box, grid.last_ring + 0.5).astype(np.float32)
     padded = np.pad(cut, ((0, 0), (pad, pad), (pad, pad)))
     check_fits(wide, padded.shape[1])
-    return grid, wide, _moved_references(padded, shifts)
+    return wide, _moved_references(padded, shifts)
 
 
 def prepare_references(references, grid: PolarGrid, *, mirror: bool = True,
@@ -623,17 +629,17 @@ def prepare_references(references, grid: PolarGrid, *, mirror: bool = True,
     ring-FFT'd and weighted (SPHIRE ``Frngs`` + ``Applyws``, see :func:`isavar.core.polar.reference_spectra`).
 
     With ``translations = (x_range, y_range, step)`` the search's trial translations go to the reference side
-    (isavar; ``docs/deviations.md``): a search then samples every image once, around its current particle
-    centre ``s``, instead of around every trial centre. Each reference is cut to the disc of radius ``R + 1/2``
-    (``R`` the grid's last ring; its samples interpolate pixels out to ``R + 1``), moved so that its point ``u`` is at
-    the centre, for every translation ``u`` of the lattice (:func:`translation_lattice`), and sampled on rings
-    reaching ``R + max |u|``. The correlation of the image around ``s`` with such a reference is then the inner product
-    of the image with the reference's disc placed at ``s - u`` in the image: SPHIRE's score for the trial centre
-    ``s + d`` with ``d`` the image-frame counterpart of ``u`` (up to the disc's half-pixel edge), with the
-    lattice fixed in the reference's frame instead of the image's. (Sampling the reference around ``u`` on the rings up to ``R`` only would cut the
-    image's disc at ``s`` and bias the search towards the current centre.) An image is polar-sampled and
-    ring-FFT'd once per search instead of once per translation: most of the cost with few references or a
-    wide translational range.
+    (isavar; ``docs/deviations.md``): a search then samples every image once, around its current particle centre
+    ``s``, instead of around every trial centre. Each reference is cut to the disc of radius ``R + 1/2`` (``R`` the
+    grid's last ring; its samples interpolate pixels out to ``R + 1``), moved so that its point ``u`` is at the
+    centre, for every translation ``u`` of the lattice (:func:`translation_lattice`), and sampled on rings reaching
+    ``R + max |u|``. The correlation of the image around ``s`` with such a reference is then the inner product of
+    the image with the reference's disc placed at ``s - u`` in the image: SPHIRE's score for the trial centre
+    ``s + d`` with ``d`` the image-frame counterpart of ``u`` (up to the disc's half-pixel edge), with the lattice
+    fixed in the reference's frame instead of the image's. (Sampling the reference around ``u`` on the rings up to ``R``
+    only would cut the image's disc at ``s`` and bias the search towards the current centre.) An image is
+    polar-sampled and ring-FFT'd once per search instead of once per translation: most of the cost with few
+    references or a wide translational range.
 
     Parameters
     ----------
@@ -663,7 +669,8 @@ def prepare_references(references, grid: PolarGrid, *, mirror: bool = True,
     if translations is not None:
         translations = tuple(float(v) for v in translations)
         shifts = translation_lattice(*translations)
-        rings, grid, refs = _reference_side_rings(refs, grid, shifts)
+        rings = grid
+        grid, refs = _reference_side_rings(refs, rings, shifts)
     n_refs = refs.shape[0]
     polar = polar_transform(refs, grid)                                     # (K, L)
     ring_sum = polar.astype(np.float64) @ grid.sample_weights
@@ -1106,14 +1113,7 @@ def _run(images, prep: PreparedReferences, *, x_range, y_range, step, delta, nor
     if box != prep.box:
         raise ValueError(f"images are {box} px but the references are {prep.box} px")
     step = float(step)
-    if not step > 0:
-        raise ValueError(f"step must be > 0, got {step}")
-    if x_range < 0 or y_range < 0:
-        raise ValueError("x_range and y_range must be >= 0")
-    kxmax = int(np.floor(x_range / step + 1e-9))
-    kymax = int(np.floor(y_range / step + 1e-9))
-    kx = np.arange(-kxmax, kxmax + 1)
-    ky = np.arange(-kymax, kymax + 1)
+    kx, ky = _lattice_steps(x_range, y_range, step)
     n_sh = kx.size * ky.size
     xlo, xhi = search_offsets(s[:, 0], box, grid.last_ring, x_range, step)
     ylo, yhi = search_offsets(s[:, 1], box, grid.last_ring, y_range, step)
@@ -1142,7 +1142,7 @@ def _run(images, prep: PreparedReferences, *, x_range, y_range, step, delta, nor
             raise ValueError(f"cache must be a SpectraCache, got {type(cache).__name__}")
         if float(step).is_integer():
             # lattice offsets from an image's first centre: centres stay within +-mashi, trials add +-range
-            half = 2 * (box // 2 - grid.last_ring) + max(kxmax, kymax) * int(step) + 1
+            half = 2 * (box // 2 - grid.last_ring) + max(kx[-1], ky[-1]) * int(step) + 1
             cache._bind(prep, stack, s, half)
         else:
             cache = None                                                      # lattice needs integer steps

@@ -86,7 +86,8 @@ def search_translations(p, xr=None, yr=None, ts=None):
     """``(xr, yr, ts)`` of a search (the run's unless given) when ``--shift_search references``, else None."""
     if p.shift_search != "references":
         return None
-    return (float(p.xr if xr is None else xr), float(p.yr_eff if yr is None else yr), float(p.ts if ts is None else ts))
+    return (float(p.xr if xr is None else xr), float(p.yr_eff if yr is None else yr),
+            float(p.ts if ts is None else ts))
 
 
 def align_multi(images, refs, grid, p, params, *, xr=None, yr=None, normalize=True):
@@ -117,8 +118,9 @@ def align_single(images, ref, grid, p, params, delta, *, xr=None, yr=None, ts=No
     from isavar.core.align2d import PreparedReferences, align_to_reference, band_limit
 
     xr, yr, ts = (p.xr if xr is None else xr), (p.yr_eff if yr is None else yr), (p.ts if ts is None else ts)
-    if reference_side and not isinstance(ref, PreparedReferences) and search_translations(p) is not None:
-        ref = prepare(ref, grid, band_tol=p.band_tol, translations=search_translations(p, xr, yr, ts))
+    translations = search_translations(p, xr, yr, ts) if reference_side else None
+    if translations is not None and not isinstance(ref, PreparedReferences):
+        ref = prepare(ref, grid, band_tol=p.band_tol, translations=translations)
     elif p.band_tol > 0:
         ref = band_limit(ref if isinstance(ref, PreparedReferences) else prepare(ref, grid), p.band_tol)
     res = align_to_reference(np.asarray(images, dtype=np.float32), ref, grid,
