@@ -113,8 +113,13 @@ def test_eqk_iteration_with_neighbours_keeps_the_planted_classes(ten_classes):
                                    np.random.default_rng(9), previous=truth)
     everywhere = gen.eqk_iteration(images, refs, params, q.FH, dataclasses.replace(q, eqk_neighbours=0), grid,
                                    SerialExecutor(), np.random.default_rng(9), previous=truth)
-    assert np.mean(restricted[2] == truth) >= 0.93                # the search over every reference: 0.957
-    assert np.mean(restricted[2] == everywhere[2]) >= 0.95
+    flat = gen.eqk_iteration(images, refs, params, q.FH, dataclasses.replace(q, eqk_search="flat"), grid,
+                             SerialExecutor(), np.random.default_rng(9), previous=truth)
+    assert np.mean(restricted[2] == truth) >= 0.93                # 0.96 (NumPy 2.4.6)
+    # as good as the candidate search over every reference (0.923-0.957 depending on the last bits of the
+    # data, i.e. on the NumPy release), and assigning like SPHIRE's exact search over every reference
+    assert np.mean(restricted[2] == truth) >= np.mean(everywhere[2] == truth) - 0.01
+    assert np.mean(restricted[2] == flat[2]) >= 0.95              # 0.957
     assert np.bincount(restricted[2], minlength=N_CLASSES).tolist() == [PER_CLASS] * N_CLASSES
     pool = PoolExecutor(2)
     try:
