@@ -224,3 +224,21 @@ def test_ctf_params_from_table():
 def test_bad_ctf_shape_rejected(rng):
     with pytest.raises(ValueError):
         phase_flip(np.zeros((8, 8), np.float32), np.ones((8, 7)))
+
+
+@pytest.mark.parametrize("shape", [(16, 16), (15, 15), (12, 17)])
+@pytest.mark.parametrize("rfft", [False, True])
+def test_ctf_2d_is_ctf_at_on_the_grid_bit_for_bit(rng, shape, rfft):
+    """The compiled grid evaluation gives ctf_at's values rounded to float32 exactly, B-factors and phase
+    shifts included, away from the Nyquist row and column (which average the +-1/2 frequencies)."""
+    n = 6
+    p = dict(defocus_u_A=rng.uniform(5e3, 3e4, n), defocus_v_A=rng.uniform(5e3, 3e4, n),
+             defocus_angle_deg=rng.uniform(-180, 180, n), voltage_kV=rng.choice([200.0, 300.0], n),
+             cs_mm=rng.uniform(0, 3, n), amplitude_contrast=rng.uniform(0, 0.3, n),
+             phase_shift_deg=rng.uniform(0, 90, n), bfactor_A2=np.r_[0.0, 0.0, rng.uniform(-50, 200, n - 2)])
+    grid = ctf_2d(shape, 1.3, rfft=rfft, **p)
+    ky, kx = freq_grid_2d(*shape, rfft=rfft)
+    ref = ctf_at(kx[None] / 1.3, ky[None] / 1.3, **{k: v[:, None, None] for k, v in p.items()}).astype(np.float32)
+    inner = (np.abs(ky) < 0.5)[None] & (np.abs(kx) < 0.5)[None] & np.ones((n, 1, 1), bool)
+    assert grid.shape == ref.shape and grid.dtype == np.float32
+    np.testing.assert_array_equal(grid[inner], ref[inner])

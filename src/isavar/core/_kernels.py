@@ -1,10 +1,11 @@
-"""Compiled (numba) kernels: bilinear polar sampling, the correlation peak search, the band copy of ring spectra
-and the image transform (bilinear or quadratic interpolation).
+"""Compiled (numba) kernels: bilinear polar sampling, the correlation peak search, the band copy of ring spectra,
+the image transform (bilinear or quadratic interpolation) and the CTF phase on a frequency grid.
 
 Pure numerics on plain arrays, used by :mod:`isavar.core.polar`, :mod:`isavar.core.align2d` and
 :mod:`isavar.core.transform2d`. The NumPy formulations they replace stay in those modules
 (``polar._gather_polar_numpy``; the vectorised peak search of ``align2d._curves_peaks`` with
-``align2d.USE_KERNELS = False``; the interpolations of ``transform2d`` with ``transform2d.USE_KERNELS = False``)
+``align2d.USE_KERNELS = False``; the interpolations of ``transform2d`` with ``transform2d.USE_KERNELS = False``;
+``ctf.ctf_at`` for the CTF)
 and the tests compare both: the polar samples and transformed images are bitwise equal, the peaks equal up to
 the last bit of a float64 sum.
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["polar_gather", "curve_peaks_t", "to_bands", "rot_shift"]
+__all__ = ["polar_gather", "curve_peaks_t", "to_bands", "rot_shift", "ctf_phase"]
 
 
 @njit(cache=True, nogil=True)
@@ -219,20 +220,44 @@ def _rot_shift(stack, cos_a, sin_a, sx, sy, mirror, border, quadratic, out):  # 
     flipped = np.empty(nx, np.int64)                   # output column of input column ix under the mirror
     for ix in range(nx):
         flipped[ix] = _wrap(2 * cx - ix, nx)
+    dxs = np.empty(nx, np.float32)
     for k in range(n):
         img = stack[k]
         c, s = cos_a[k], sin_a[k]
         mirrored = mirror[k] == 1
+        for ix in range(nx):
+            dxs[ix] = np.float32((ix - cx) - sx[k])
         for iy in range(ny):
             dy = np.float32((iy - cy) - sy[k])
+            dys = dy * s
+            dyc = dy * c
             for ix in range(nx):
-                dx = np.float32((ix - cx) - sx[k])
-                xs = dx * c - dy * s + fcx
-                ys = dx * s + dy * c + fcy
+                dx = dxs[ix]
+                xs = dx * c - dys + fcx
+                ys = dx * s + dyc + fcy
                 bx = np.float32(np.floor(xs))
                 by = np.float32(np.floor(ys))
                 fx = xs - bx
                 fy = ys - by
+                col = flipped[ix] if mirrored else ix
+                if bx >= 1 and bx <= nx - 2 and by >= 1 and by <= ny - 2:
+                    # interior: every neighbour lies inside and the sample is inside (no wrap, no border test)
+                    i = int(bx)
+                    j = int(by)
+                    f0 = img[j, i]
+                    if quadratic:
+                        c1 = img[j, i + 1] - f0
+                        c2 = (c1 - f0 + img[j, i - 1]) * half
+                        c3 = img[j + 1, i] - f0
+                        c4 = (c3 - f0 + img[j - 1, i]) * half
+                        c5 = img[j + 1, i + 1] - f0 - c1 - c3
+                        out[k, iy, col] = f0 + fx * (c1 + (fx - one) * c2 + fy * c5) + fy * (c3 + (fy - one) * c4)
+                    else:
+                        top = f0 + fx * (img[j, i + 1] - f0)
+                        f10 = img[j + 1, i]
+                        bottom = f10 + fx * (img[j + 1, i + 1] - f10)
+                        out[k, iy, col] = top + fy * (bottom - top)
+                    continue
                 i = _wrap(int(bx), nx)
                 j = _wrap(int(by), ny)
                 ip = i + 1 if i + 1 < nx else i + 1 - nx
@@ -254,7 +279,7 @@ def _rot_shift(stack, cos_a, sin_a, sx, sy, mirror, border, quadratic, out):  # 
                     v = top + fy * (bottom - top)
                 if border != 2 and (xs < 0 or xs >= nx or ys < 0 or ys >= ny):
                     v = img[iy, ix] if border == 0 else np.float32(0.0)
-                out[k, iy, flipped[ix] if mirrored else ix] = v
+                out[k, iy, col] = v
 
 
 def rot_shift(stack, cos_a, sin_a, sx, sy, mirror, border: int, quadratic: bool, out):
@@ -278,4 +303,37 @@ def rot_shift(stack, cos_a, sin_a, sx, sy, mirror, border: int, quadratic: bool,
     out : (n, ny, nx) float32
     """
     _rot_shift(stack, cos_a, sin_a, sx, sy, mirror, int(border), bool(quadratic), out)
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _ctf_phase(k2, cos2phi, sin2phi, mean_dz, half_dz, cos_a2, sin_a2, lam, cs, phase, out):  # pragma: no cover
+    c0 = 0.5 * np.pi
+    for i in range(out.shape[0]):
+        for q in range(k2.shape[0]):
+            dz = mean_dz[i] + half_dz[i] * (cos2phi[q] * cos_a2[i] + sin2phi[q] * sin_a2[i])
+            lam_k2 = lam[i] * k2[q]
+            out[i, q] = np.pi * lam_k2 * dz - c0 * cs[i] * lam_k2 * lam_k2 * lam[i] + phase[i]
+
+
+def ctf_phase(k2, cos2phi, sin2phi, mean_dz, half_dz, cos_a2, sin_a2, lam, cs, phase, out):
+    """CTF phase ``gamma`` of many parameter sets on one frequency grid (the arithmetic of
+    :func:`isavar.core.ctf.ctf_at`, operation by operation, so that ``sin(gamma)`` is its value bit for bit).
+
+    Parameters
+    ----------
+    k2, cos2phi, sin2phi : (P,) float64
+        ``k^2`` (1/Å^2), ``cos 2 phi`` and ``sin 2 phi`` of every grid frequency.
+    mean_dz, half_dz : (n,) float64
+        ``(U + V) / 2`` and ``(U - V) / 2`` (Å).
+    cos_a2, sin_a2 : (n,) float64
+        Cosine and sine of twice the astigmatism angle.
+    lam, cs : (n,) float64
+        Wavelength (Å) and spherical aberration (Å).
+    phase : (n,) float64
+        Phase shift plus the amplitude-contrast phase (radians).
+    out : (n, P) float64
+        Filled with ``gamma``.
+    """
+    _ctf_phase(k2, cos2phi, sin2phi, mean_dz, half_dz, cos_a2, sin_a2, lam, cs, phase, out)
     return out

@@ -236,8 +236,11 @@ def _grid_eval(func, shape, pixel_size_A: float, rfft: bool, params: dict) -> np
     n, cols = _params_column(params)
     ky, kx = freq_grid_2d(ny, nx, rfft=rfft)
     ky, kx = ky / pixel_size_A, kx / pixel_size_A
-    out = func(kx[None], ky[None], **cols)
-    out = np.broadcast_to(out, (n,) + kx.shape).copy()
+    if func is ctf_at:
+        out = _ctf_at_grid(kx, ky, cols, n)
+    else:
+        out = func(kx[None], ky[None], **cols)
+        out = np.broadcast_to(out, (n,) + kx.shape).copy()
     half_y, half_x = 0.5 / pixel_size_A, 0.5 / pixel_size_A
     if nx % 2 == 0:
         c = nx // 2
@@ -252,7 +255,45 @@ def _grid_eval(func, shape, pixel_size_A: float, rfft: bool, params: dict) -> np
             corners = [func(sx * half_x, sy * half_y, **_squeeze(cols)) for sx in (1, -1) for sy in (1, -1)]
             row[:, c] = 0.25 * np.sum(corners, axis=0)[:, 0]
         out[:, r, :] = row
-    return out.astype(np.float32)
+    return out.astype(np.float32, copy=False)
+
+
+#: images per block of :func:`_ctf_at_grid` (bounds its float64 work array)
+CTF_BLOCK_VALUES = 1 << 21
+
+
+def _ctf_at_grid(kx, ky, cols: dict, n: int) -> np.ndarray:
+    """:func:`ctf_at` on a frequency grid for ``n`` parameter sets, ``(n, ny, nx)`` float32.
+
+    The values are :func:`ctf_at`'s rounded to float32, bit for bit: the phase comes from a compiled loop with
+    the same operations in the same order (:func:`isavar.core._kernels.ctf_phase`), then NumPy's ``sin`` and
+    envelope, one block of images at a time instead of ``(n, ny, nx)`` float64 temporaries.
+    """
+    from isavar.core import _kernels
+
+    def per_image(key):
+        return np.ascontiguousarray(cols[key][:, 0, 0], dtype=np.float64)
+
+    k2, cos2phi, sin2phi = (np.ascontiguousarray(t, dtype=np.float64).reshape(-1) for t in _polar_terms(kx, ky))
+    u, v = per_image("defocus_u_A"), per_image("defocus_v_A")
+    a2 = 2.0 * np.deg2rad(per_image("defocus_angle_deg"))
+    w = per_image("amplitude_contrast")
+    lam = electron_wavelength_A(per_image("voltage_kV"))
+    phase = np.deg2rad(per_image("phase_shift_deg")) + np.arctan(w / np.sqrt(1.0 - w * w))
+    b = per_image("bfactor_A2")
+    out = np.empty((n, k2.size), dtype=np.float32)
+    block = max(1, CTF_BLOCK_VALUES // max(1, k2.size))
+    gamma = np.empty((min(n, block), k2.size))
+    for i0 in range(0, n, block):
+        sl = slice(i0, min(n, i0 + block))
+        g = gamma[:sl.stop - sl.start]
+        _kernels.ctf_phase(k2, cos2phi, sin2phi, 0.5 * (u[sl] + v[sl]), 0.5 * (u[sl] - v[sl]), np.cos(a2[sl]),
+                           np.sin(a2[sl]), lam[sl], per_image("cs_mm")[sl] * 1e7, phase[sl], g)
+        np.sin(g, out=g)
+        if np.any(b[sl]):
+            g *= np.exp(-b[sl, None] * k2[None] / 4.0)
+        out[sl] = g
+    return out.reshape((n,) + np.shape(kx))
 
 
 def _squeeze(cols: dict) -> dict:
