@@ -337,3 +337,28 @@ def test_relion_reads_the_same_images_from_the_project_directory(shuffled, tmp_p
         stack = read_particles(root / path, project_dir=root)
         np.testing.assert_array_equal(stack.images[:], relion)
         stack.close()
+
+
+def test_picked_rows_travel_as_file_positions_and_read_the_same_pixels(shuffled):
+    """A task's rows sent to another process name their files and positions (bytes independent of the table's
+    size) and read the same pixels there; images held in memory travel as pixels."""
+    import pickle
+
+    from isavar.io.stack import LazyImages
+    from isavar.isac.working import PickRows
+
+    root, info = shuffled
+    stack = read_particles(root / "Extract/job007/particles.star", project_dir=root)
+    rows = np.random.default_rng(5).choice(len(stack.table), 37, replace=False)
+    files = stack.images.file_subset(rows)
+    assert len(files) == 37 and len(files.sources) == len(np.unique(info["file_of"][rows]))
+    data = pickle.dumps(PickRows(stack.images, rows))
+    assert len(data) < 64 * 37 + 200 * len(files.sources) + 4096      # no pixels, nothing per table row
+    got = np.asarray(pickle.loads(data), dtype=np.float32)
+    assert got.shape == (37, BOX, BOX)
+    np.testing.assert_array_equal(got[:, 0, 0], info["expected"][rows])
+    np.testing.assert_array_equal(got, stack.images[rows])
+    in_memory = LazyImages.from_array(np.arange(5 * 16, dtype=np.float32).reshape(5, 4, 4))
+    assert in_memory.file_subset([1, 3]) is None
+    np.testing.assert_array_equal(np.asarray(pickle.loads(pickle.dumps(PickRows(in_memory, [3, 1])))),
+                                  in_memory[[3, 1]])

@@ -94,3 +94,25 @@ def test_candidate_eqk_iteration_is_the_same_from_a_mapped_stack_and_from_memory
                                       np.random.default_rng(4)))
     for a, b in zip(*outs):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_mapped_stack_is_mapped_once_per_process_while_its_file_is_unchanged(tmp_path):
+    """Tasks arrive with a fresh MappedStack (its path); they share one mapping of the file until it is
+    replaced."""
+    import pickle
+
+    import isavar.isac.working as working
+
+    path = tmp_path / "w.npy"
+    np.save(path, np.arange(2 * 9, dtype=np.float32).reshape(2, 3, 3))
+    first = pickle.loads(pickle.dumps(MappedStack(path)))
+    second = pickle.loads(pickle.dumps(MappedStack(path)))
+    assert first._map() is second._map()
+    np.testing.assert_array_equal(second[1], np.arange(9, 18, dtype=np.float32).reshape(3, 3))
+    tmp = tmp_path / "new.npy"
+    np.save(tmp, np.full((2, 3, 3), 7.0, np.float32))
+    tmp.replace(path)                                  # a new file under the same name: mapped again
+    third = pickle.loads(pickle.dumps(MappedStack(path)))
+    assert third._map() is not first._map()
+    np.testing.assert_array_equal(third[0], np.full((3, 3), 7.0, np.float32))
+    assert len(working._MAPPED) <= working.MAPPED_FILES

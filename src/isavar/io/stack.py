@@ -204,6 +204,25 @@ class LazyImages:
             rows = np.flatnonzero(rows)
         return LazyImages(self._sources, self._source_ids[rows], self._indices[rows])
 
+    def file_subset(self, rows) -> "LazyImages | None":
+        """The rows as a LazyImages that names only the files they come from (no pixels are read).
+
+        Cheap to pickle whatever the size of the table, so a task sent to another process can carry it and
+        read its images there. None when one of those images is held in memory (an :class:`ArraySource`,
+        which would travel whole).
+
+        Parameters
+        ----------
+        rows : array_like of int
+            Rows of this table, any order.
+        """
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        used, local = np.unique(self._source_ids[rows], return_inverse=True)
+        sources = [self._sources[int(i)] for i in used]
+        if any(isinstance(src, ArraySource) for src in sources):
+            return None
+        return LazyImages(sources, local.reshape(-1), self._indices[rows])
+
     def file_order(self) -> np.ndarray:
         """Rows sorted by file, then by position in the file: the order in which the disk streams.
 
