@@ -154,12 +154,14 @@ def main(argv=None):
                     help="override an ISAC2 parameter (an Isac2Params field, e.g. maxit=30); repeatable")
     args = ap.parse_args(argv)
 
+    from isavar._allocator import tune_allocator
     from isavar._logging import configure_logging
     from isavar.isac.params import Isac2Params
     from isavar.parallel import make_executor
     from isavar.workflows.isac2 import run_isac2
 
     out = Path(args.out)
+    tune_allocator()                      # as the command line does (isavar.cli.main)
     configure_logging(verbosity=0)
     star = simulate(args.n, out / "data")
     if args.relion_only:

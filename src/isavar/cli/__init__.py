@@ -66,8 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         Exit status: 0 success, 1 failure (out of memory or disk space, I/O error), 2 bad input or usage,
         130 interrupted.
     """
+    from isavar._allocator import tune_allocator
     from isavar.errors import InputError
 
+    tune_allocator()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):

@@ -55,6 +55,16 @@ log = logging.getLogger(__name__)
 
 MARKER = ".isavar_isac2"
 CHUNK = 1024
+#: Input images per task of the full-size passes (pre-processing, full-resolution averages) are fewer than
+#: :data:`CHUNK` when a chunk's pixels would exceed this many bytes: glibc maps every larger array afresh
+#: (its mmap threshold is at most 32 MiB), and first-touch page faults of 64 MB temporaries cost the
+#: 2,000-particle run (box 128) more than a CPU second.
+CHUNK_BYTES = 16 << 20
+
+
+def full_size_chunk(box: int) -> int:
+    """Input images per task of a full-size pass: at most :data:`CHUNK`, at most :data:`CHUNK_BYTES` of float32."""
+    return max(1, min(CHUNK, CHUNK_BYTES // (4 * int(box) * int(box))))
 
 
 # ------------------------------------------------------------------------------------- small file helpers
@@ -608,7 +618,8 @@ def _prepare(run: _Run, stack):
         for path in paths:
             _new_npy(path, (n, nd, nd))
     run.executor.barrier()
-    ranges = [(s, min(n, s + CHUNK)) for s in range(0, n, CHUNK)]
+    step = full_size_chunk(box)
+    ranges = [(s, min(n, s + step)) for s in range(0, n, step)]
     # the images are read in file order (each stack once, front to back, even for a shuffled table) and their
     # results written back to their table rows; each image's result depends on that image alone, so the
     # working stack is the same bits as with chunks in table order
@@ -799,7 +810,8 @@ def _finish(run: _Run, stack, state, shifts, shrink):
         full_ordered[acc] = compose(full[acc], oparams[cls_of[acc]])
     t = time.time()
     # every process sums the members it reads (exact sums: the same bits on any executor)
-    fullres = fullres_averages(stack, result, full_ordered, p, chunk=CHUNK, executor=run.executor) if c else None
+    fullres = fullres_averages(stack, result, full_ordered, p, chunk=full_size_chunk(stack.images.box),
+                               executor=run.executor) if c else None
     run.timings["fullres_s"] = time.time() - t
     if not executor_root(run):
         return result
