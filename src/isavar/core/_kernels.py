@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["polar_gather", "curve_peaks_t", "to_bands", "rot_shift", "ctf_phase"]
+__all__ = ["polar_gather", "curve_peaks_t", "to_bands", "rot_shift", "ctf_phase", "preload"]
 
 
 @njit(cache=True, nogil=True)
@@ -337,3 +337,23 @@ def ctf_phase(k2, cos2phi, sin2phi, mean_dz, half_dz, cos_a2, sin_a2, lam, cs, p
     """
     _ctf_phase(k2, cos2phi, sin2phi, mean_dz, half_dz, cos_a2, sin_a2, lam, cs, phase, out)
     return out
+
+
+def preload() -> None:
+    """Load the compiled kernels the image stages use into this process (from numba's cache).
+
+    The first kernel a process calls costs about a quarter of a CPU second (numba's and LLVM's start-up), the
+    others a few milliseconds each. Called before a pool forks its workers, the workers inherit the loaded
+    code instead of each loading it again. The arguments match the types of the real calls, so nothing new
+    is compiled.
+    """
+    images = np.zeros((1, 8, 8), np.float32)
+    one = np.zeros(1, np.int64)
+    polar_gather(images, one, np.full(1, 4.0), np.full(1, 4.0), np.ones(1), np.zeros(1), one, one, 0,
+                 np.empty((1, 1, 1, 1), np.float32))
+    curve_peaks_t(np.zeros((4, 2), np.float32))
+    curve_peaks_t(np.zeros((4, 2), np.float32), one)
+    rot_shift(images, np.ones(1, np.float32), np.zeros(1, np.float32), np.zeros(1), np.zeros(1), one, 0, True,
+              np.empty_like(images))
+    values = np.ones(1)
+    ctf_phase(values, values, values, values, values, values, values, values, values, values, np.empty((1, 1)))

@@ -314,8 +314,11 @@ class SpectraCache:
         img = np.broadcast_to(np.arange(i0, i0 + n)[:, None], (n, n_sh))
         if (self._size + n * n_sh) * self._entry > self.max_bytes:
             self._reset_store()
-        slots = np.full((n, n_sh), -2, dtype=np.int64)
-        slots[inside] = self._table[img[inside], ly[inside] + h, lx[inside] + h]
+        if inside.all():                                 # the usual case: every trial row is on the lattice
+            slots = self._table[img, ly + h, lx + h].astype(np.int64)
+        else:
+            slots = np.full((n, n_sh), -2, dtype=np.int64)
+            slots[inside] = self._table[img[inside], ly[inside] + h, lx[inside] + h]
         flat_slots = slots.reshape(-1)
         todo = np.flatnonzero(flat_slots < 0)
         miss = flat_slots[todo] == -1
@@ -356,10 +359,13 @@ class SpectraCache:
                 flat_slots[todo[left]] = -1 - np.arange(int(left.sum()))
         index = flat_slots.copy()
         ok = index >= 0
-        st = np.empty((index.size, 2))
-        if self._stats is not None:
-            st[ok] = self._stats[index[ok]]
-        st[~ok] = extra_stats[-1 - index[~ok]]
+        if self._stats is not None and ok.all():
+            st = self._stats[index]
+        else:
+            st = np.empty((index.size, 2))
+            if self._stats is not None:
+                st[ok] = self._stats[index[ok]]
+            st[~ok] = extra_stats[-1 - index[~ok]]
         return index, extra, st[:, 0], st[:, 1]
 
     def _chunk(self, prep, images, i0, s, kx, ky, step, out_spectra, out_mean, out_std):
@@ -1423,13 +1429,13 @@ def aligned_average(images, params, grid: PolarGrid, *, cache: SpectraCache | No
             polar = _gather_polar(stack[i0:i1].reshape(-1), box, np.arange(m), box // 2 + s[i0:i1, 0],
                                   box // 2 + s[i0:i1, 1], grid, zero, zero).reshape(m, grid.lcirc)
             spectra = _band_spectra(prep, polar)
+        # the rotation phases of every frequency at once, (M, 1, m): straight images, mirrored ones
+        ph = np.exp(-1j * np.arange(layout[-1][1])[None, :] * a_rad[i0:i1, None]).astype(np.complex64)
+        ph_s = np.where(mir[i0:i1, None], 0, ph).T[:, None, :]
+        ph_m = np.where(mir[i0:i1, None], ph, 0).T[:, None, :]
         for acc, (m_lo, m_hi, _r, _w), b in zip(sums, layout, spectra):
-            bc = b.view(np.complex64)                                           # (m, M_b, R_b)
-            ph = np.exp(-1j * np.arange(m_lo, m_hi)[None, :] * a_rad[i0:i1, None]).astype(np.complex64)
-            ph_s = np.where(mir[i0:i1, None], 0, ph).T[:, None, :]              # (M_b, 1, m)
-            ph_m = np.where(mir[i0:i1, None], ph, 0).T[:, None, :]
-            bt = bc.transpose(1, 0, 2)                                          # (M_b, m, R_b)
-            acc += (ph_s @ bt)[:, 0] + np.conj((ph_m @ bt)[:, 0])
+            bt = b.view(np.complex64).transpose(1, 0, 2)                        # (M_b, m, R_b)
+            acc += (ph_s[m_lo:m_hi] @ bt)[:, 0] + np.conj((ph_m[m_lo:m_hi] @ bt)[:, 0])
     rings = rings_from_spectra(_groups_from_bands([a / n for a in sums], layout, grid), grid)
     return polar_to_image(rings, grid, box)
 

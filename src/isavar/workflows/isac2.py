@@ -34,6 +34,7 @@ import pandas as pd
 
 from isavar._logging import run_log
 from isavar._progress import NullProgress
+from isavar.core import _kernels
 from isavar.errors import InputError
 from isavar.isac import run as isac_run
 from isavar.isac.params import Isac2Params
@@ -354,6 +355,8 @@ def _start(stack_path, stack, outdir: Path, p: Isac2Params, executor, progress, 
     # a pool's workers share this machine's memory; an MPI rank is counted alone (ranks may be on other nodes)
     check_resources(stack, p, outdir, int(getattr(executor, "workers", 1)) if getattr(executor, "size", 1) == 1
                     else 1)
+    # the kernels are loaded here, before a pool forks its workers, so that they inherit them
+    _kernels.preload()
     run = _Run(stack_path, outdir, p, executor, progress, on_checkpoint)
     run.project_dir, run.write_aligned = project_dir, bool(write_aligned)
     fingerprint = input_fingerprint(stack_path, stack)
