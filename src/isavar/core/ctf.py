@@ -281,6 +281,7 @@ def _ctf_at_grid(kx, ky, cols: dict, n: int) -> np.ndarray:
     lam = electron_wavelength_A(per_image("voltage_kV"))
     phase = np.deg2rad(per_image("phase_shift_deg")) + np.arctan(w / np.sqrt(1.0 - w * w))
     b = per_image("bfactor_A2")
+    cs = per_image("cs_mm") * 1e7
     out = np.empty((n, k2.size), dtype=np.float32)
     block = max(1, CTF_BLOCK_VALUES // max(1, k2.size))
     gamma = np.empty((min(n, block), k2.size))
@@ -288,7 +289,7 @@ def _ctf_at_grid(kx, ky, cols: dict, n: int) -> np.ndarray:
         sl = slice(i0, min(n, i0 + block))
         g = gamma[:sl.stop - sl.start]
         _kernels.ctf_phase(k2, cos2phi, sin2phi, 0.5 * (u[sl] + v[sl]), 0.5 * (u[sl] - v[sl]), np.cos(a2[sl]),
-                           np.sin(a2[sl]), lam[sl], per_image("cs_mm")[sl] * 1e7, phase[sl], g)
+                           np.sin(a2[sl]), lam[sl], cs[sl], phase[sl], g)
         np.sin(g, out=g)
         if np.any(b[sl]):
             g *= np.exp(-b[sl, None] * k2[None] / 4.0)
