@@ -225,8 +225,11 @@ def _params_column(params: dict) -> tuple[int, dict]:
     return shape[0], {k: np.broadcast_to(v, shape)[:, None, None] for k, v in arrays.items()}
 
 
-def _grid_eval(func, shape, pixel_size_A: float, rfft: bool, params: dict) -> np.ndarray:
-    """Evaluate ``func(kx, ky, **params)`` on an FFT grid with Hermitian-symmetric Nyquist samples."""
+def _grid_eval(func, shape, pixel_size_A: float, rfft: bool, params: dict, grid_func=None) -> np.ndarray:
+    """Evaluate ``func(kx, ky, **params)`` on an FFT grid with Hermitian-symmetric Nyquist samples.
+
+    ``grid_func(kx, ky, cols, n)``, when given, evaluates ``func`` on the whole grid at once (``(n, ny, nx)``);
+    ``func`` itself then only gives the Nyquist row and column."""
     if np.ndim(shape) == 0:
         ny = nx = int(shape)
     else:
@@ -236,8 +239,8 @@ def _grid_eval(func, shape, pixel_size_A: float, rfft: bool, params: dict) -> np
     n, cols = _params_column(params)
     ky, kx = freq_grid_2d(ny, nx, rfft=rfft)
     ky, kx = ky / pixel_size_A, kx / pixel_size_A
-    if func is ctf_at:
-        out = _ctf_at_grid(kx, ky, cols, n)
+    if grid_func is not None:
+        out = grid_func(kx, ky, cols, n)
     else:
         out = func(kx[None], ky[None], **cols)
         out = np.broadcast_to(out, (n,) + kx.shape).copy()
@@ -352,7 +355,7 @@ def ctf_2d(
         phase_shift_deg=phase_shift_deg,
         bfactor_A2=bfactor_A2,
     )
-    return _grid_eval(ctf_at, shape, pixel_size_A, rfft, params)
+    return _grid_eval(ctf_at, shape, pixel_size_A, rfft, params, grid_func=_ctf_at_grid)
 
 
 def ctf_2d_eman(

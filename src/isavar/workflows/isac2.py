@@ -56,15 +56,15 @@ log = logging.getLogger(__name__)
 
 MARKER = ".isavar_isac2"
 CHUNK = 1024
-#: Input images per task of the full-size passes (pre-processing, full-resolution averages) are fewer than
-#: :data:`CHUNK` when a chunk's pixels would exceed this many bytes: glibc maps every larger array afresh
-#: (its mmap threshold is at most 32 MiB), and first-touch page faults of 64 MB temporaries cost the
-#: 2,000-particle run (box 128) more than a CPU second.
+#: Input images per chunk of the full-size passes (pre-processing, full-resolution averages, the substack and
+#: aligned-stack outputs) are fewer than :data:`CHUNK` when a chunk's pixels would exceed this many bytes:
+#: glibc maps every larger array afresh (its mmap threshold is at most 32 MiB), and first-touch page faults
+#: of 64 MB temporaries cost the 2,000-particle run (box 128) more than a CPU second.
 CHUNK_BYTES = 16 << 20
 
 
 def full_size_chunk(box: int) -> int:
-    """Input images per task of a full-size pass: at most :data:`CHUNK`, at most :data:`CHUNK_BYTES` of float32."""
+    """Input images per chunk of a full-size pass: at most :data:`CHUNK`, at most :data:`CHUNK_BYTES` of float32."""
     return max(1, min(CHUNK, CHUNK_BYTES // (4 * int(box) * int(box))))
 
 
@@ -511,9 +511,10 @@ class _RowWriter:
     def __init__(self, paths):
         self.files = []
         for path in paths:
-            offset = np.load(path, mmap_mode="r").offset
-            row = int(np.prod(np.load(path, mmap_mode="r").shape[1:])) * 4
-            self.files.append((os.open(path, os.O_WRONLY), offset, row))
+            mapped = np.load(path, mmap_mode="r")
+            row = int(np.prod(mapped.shape[1:])) * 4
+            self.files.append((os.open(path, os.O_WRONLY), mapped.offset, row))
+            del mapped
 
     def write(self, rows, blocks) -> None:
         """Write ``block[j]`` into row ``rows[j]`` of each file (``rows``: distinct row numbers, any order)."""
@@ -1018,7 +1019,8 @@ def _write_particle_star(path, sub, stack, rows, project_dir=None):
     path.unlink(missing_ok=True)
     sidecar.unlink(missing_ok=True)
     rows = np.asarray(rows)
-    chunks = (stack.images[rows[s:s + CHUNK]] for s in range(0, len(rows), CHUNK))
+    step = full_size_chunk(stack.images.box)
+    chunks = (stack.images[rows[s:s + step]] for s in range(0, len(rows), step))
     write_particles(path, chunks, sub, pixel_size_A=stack.pixel_size_A, project_dir=project_dir)
 
 
@@ -1071,8 +1073,9 @@ def write_aligned_particles(path, stack, params, class_rank, cls_of, *, project_
     prm = np.asarray(params, np.float64)[rows]
 
     def chunks():
-        for s in range(0, len(rows), CHUNK):
-            yield transform(stack.images[rows[s:s + CHUNK]], prm[s:s + CHUNK], interpolation="fourier")
+        step = full_size_chunk(stack.images.box)
+        for s in range(0, len(rows), step):
+            yield transform(stack.images[rows[s:s + step]], prm[s:s + step], interpolation="fourier")
 
     path = Path(path)
     path.unlink(missing_ok=True)
