@@ -33,6 +33,9 @@ def test_params_defaults_and_validation():
         from_sphire_options(radius=40, img_per_grp=50)
     with pytest.raises(InputError, match="center_method"):
         from_sphire_options(radius=40, center_method=9)
+    for name in ("eqk_shift_candidates", "later_round_floor"):
+        with pytest.raises(InputError, match=name):
+            from_sphire_options(radius=40, **{name: -1})
 
 
 @pytest.mark.parametrize("nxs,expect", [(76, ([8, 4], [2, 1])), (74, ([4], [1])), (100, ([20, 8, 4], [5, 2, 1]))])
@@ -296,6 +299,34 @@ def test_iter_reali_last_round_is_checked(planted, monkeypatch):
     assert res.history and res.history[0]["rounds"] == 3
     n_classes = 150 // p.img_per_grp
     assert flags[:3 * n_classes] == [True] * n_classes + [False] * n_classes + [True] * n_classes
+
+
+def test_filter_ramp_accumulates_as_sphire():
+    """Q3: 0.2 -> 0.45 in steps of 0.05 summed in floating point gives 6 cut-offs, the last just below 0.45."""
+    from isavar.isac.generation import filter_ramp
+
+    ramp = filter_ramp(0.2, 0.45)
+    assert len(ramp) == 6 and ramp[0] == 0.2 and 0.4499 < ramp[-1] < 0.45
+    assert filter_ramp(0.3, 0.3) == [0.3]
+
+
+@pytest.mark.parametrize("main,floor", [(1, 0.5), (2, 0.1)])
+def test_later_round_floor_applies_after_the_runs_first_generation(planted, monkeypatch, main, floor):
+    """``later_round_floor`` is the agreement floor of the round-stop rule in every generation but the run's
+    first, which keeps SPHIRE's 0.5."""
+    from isavar.isac import generation
+
+    floors = []
+
+    def spy(now, before, rule, level, floor_):
+        floors.append(floor_)
+        return False
+
+    monkeypatch.setattr(generation, "converged", spy)
+    imgs, _, _ = planted
+    p = small_params(maxit=6, init_iter=2, later_round_floor=0.1)
+    run_generation(_working_subset(imgs[:150], p), p, make_grid(p), SerialExecutor(), main=main, gen=1)
+    assert floors == [floor]
 
 
 def _finished_generation(n_total, members_per_class, p, *, gen=1, main=1):

@@ -133,6 +133,12 @@ def test_round_stop_rules(now, before, sphire, plateau):
     for rule in ("sphire", "plateau"):
         assert converged(now, before, rule, level=0.8) is (now >= 0.8 or converged(now, before, rule))
         assert converged(now, before, rule, level=0.0) is converged(now, before, rule)
+    # --later_round_floor: below 0.5 the rules apply from the given floor; 0.5 is the default
+    low = {(0.45, 0.44): (True, True), (0.45, 0.60): (False, True)}.get((now, before), (sphire, plateau))
+    assert converged(now, before, "sphire", floor=0.0) is low[0]
+    assert converged(now, before, "plateau", floor=0.0) is low[1]
+    assert converged(now, before, "plateau", floor=0.5) is plateau
+    assert not converged(0.0, 0.0, "plateau", floor=0.0)          # no stable members twice: not a plateau
 
 
 def test_band_limited_within_group_keeps_the_planted_alignment():

@@ -115,6 +115,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "nearest to its current class (the coarse step then no longer grows with the class "
                              "count; it let in more noise images in the benchmarks, see docs/deviations.md); 0 "
                              "scores every reference (default 0)")
+    parser.add_argument("--eqk_shift_candidates", type=non_negative_int, default=0,
+                        help="EQK search: trial translations per image searched at every ring frequency, chosen by "
+                             "a low-frequency score against the image's references; 0 searches all, as SPHIRE "
+                             "(default 0)")
     parser.add_argument("--main_stop", type=finite_float, default=0.2,
                         help="a main iteration after the first whose first generation accepts fewer than this "
                              "fraction of its classes ends the run; 0 goes on while any class is accepted, as "
@@ -144,6 +148,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--round_agreement", type=finite_float, default=0.0,
                         help="a generation's SAC rounds also stop once the membership agreement with the previous "
                              "check reaches this value (0: off, as SPHIRE; default 0)")
+    parser.add_argument("--later_round_floor", type=finite_float, default=0.0,
+                        help="generations after the run's first: the membership agreement above which --round_stop's "
+                             "rule may stop them (0.5: as the run's first generation and SPHIRE; default 0)")
     parser.add_argument("--empty_stop", type=non_negative_int, default=2,
                         help="a generation (not the run's first) stops after this many stability checks in a row "
                              "at which all its stable images together are too few for one accepted class (at most "

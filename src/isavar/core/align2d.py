@@ -968,19 +968,101 @@ def _search_chunk(prep: PreparedReferences, images: np.ndarray, s: np.ndarray, k
                 dst[r0:r1] = _block_part(band_spec[blk.band], blk)
     n_refs = prep.n_refs
     n_curves = 2 if prep.mirror else 1
-    peak = np.empty((n, n_sh, n_refs, n_curves), np.float64)
-    pos = np.empty((n, n_sh, n_refs, n_curves), np.float64)
-    for i0 in range(0, n, img_block):
-        i1 = min(n, i0 + img_block)
-        for k0 in range(0, n_refs, ref_block):
-            k1 = min(n_refs, k0 + ref_block)
-            pk, ps = _curves_peaks(prep, spectra, i0 * n_sh, i1 * n_sh, k0, k1, delta_cols)
-            peak[i0:i1, :, k0:k1] = pk.reshape(i1 - i0, n_sh, k1 - k0, n_curves)
-            pos[i0:i1, :, k0:k1] = ps.reshape(i1 - i0, n_sh, k1 - k0, n_curves)
+    if coarse_rows and n_refs > 1 and n_sh > coarse_rows and delta_cols is None:
+        peak, pos = _peaks_at_shift_candidates(prep, spectra, mean if normalize else None, std, valid,
+                                               img_block, ref_block, coarse_rows)
+    else:
+        peak = np.empty((n, n_sh, n_refs, n_curves), np.float64)
+        pos = np.empty((n, n_sh, n_refs, n_curves), np.float64)
+        for i0 in range(0, n, img_block):
+            i1 = min(n, i0 + img_block)
+            for k0 in range(0, n_refs, ref_block):
+                k1 = min(n_refs, k0 + ref_block)
+                pk, ps = _curves_peaks(prep, spectra, i0 * n_sh, i1 * n_sh, k0, k1, delta_cols)
+                peak[i0:i1, :, k0:k1] = pk.reshape(i1 - i0, n_sh, k1 - k0, n_curves)
+                pos[i0:i1, :, k0:k1] = ps.reshape(i1 - i0, n_sh, k1 - k0, n_curves)
     if normalize:
         peak -= (mean.reshape(n, n_sh)[:, :, None, None] * prep.ring_sum[None, None, :, None])
         peak /= std.reshape(n, n_sh)[:, :, None, None]
     return _select(peak, pos, valid, kx, ky, step, grid)
+
+
+def _coarse_row_scores(prep: PreparedReferences, spectra, q0: int, q1: int, mean, std) -> np.ndarray:
+    """Coarse score of image rows ``[q0, q1)`` against every reference, ``(q1 - q0, K)`` float64.
+
+    The correlation curves restricted to ring frequencies ``m <= MULTI_SHIFT_FREQ`` (sampled every
+    ``180 / MULTI_SHIFT_FREQ`` degrees), best of the straight and mirrored curve, on the scale of the full
+    curves and ring-normalised with ``mean``/``std`` (per row; ``mean`` None: not normalised).
+    """
+    grid = prep.grid
+    fmax = min(MULTI_SHIFT_FREQ, grid.n_freq - 1)
+    n_cols = 4 if prep.mirror else 2
+    x = np.zeros((fmax + 1, q1 - q0, prep.n_refs * n_cols), np.float32)
+    for (band, m_off, m_count, _skip, w), b in zip(_blocks(prep), spectra):  # Block fields
+        m0 = prep.bands[band][0] + m_off
+        top = min(m0 + m_count, fmax + 1)
+        if top > m0:
+            np.matmul(b[q0:q1, :top - m0].transpose(1, 0, 2), w[:top - m0], out=x[m0:top])
+    curves = scipy.fft.irfft(x.view(np.complex64), n=2 * fmax, axis=0)          # (2 fmax, rows, K * curves)
+    coarse = curves.max(axis=0).reshape(q1 - q0, prep.n_refs, n_cols // 2).max(axis=-1).astype(np.float64)
+    coarse *= 2 * fmax / grid.maxrin
+    if mean is not None:
+        coarse -= mean[q0:q1, None] * prep.ring_sum[None, :]
+        coarse /= std[q0:q1, None]
+    return coarse
+
+
+def _peaks_at_shift_candidates(prep: PreparedReferences, spectra, mean, std, valid, img_block: int,
+                               ref_block: int, n_keep: int):
+    """Correlation peaks of the ``n_keep`` most promising trial translations of every image (multi-reference).
+
+    Every trial translation of an image is scored coarsely against every reference
+    (:func:`_coarse_row_scores`); the ``n_keep`` translations with the highest score against any reference
+    (later translations first on ties) get the full correlation curves against every reference, the others
+    peak ``-inf``.
+
+    Parameters
+    ----------
+    prep : PreparedReferences
+    spectra : list of ndarray
+        The images' block spectra, rows ``(image, translation)``.
+    mean, std : ndarray, (n * n_sh,) or None
+        Ring statistics of the rows (``mean`` None: the images are not ring-normalised).
+    valid : ndarray of bool, (n, n_sh)
+        Translations inside the search range.
+    img_block, ref_block : int
+        Images and references per block of full curves.
+    n_keep : int
+        Translations per image searched at every frequency, less than ``n_sh``.
+
+    Returns
+    -------
+    peak, pos : ndarray, (n, n_sh, K, curves) float64
+        As the full search's, unnormalised; ``-inf`` (peak) and 0 (pos) at the translations not kept.
+    """
+    n, n_sh = valid.shape
+    n_refs = prep.n_refs
+    n_curves = 2 if prep.mirror else 1
+    best = np.empty(n * n_sh)
+    for i0 in range(0, n, img_block):
+        i1 = min(n, i0 + img_block)
+        best[i0 * n_sh:i1 * n_sh] = _coarse_row_scores(prep, spectra, i0 * n_sh, i1 * n_sh, mean, std).max(axis=1)
+    best = np.where(valid, best.reshape(n, n_sh), -np.inf)
+    # the n_keep best translations of every image (later translations first on ties), in translation order
+    order = np.sort(n_sh - 1 - np.argsort(-best[:, ::-1], axis=1, kind="stable")[:, :n_keep], axis=1)
+    rows = (np.arange(n)[:, None] * n_sh + order).reshape(-1)
+    kept = [np.take(b, rows, axis=0) for b in spectra]
+    peak = np.full((n, n_sh, n_refs, n_curves), -np.inf)
+    pos = np.zeros((n, n_sh, n_refs, n_curves))
+    for i0 in range(0, n, img_block):
+        i1 = min(n, i0 + img_block)
+        image, shift = np.arange(i0, i1)[:, None], order[i0:i1]
+        for k0 in range(0, n_refs, ref_block):
+            k1 = min(n_refs, k0 + ref_block)
+            pk, ps = _curves_peaks(prep, kept, i0 * n_keep, i1 * n_keep, k0, k1, None)
+            peak[image, shift, k0:k1] = pk.reshape(i1 - i0, n_keep, k1 - k0, n_curves)
+            pos[image, shift, k0:k1] = ps.reshape(i1 - i0, n_keep, k1 - k0, n_curves)
+    return peak, pos
 
 
 def _select(peak, pos, valid, kx, ky, step, grid):
@@ -1011,6 +1093,9 @@ def _select(peak, pos, valid, kx, ky, step, grid):
 
 #: highest ring frequency of the coarse curves that pick the trial translations refined exactly
 COARSE_SHIFT_FREQ = 16
+#: the same for the multi-reference search (``shift_candidates``; 24 chose the full search's translation for
+#: the best reference more often than 16 at little more cost: docs/deviations.md)
+MULTI_SHIFT_FREQ = 24
 
 
 def _rows_spectra(store, extra, index, rows, bands):
@@ -1229,8 +1314,8 @@ def _as_images(images, grid: PolarGrid):
 def align_to_references(images, references, grid: PolarGrid, *, x_range: float, y_range: float, step: float,
                         mirror: bool = True, delta: float = 0.0, normalize_images: bool = True,
                         initial_params=None, out_of_range: str = "reset", chunk_size: int | None = None,
-                        pair_budget: int = DEFAULT_PAIR_BUDGET, cache: SpectraCache | None = None
-                        ) -> MultiRefAlignment:
+                        pair_budget: int = DEFAULT_PAIR_BUDGET, cache: SpectraCache | None = None,
+                        shift_candidates: int = 0) -> MultiRefAlignment:
     """Align every image to every reference (the EQK-means search of ISAC2, spec §6.2 / §4.8).
 
     For each image: particle centre ``s`` from its current parameters (``initial_params``; identity if None),
@@ -1269,6 +1354,11 @@ def align_to_references(images, references, grid: PolarGrid, *, x_range: float, 
         (~4 kB per pair).
     cache : SpectraCache, optional
         Reuse image ring spectra across calls on the same images (repeated passes); see :class:`SpectraCache`.
+    shift_candidates : int
+        0 (default): every trial translation is searched exactly against every reference. ``R > 0``: every
+        translation gets a low-frequency score against every reference (ring frequencies
+        ``<= MULTI_SHIFT_FREQ``) and only the ``R`` translations of each image with the highest score against
+        any reference are searched exactly (with ``delta = 0``); not SPHIRE's search (``docs/deviations.md``).
 
     Returns
     -------
@@ -1286,7 +1376,7 @@ def align_to_references(images, references, grid: PolarGrid, *, x_range: float, 
     stack = _as_images(images, grid)
     s = particle_centres(initial_params, stack.shape[0], stack.shape[1], grid.last_ring, out_of_range=out_of_range)
     score, alpha, sx, sy, mir = _search(stack, prep, x_range, y_range, step, delta, normalize_images, s,
-                                        chunk_size, pair_budget, cache, 0)
+                                        chunk_size, pair_budget, cache, int(shift_candidates))
     return MultiRefAlignment(score=score, alpha=alpha, sx=sx, sy=sy, mirror=mir)
 
 

@@ -90,8 +90,11 @@ def search_translations(p, xr=None, yr=None, ts=None):
             float(p.ts if ts is None else ts))
 
 
-def align_multi(images, refs, grid, p, params, *, xr=None, yr=None, normalize=True):
+def align_multi(images, refs, grid, p, params, *, xr=None, yr=None, normalize=True, shift_candidates=0):
     """EQK-means search: every image against every reference (ring-normalised images, centres reset).
+
+    ``shift_candidates > 0``: only that many trial translations per image, chosen by a coarse score against
+    every reference, are searched exactly (``--eqk_shift_candidates``).
 
     Returns
     -------
@@ -104,7 +107,8 @@ def align_multi(images, refs, grid, p, params, *, xr=None, yr=None, normalize=Tr
     res = align_to_references(np.asarray(images, dtype=np.float32), refs, grid,
                               x_range=p.xr if xr is None else xr, y_range=p.yr_eff if yr is None else yr,
                               step=p.ts, mirror=True, delta=0.0, normalize_images=normalize,
-                              initial_params=np.asarray(params, dtype=np.float64), out_of_range="reset")
+                              initial_params=np.asarray(params, dtype=np.float64), out_of_range="reset",
+                              shift_candidates=shift_candidates)
     return res.score, res.params
 
 

@@ -223,7 +223,7 @@ def assemble_rows(executor, pieces, n: int, width: int = 4) -> np.ndarray:
 
 def _eqk_chunk(task):
     images, refs, params, p, grid = task
-    return _ops.align_multi(resolve(images), refs, grid, p, params)
+    return _ops.align_multi(resolve(images), refs, grid, p, params, shift_candidates=p.eqk_shift_candidates)
 
 
 def _eqk_all_refs(refs, task):
@@ -638,7 +638,8 @@ def agreement(prev: list, cur: list) -> float:
     return inter / total if total > 0 else 0.0
 
 
-def converged(agreement_now: float, agreement_before: float, rule: str = "sphire", level: float = 0.0) -> bool:
+def converged(agreement_now: float, agreement_before: float, rule: str = "sphire", level: float = 0.0,
+              floor: float = 0.5) -> bool:
     """Whether a generation stops after a stability check (spec §6.4, ``--round_stop``).
 
     Parameters
@@ -650,6 +651,9 @@ def converged(agreement_now: float, agreement_before: float, rule: str = "sphire
         0.5 and rose by less than 0.05 or fell; SPHIRE's rule runs on to ``init_iter`` rounds after a fall.
     level : float
         isavar (``--round_agreement``): also stop once the agreement reaches this value (0: off).
+    floor : float
+        The agreement above which ``rule`` may stop (SPHIRE 0.5; isavar's ``--later_round_floor`` for the
+        generations after the run's first).
 
     Returns
     -------
@@ -659,8 +663,20 @@ def converged(agreement_now: float, agreement_before: float, rule: str = "sphire
     if level > 0 and agreement_now >= level:
         return True
     if rule == "sphire":
-        return agreement_now > 0.5 and 0.0 < change < 0.05
-    return agreement_now > 0.5 and change < 0.05
+        return agreement_now > floor and 0.0 < change < 0.05
+    return agreement_now > floor and change < 0.05
+
+
+def filter_ramp(fl: float, fh: float, step: float = 0.05) -> list:
+    """The EQK cut-offs of one SAC round: ``fl, fl + step, ...`` while below ``fh`` (spec §6.2).
+
+    The sum accumulates in floating point as SPHIRE's does (spec Q3: 6 cut-offs, not 5, for 0.2 -> 0.45).
+    """
+    out = [fl]
+    while fl + step < fh:
+        fl += step
+        out.append(fl)
+    return out
 
 
 def sac_round(images, state: EngineState, p, grid, executor, *, main: int, gen: int, progress=None) -> EngineState:
@@ -668,19 +684,18 @@ def sac_round(images, state: EngineState, p, grid, executor, *, main: int, gen: 
     images = as_subset(images)
     rnd = state.rounds_done
     params, refs, assignment = state.params, state.refs, state.assignment
-    fl, it = p.FL, 0
+    ramp = filter_ramp(p.FL, p.FH)
     t0 = time.perf_counter()
-    while True:
+    for it, fl in enumerate(ramp):
         rng = task_rngs(p.rand_seed, 1, key=stream_key(main, gen, rnd, it, _CENTRE))[0]
+        before = assignment
         refs, params, assignment = eqk_iteration(images, refs, params, fl, p, grid, executor, rng,
                                                  previous=assignment)
-        it += 1
-        log.debug("main %d generation %d round %d: EQK iteration %d done", main, gen, rnd + 1, it)
+        moved = "" if before is None else f", {100 * np.mean(assignment != before):.1f} % of the images moved"
+        log.debug("main %d generation %d round %d: EQK iteration %d (cut-off %.2f) done%s", main, gen, rnd + 1,
+                  it + 1, fl, moved)
         if progress is not None:
             progress.advance(0)
-        fl += 0.05
-        if fl >= p.FH:
-            break
     n_classes = len(refs)
     t1 = time.perf_counter()
     last_round = rnd + 1 >= p.init_iter
@@ -690,7 +705,7 @@ def sac_round(images, state: EngineState, p, grid, executor, *, main: int, gen: 
     tasks = ((images.for_task(g), params[g], p, grid, rngs[k], check) for k, g in enumerate(groups))   # lazy
     outs = executor.map(_within_task, tasks)
     log.debug("main %d generation %d round %d: %d EQK iterations %.1f s, within-group stage %.1f s",
-              main, gen, rnd + 1, it, t1 - t0, time.perf_counter() - t1)
+              main, gen, rnd + 1, len(ramp), t1 - t0, time.perf_counter() - t1)
     params = params.copy()
     new_refs = np.empty_like(refs)
     for k, (g, o) in enumerate(zip(groups, outs)):
@@ -705,7 +720,8 @@ def sac_round(images, state: EngineState, p, grid, executor, *, main: int, gen: 
         terminate = False
         if state.prev_members is not None:
             agr = agreement(state.prev_members, members)
-            terminate = converged(agr, state.prev_agreement, p.round_stop, p.round_agreement)
+            floor = 0.5 if (main, gen) == (1, 1) else p.later_round_floor
+            terminate = converged(agr, state.prev_agreement, p.round_stop, p.round_agreement, floor)
             log.debug("generation %d round %d: agreement %.3f", gen, rnd + 1, agr)
             st.prev_agreement = agr
         st.prev_members = members

@@ -149,6 +149,11 @@ class Isac2Params:
     round_agreement : float
         isavar extension: a generation's SAC rounds also stop once the membership agreement with the previous
         check reaches this value (0: only ``round_stop``'s rule, SPHIRE).
+    later_round_floor : float
+        isavar extension: in the generations after the run's first, ``round_stop``'s rule applies once the
+        membership agreement is above this value (SPHIRE: 0.5 in every generation). Default 0: a later
+        generation, on left-over images, also stops when an agreement below 0.5 fell or rose by less than
+        0.05. Measured: ``bench/isac2.md``, tenth pass.
     empty_stop : int
         isavar extension: a generation other than the run's first also stops after this many stability checks
         in a row at which its stable images, all classes together, were at most ``minimum_grp_size``: too few
@@ -195,6 +200,9 @@ class Isac2Params:
     eqk_neighbours: int = field(default=0, metadata={
         "help": "EQK candidate search with more than 4x this many classes: score each image coarsely only "
                 "against this many references nearest to its current class (0: against every reference)"})
+    eqk_shift_candidates: int = field(default=0, metadata={
+        "help": "EQK search: trial translations per image searched at every ring frequency, chosen by a "
+                "low-frequency score against the image's references (0: all, SPHIRE)"})
     within_shift_candidates: int = field(default=0, metadata={
         "help": "within-group passes: trial translations per image searched exactly after a coarse score "
                 "(0: all, SPHIRE)"})
@@ -219,6 +227,9 @@ class Isac2Params:
     round_agreement: float = field(default=0.0, metadata={
         "help": "SAC rounds also stop once the membership agreement with the previous check reaches this "
                 "value (0: off, SPHIRE)"})
+    later_round_floor: float = field(default=0.0, metadata={
+        "help": "generations after the run's first: the agreement above which round_stop's rule may stop them "
+                "(0.5: as the run's first generation, SPHIRE)"})
     empty_stop: int = field(default=2, metadata={
         "help": "a generation stops after this many stability checks in a row with at most minimum_grp_size "
                 "stable images in all (0: never, SPHIRE)"})
@@ -294,12 +305,16 @@ class Isac2Params:
             bad("eqk_candidates", "must be >= 1")
         if self.eqk_neighbours < 0:
             bad("eqk_neighbours", "must be >= 0")
+        if self.eqk_shift_candidates < 0:
+            bad("eqk_shift_candidates", "must be >= 0")
         if self.within_shift_candidates < 0:
             bad("within_shift_candidates", "must be >= 0")
         if self.prealign_search not in ("coarse", "full"):
             bad("prealign_search", f"must be 'coarse' or 'full', got {self.prealign_search!r}")
         if self.shift_search not in ("references", "images"):
             bad("shift_search", f"must be 'references' or 'images', got {self.shift_search!r}")
+        if not 0 <= self.later_round_floor <= 1:
+            bad("later_round_floor", "must be between 0 and 1")
         if not 0 <= self.round_agreement <= 1:
             bad("round_agreement", "must be between 0 and 1")
         if self.round_stop not in ("plateau", "sphire"):
@@ -339,9 +354,10 @@ class Isac2Params:
 
 #: The isavar search options at SPHIRE's behaviour (flat EQK search, no within-group or empty-generation stop,
 #: full correlations, SPHIRE's round and main-iteration rules).
-SPHIRE_SEARCH = {"eqk_search": "flat", "eqk_neighbours": 0, "within_shift_candidates": 0, "prealign_search": "full",
+SPHIRE_SEARCH = {"eqk_search": "flat", "eqk_neighbours": 0, "eqk_shift_candidates": 0,
+                 "within_shift_candidates": 0, "prealign_search": "full",
                  "within_stop": 0.0, "band_tol": 0.0, "main_stop": 0.0, "round_stop": "sphire",
-                 "round_agreement": 0.0, "empty_stop": 0, "shift_search": "images"}
+                 "round_agreement": 0.0, "later_round_floor": 0.5, "empty_stop": 0, "shift_search": "images"}
 #: How isavar behaved before each of these options existed (SPHIRE's search), for runs recorded then.
 BEFORE_FIELD = SPHIRE_SEARCH
 
