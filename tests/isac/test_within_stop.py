@@ -139,6 +139,8 @@ def test_round_stop_rules(now, before, sphire, plateau):
     assert converged(now, before, "plateau", floor=0.0) is low[1]
     assert converged(now, before, "plateau", floor=0.5) is plateau
     assert not converged(0.0, 0.0, "plateau", floor=0.0)          # no stable members twice: not a plateau
+    assert not converged(0.03, 0.0, "plateau", floor=0.0)         # a first agreement is not a plateau
+    assert converged(0.03, 0.02, "plateau", floor=0.0)
 
 
 def test_band_limited_within_group_keeps_the_planted_alignment():

@@ -662,9 +662,12 @@ def converged(agreement_now: float, agreement_before: float, rule: str = "sphire
     change = agreement_now - agreement_before
     if level > 0 and agreement_now >= level:
         return True
+    # a plateau needs an earlier agreement (0 before the second check): with a low floor, a first agreement
+    # below 0.05 would otherwise count as a rise of less than 0.05
+    plateau = agreement_now > floor and agreement_before > 0
     if rule == "sphire":
-        return agreement_now > floor and 0.0 < change < 0.05
-    return agreement_now > floor and change < 0.05
+        return plateau and 0.0 < change < 0.05
+    return plateau and change < 0.05
 
 
 def filter_ramp(fl: float, fh: float, step: float = 0.05) -> list:
