@@ -50,7 +50,9 @@ _SCRIPT = textwrap.dedent("""
         return os.getpid()
 
     def slow(_):
-        time.sleep(3)
+        # far longer than the test's wait before Ctrl-C, even on a loaded CI machine (with 3 s a run whose
+        # signal came late saw the task finish and the script exit 0)
+        time.sleep(20)
         return 0
 
     ex = PoolExecutor(2)
