@@ -307,11 +307,23 @@ def test_cli_accepts_both_option_spellings(dataset, tmp_path):
         (0.5, 1e-4, "plateau", "full")
     assert defaults.main_stop == 0.2
     assert defaults.empty_stop == 2         # maxit 18 (SPHIRE 30) and this stop: bench/isac2.md, sixth pass
+    # the round stop at agreement 0.8 (bench/isac2.md, eleventh pass); the coarse-to-fine EQK translations
+    # are an option (they let noise images into classes)
+    assert (defaults.round_agreement, defaults.eqk_shift_candidates) == (0.8, 0)
+    # every option the command line shares with Isac2Params has the dataclass's default
+    import dataclasses
+
+    from isavar.isac.params import Isac2Params as P
+
+    shared = [f for f in dataclasses.fields(P) if hasattr(defaults, f.name) and f.name != "radius"]
+    assert len(shared) > 40
+    assert {f.name: getattr(defaults, f.name) for f in shared} == {f.name: f.default for f in shared}
     from isavar.isac.params import sphire_142
 
     sphire = sphire_142(30)                 # SPHIRE's search: its maxit, every isavar shortcut off
     assert (sphire.maxit, sphire.eqk_search, sphire.within_stop, sphire.band_tol, sphire.round_stop,
             sphire.main_stop, sphire.empty_stop) == (30, "flat", 0.0, 0.0, "sphire", 0.0, 0)
+    assert (sphire.round_agreement, sphire.eqk_shift_candidates, sphire.later_round_floor) == (0.0, 0, 0.5)
     assert (sphire.target_radius, sphire.target_nx, sphire.thld_err) == (29, 76, 0.7)   # SPHIRE's working scale
     assert sphire_142(30, maxit=12).maxit == 12
     with pytest.raises(SystemExit):

@@ -145,9 +145,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a generation's SAC rounds stop once the membership agreement (above 0.5) rose by "
                              "less than 0.05: 'plateau' also when it fell; 'sphire' only when it rose, as SPHIRE "
                              "(default plateau)")
-    parser.add_argument("--round_agreement", type=finite_float, default=0.0,
+    parser.add_argument("--round_agreement", type=finite_float, default=0.8,
                         help="a generation's SAC rounds also stop once the membership agreement with the previous "
-                             "check reaches this value (0: off, as SPHIRE; default 0)")
+                             "check reaches this value (0: off, as SPHIRE; default 0.8)")
     parser.add_argument("--later_round_floor", type=finite_float, default=0.0,
                         help="generations after the run's first: the membership agreement above which --round_stop's "
                              "rule may stop them (0.5: as the run's first generation and SPHIRE; default 0)")
