@@ -42,17 +42,19 @@ def _wait_until(predicate, timeout: float) -> bool:
 
 
 _SCRIPT = textwrap.dedent("""
-    import os, sys, time
+    import os, signal, sys, time
     from isavar.parallel.pool import PoolExecutor
+
+    # Ctrl-C as in a terminal: a job started in the background by a non-interactive shell (a CI script under
+    # nohup, `cmd &`) inherits SIGINT ignored, and Python then raises no KeyboardInterrupt
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def pid_of_worker(_):
         time.sleep(0.3)
         return os.getpid()
 
     def slow(_):
-        # far longer than the test's wait before Ctrl-C, even on a loaded CI machine (with 3 s a run whose
-        # signal came late saw the task finish and the script exit 0)
-        time.sleep(20)
+        time.sleep(20)                          # far longer than the test's wait before Ctrl-C
         return 0
 
     ex = PoolExecutor(2)
