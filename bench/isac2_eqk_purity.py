@@ -125,12 +125,9 @@ def main(argv=None):
         }
         print("one assignment against the oracle classes' references:", report["near_ideal_references"])
     for rnd in range(args.rounds):
-        t0, fl = time.perf_counter(), p.FL
-        while True:
+        t0 = time.perf_counter()
+        for fl in gen.filter_ramp(p.FL, p.FH):
             assignment = iterate(fl, rule)
-            fl += 0.05
-            if fl >= p.FH:
-                break
         purity = view_purity(dirs[real], assignment[real])
         report["rounds"].append({"round": rnd + 1, "purity15": purity, "seconds": time.perf_counter() - t0})
         print(f"round {rnd + 1}: purity15 {purity:.3f} (oracle {report['oracle_purity15']:.3f}), "
