@@ -310,6 +310,38 @@ def test_filter_ramp_accumulates_as_sphire():
     assert filter_ramp(0.3, 0.3) == [0.3]
 
 
+def test_round_ramp_keeps_the_last_cut_offs():
+    """``round_ramp``: the whole ramp in round 0 and with m = 0 or m beyond the ramp, else its last m."""
+    from isavar.isac.generation import filter_ramp, round_ramp
+
+    ramp = filter_ramp(0.2, 0.45)
+    for m, later in [(0, ramp), (3, ramp[3:]), (1, ramp[5:]), (6, ramp), (9, ramp)]:
+        p = small_params(round_eqk_iterations=m)
+        assert round_ramp(p, 0) == ramp and round_ramp(p, 1) == later and round_ramp(p, 5) == later
+
+
+@pytest.mark.parametrize("m,later", [(0, [0.2, 0.25, 0.3, 0.35, 0.4, 0.45]), (3, [0.35, 0.4, 0.45])])
+def test_later_rounds_run_the_last_cut_offs_of_the_ramp(planted, monkeypatch, m, later):
+    """``round_eqk_iterations = m``: a generation's first round runs the whole ramp FL -> FH, the later rounds
+    its last ``m`` cut-offs (m = 0: the whole ramp, as SPHIRE)."""
+    from isavar.isac import generation
+
+    cut_offs = []
+    real = generation.eqk_iteration
+
+    def spy(images, refs, params, fl, *args, **kwargs):
+        cut_offs.append(round(fl, 6))
+        return real(images, refs, params, fl, *args, **kwargs)
+
+    monkeypatch.setattr(generation, "eqk_iteration", spy)
+    monkeypatch.setattr(generation, "converged", lambda *a: False)
+    imgs, _, _ = planted
+    p = small_params(maxit=6, init_iter=2, round_eqk_iterations=m)
+    res = run_generation(_working_subset(imgs[:150], p), p, make_grid(p), SerialExecutor(), main=1, gen=1)
+    assert res.rounds == 2
+    assert cut_offs == [0.2, 0.25, 0.3, 0.35, 0.4, 0.45] + later
+
+
 @pytest.mark.parametrize("main,floor", [(1, 0.5), (2, 0.1)])
 def test_later_round_floor_applies_after_the_runs_first_generation(planted, monkeypatch, main, floor):
     """``later_round_floor`` is the agreement floor of the round-stop rule in every generation but the run's

@@ -310,6 +310,7 @@ def test_cli_accepts_both_option_spellings(dataset, tmp_path):
     # the round stop at agreement 0.8 (bench/isac2.md, eleventh pass); the coarse-to-fine EQK translations
     # are an option (they let noise images into classes)
     assert (defaults.round_agreement, defaults.eqk_shift_candidates) == (0.8, 0)
+    assert defaults.round_eqk_iterations == 3      # later SAC rounds: the ramp's last 3 cut-offs (twelfth pass)
     # every option the command line shares with Isac2Params has the dataclass's default
     import dataclasses
 
@@ -324,6 +325,7 @@ def test_cli_accepts_both_option_spellings(dataset, tmp_path):
     assert (sphire.maxit, sphire.eqk_search, sphire.within_stop, sphire.band_tol, sphire.round_stop,
             sphire.main_stop, sphire.empty_stop) == (30, "flat", 0.0, 0.0, "sphire", 0.0, 0)
     assert (sphire.round_agreement, sphire.eqk_shift_candidates, sphire.later_round_floor) == (0.0, 0, 0.5)
+    assert sphire.round_eqk_iterations == 0
     assert (sphire.target_radius, sphire.target_nx, sphire.thld_err) == (29, 76, 0.7)   # SPHIRE's working scale
     assert sphire_142(30, maxit=12).maxit == 12
     with pytest.raises(SystemExit):

@@ -148,6 +148,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--round_agreement", type=finite_float, default=0.8,
                         help="a generation's SAC rounds also stop once the membership agreement with the previous "
                              "check reaches this value (0: off, as SPHIRE; default 0.8)")
+    parser.add_argument("--round_eqk_iterations", type=non_negative_int, default=3,
+                        help="SAC rounds after a generation's first: EQK iterations only at the last this many "
+                             "cut-offs of the filter ramp --FL -> --FH, from the previous round's averages (0: the "
+                             "whole ramp in every round, as SPHIRE; default 3)")
     parser.add_argument("--later_round_floor", type=finite_float, default=0.0,
                         help="generations after the run's first: the membership agreement above which --round_stop's "
                              "rule may stop them (0.5: as the run's first generation and SPHIRE; default 0)")

@@ -682,12 +682,25 @@ def filter_ramp(fl: float, fh: float, step: float = 0.05) -> list:
     return out
 
 
+def round_ramp(p, rnd: int) -> list:
+    """The EQK cut-offs of SAC round ``rnd`` (0-based) of a generation.
+
+    The generation's first round runs the whole :func:`filter_ramp` (its references are random images).
+    Later rounds start from the previous round's class averages; with ``p.round_eqk_iterations = m > 0``
+    they run only the ramp's last ``m`` cut-offs (isavar) instead of blurring those averages back to FL.
+    """
+    ramp = filter_ramp(p.FL, p.FH)
+    if rnd > 0 and p.round_eqk_iterations > 0:
+        return ramp[-p.round_eqk_iterations:]
+    return ramp
+
+
 def sac_round(images, state: EngineState, p, grid, executor, *, main: int, gen: int, progress=None) -> EngineState:
-    """One SAC round: EQK iterations over the filter ramp FL -> FH, then the within-group stage."""
+    """One SAC round: EQK iterations over the filter ramp (:func:`round_ramp`), then the within-group stage."""
     images = as_subset(images)
     rnd = state.rounds_done
     params, refs, assignment = state.params, state.refs, state.assignment
-    ramp = filter_ramp(p.FL, p.FH)
+    ramp = round_ramp(p, rnd)
     t0 = time.perf_counter()
     for it, fl in enumerate(ramp):
         rng = task_rngs(p.rand_seed, 1, key=stream_key(main, gen, rnd, it, _CENTRE))[0]
