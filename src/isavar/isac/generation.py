@@ -2,8 +2,8 @@
 
 Spec isac2 §6. The generation works on a subset of the working stack, starts
 from ``K = n // img_per_grp`` single images as references, and ends after at
-most ``init_iter`` SAC rounds (6 EQK iterations + one within-group stage each by
-default) or when the stable memberships stop changing.
+most ``init_iter`` SAC rounds (EQK iterations over the filter ramp, 6 in a generation's first round and 3
+in the later ones by default, then one within-group stage) or when the stable memberships stop changing.
 
 Every random choice is drawn from generators spawned from one seed and a key
 naming the (main iteration, generation, round, iteration, purpose), never from
