@@ -25,11 +25,6 @@ import numpy as np
 from isac2_bench import particle_table, view_scores
 
 
-def stack_rows(table) -> np.ndarray:
-    """0-based rows of the working stack named by ``rlnImageName`` (``N@stack``)."""
-    return np.array([int(name.split("@")[0]) - 1 for name in table["rlnImageName"]])
-
-
 def leave_one_out_correlations(images: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Pearson correlation, inside ``mask``, of each of ``images (n, T, T)`` (aligned) with the mean of the others.
 
@@ -48,13 +43,14 @@ def leave_one_out_correlations(images: np.ndarray, mask: np.ndarray) -> np.ndarr
 
 def member_correlations(run: Path, accounted) -> np.ndarray:
     """Leave-one-out correlation of every accounted particle with its class (rows of ``accounted``)."""
+    from isavar.io.star import split_image_names
     from isavar.isac import _ops
 
     radius = json.loads((run / "manifest.json").read_text())["params"]["target_radius"]
     stack = np.load(run / "stack_ali2d.npy", mmap_mode="r")
     params = np.loadtxt(run / "all_parameters.txt", ndmin=2)
     mask = _ops.circle(stack.shape[-1], radius) > 0.5
-    rows = stack_rows(accounted)
+    rows, _codes, _paths = split_image_names(accounted["rlnImageName"], run / "particles.star")
     classes = accounted["rlnClassNumber"].to_numpy()
     out = np.empty(len(accounted))
     for k in np.unique(classes):
