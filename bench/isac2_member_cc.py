@@ -7,7 +7,7 @@ members (leave-one-out, so a member does not correlate with itself). The script 
 these correlations for real and noise members, and what the run's scores (``isac2_bench.py``'s purity ratio,
 accounted fraction and noise left out) would be after dropping the members whose correlation is below
 ``--fraction`` times their class's median. Nothing is re-run: this measures a possible member check after
-the stability test (``bench/isac2.md``, twelfth pass).
+the stability test (``bench/isac2.md``, twelfth pass; built in since as ``--member_check``, thirteenth pass).
 
 Usage (from the repository root, after ``isac2_bench.py``)::
 
@@ -25,26 +25,11 @@ import numpy as np
 from isac2_bench import particle_table, view_scores
 
 
-def leave_one_out_correlations(images: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Pearson correlation, inside ``mask``, of each of ``images (n, T, T)`` (aligned) with the mean of the others.
-
-    Returns
-    -------
-    ndarray, (n,)
-    """
-    n = len(images)
-    total = images.sum(axis=0)
-    x = images[:, mask]
-    others = ((total[None] - images) / max(n - 1, 1))[:, mask]
-    x = x - x.mean(axis=1, keepdims=True)
-    others = others - others.mean(axis=1, keepdims=True)
-    return (x * others).sum(axis=1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(others, axis=1))
-
-
 def member_correlations(run: Path, accounted) -> np.ndarray:
     """Leave-one-out correlation of every accounted particle with its class (rows of ``accounted``)."""
     from isavar.io.star import split_image_names
     from isavar.isac import _ops
+    from isavar.isac.stability import correlations_with_others
 
     radius = json.loads((run / "manifest.json").read_text())["params"]["target_radius"]
     stack = np.load(run / "stack_ali2d.npy", mmap_mode="r")
@@ -56,7 +41,7 @@ def member_correlations(run: Path, accounted) -> np.ndarray:
     for k in np.unique(classes):
         sel = np.flatnonzero(classes == k)
         aligned = _ops.transform(np.asarray(stack[rows[sel]], np.float32), params[rows[sel]])
-        out[sel] = leave_one_out_correlations(aligned, mask)
+        out[sel] = correlations_with_others(aligned, mask)
     return out
 
 

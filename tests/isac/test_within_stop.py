@@ -196,9 +196,10 @@ def test_empty_stop_keeps_a_generation_with_stable_classes():
 def test_a_recorded_run_keeps_the_behaviour_of_fields_it_did_not_have():
     """Resuming a run recorded before a field existed compares against how isavar behaved then."""
     recorded = Isac2Params(radius=50).to_dict()
-    for name in ("empty_stop", "main_stop", "round_stop", "round_eqk_iterations"):
+    for name in ("empty_stop", "main_stop", "round_stop", "round_eqk_iterations", "member_check"):
         del recorded[name]
     old = Isac2Params.from_recorded(recorded)
-    assert (old.empty_stop, old.main_stop, old.round_stop, old.round_eqk_iterations) == (0, 0.0, "sphire", 0)
+    assert (old.empty_stop, old.main_stop, old.round_stop, old.round_eqk_iterations, old.member_check) == \
+        (0, 0.0, "sphire", 0, 0.0)
     assert old.maxit == 18 and old.within_stop == 0.5               # recorded values are kept
     assert Isac2Params.from_recorded(Isac2Params(radius=50).to_dict()) == Isac2Params(radius=50)

@@ -300,7 +300,7 @@ def test_cli_accepts_both_option_spellings(dataset, tmp_path):
             defaults.FL, defaults.FH, defaults.FF, defaults.init_iter, defaults.iter_reali, defaults.stab_ali,
             defaults.minimum_grp_size, defaults.restart, defaults.filament_width, defaults.delta_good,
             defaults.yr, defaults.ts, defaults.ir, defaults.rs) == \
-        (None, 26, None, 18, 90.0, 0.2, 0.45, 0.2, 7, 1, 5, 60, -1, -1, 0, -1, 1.0, 1, 1)
+        (None, 26, None, 18, 90.0, 0.2, 0.45, 0.2, 7, 1, 4, 60, -1, -1, 0, -1, 1.0, 1, 1)
     # issue 11: the within-group stop, band-limited correlations and the plateau rule are the defaults (their
     # quality measured over five seeds, bench/isac2.md); the coarse pre-alignment is an option
     assert (defaults.within_stop, defaults.band_tol, defaults.round_stop, defaults.prealign_search) == \
@@ -311,6 +311,7 @@ def test_cli_accepts_both_option_spellings(dataset, tmp_path):
     # are an option (they let noise images into classes)
     assert (defaults.round_agreement, defaults.eqk_shift_candidates) == (0.8, 0)
     assert defaults.round_eqk_iterations == 3      # later SAC rounds: the ramp's last 3 cut-offs (twelfth pass)
+    assert defaults.member_check == 0.5            # stable members far below their class's median leave it
     # every option the command line shares with Isac2Params has the dataclass's default
     import dataclasses
 
@@ -325,7 +326,7 @@ def test_cli_accepts_both_option_spellings(dataset, tmp_path):
     assert (sphire.maxit, sphire.eqk_search, sphire.within_stop, sphire.band_tol, sphire.round_stop,
             sphire.main_stop, sphire.empty_stop) == (30, "flat", 0.0, 0.0, "sphire", 0.0, 0)
     assert (sphire.round_agreement, sphire.eqk_shift_candidates, sphire.later_round_floor) == (0.0, 0, 0.5)
-    assert sphire.round_eqk_iterations == 0
+    assert (sphire.round_eqk_iterations, sphire.member_check, sphire.stab_ali) == (0, 0.0, 5)
     assert (sphire.target_radius, sphire.target_nx, sphire.thld_err) == (29, 76, 0.7)   # SPHIRE's working scale
     assert sphire_142(30, maxit=12).maxit == 12
     with pytest.raises(SystemExit):

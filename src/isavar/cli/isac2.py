@@ -81,8 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init_iter", type=int, default=7, help="maximum SAC rounds per generation (default 7)")
     parser.add_argument("--iter_reali", type=int, default=1,
                         help="check stability every iter_reali SAC rounds (default 1)")
-    parser.add_argument("--stab_ali", type=int, default=5,
-                        help="randomised alignments per stability test (default 5)")
+    parser.add_argument("--stab_ali", type=int, default=4,
+                        help="randomised alignments per stability test (default 4; SPHIRE: 5)")
     parser.add_argument("--minimum_grp_size", type=int, default=60,
                         help="a class is accepted with more than this many stable members (default 60)")
     parser.add_argument("--rand_seed", type=non_negative_int, default=None,
@@ -155,6 +155,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--later_round_floor", type=finite_float, default=0.0,
                         help="generations after the run's first: the membership agreement above which --round_stop's "
                              "rule may stop them (0.5: as the run's first generation and SPHIRE; default 0)")
+    parser.add_argument("--member_check", type=finite_float, default=0.5,
+                        help="after the stability test, keep a stable member only if its correlation with the mean "
+                             "of its class's other stable members is at least this fraction of the class's median; "
+                             "the others go back to the pool (removes noise images that aligned consistently by "
+                             "chance; 0: no check, as SPHIRE; default 0.5)")
     parser.add_argument("--empty_stop", type=non_negative_int, default=2,
                         help="a generation (not the run's first) stops after this many stability checks in a row "
                              "at which all its stable images together are too few for one accepted class (at most "

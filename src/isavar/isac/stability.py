@@ -8,6 +8,7 @@ disagreement is measured as a pixel error at the particle radius.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 
@@ -244,6 +245,64 @@ def multi_align_stability(ali: np.ndarray, thld_err: float, diameter: float) -> 
 # ---------------------------------------------------------------------------------------------
 
 
+def correlations_with_others(aligned: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Pearson correlation of each aligned image with the mean of the *other* images (leave-one-out).
+
+    Parameters
+    ----------
+    aligned : ndarray, (n, T, T)
+        Images already brought into the class frame, n >= 2.
+    mask : ndarray of bool, (T, T)
+        The pixels correlated (the particle disc).
+
+    Returns
+    -------
+    ndarray of float64, (n,)
+        Correlations in [-1, 1]; 0 for an image or a leave-one-out mean that is constant inside ``mask``.
+    """
+    n = len(aligned)
+    x = np.asarray(aligned, dtype=np.float64)[:, mask]
+    others = (x.sum(axis=0)[None] - x) / max(n - 1, 1)
+    x = x - x.mean(axis=1, keepdims=True)
+    others = others - others.mean(axis=1, keepdims=True)
+    norm = np.linalg.norm(x, axis=1) * np.linalg.norm(others, axis=1)
+    dot = np.einsum("ij,ij->i", x, others)
+    return np.divide(dot, norm, out=np.zeros(n), where=norm > 0)
+
+
+def member_check(aligned: np.ndarray, mask: np.ndarray, fraction: float) -> np.ndarray:
+    """The members of a stable class that look like the others (isavar extension, ``--member_check``).
+
+    A member is kept when its correlation with the mean of the other members
+    (:func:`correlations_with_others`) is at least ``fraction`` times the median of these correlations over
+    the class. The median scales with the class's signal-to-noise ratio, so one fraction serves classes of any
+    contrast; an image of pure noise that happened to align consistently in every stability run correlates
+    with its class only by the alignment's selection bias, far below real members (``bench/isac2.md``).
+
+    Parameters
+    ----------
+    aligned : ndarray, (n, T, T)
+        The stable members in the class frame (their stability-averaged parameters).
+    mask : ndarray of bool, (T, T)
+        The particle disc.
+    fraction : float
+        0 keeps every member.
+
+    Returns
+    -------
+    ndarray of bool, (n,)
+        True for the members kept.
+    """
+    n = len(aligned)
+    if fraction <= 0 or n < 3:
+        return np.ones(n, dtype=bool)
+    cc = correlations_with_others(aligned, mask)
+    median = float(np.median(cc))
+    if median <= 0:
+        return np.ones(n, dtype=bool)        # no common signal to measure members against
+    return cc >= fraction * median
+
+
 def discrete_delta(it: int, total_iter: int, maxit_total: int, dst: float) -> float:
     """Angular step of pass ``it``: ``dst`` every 4th pass while ``total_iter <= maxit_total - 10``, else 0."""
     return float(dst) if (dst > 0 and it % 4 == 0 and total_iter <= maxit_total - 10) else 0.0
@@ -353,7 +412,8 @@ def within_group_refinement(images, params, p, grid, rng, *, randomize: bool = T
 
 
 def class_stability_task(task):
-    """Within-group stage of one class (spec §6.4): run 1, optionally L - 1 more runs and the test.
+    """Within-group stage of one class (spec §6.4): run 1, optionally L - 1 more runs, the test and
+    (``p.member_check > 0``, isavar) the member check (:func:`member_check`) of its stable members.
 
     Parameters
     ----------
@@ -381,6 +441,10 @@ def class_stability_task(task):
         _, params = within_group_refinement(images, params, p, grid, rng, cache=cache, want_average=False)
         runs.append(params)
     res = multi_align_stability(np.stack(runs), p.thld_err, 2.0 * p.target_radius)
+    if p.member_check > 0 and res.stable.size:
+        mask = _ops.circle(images.shape[-1], p.target_radius) > 0.5
+        keep = member_check(_ops.transform(images[res.stable], res.params), mask, p.member_check)
+        res = dataclasses.replace(res, stable=res.stable[keep], errors=res.errors[keep], params=res.params[keep])
     params = params.copy()
     if res.stable.size:
         params[res.stable] = res.params
