@@ -8,9 +8,8 @@ disagreement is measured as a pixel error at the particle radius.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy.optimize import minimize
@@ -444,7 +443,7 @@ def class_stability_task(task):
     if p.member_check > 0 and res.stable.size:
         mask = _ops.circle(images.shape[-1], p.target_radius) > 0.5
         keep = member_check(_ops.transform(images[res.stable], res.params), mask, p.member_check)
-        res = dataclasses.replace(res, stable=res.stable[keep], errors=res.errors[keep], params=res.params[keep])
+        res = replace(res, stable=res.stable[keep], errors=res.errors[keep], params=res.params[keep])
     params = params.copy()
     if res.stable.size:
         params[res.stable] = res.params
