@@ -110,6 +110,8 @@ def test_stability_task_sends_the_checked_out_members_back_and_rebuilds_the_aver
     stable = outs[0.5]["stable"]
     assert not set(range(n, n + n_noise)) & set(stable.tolist())
     assert len(stable) >= 0.9 * n
+    assert outs[0.0]["checked_out"] == 0
+    assert outs[0.5]["checked_out"] == len(outs[0.0]["stable"]) - len(stable) >= n_noise
     p = small_params(member_check=0.5)
     expect = _ops.tanh_lowpass(_ops.transform_sum(imgs[stable], outs[0.5]["params"][stable])
                                / np.float32(len(stable)), p.FH, p.FF)

@@ -742,8 +742,9 @@ def sac_round(images, state: EngineState, p, grid, executor, *, main: int, gen: 
             st.prev_agreement = agr
         st.prev_members = members
         n_stable = sum(len(m) for m in members)
-        log.info("main %d generation %d round %d: %d classes, %d stable images", main, gen, rnd + 1,
-                 n_classes, n_stable)
+        checked_out = sum(int(o["checked_out"]) for o in outs)
+        log.info("main %d generation %d round %d: %d classes, %d stable images%s", main, gen, rnd + 1, n_classes,
+                 n_stable, f" ({checked_out} more sent back by the member check)" if checked_out else "")
         st.empty_checks = state.empty_checks + 1 if n_stable <= p.minimum_grp_size else 0
         # never the run's first generation (all the data): a hard data set may still stabilise there
         if p.empty_stop and (main, gen) != (1, 1) and st.empty_checks >= p.empty_stop:

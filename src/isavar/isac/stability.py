@@ -423,7 +423,8 @@ def class_stability_task(task):
     -------
     dict
         ``average`` (T, T), ``params`` (n, 4) new parameters (stability-averaged for stable members),
-        ``stable`` (positions of stable members or None when not checked), ``pixel_error``, ``mirror_rate``.
+        ``stable`` (positions of stable members or None when not checked), ``pixel_error``, ``mirror_rate``,
+        ``checked_out`` (members that passed the stability test but not the member check).
     """
     from isavar.isac import _ops
 
@@ -434,12 +435,14 @@ def class_stability_task(task):
     # with the stability check the class average is rebuilt from the stable members at the end
     avg, params = within_group_refinement(images, params, p, grid, rng, cache=cache, want_average=not check)
     if not check:
-        return {"average": avg, "params": params, "stable": None, "pixel_error": np.nan, "mirror_rate": np.nan}
+        return {"average": avg, "params": params, "stable": None, "pixel_error": np.nan, "mirror_rate": np.nan,
+                "checked_out": 0}
     runs = [params]
     for _ in range(p.stab_ali - 1):
         _, params = within_group_refinement(images, params, p, grid, rng, cache=cache, want_average=False)
         runs.append(params)
     res = multi_align_stability(np.stack(runs), p.thld_err, 2.0 * p.target_radius)
+    n_passed = res.stable.size
     if p.member_check > 0 and res.stable.size:
         mask = _ops.circle(images.shape[-1], p.target_radius) > 0.5
         keep = member_check(_ops.transform(images[res.stable], res.params), mask, p.member_check)
@@ -453,4 +456,4 @@ def class_stability_task(task):
     avg = _ops.transform_sum(images[sel], params[sel]) / np.float32(len(sel))
     avg = _ops.tanh_lowpass(avg, p.FH, p.FF)
     return {"average": avg, "params": params, "stable": res.stable, "pixel_error": res.pixel_error,
-            "mirror_rate": res.mirror_rate}
+            "mirror_rate": res.mirror_rate, "checked_out": n_passed - res.stable.size}
