@@ -45,7 +45,7 @@ def class_spread(run: Path) -> list:
     """Per accepted class of a finished run: ``(main iteration, real members, members within 15° of the
     medoid view, mean pairwise angle in degrees)``."""
     from isavar.io.star import split_image_names
-    from isavar.report.validation import axis_angles_deg
+    from isavar.report.validation import axis_angles_deg, view_purity
 
     table = particle_table(run / "particles.star")
     dirs, noise = true_views(table)
@@ -58,10 +58,9 @@ def class_spread(run: Path) -> list:
         v = dirs[sel & ~noise]
         if len(v) < 2:
             continue
-        angles = axis_angles_deg(v, v)
-        medoid = v[np.argmin(angles.sum(1))]
-        within = int((axis_angles_deg(v, medoid[None])[:, 0] <= 15.0).sum())
-        out.append((int(main[sel].min()), len(v), within, float(angles[np.triu_indices(len(v), 1)].mean())))
+        within = int(round(view_purity(v, np.zeros(len(v), dtype=int)) * len(v)))
+        pairwise = axis_angles_deg(v, v)[np.triu_indices(len(v), 1)]
+        out.append((int(main[sel].min()), len(v), within, float(pairwise.mean())))
     return out
 
 
