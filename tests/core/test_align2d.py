@@ -726,3 +726,24 @@ def test_reference_side_multireference_search_and_subsets(rng):
     # band-limited references keep the translations
     limited = band_limit(prep, 1e-3)
     assert limited.translations == (3.0, 3.0, 1.0) and limited.n_references == 4
+
+
+@pytest.mark.parametrize("side", ["images", "references"])
+def test_pairs_search_only_the_chosen_pairs_with_the_same_numbers(rng, side):
+    """``pairs``: the chosen (image, reference) pairs get the very numbers of the full search, the others
+    score -inf; with the translations on either side."""
+    refs, images, truth, _p = _noisy_copies(rng, k=4, per=4, noise=0.5)
+    prep = prepare_references(refs, GRID, translations=(1, 1, 1) if side == "references" else None)
+    full = align_to_references(images, prep, GRID, x_range=1, y_range=1, step=1)
+    pairs = rng.random((16, 4)) < 0.4
+    pairs[np.arange(16), truth] = True
+    pairs[3] = False                                   # an image with no pair at all
+    part = align_to_references(images, prep, GRID, x_range=1, y_range=1, step=1, pairs=pairs)
+    for got, want in zip((part.score, part.alpha, part.sx, part.sy, part.mirror),
+                         (full.score, full.alpha, full.sx, full.sy, full.mirror)):
+        np.testing.assert_array_equal(got[pairs], want[pairs])
+    assert np.all(part.score[~pairs] == -np.inf)
+    with pytest.raises(ValueError, match="pairs must be"):
+        align_to_references(images, prep, GRID, x_range=1, y_range=1, step=1, pairs=pairs[:, :3])
+    with pytest.raises(ValueError, match="shift_candidates"):
+        align_to_references(images, prep, GRID, x_range=1, y_range=1, step=1, pairs=pairs, shift_candidates=2)

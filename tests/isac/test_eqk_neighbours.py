@@ -105,7 +105,10 @@ def test_eqk_iteration_with_neighbours_keeps_the_planted_classes(ten_classes):
 
     images, truth, _protos, p = ten_classes
     grid = make_grid(p)
-    q = dataclasses.replace(p, eqk_candidates=2)
+    # every image of a group against all the group's references: with only 2 candidates per image the equal-size
+    # assignment often needs a third class, which --eqk_pairs own leaves to the coarse score (0.90 instead of
+    # 0.96 here; docs/deviations.md)
+    q = dataclasses.replace(p, eqk_candidates=2, eqk_pairs="union")
     # the candidate search runs (K > 2 C) and is restricted to the neighbours (K > 4 L)
     assert N_CLASSES > 2 * q.eqk_candidates and N_CLASSES > gen.NEIGHBOUR_FACTOR * q.eqk_neighbours
     refs, params = _class_averages(images, truth, q)

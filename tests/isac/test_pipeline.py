@@ -131,13 +131,15 @@ def test_eqk_iteration_uses_the_given_assignment_rule(planted):
     assert np.mean(got[real] == truth[real]) >= 0.9
 
 
-def test_candidate_eqk_search_matches_the_flat_search(planted):
+@pytest.mark.parametrize("pairs", ["own", "union"])
+def test_candidate_eqk_search_matches_the_flat_search(planted, pairs):
     """The candidate search (1 candidate of 4 references, so every group of images is aligned exactly to only
-    part of the references) assigns like SPHIRE's flat search, whatever the executor."""
+    part of the references; with ``eqk_pairs = own`` every image to its own candidate only) assigns like
+    SPHIRE's flat search, whatever the executor."""
     from isavar.parallel.pool import PoolExecutor
 
     imgs, truth, _ = planted
-    p = small_params(eqk_search="candidates", eqk_candidates=1)
+    p = small_params(eqk_search="candidates", eqk_candidates=1, eqk_pairs=pairs)
     sub, grid = _working_subset(imgs, p), make_grid(p)
     fixed = np.where(truth >= 0, truth, 0)
     refs, params = sub[:4].copy(), np.zeros((len(sub), 4))
@@ -311,19 +313,24 @@ def test_filter_ramp_accumulates_as_sphire():
 
 
 def test_round_ramp_keeps_the_last_cut_offs():
-    """``round_ramp``: the whole ramp in round 0 and with m = 0 or m beyond the ramp, else its last m."""
+    """``round_ramp``: the whole ramp in the first ``full_ramp_rounds`` rounds and with m = 0 or m beyond the
+    ramp, else its last m."""
     from isavar.isac.generation import filter_ramp, round_ramp
 
     ramp = filter_ramp(0.2, 0.45)
     for m, later in [(0, ramp), (3, ramp[3:]), (1, ramp[5:]), (6, ramp), (9, ramp)]:
-        p = small_params(round_eqk_iterations=m)
-        assert round_ramp(p, 0) == ramp and round_ramp(p, 1) == later and round_ramp(p, 5) == later
+        for full in (1, 2, 3):
+            p = small_params(round_eqk_iterations=m, full_ramp_rounds=full)
+            assert [round_ramp(p, r) for r in range(6)] == [ramp] * full + [later] * (6 - full)
+    assert round_ramp(small_params(round_eqk_iterations=3), 1) == ramp      # the default: 2 rounds in full
+    assert round_ramp(small_params(round_eqk_iterations=3), 2) == ramp[3:]
 
 
-@pytest.mark.parametrize("m,later", [(0, [0.2, 0.25, 0.3, 0.35, 0.4, 0.45]), (3, [0.35, 0.4, 0.45])])
-def test_later_rounds_run_the_last_cut_offs_of_the_ramp(planted, monkeypatch, m, later):
-    """``round_eqk_iterations = m``: a generation's first round runs the whole ramp FL -> FH, the later rounds
-    its last ``m`` cut-offs (m = 0: the whole ramp, as SPHIRE)."""
+@pytest.mark.parametrize("m,full,later", [(0, 1, [0.2, 0.25, 0.3, 0.35, 0.4, 0.45]), (3, 1, [0.35, 0.4, 0.45]),
+                                          (3, 2, [0.2, 0.25, 0.3, 0.35, 0.4, 0.45])])
+def test_later_rounds_run_the_last_cut_offs_of_the_ramp(planted, monkeypatch, m, full, later):
+    """``round_eqk_iterations = m``: a generation's first ``full_ramp_rounds`` rounds run the whole ramp FL -> FH,
+    the later rounds its last ``m`` cut-offs (m = 0: the whole ramp, as SPHIRE)."""
     from isavar.isac import generation
 
     cut_offs = []
@@ -336,7 +343,7 @@ def test_later_rounds_run_the_last_cut_offs_of_the_ramp(planted, monkeypatch, m,
     monkeypatch.setattr(generation, "eqk_iteration", spy)
     monkeypatch.setattr(generation, "converged", lambda *a: False)
     imgs, _, _ = planted
-    p = small_params(maxit=6, init_iter=2, round_eqk_iterations=m)
+    p = small_params(maxit=6, init_iter=2, round_eqk_iterations=m, full_ramp_rounds=full)
     res = run_generation(_working_subset(imgs[:150], p), p, make_grid(p), SerialExecutor(), main=1, gen=1)
     assert res.rounds == 2
     assert cut_offs == [0.2, 0.25, 0.3, 0.35, 0.4, 0.45] + later

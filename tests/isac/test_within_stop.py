@@ -28,6 +28,26 @@ def test_max_displacement_hand_worked():
     assert max_displacement(np.zeros((0, 4)), np.zeros((0, 4)), 10.0) == 0.0
 
 
+def test_settled_lets_the_fraction_rounded_down_move_on():
+    """``settled``: at most ``floor(fraction * n)`` images may move further than the tolerance (a mirror change
+    counts as far); fraction 0 is the ``max_displacement`` rule."""
+    from isavar.isac.stability import displacements, settled
+
+    n = 200
+    old = np.zeros((n, 4))
+    new = old.copy()
+    new[:, 1] = 0.3                                     # every image moves 0.3 px
+    new[0, 1], new[1, 3] = 2.0, 1                       # one moves 2 px, one changes its mirror
+    assert displacements(old, new, 10.0)[1] == np.inf
+    assert not settled(old, new, 10.0, 0.5) and not settled(old, new, 10.0, 0.5, 0.005)    # 1 of 200 allowed
+    assert settled(old, new, 10.0, 0.5, 0.01) and settled(old, new, 10.0, 0.5, 0.014)       # 2 of 200
+    assert settled(old, new, 10.0, 2.5, 0.005) and not settled(old, new, 10.0, 2.5)         # only the mirror
+    assert settled(old[:60], new[:60] * [1, 0, 0, 0], 10.0, 0.5, 0.01)     # 60 images: none may move, none did
+    assert not settled(old[:60], new[:60], 10.0, 0.5, 0.01)
+    for fraction in (0.0, 0.01):
+        assert settled(old, old, 10.0, 0.0, fraction) and settled(old[:0], old[:0], 10.0, 0.5, fraction)
+
+
 @pytest.mark.parametrize("maxit,dst,expect", [(30, 90.0, 16), (18, 90.0, 4), (14, 90.0, 0), (8, 90.0, -1),
                                               (30, 0.0, -1)])
 def test_last_discrete_pass_follows_sphire_schedule(maxit, dst, expect):
@@ -59,10 +79,10 @@ def _count_passes(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("within_stop", [0.0, 0.5])
-def test_within_stop_ends_runs_early_and_keeps_the_planted_alignment(monkeypatch, within_stop):
+@pytest.mark.parametrize("within_stop,fraction", [(0.0, 0.0), (0.5, 0.0), (0.5, 0.05)])
+def test_within_stop_ends_runs_early_and_keeps_the_planted_alignment(monkeypatch, within_stop, fraction):
     imgs, truth, rng = _planted_class()
-    p = small_params(maxit=18, stab_ali=3, within_stop=within_stop)
+    p = small_params(maxit=18, stab_ali=3, within_stop=within_stop, within_stop_fraction=fraction)
     calls = _count_passes(monkeypatch)
     out = class_stability_task((imgs, np.zeros((len(imgs), 4)), p, make_grid(p), rng, True))
     per_run = len(calls) / p.stab_ali
@@ -202,4 +222,11 @@ def test_a_recorded_run_keeps_the_behaviour_of_fields_it_did_not_have():
     assert (old.empty_stop, old.main_stop, old.round_stop, old.round_eqk_iterations, old.member_check) == \
         (0, 0.0, "sphire", 0, 0.0)
     assert old.maxit == 18 and old.within_stop == 0.5               # recorded values are kept
+    # a run of the 16th-19th sessions (round_eqk_iterations recorded, these three not yet)
+    recorded = Isac2Params(radius=50).to_dict()
+    for name in ("full_ramp_rounds", "eqk_pairs", "within_stop_fraction"):
+        del recorded[name]
+    old = Isac2Params.from_recorded(recorded)
+    assert (old.round_eqk_iterations, old.full_ramp_rounds, old.eqk_pairs, old.within_stop_fraction) == \
+        (3, 1, "union", 0.0)
     assert Isac2Params.from_recorded(Isac2Params(radius=50).to_dict()) == Isac2Params(radius=50)

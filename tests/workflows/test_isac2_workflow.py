@@ -311,6 +311,8 @@ def test_cli_accepts_both_option_spellings(dataset, tmp_path):
     # are an option (they let noise images into classes)
     assert (defaults.round_agreement, defaults.eqk_shift_candidates) == (0.8, 0)
     assert defaults.round_eqk_iterations == 3      # later SAC rounds: the ramp's last 3 cut-offs (twelfth pass)
+    assert defaults.full_ramp_rounds == 2          # ... after two rounds of the whole ramp (sixteenth pass)
+    assert (defaults.eqk_pairs, defaults.within_stop_fraction) == ("own", 0.01)        # sixteenth pass
     assert defaults.member_check == 0.5            # stable members far below their class's median leave it
     # every option the command line shares with Isac2Params has the dataclass's default
     import dataclasses
@@ -327,6 +329,7 @@ def test_cli_accepts_both_option_spellings(dataset, tmp_path):
             sphire.main_stop, sphire.empty_stop) == (30, "flat", 0.0, 0.0, "sphire", 0.0, 0)
     assert (sphire.round_agreement, sphire.eqk_shift_candidates, sphire.later_round_floor) == (0.0, 0, 0.5)
     assert (sphire.round_eqk_iterations, sphire.member_check, sphire.stab_ali) == (0, 0.0, 5)
+    assert (sphire.full_ramp_rounds, sphire.eqk_pairs, sphire.within_stop_fraction) == (1, "union", 0.0)
     assert (sphire.target_radius, sphire.target_nx, sphire.thld_err) == (29, 76, 0.7)   # SPHIRE's working scale
     assert sphire_142(30, maxit=12).maxit == 12
     with pytest.raises(SystemExit):

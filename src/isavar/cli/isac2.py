@@ -109,6 +109,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "as SPHIRE (cost grows as its square) (default candidates)")
     parser.add_argument("--eqk_candidates", type=positive_int, default=8,
                         help="candidate references per image of the 'candidates' EQK search (default 8)")
+    parser.add_argument("--eqk_pairs", choices=["own", "union"], default="own",
+                        help="'candidates' EQK search: complete each image's correlation curves only against its "
+                             "own candidate references ('own', default) or against every reference of its group "
+                             "of images ('union')")
     parser.add_argument("--eqk_neighbours", type=non_negative_int, default=0,
                         help="'candidates' EQK search with more than 4x this many classes: after a generation's "
                              "first EQK iteration score each image coarsely only against this many references "
@@ -130,6 +134,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="within-group runs: stop once a pass after the last discrete-angle pass moves no image "
                              "by more than this many working pixels; 0 runs all --maxit passes, as SPHIRE "
                              "(default 0.5)")
+    parser.add_argument("--within_stop_fraction", type=finite_float, default=0.01,
+                        help="within-group runs: the fraction of a group's images (rounded down) that may still move "
+                             "further than --within_stop when the run stops; 0: none (default 0.01)")
     parser.add_argument("--prealign_search", choices=["coarse", "full"], default="full",
                         help="pre-alignment passes over the whole translational range: 'coarse' tries every second "
                              "step, then +-1 step around the best; 'full' every step, as SPHIRE (default full)")
@@ -152,6 +159,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="SAC rounds after a generation's first: EQK iterations only at the last this many "
                              "cut-offs of the filter ramp --FL -> --FH, from the previous round's averages (0: the "
                              "whole ramp in every round, as SPHIRE; default 3)")
+    parser.add_argument("--full_ramp_rounds", type=positive_int, default=2,
+                        help="with --round_eqk_iterations > 0: the first this many SAC rounds of a generation run "
+                             "the whole filter ramp --FL -> --FH (default 2; 1: only the first round)")
     parser.add_argument("--later_round_floor", type=finite_float, default=0.0,
                         help="generations after the run's first: the membership agreement above which --round_stop's "
                              "rule may stop them (0.5: as the run's first generation and SPHIRE; default 0)")

@@ -827,14 +827,18 @@ def _discrete_columns(maxrin: int, delta: float) -> np.ndarray | None:
     return np.arange(0, maxrin, jstep)
 
 
-def _curves_peaks(prep: PreparedReferences, spectra, q0: int, q1: int, k0: int, k1: int, delta_cols):
+def _curves_peaks(prep: PreparedReferences, spectra, q0: int, q1: int, k0: int, k1: int, delta_cols, pairs=None):
     """Peak of every correlation curve for image rows [q0, q1) x references [k0, k1).
 
     Returns peak value and peak position (fractional index into the maxrin curve), each
-    (q1 - q0, k1 - k0, n_curves) with n_curves = 2 (straight, mirror) or 1.
+    (q1 - q0, k1 - k0, n_curves) with n_curves = 2 (straight, mirror) or 1. With ``pairs``
+    ``(q1 - q0, k1 - k0)`` bool, the inverse FFTs and peak searches (most of the cost) are made only for those
+    (row, reference) curves; the others get peak -inf and position 0 (the computed ones are the same numbers
+    as without ``pairs``).
     """
     grid = prep.grid
     n_cols = 4 if prep.mirror else 2
+    n_curves = n_cols // 2
     n_k = k1 - k0
     n_rows = q1 - q0
     # every frequency is written by a block unless the reference is band-limited (zeros in the gaps)
@@ -844,14 +848,26 @@ def _curves_peaks(prep: PreparedReferences, spectra, q0: int, q1: int, k0: int, 
         m0 = prep.bands[band][0] + m_off
         np.matmul(b[q0:q1].transpose(1, 0, 2), wk, out=x[m0:m0 + m_count])
     xc = x.view(np.complex64)                                                # (M, rows, n_k * n_cols / 2)
-    corr = scipy.fft.irfft(xc, n=grid.maxrin, axis=0)                       # (maxrin, rows, n_k * curves)
-    n_curves = n_cols // 2
-    maxrin = grid.maxrin
-    corr = corr.reshape(maxrin, -1)                                          # (maxrin, Q)
-    if USE_KERNELS:
-        peak, pos = _kernels.curve_peaks_t(corr, delta_cols)
-        shape = (n_rows, n_k, n_curves)
+    shape = (n_rows, n_k, n_curves)
+    if pairs is None or pairs.all():
+        corr = scipy.fft.irfft(xc, n=grid.maxrin, axis=0)                   # (maxrin, rows, n_k * curves)
+        peak, pos = _curve_peaks(corr.reshape(grid.maxrin, -1), delta_cols, grid.maxrin)
         return peak.reshape(shape), pos.reshape(shape)
+    chosen = np.flatnonzero(np.repeat(np.asarray(pairs, bool).reshape(-1), n_curves))
+    peak = np.full(n_rows * n_k * n_curves, -np.inf)
+    pos = np.zeros(n_rows * n_k * n_curves)
+    if chosen.size:
+        picked = np.ascontiguousarray(xc.reshape(grid.n_freq, -1)[:, chosen])
+        corr = scipy.fft.irfft(picked, n=grid.maxrin, axis=0)                # (maxrin, chosen curves)
+        peak[chosen], pos[chosen] = _curve_peaks(corr, delta_cols, grid.maxrin)
+    return peak.reshape(shape), pos.reshape(shape)
+
+
+def _curve_peaks(corr, delta_cols, maxrin: int):
+    """Peak value and fractional position of every curve (column) of ``corr`` ``(maxrin, Q)``, as
+    :func:`_curves_peaks` finds them."""
+    if USE_KERNELS:
+        return _kernels.curve_peaks_t(corr, delta_cols)
     q = corr.shape[1]
     # peak search along axis 0 without transposing: maximum, then the *last* index reaching it
     # (SPHIRE keeps the later index on ties)
@@ -867,8 +883,7 @@ def _curves_peaks(prep: PreparedReferences, spectra, q0: int, q1: int, k0: int, 
         pos = last + _parabola_vertex(vals)
     else:
         pos = delta_cols[last].astype(np.float64)
-    shape = (n_rows, n_k, n_curves)
-    return peak.reshape(shape), pos.reshape(shape)
+    return peak, pos
 
 
 def _band_spectra(prep: PreparedReferences, polar: np.ndarray) -> list[np.ndarray]:
@@ -925,8 +940,9 @@ def _ring_stats(polar: np.ndarray, grid: PolarGrid):
 
 def _search_chunk(prep: PreparedReferences, images: np.ndarray, s: np.ndarray, kx: np.ndarray, ky: np.ndarray,
                   step: float, valid: np.ndarray, delta_cols, normalize: bool, img_block: int, ref_block: int,
-                  cache: SpectraCache | None = None, i0: int = 0, coarse_rows: int = 0):
-    """Best (score, alpha, ix, iy, mirror) per (image, reference) for one chunk of images."""
+                  cache: SpectraCache | None = None, i0: int = 0, coarse_rows: int = 0, pairs=None):
+    """Best (score, alpha, ix, iy, mirror) per (image, reference) for one chunk of images (``pairs``
+    ``(n, K)`` bool: only those; the others score -inf)."""
     grid = prep.grid
     n, box = images.shape[0], images.shape[1]
     flat = images.reshape(-1)
@@ -978,7 +994,8 @@ def _search_chunk(prep: PreparedReferences, images: np.ndarray, s: np.ndarray, k
             i1 = min(n, i0 + img_block)
             for k0 in range(0, n_refs, ref_block):
                 k1 = min(n_refs, k0 + ref_block)
-                pk, ps = _curves_peaks(prep, spectra, i0 * n_sh, i1 * n_sh, k0, k1, delta_cols)
+                rows = None if pairs is None else np.repeat(pairs[i0:i1, k0:k1], n_sh, axis=0)
+                pk, ps = _curves_peaks(prep, spectra, i0 * n_sh, i1 * n_sh, k0, k1, delta_cols, rows)
                 peak[i0:i1, :, k0:k1] = pk.reshape(i1 - i0, n_sh, k1 - k0, n_curves)
                 pos[i0:i1, :, k0:k1] = ps.reshape(i1 - i0, n_sh, k1 - k0, n_curves)
     if normalize:
@@ -1197,7 +1214,7 @@ def _assemble(alpha, ix, iy, s):
 
 
 def _run(images, prep: PreparedReferences, *, x_range, y_range, step, delta, normalize, s, chunk_size,
-         pair_budget, cache=None, coarse_rows=0):
+         pair_budget, cache=None, coarse_rows=0, pairs=None):
     grid = prep.grid
     stack = np.asarray(images, dtype=np.float32)
     n, box = stack.shape[0], stack.shape[1]
@@ -1240,7 +1257,8 @@ def _run(images, prep: PreparedReferences, *, x_range, y_range, step, delta, nor
     for i0 in range(0, n, chunk_size):
         i1 = min(n, i0 + chunk_size)
         res = _search_chunk(prep, np.ascontiguousarray(stack[i0:i1]), s[i0:i1], kx, ky, step, valid[i0:i1],
-                            delta_cols, normalize, img_block, ref_block, cache, i0, coarse_rows)
+                            delta_cols, normalize, img_block, ref_block, cache, i0, coarse_rows,
+                            None if pairs is None else pairs[i0:i1])
         score[i0:i1], alpha[i0:i1], ix[i0:i1], iy[i0:i1], mirror[i0:i1] = res
     alpha, sx, sy = _assemble(alpha, ix, iy, s)
     return score, alpha.astype(np.float32), sx.astype(np.float32), sy.astype(np.float32), mirror
@@ -1315,7 +1333,7 @@ def align_to_references(images, references, grid: PolarGrid, *, x_range: float, 
                         mirror: bool = True, delta: float = 0.0, normalize_images: bool = True,
                         initial_params=None, out_of_range: str = "reset", chunk_size: int | None = None,
                         pair_budget: int = DEFAULT_PAIR_BUDGET, cache: SpectraCache | None = None,
-                        shift_candidates: int = 0) -> MultiRefAlignment:
+                        shift_candidates: int = 0, pairs=None) -> MultiRefAlignment:
     """Align every image to every reference (the EQK-means search of ISAC2, spec §6.2 / §4.8).
 
     For each image: particle centre ``s`` from its current parameters (``initial_params``; identity if None),
@@ -1359,6 +1377,11 @@ def align_to_references(images, references, grid: PolarGrid, *, x_range: float, 
         translation gets a low-frequency score against every reference (ring frequencies
         ``<= MULTI_SHIFT_FREQ``) and only the ``R`` translations of each image with the highest score against
         any reference are searched exactly (with ``delta = 0``); not SPHIRE's search (``docs/deviations.md``).
+    pairs : (n, K) bool array_like, optional
+        Search only these (image, reference) pairs: their results are the same numbers as without ``pairs``;
+        the others get score -inf (and meaningless parameters). The batched products still cover every pair,
+        but the correlation curves' inverse FFTs and peak searches, most of the cost, only the chosen ones.
+        Not with ``shift_candidates``.
 
     Returns
     -------
@@ -1374,20 +1397,29 @@ def align_to_references(images, references, grid: PolarGrid, *, x_range: float, 
     if prep.mirror != bool(mirror):
         raise ValueError(f"prepared references have mirror={prep.mirror}, but mirror={mirror} was requested")
     stack = _as_images(images, grid)
+    if pairs is not None:
+        pairs = np.asarray(pairs, dtype=bool)
+        if pairs.shape != (stack.shape[0], prep.n_references):
+            raise ValueError(f"pairs must be (n images, n references) = {(stack.shape[0], prep.n_references)}, "
+                             f"got {pairs.shape}")
+        if shift_candidates:
+            raise ValueError("pairs and shift_candidates cannot be combined")
     s = particle_centres(initial_params, stack.shape[0], stack.shape[1], grid.last_ring, out_of_range=out_of_range)
     score, alpha, sx, sy, mir = _search(stack, prep, x_range, y_range, step, delta, normalize_images, s,
-                                        chunk_size, pair_budget, cache, int(shift_candidates))
+                                        chunk_size, pair_budget, cache, int(shift_candidates), pairs)
     return MultiRefAlignment(score=score, alpha=alpha, sx=sx, sy=sy, mirror=mir)
 
 
 def _search(stack, prep, x_range, y_range, step, delta, normalize, s, chunk_size, pair_budget, cache,
-            coarse_rows):
+            coarse_rows, pairs=None):
     """:func:`_run` with the translations on the image side, or on the reference side when ``prep`` has them."""
     if not _reference_side(prep, x_range, y_range, step):
         return _run(stack, prep, x_range=x_range, y_range=y_range, step=step, delta=delta, normalize=normalize,
-                    s=s, chunk_size=chunk_size, pair_budget=pair_budget, cache=cache, coarse_rows=coarse_rows)
+                    s=s, chunk_size=chunk_size, pair_budget=pair_budget, cache=cache, coarse_rows=coarse_rows,
+                    pairs=pairs)
+    columns = None if pairs is None else np.repeat(pairs, len(prep.shifts), axis=1)   # every translation
     res = _run(stack, prep, x_range=0.0, y_range=0.0, step=step, delta=delta, normalize=normalize, s=s,
-               chunk_size=chunk_size, pair_budget=pair_budget, cache=cache)
+               chunk_size=chunk_size, pair_budget=pair_budget, cache=cache, pairs=columns)
     return _fold_translations(prep, stack.shape[1], s, *res)
 
 

@@ -90,11 +90,12 @@ def search_translations(p, xr=None, yr=None, ts=None):
             float(p.ts if ts is None else ts))
 
 
-def align_multi(images, refs, grid, p, params, *, xr=None, yr=None, normalize=True, shift_candidates=0):
+def align_multi(images, refs, grid, p, params, *, xr=None, yr=None, normalize=True, shift_candidates=0, pairs=None):
     """EQK-means search: every image against every reference (ring-normalised images, centres reset).
 
     ``shift_candidates > 0``: only that many trial translations per image, chosen by a coarse score against
-    every reference, are searched exactly (``--eqk_shift_candidates``).
+    every reference, are searched exactly (``--eqk_shift_candidates``). ``pairs`` ``(n, K)`` bool: only those
+    (image, reference) pairs are searched, the others score -inf (``--eqk_pairs own``).
 
     Returns
     -------
@@ -108,7 +109,7 @@ def align_multi(images, refs, grid, p, params, *, xr=None, yr=None, normalize=Tr
                               x_range=p.xr if xr is None else xr, y_range=p.yr_eff if yr is None else yr,
                               step=p.ts, mirror=True, delta=0.0, normalize_images=normalize,
                               initial_params=np.asarray(params, dtype=np.float64), out_of_range="reset",
-                              shift_candidates=shift_candidates)
+                              shift_candidates=shift_candidates, pairs=pairs)
     return res.score, res.params
 
 

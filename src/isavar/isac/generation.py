@@ -222,8 +222,11 @@ def assemble_rows(executor, pieces, n: int, width: int = 4) -> np.ndarray:
 # ------------------------------------------------------------------------------------- EQK search
 
 def _eqk_chunk(task):
-    images, refs, params, p, grid = task
-    return _ops.align_multi(resolve(images), refs, grid, p, params, shift_candidates=p.eqk_shift_candidates)
+    """:func:`_ops.align_multi` of ``(images, refs, params, p, grid[, pairs])``; ``pairs`` ``(n, K)`` bool: only
+    those (image, reference) pairs (the others score -inf)."""
+    images, refs, params, p, grid, *pairs = task
+    return _ops.align_multi(resolve(images), refs, grid, p, params, shift_candidates=p.eqk_shift_candidates,
+                            pairs=pairs[0] if pairs else None)
 
 
 def _eqk_all_refs(refs, task):
@@ -431,11 +434,16 @@ def eqk_search_candidates(images, prep, params, p, grid, executor, *, keep_all=F
                 coarse = np.concatenate([found[t][1] for t in range(len(ranges))], axis=0)
             del found
             groups = candidate_groups(order, n_classes)
+    if groups is not None and p.eqk_pairs == "own":
+        # each image against its own candidates only (those in its group's union)
+        groups = [(idx, union, (order[idx][:, :, None] == union[None, None, :]).any(axis=1))
+                  for idx, union in groups]
     groups = executor.bcast(groups)
     # lazy: image copies (or row lists) and reference subsets are made as the executor takes the tasks
-    tasks = ((images.for_task(idx), _ops.subset(prep, union), params[idx], p, grid) for idx, union in groups)
+    tasks = ((images.for_task(idx), _ops.subset(prep, union), params[idx], p, grid, *own)
+             for idx, union, *own in groups)
     # groups differ in size (images x references): MPI ranks take blocks of about equal work
-    local = run_here(executor, _eqk_chunk, tasks, cost=[idx.size * union.size for idx, union in groups])
+    local = run_here(executor, _eqk_chunk, tasks, cost=[idx.size * union.size for idx, union, *_own in groups])
     return groups, local, coarse
 
 
@@ -451,10 +459,13 @@ def _assign_candidates(images, prep, params, p, grid, executor, assign, previous
     scores = at_root(executor, {g: score for g, (score, _par) in local.items()})
     decided = None
     if scores is not None:
-        pi = np.concatenate([np.repeat(idx, union.size) for idx, union in groups])
-        pk = np.concatenate([np.tile(union, idx.size) for idx, union in groups])
+        pi = np.concatenate([np.repeat(idx, union.size) for idx, union, *_own in groups])
+        pk = np.concatenate([np.tile(union, idx.size) for idx, union, *_own in groups])
         ps = np.concatenate([scores[g].reshape(-1) for g in range(len(groups))])
         del scores
+        searched = np.isfinite(ps)                  # with --eqk_pairs own: only each image's own candidates
+        if not searched.all():
+            pi, pk, ps = pi[searched], pk[searched], ps[searched]
         if diagnostic:
             # a diagnostic rule needs the full (K, n) matrix: exact scores where known, coarse ones elsewhere
             full = coarse.T.astype(np.float64).copy()
@@ -471,9 +482,11 @@ def _assign_candidates(images, prep, params, p, grid, executor, assign, previous
     assignment, missing = executor.bcast(decided)
     pieces = []
     for g, (_score, par) in local.items():
-        idx, union = groups[g]
+        idx, union, *own = groups[g]
         pos = np.minimum(np.searchsorted(union, assignment[idx]), union.size - 1)
         hit = union[pos] == assignment[idx]
+        if own:
+            hit &= own[0][np.arange(idx.size), pos]
         pieces.append((idx[hit], par[np.flatnonzero(hit), pos[hit]]))
     del local
     if missing.size:
@@ -685,12 +698,13 @@ def filter_ramp(fl: float, fh: float, step: float = 0.05) -> list:
 def round_ramp(p, rnd: int) -> list:
     """The EQK cut-offs of SAC round ``rnd`` (0-based) of a generation.
 
-    The generation's first round runs the whole :func:`filter_ramp` (its references are random images).
-    Later rounds start from the previous round's class averages; with ``p.round_eqk_iterations = m > 0``
-    they run only the ramp's last ``m`` cut-offs (isavar) instead of blurring those averages back to FL.
+    The generation's first round runs the whole :func:`filter_ramp` (its references are random images), and so
+    do the rounds up to ``p.full_ramp_rounds``. Later rounds start from the previous round's class averages;
+    with ``p.round_eqk_iterations = m > 0`` they run only the ramp's last ``m`` cut-offs (isavar) instead of
+    blurring those averages back to FL.
     """
     ramp = filter_ramp(p.FL, p.FH)
-    if rnd > 0 and p.round_eqk_iterations > 0:
+    if rnd >= p.full_ramp_rounds and p.round_eqk_iterations > 0:
         return ramp[-p.round_eqk_iterations:]
     return ramp
 

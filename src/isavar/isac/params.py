@@ -106,6 +106,12 @@ class Isac2Params:
     eqk_candidates : int
         isavar extension: candidate references per image of the "candidates" search (with at most twice
         this many classes the search is flat: the candidates of a group of images would cover most classes).
+    eqk_pairs : {"own", "union"}
+        isavar extension, "candidates" search: the images whose best candidate is the same reference are aligned
+        together, to the references most often among their candidates (at most ``5 x eqk_candidates``).
+        "own" (default): each image's correlation curves are completed (inverse FFTs, peak search) only
+        against its own candidates; "union" (the 10th-19th sessions' search): against every reference of its
+        group. Measured: ``bench/isac2.md``, sixteenth pass.
     eqk_neighbours : int
         isavar extension: with the "candidates" search and more than ``4 x eqk_neighbours`` classes, every image
         after the first EQK iteration of a generation is scored coarsely only against the ``eqk_neighbours``
@@ -139,6 +145,10 @@ class Isac2Params:
         moves no image by more than this many pixels (a point within ``target_radius``; a changed mirror
         always counts); default 0.5; 0 runs all ``maxit`` passes (SPHIRE). Quality over five seeds of the
         2,000-particle benchmark with ``band_tol`` and ``round_stop`` at their defaults: ``bench/isac2.md``.
+    within_stop_fraction : float
+        isavar extension: the ``within_stop`` test lets this fraction of a group's images (rounded down) move
+        further, e.g. 2 of 200 with 0.01; those still moving are the ones the stability test rejects. Default
+        0.01 (``bench/isac2.md``, sixteenth pass); 0: no image may move further (the 7th-19th sessions' rule).
     band_tol : float
         isavar extension: the correlations leave out a reference's highest ring frequencies and innermost
         rings of each frequency band as long as the coefficients left out hold at most this fraction of the
@@ -165,8 +175,14 @@ class Isac2Params:
         isavar extension: the SAC rounds after a generation's first run their EQK iterations only at the last
         ``round_eqk_iterations`` cut-offs of the filter ramp (FL -> FH), starting from the previous round's
         averages instead of blurring them back to FL. Default 3 (0.35, 0.40, 0.45 with the default FL, FH);
-        0: the whole ramp in every round (SPHIRE: 6 iterations). The first round of a generation, which starts
-        from random images, always runs the whole ramp. Measured: ``bench/isac2.md``, twelfth pass.
+        0: the whole ramp in every round (SPHIRE: 6 iterations). The first ``full_ramp_rounds`` rounds of a
+        generation always run the whole ramp. Measured: ``bench/isac2.md``, twelfth pass.
+    full_ramp_rounds : int
+        isavar extension: with ``round_eqk_iterations > 0``, the first this many SAC rounds of a generation run
+        the whole filter ramp (the first starts from random images; the second blurs the first round's class
+        averages back to FL once more), the later ones its last ``round_eqk_iterations`` cut-offs. Default 2:
+        the classes of the run's first main iteration are tighter than with 1 (``bench/isac2.md``, sixteenth
+        pass).
     later_round_floor : float
         isavar extension: in the generations after the run's first, ``round_stop``'s rule applies once the
         membership agreement is above this value (SPHIRE: 0.5 in every generation). Default 0: a later
@@ -222,6 +238,9 @@ class Isac2Params:
                 "coarse score; cost linear in the number of images) or 'flat' (every image against every "
                 "reference, SPHIRE)"})
     eqk_candidates: int = field(default=8, metadata={"help": "candidate references per image of the EQK search"})
+    eqk_pairs: str = field(default="own", metadata={
+        "help": "'candidates' EQK search: complete each image's correlations only against its own candidates "
+                "('own') or against every reference of its group ('union')"})
     eqk_neighbours: int = field(default=0, metadata={
         "help": "EQK candidate search with more than 4x this many classes: score each image coarsely only "
                 "against this many references nearest to its current class (0: against every reference)"})
@@ -240,6 +259,9 @@ class Isac2Params:
     within_stop: float = field(default=0.5, metadata={
         "help": "within-group runs: stop once an alignment pass after the last discrete-angle pass moves no "
                 "image by more than this many pixels (0: all maxit passes, SPHIRE)"})
+    within_stop_fraction: float = field(default=0.01, metadata={
+        "help": "within-group runs: the fraction of a group's images that may still move further than within_stop "
+                "when the run stops (0: none)"})
     band_tol: float = field(default=1e-4, metadata={
         "help": "fraction of a reference's energy its left-out ring coefficients may hold in the correlations "
                 "(0: all coefficients, SPHIRE)"})
@@ -255,6 +277,9 @@ class Isac2Params:
     round_eqk_iterations: int = field(default=3, metadata={
         "help": "SAC rounds after a generation's first: EQK iterations only at the last this many cut-offs of "
                 "the filter ramp FL -> FH (0: the whole ramp in every round, SPHIRE)"})
+    full_ramp_rounds: int = field(default=2, metadata={
+        "help": "with round_eqk_iterations > 0: the first this many SAC rounds of a generation run the whole "
+                "filter ramp FL -> FH"})
     later_round_floor: float = field(default=0.0, metadata={
         "help": "generations after the run's first: the agreement above which round_stop's rule may stop them "
                 "(0.5: as the run's first generation, SPHIRE)"})
@@ -346,6 +371,10 @@ class Isac2Params:
             bad("shift_search", f"must be 'references' or 'images', got {self.shift_search!r}")
         if self.round_eqk_iterations < 0:
             bad("round_eqk_iterations", "must be >= 0")
+        if self.eqk_pairs not in ("own", "union"):
+            bad("eqk_pairs", f"must be 'own' or 'union', got {self.eqk_pairs!r}")
+        if self.full_ramp_rounds < 1:
+            bad("full_ramp_rounds", "must be >= 1")
         if not 0 <= self.later_round_floor <= 1:
             bad("later_round_floor", "must be between 0 and 1")
         if not 0 <= self.round_agreement <= 1:
@@ -362,6 +391,8 @@ class Isac2Params:
             bad("empty_stop", "must be >= 0")
         if not self.within_stop >= 0:
             bad("within_stop", "must be >= 0")
+        if not 0 <= self.within_stop_fraction < 1:
+            bad("within_stop_fraction", "must be >= 0 and < 1")
         return self
 
     def to_dict(self) -> dict:
@@ -389,10 +420,11 @@ class Isac2Params:
 
 #: The isavar search options at SPHIRE's behaviour (flat EQK search, no within-group or empty-generation stop,
 #: full correlations, SPHIRE's round and main-iteration rules).
-SPHIRE_SEARCH = {"eqk_search": "flat", "eqk_neighbours": 0, "eqk_shift_candidates": 0,
+SPHIRE_SEARCH = {"eqk_search": "flat", "eqk_pairs": "union", "eqk_neighbours": 0, "eqk_shift_candidates": 0,
                  "within_shift_candidates": 0, "prealign_search": "full",
-                 "within_stop": 0.0, "band_tol": 0.0, "main_stop": 0.0, "round_stop": "sphire",
-                 "round_agreement": 0.0, "round_eqk_iterations": 0, "later_round_floor": 0.5, "empty_stop": 0,
+                 "within_stop": 0.0, "within_stop_fraction": 0.0, "band_tol": 0.0, "main_stop": 0.0, "round_stop": "sphire",
+                 "round_agreement": 0.0, "round_eqk_iterations": 0, "full_ramp_rounds": 1, "later_round_floor": 0.5,
+                 "empty_stop": 0,
                  "member_check": 0.0,
                  "shift_search": "images"}
 #: How isavar behaved before each of these options existed (SPHIRE's search), for runs recorded then.

@@ -313,8 +313,8 @@ def last_discrete_pass(p) -> int:
     return its[-1] if its else -1
 
 
-def max_displacement(old: np.ndarray, new: np.ndarray, radius: float) -> float:
-    """Largest movement (pixels) of a point within ``radius`` of the centre between two parameter sets.
+def displacements(old: np.ndarray, new: np.ndarray, radius: float) -> np.ndarray:
+    """Movement (pixels) of every image's points within ``radius`` of the centre between two parameter sets.
 
     For each image, ``2 sin(|d alpha| / 2) radius + |d t|`` bounds how far ``T_new(q)`` lies from
     ``T_old(q)`` for ``|q| <= radius`` (same mirror); a changed mirror counts as infinitely far.
@@ -328,18 +328,26 @@ def max_displacement(old: np.ndarray, new: np.ndarray, radius: float) -> float:
 
     Returns
     -------
-    float
-        The maximum over the images (0 for no image).
+    ndarray, (n,)
     """
     old = np.asarray(old, dtype=np.float64)
     new = np.asarray(new, dtype=np.float64)
-    if len(old) == 0:
-        return 0.0
-    if np.any(np.rint(old[:, 3]) != np.rint(new[:, 3])):
-        return float("inf")
     da = np.deg2rad(new[:, 0] - old[:, 0])
     d = 2.0 * np.abs(np.sin(da / 2.0)) * radius + np.hypot(new[:, 1] - old[:, 1], new[:, 2] - old[:, 2])
-    return float(d.max())
+    return np.where(np.rint(old[:, 3]) != np.rint(new[:, 3]), np.inf, d)
+
+
+def max_displacement(old: np.ndarray, new: np.ndarray, radius: float) -> float:
+    """The largest of :func:`displacements` (0 for no image)."""
+    d = displacements(old, new, radius)
+    return float(d.max()) if d.size else 0.0
+
+
+def settled(old: np.ndarray, new: np.ndarray, radius: float, tolerance: float, fraction: float = 0.0) -> bool:
+    """Whether at most ``floor(fraction * n)`` of the ``n`` images moved further than ``tolerance`` pixels
+    (:func:`displacements`); with ``fraction = 0``, whether :func:`max_displacement` is at most ``tolerance``."""
+    d = displacements(old, new, radius)
+    return int(np.count_nonzero(~(d <= tolerance))) <= int(np.floor(fraction * d.size + 1e-9))
 
 
 def within_group_refinement(images, params, p, grid, rng, *, randomize: bool = True, cache=None,
@@ -366,7 +374,8 @@ def within_group_refinement(images, params, p, grid, rng, *, randomize: bool = T
 
     With ``p.within_stop > 0`` (isavar extension) the run ends early, once an alignment pass after the last
     discrete-angle pass, and not before pass ``(maxit - 1) // 2``, moves no image by more than ``within_stop``
-    pixels (:func:`max_displacement`); the final average is then computed as the last pass would.
+    pixels but at most the fraction ``p.within_stop_fraction`` of them (:func:`settled`); the final average is
+    then computed as the last pass would.
 
     Returns
     -------
@@ -399,7 +408,7 @@ def within_group_refinement(images, params, p, grid, rng, *, randomize: bool = T
         new = _ops.align_single(images, avg, grid, p, params, delta, cache=cache,
                                 coarse_rows=p.within_shift_candidates)
         converged = (stop_tol > 0 and it >= first_stop
-                     and max_displacement(params, new, p.target_radius) <= stop_tol)
+                     and settled(params, new, p.target_radius, stop_tol, p.within_stop_fraction))
         params = new
         if converged:
             break                     # isavar extension (--within_stop): the remaining passes would not move
