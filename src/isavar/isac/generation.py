@@ -481,12 +481,11 @@ def _assign_candidates(images, prep, params, p, grid, executor, assign, previous
         decided = (assignment, np.flatnonzero(~aligned))
     assignment, missing = executor.bcast(decided)
     pieces = []
-    for g, (_score, par) in local.items():
-        idx, union, *own = groups[g]
+    for g, (score, par) in local.items():
+        idx, union = groups[g][:2]
         pos = np.minimum(np.searchsorted(union, assignment[idx]), union.size - 1)
-        hit = union[pos] == assignment[idx]
-        if own:
-            hit &= own[0][np.arange(idx.size), pos]
+        # aligned to its class: in the group's references and searched (-inf: not an own candidate)
+        hit = (union[pos] == assignment[idx]) & np.isfinite(score[np.arange(idx.size), pos])
         pieces.append((idx[hit], par[np.flatnonzero(hit), pos[hit]]))
     del local
     if missing.size:
